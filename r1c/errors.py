@@ -1,0 +1,43 @@
+"""One exception root for every stage; the CLI turns any of them into one line and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class R1CError(Exception):
+    """Base of every error r1c raises on bad input or a failed stage."""
+
+    exit_code = 1
+
+
+class ConfigError(R1CError):
+    """A model config that r1c cannot read or does not support."""
+
+
+class CheckpointError(R1CError):
+    """A checkpoint directory that is missing, incomplete or corrupt."""
+
+
+class ExportError(R1CError):
+    """The PyTorch model could not be lowered to ONNX."""
+
+
+class PassError(R1CError):
+    """A graph pass failed; the message names the pass and the node."""
+
+
+class BuildError(R1CError):
+    """An engine bundle could not be built for the requested target."""
+
+
+class BundleError(R1CError):
+    """A bundle that is missing, corrupt, or does not match this library, target or device."""
+
+
+class RuntimeInputError(R1CError):
+    """Bad input to the runtime (token ids out of range, empty prompts, ...)."""
+
+
+class BenchError(R1CError):
+    """A benchmark could not run, or a regression gate failed."""
+
+    exit_code = 3
