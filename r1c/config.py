@@ -114,7 +114,9 @@ class ModelConfig:
         archs = d.get("architectures") or []
         model_type = d.get("model_type")
         if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-            raise ConfigError(f"config: unsupported architecture {archs[0]!r} (r1c supports {SUPPORTED_ARCHITECTURES[0]})")
+            raise ConfigError(
+                f"config: unsupported architecture {archs[0]!r} (r1c supports {SUPPORTED_ARCHITECTURES[0]})"
+            )
         if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"config: unsupported model_type {model_type!r} (r1c supports deepseek_v3)")
         if not archs and model_type is None:

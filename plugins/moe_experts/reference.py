@@ -46,7 +46,7 @@ def moe_experts_reference(
         raise ValueError(f"MoEExperts: unknown quant {quant!r}")
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     x = hidden.to(compute)
-    t, k = topk_ids.shape
+    k = topk_ids.shape[1]
     inter = w13.shape[1] // 2
     out = torch.zeros_like(x)
     flat_ids = topk_ids.reshape(-1).long()

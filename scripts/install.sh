@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install r1c with its test extras, CPU-only.
+# torch is pinned to the CPU build first, so nothing later pulls a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q "torch==${R1C_TORCH_VERSION:-2.13.0}"
+fi
+if ! python -c "import r1c, pytest, transformers, triton" 2>/dev/null || [ "${R1C_REINSTALL:-0}" = 1 ]; then
+  python -m pip install -q -e ".[test,kernels]"
+fi
