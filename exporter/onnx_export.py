@@ -158,14 +158,26 @@ class _Lowering:
 
     # ---- building blocks -----------------------------------------------------------------
     def linear(self, x: str, prefix: str) -> str:
-        """x [..., in] @ W^T with W stored pre-transposed [in, out] (no transpose at run time)."""
-        w = self.get(prefix + ".weight")
-        if w.dtype == torch.float8_e4m3fn:
-            from r1c.plugins.fp8 import dequantize
+        """x [..., in] @ W^T with W stored pre-transposed [in, out] (no transpose at run time).
 
-            w = dequantize(w, self.get(prefix + ".weight_scale_inv"))
-        wt = self.g.weight(prefix + ".weight_t", w.to(torch.float32).t().contiguous())
-        return self.g.op("MatMul", [x, wt])
+        FP8 weights stay FP8 in the file: W^T in e4m3fn and a DequantizeLinear blocked along `in`
+        (its scale is the 128x128 block scale repeated along `out`: 1/32 of a float32 per weight).
+        """
+        w = self.get(prefix + ".weight")
+        if w.dtype != torch.float8_e4m3fn:
+            return self.g.op("MatMul", [x, self.g.weight(prefix + ".weight_t", w.to(torch.float32).t().contiguous())])
+        return self.g.op("MatMul", [x, self.fp8_dequant(prefix + ".weight_t", w.t(),
+                                                        self.get(prefix + ".weight_scale_inv").t())])
+
+    def fp8_dequant(self, name: str, w: torch.Tensor, block_scale: torch.Tensor) -> str:
+        """DequantizeLinear of a 2-D FP8 matrix [R, C] with 128x128 block scales [ceil(R/128), ceil(C/128)]."""
+        from r1c.plugins.fp8 import BLOCK
+
+        cols = w.shape[1]
+        scale = block_scale.to(torch.float32).repeat_interleave(BLOCK, dim=1)[:, :cols].contiguous()
+        wq = self.g.weight(name, w.contiguous())
+        sc = self.g.weight(name + "_scale", scale)
+        return self.g.op("DequantizeLinear", [wq, sc], axis=0, block_size=BLOCK)
 
     def rms_norm(self, x: str, weight_name: str) -> str:
         g = self.g
@@ -278,14 +290,19 @@ class _Lowering:
         new_pe = self.rope(g.op("Slice", [kv, g.const([kvr]), g.const([kvr + r]), g.const([-1])]), cos, sin)
 
         # absorb W_UK into the query: q_abs[b,s,n] = q_nope[b,s,n] @ W_UK[n]  ([D] -> [C])
-        kv_b = self.get(p + ".kv_b_proj.weight")
+        kv_b = self.get(p + ".kv_b_proj.weight")  # [N*(D+Vd), C]
         if kv_b.dtype == torch.float8_e4m3fn:
-            from r1c.plugins.fp8 import dequantize
-
-            kv_b = dequantize(kv_b, self.get(p + ".kv_b_proj.weight_scale_inv"))
-        kv_b = kv_b.to(torch.float32).view(n, d + vd, kvr)
-        w_uk = g.weight(p + ".w_uk", kv_b[:, :d, :].contiguous())  # [N, D, C]
-        w_uv_t = g.weight(p + ".w_uv_t", kv_b[:, d:, :].transpose(1, 2).contiguous())  # [N, C, Vd]
+            # kept FP8 on disk; the split below is constant work a runtime folds once at load
+            kv_b_f = g.op("Reshape", [self.fp8_dequant(p + ".kv_b_proj.weight", kv_b,
+                                                       self.get(p + ".kv_b_proj.weight_scale_inv")),
+                                      g.const([n, d + vd, kvr])])
+            w_uk = g.op("Slice", [kv_b_f, g.const([0]), g.const([d]), g.const([1])])  # [N, D, C]
+            w_uv_t = g.op("Transpose", [g.op("Slice", [kv_b_f, g.const([d]), g.const([d + vd]), g.const([1])])],
+                          perm=[0, 2, 1])  # [N, C, Vd]
+        else:
+            kv_b = kv_b.to(torch.float32).view(n, d + vd, kvr)
+            w_uk = g.weight(p + ".w_uk", kv_b[:, :d, :].contiguous())  # [N, D, C]
+            w_uv_t = g.weight(p + ".w_uv_t", kv_b[:, d:, :].transpose(1, 2).contiguous())  # [N, C, Vd]
         scale = g.const([c.softmax_scale], TensorProto.FLOAT, scalar=True)
         q_nope_t = g.op("Transpose", [q_nope], perm=[0, 2, 1, 3])  # [B, N, S, D]
         q_abs = g.op("Transpose", [g.op("MatMul", [q_nope_t, w_uk])], perm=[0, 2, 1, 3])  # [B, S, N, C]

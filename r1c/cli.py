@@ -92,17 +92,25 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
     from r1c.exporter.onnx_export import export_onnx
 
     config, tensors, source = _load_source(src, preset_name, seed)
+    extra: dict[str, str] = {}
     if precision == "fp8":
         from r1c.exporter.checkpoint import quantize_checkpoint_fp8
+        from r1c.exporter.quant_report import quantization_report
 
+        original = tensors
         config, tensors = quantize_checkpoint_fp8(config, tensors)
+        report = quantization_report(original, tensors)
+        del original
+        extra["quantization.json"] = json.dumps(report, indent=2) + "\n"
+        click.echo(f"fp8: quantized {report['tensors']} tensors; relative error mean "
+                   f"{report['mean_relative_error']:.4f}, max {report['max_relative_error']:.4f}", err=True)
     elif precision == "fp32":
         from r1c.exporter.checkpoint import dequantized
 
         config, tensors = config.replace(quantization_config=None), dequantized(tensors)
     source["precision"] = precision
     export_onnx(config, tensors, out, progress=progress and sys.stderr.isatty(),
-                extra_files={"source.json": json.dumps(source, indent=2) + "\n"})
+                extra_files={"source.json": json.dumps(source, indent=2) + "\n", **extra})
     click.echo(f"exported {out}")
 
 

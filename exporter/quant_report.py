@@ -1,0 +1,33 @@
+"""The error FP8 block quantization adds, per tensor and in summary (written beside the export)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from r1c.plugins.fp8 import dequantize
+
+SCALE_SUFFIX = "_scale_inv"
+
+
+def quantization_report(original: dict[str, torch.Tensor], quantized: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Relative Frobenius error ||dequant(q) - w|| / ||w|| of every tensor the quantization changed."""
+    per_tensor: dict[str, float] = {}
+    for name, q in quantized.items():
+        scale = quantized.get(name + SCALE_SUFFIX)
+        if scale is None or q.dtype != torch.float8_e4m3fn or name not in original:
+            continue
+        w = original[name].to(torch.float32)
+        if w.dtype == q.dtype:
+            continue
+        err = (dequantize(q, scale) - w).norm() / w.norm().clamp_min(1e-30)
+        per_tensor[name] = float(err)
+    errs = list(per_tensor.values())
+    return {
+        "format": "float8_e4m3fn, 128x128 block scales (weight_scale_inv)",
+        "tensors": len(errs),
+        "mean_relative_error": sum(errs) / len(errs) if errs else 0.0,
+        "max_relative_error": max(errs) if errs else 0.0,
+        "per_tensor": dict(sorted(per_tensor.items())),
+    }
