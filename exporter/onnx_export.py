@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from r1c.config import ModelConfig
 from r1c.errors import ExportError
+from r1c.exporter.model import rope_parameters
 from r1c.exporter.onnx_functions import experts_function, router_function
 from r1c.plugins import PLUGIN_NAMESPACE, R1C_DOMAIN, R1C_OPSET_VERSION
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
@@ -47,46 +47,6 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GRAPH_IO_FILE = "graph_io.json"
 GRAPH_IO_SCHEMA = 1
-
-
-def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
-    """Inverse frequencies [R/2] and the cos/sin attention factor, YaRN when the config asks for it."""
-    dim = config.qk_rope_head_dim
-    base = config.rope_theta
-    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
-    inv_extra = (1.0 / pos_freqs).astype(np.float32)
-    rs = config.rope_scaling
-    if not rs or rs.get("type", "yarn") == "default":
-        return inv_extra, 1.0
-    factor = float(rs["factor"])
-    orig = float(rs["original_max_position_embeddings"])
-    beta_fast = float(rs.get("beta_fast", 32.0))
-    beta_slow = float(rs.get("beta_slow", 1.0))
-
-    def get_mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attn = rs.get("attention_factor")
-    if attn is None:
-        if rs.get("mscale") and rs.get("mscale_all_dim"):
-            attn = get_mscale(factor, float(rs["mscale"])) / get_mscale(factor, float(rs["mscale_all_dim"]))
-        else:
-            attn = get_mscale(factor)
-
-    def correction_dim(num_rot: float) -> float:
-        return (dim * math.log(orig / (num_rot * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if rs.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
-    extrapolation = 1 - ramp
-    inv_inter = (1.0 / (factor * pos_freqs)).astype(np.float32)
-    inv = inv_inter * (1 - extrapolation) + inv_extra * extrapolation
-    return inv.astype(np.float32), float(attn)
 
 
 class _Graph:
@@ -219,7 +179,7 @@ class _Lowering:
         # positions [B, S] = past_lengths[b] + arange(S); rotary tables [B, S, R/2]
         ar = g.op("Range", [g.const([0], scalar=True), s_scalar, g.const([1], scalar=True)])
         positions = g.op("Add", [g.op("Unsqueeze", [past_len, g.const([1])]), ar])
-        inv_freq, attn_factor = rope_inv_freq(c)
+        inv_freq, attn_factor = rope_parameters(c)  # the same tables as the PyTorch model
         freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [positions], to=TensorProto.FLOAT), g.const([-1])]),
                              g.weight("rope.inv_freq", inv_freq)])
         cos, sin = g.op("Cos", [freqs]), g.op("Sin", [freqs])
@@ -430,6 +390,7 @@ def export_onnx(config: ModelConfig, tensors: dict[str, torch.Tensor], out_dir: 
     lowering = _Lowering(config, tensors)
     model = lowering.build(progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary directory
     try:
         onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024, convert_attribute=False)

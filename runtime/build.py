@@ -59,6 +59,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     config, graph_io, source = _read_export(src)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary directory
     try:
         libraries: dict[str, str] = {}
         target_options: dict[str, Any]
