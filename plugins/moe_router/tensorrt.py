@@ -1,0 +1,100 @@
+"""`r1c::MoERouter` as a TensorRT plugin (IPluginV3); registered by `r1c.plugins.tensorrt_common.register_plugins`.
+
+Inputs: hidden [T, H] float/half/bf16; gate_weight [E, H] float32; correction_bias [E] float32.
+Outputs: topk_weights [T, K] float32; topk_ids [T, K] int32 (K = top_k; T stays symbolic).
+The kernel is `moe_router_triton` (writing into the output buffers) when the Triton kernel module is importable,
+else the PyTorch reference, both on TensorRT's stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from r1c.plugins.moe_router.reference import SPEC, moe_router_reference
+from r1c.plugins.tensorrt_common import PluginOp
+
+logger = logging.getLogger(__name__)
+
+SCORINGS = ("sigmoid", "softmax")
+_HIDDEN_TYPES = ("FLOAT", "HALF", "BF16")
+
+
+Kernel = Callable[[dict[str, Any], Sequence[Any], Sequence[Any]], None]  # (attrs, inputs, outputs)
+
+
+def _reference(attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
+    weights, ids = moe_router_reference(*inputs, **attrs)
+    outputs[0].copy_(weights)
+    outputs[1].copy_(ids)
+
+
+@functools.cache
+def router_kernel() -> Kernel:
+    """`moe_router_triton` writing straight into TensorRT's output buffers, or the reference when unavailable."""
+    try:
+        from r1c.plugins.moe_router.triton_kernel import moe_router_triton
+    except Exception as e:  # no triton, or a triton that cannot load here
+        logger.warning("MoERouter plugin: Triton kernel unavailable (%s); using the PyTorch reference", e)
+        return _reference
+
+    def triton_router(attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
+        moe_router_triton(*inputs, **attrs, out=(outputs[0], outputs[1]))
+
+    return triton_router
+
+
+class MoERouterOp(PluginOp):
+    spec = SPEC
+
+    def validate(self, attrs: dict[str, Any]) -> None:
+        top_k, n_group, topk_group = attrs["top_k"], attrs["n_group"], attrs["topk_group"]
+        if top_k < 1 or n_group < 1 or not 1 <= topk_group <= n_group:
+            raise ValueError(f"{SPEC.plugin_id}: need top_k >= 1 and 1 <= topk_group <= n_group, got top_k={top_k}, "
+                             f"n_group={n_group}, topk_group={topk_group}")
+        if attrs["scoring"] not in SCORINGS:
+            raise ValueError(f"{SPEC.plugin_id}: unknown scoring {attrs['scoring']!r} (expected one of {SCORINGS})")
+        if attrs["norm_topk_prob"] not in (0, 1):
+            raise ValueError(f"{SPEC.plugin_id}: norm_topk_prob must be 0 or 1, got {attrs['norm_topk_prob']}")
+
+    def output_dtypes(self, trt: types.ModuleType, attrs: dict[str, Any], input_types: Sequence[Any]) -> list[Any]:
+        return [trt.DataType.FLOAT, trt.DataType.INT32]
+
+    def output_shapes(self, trt: types.ModuleType, attrs: dict[str, Any], inputs: Sequence[Any],
+                      exprs: Any) -> list[Any]:
+        tokens, k = inputs[0][0], exprs.constant(attrs["top_k"])
+        return [trt.DimsExprs([tokens, k]), trt.DimsExprs([tokens, k])]
+
+    def supports(self, trt: types.ModuleType, attrs: dict[str, Any], pos: int, types_: Sequence[Any],
+                 num_inputs: int) -> bool:
+        t = types_[pos].name
+        if pos == 0:  # hidden
+            return t in _HIDDEN_TYPES
+        if pos in (1, 2):  # gate_weight, correction_bias
+            return t == "FLOAT"
+        return t == ("FLOAT" if pos == num_inputs else "INT32")  # topk_weights, topk_ids
+
+    def check_shapes(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]]) -> None:
+        hidden, gate, bias = shapes
+        if len(hidden) != 2 or len(gate) != 2 or len(bias) != 1:
+            raise ValueError(f"{SPEC.plugin_id}: expected hidden [T, H], gate_weight [E, H], correction_bias [E]; "
+                             f"got {list(hidden)}, {list(gate)}, {list(bias)}")
+        experts, h = gate
+        if -1 not in (hidden[1], h) and hidden[1] != h:
+            raise ValueError(f"{SPEC.plugin_id}: hidden has {hidden[1]} channels, gate_weight {h}")
+        if experts == -1:
+            return
+        if bias[0] not in (-1, experts):
+            raise ValueError(f"{SPEC.plugin_id}: correction_bias has {bias[0]} entries for {experts} experts")
+        n_group, topk_group, top_k = attrs["n_group"], attrs["topk_group"], attrs["top_k"]
+        if experts % n_group:
+            raise ValueError(f"{SPEC.plugin_id}: {experts} experts do not split into n_group={n_group} groups")
+        if top_k > experts // n_group * topk_group:
+            raise ValueError(f"{SPEC.plugin_id}: top_k={top_k} exceeds the {experts // n_group * topk_group} experts "
+                             f"in topk_group={topk_group} groups")
+
+    def execute(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
+        router_kernel()(attrs, inputs, outputs)

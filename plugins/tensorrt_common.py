@@ -1,0 +1,336 @@
+"""What the r1c TensorRT plugins share: attribute fields, the IPluginV3 / IPluginCreatorV3One classes, registration.
+
+Each op module (`moe_router/tensorrt.py`, `moe_experts/tensorrt.py`) describes its plugin as a `PluginOp`:
+dtypes, output shapes, accepted formats, shape checks and a torch implementation. This module turns a
+`PluginOp` into Python plugin and creator classes of whichever TensorRT module it is given (full `tensorrt`
+or TensorRT-RTX's `tensorrt_rtx_bindings`), so one code path serves both. The plugin's name, namespace,
+version and attribute names and types all come from the op's `OpSpec`.
+
+TensorRT's ONNX parser binds an `r1c` node to a plugin when the node carries `plugin_namespace="r1c"` and a
+creator with the node's op type, that namespace and version "1" is registered; it passes the node's other
+attributes as plugin fields: ints as INT32, floats as FLOAT32, strings as CHAR (seen with TensorRT-RTX 1.7's
+parser; decoding also takes INT64/FLOAT64); the fields serialized into an engine use the same types.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import types
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from r1c.errors import BuildError
+from r1c.plugins import PLUGIN_NAMESPACE, OpSpec
+
+logger = logging.getLogger(__name__)
+
+# Should a parser pass the namespace/version attributes as fields: they select the creator, not op attributes.
+BINDING_FIELDS = frozenset({"plugin_namespace", "plugin_version"})
+
+# TensorRT DataType name -> torch dtype name (looked up by name so that any TensorRT module works).
+_TORCH_DTYPES = {
+    "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8", "INT32": "int32",
+    "INT64": "int64", "BOOL": "bool", "FP8": "float8_e4m3fn",
+}
+# torch dtype name -> __cuda_array_interface__ typestr of the same width (bf16 and fp8 are reinterpreted after)
+_TYPESTRS = {
+    "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1", "uint8": "|u1", "int32": "<i4",
+    "int64": "<i8", "bool": "|b1", "float8_e4m3fn": "|u1",
+}
+_INT_FIELDS = ("INT32", "INT64", "INT16", "INT8")
+_FLOAT_FIELDS = ("FLOAT32", "FLOAT64", "FLOAT16")
+
+
+def version_string(spec: OpSpec) -> str:
+    """The plugin version TensorRT matches against (the parser's default `plugin_version` is "1")."""
+    return str(spec.version)
+
+
+# ---- attributes <-> plugin fields -----------------------------------------------------------------------------
+def _field_kind(trt: types.ModuleType, default: Any) -> tuple[Any, Any]:
+    """(PluginFieldType, numpy dtype) of an attribute, from the Python type of its default in the spec."""
+    if isinstance(default, bool) or not isinstance(default, int | float | str):
+        raise TypeError(f"unsupported attribute default {default!r}")
+    if isinstance(default, int):
+        return trt.PluginFieldType.INT32, np.int32
+    if isinstance(default, float):
+        return trt.PluginFieldType.FLOAT32, np.float32
+    return trt.PluginFieldType.CHAR, np.int8
+
+
+def _field_data(trt: types.ModuleType, default: Any, value: Any) -> tuple[np.ndarray, Any]:
+    kind, dtype = _field_kind(trt, default)
+    if isinstance(default, str):
+        return np.frombuffer(str(value).encode(), dtype=np.int8).copy(), kind
+    return np.array([value], dtype=dtype), kind
+
+
+def field_collection(trt: types.ModuleType, spec: OpSpec, attrs: dict[str, Any]) -> tuple[Any, list[np.ndarray]]:
+    """A `PluginFieldCollection` holding `attrs` (every attribute of `spec`) with the spec's field types.
+
+    Returns the collection and the arrays it points into: TensorRT's `PluginField` keeps a raw pointer, not a
+    reference, so the caller keeps the arrays alive for as long as the collection is in use.
+    """
+    fields, arrays = [], []
+    for name, default in spec.attributes.items():
+        data, kind = _field_data(trt, default, attrs[name])
+        arrays.append(data)
+        fields.append(trt.PluginField(name, data, kind))
+    return trt.PluginFieldCollection(fields), arrays
+
+
+def field_names(trt: types.ModuleType, spec: OpSpec) -> tuple[Any, list[np.ndarray]]:
+    """The creator's `field_names` (each attribute with its type and no data), and the arrays to keep alive."""
+    fields, arrays = [], []
+    for name, default in spec.attributes.items():
+        kind, dtype = _field_kind(trt, default)
+        arrays.append(np.array([], dtype=dtype))
+        fields.append(trt.PluginField(name, arrays[-1], kind))
+    return trt.PluginFieldCollection(fields), arrays
+
+
+def _decode(spec: OpSpec, name: str, kind: str, data: np.ndarray) -> Any:
+    default = spec.attributes[name]
+    flat = np.asarray(data).reshape(-1)
+    if isinstance(default, str):
+        if kind not in ("CHAR", "INT8", "UINT8"):
+            raise ValueError(f"{spec.plugin_id}: attribute {name} must be a string, got a {kind} field")
+        return flat.astype(np.uint8).tobytes().split(b"\0", 1)[0].decode()
+    if flat.size != 1:
+        raise ValueError(f"{spec.plugin_id}: attribute {name} must be one value, got {flat.size}")
+    if isinstance(default, int):
+        if kind not in _INT_FIELDS:
+            raise ValueError(f"{spec.plugin_id}: attribute {name} must be an int, got a {kind} field")
+        return int(flat[0])
+    if kind not in _FLOAT_FIELDS + _INT_FIELDS:
+        raise ValueError(f"{spec.plugin_id}: attribute {name} must be a float, got a {kind} field")
+    return float(flat[0])
+
+
+def attrs_from_fields(spec: OpSpec, fields: Any) -> dict[str, Any]:
+    """The op's attribute dict from a field collection: spec defaults, overridden by the fields given.
+
+    Unknown field names are an error (a misspelt attribute must not silently fall back to its default).
+    """
+    given: dict[str, Any] = {}
+    for f in fields if fields is not None else ():
+        name = str(f.name)
+        if name in BINDING_FIELDS:
+            continue
+        if name not in spec.attributes:
+            raise ValueError(f"{spec.plugin_id}: unknown attribute {name!r} (expected {sorted(spec.attributes)})")
+        given[name] = _decode(spec, name, f.type.name, f.data)
+    return spec.attrs(**given)
+
+
+# ---- torch views of TensorRT device buffers -------------------------------------------------------------------
+def torch_dtype(trt_dtype: Any) -> Any:
+    import torch
+
+    try:
+        return getattr(torch, _TORCH_DTYPES[trt_dtype.name])
+    except KeyError:
+        raise ValueError(f"no torch dtype for TensorRT {trt_dtype}") from None
+
+
+class _CudaBuffer:
+    """A raw device pointer dressed as `__cuda_array_interface__` (v3), for `torch.as_tensor`."""
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.__cuda_array_interface__ = {"data": (int(ptr), False), "shape": shape, "typestr": typestr,
+                                         "strides": None, "version": 3, "stream": None}
+
+
+def device_tensor(desc: Any, ptr: int) -> Any:
+    """A torch CUDA tensor over TensorRT's linear buffer at `ptr` described by `desc` (no copy)."""
+    import torch
+
+    dtype = torch_dtype(desc.type)
+    shape = tuple(int(d) for d in desc.dims)
+    if int(np.prod(shape, dtype=np.int64)) == 0 or not ptr:
+        return torch.empty(shape, dtype=dtype, device="cuda")
+    name = str(dtype).removeprefix("torch.")
+    t = torch.as_tensor(_CudaBuffer(ptr, shape, _TYPESTRS[name]), device="cuda")
+    return t if t.dtype == dtype else t.view(dtype)
+
+
+# ---- the op description the plugin classes are made from -------------------------------------------------------
+class PluginOp(abc.ABC):
+    """One r1c op as a TensorRT plugin; subclasses hold no per-instance state (attributes are passed in)."""
+
+    spec: ClassVar[OpSpec]
+
+    def validate(self, attrs: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Raise ValueError for attribute values the op does not support."""
+
+    def num_inputs(self, attrs: dict[str, Any]) -> tuple[int, ...]:
+        """The accepted numbers of inputs."""
+        return (len(self.spec.inputs),)
+
+    @abc.abstractmethod
+    def output_dtypes(self, trt: types.ModuleType, attrs: dict[str, Any], input_types: Sequence[Any]) -> list[Any]:
+        """Output DataTypes for the given input DataTypes."""
+
+    @abc.abstractmethod
+    def output_shapes(self, trt: types.ModuleType, attrs: dict[str, Any], inputs: Sequence[Any],
+                      exprs: Any) -> list[Any]:
+        """Output `DimsExprs` from the inputs' `DimsExprs` (dynamic dims stay symbolic, via `exprs`)."""
+
+    @abc.abstractmethod
+    def supports(self, trt: types.ModuleType, attrs: dict[str, Any], pos: int, types_: Sequence[Any],
+                 num_inputs: int) -> bool:
+        """Whether the DataType at in/out position `pos` is accepted, given those at positions < pos."""
+
+    def check_shapes(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]]) -> None:  # noqa: B027
+        """Raise ValueError for input shapes (-1: dynamic) that the op cannot take."""
+
+    @abc.abstractmethod
+    def execute(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
+        """Compute the outputs (torch CUDA tensors, written in place) on the current torch stream."""
+
+
+def _static_shape(desc: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in desc.dims)
+
+
+class _PluginLogic:
+    """Behaviour of an r1c IPluginV3 (core, build and runtime capabilities in one object).
+
+    Mixed into TensorRT's pybind classes by `plugin_classes`; `_trt` and `_op` are set there.
+    """
+
+    _trt: ClassVar[types.ModuleType]
+    _op: ClassVar[PluginOp]
+    _trt_bases: ClassVar[tuple[type, ...]]
+
+    def __init__(self, attrs: dict[str, Any], phase: Any = None) -> None:
+        for base in self._trt_bases:  # pybind11 bases must each be initialized explicitly
+            base.__init__(self)  # type: ignore[misc]
+        spec = self._op.spec
+        self.attrs = dict(attrs)
+        self.phase = phase
+        self.num_outputs = len(spec.outputs)
+        self.plugin_name = spec.name
+        self.plugin_namespace = PLUGIN_NAMESPACE
+        self.plugin_version = version_string(spec)
+        self.timing_cache_id = ""  # one tactic: nothing to time per instance
+        self.input_shapes: list[tuple[int, ...]] = []
+
+    # core / lifetime
+    def get_capability_interface(self, type: Any) -> Any:
+        return self
+
+    def clone(self) -> Any:
+        twin = type(self)(self.attrs, self.phase)
+        twin.input_shapes = list(self.input_shapes)
+        return twin
+
+    # build
+    def get_output_data_types(self, input_types: Sequence[Any]) -> list[Any]:
+        return self._op.output_dtypes(self._trt, self.attrs, input_types)
+
+    def get_output_shapes(self, inputs: Sequence[Any], shape_inputs: Sequence[Any], expr_builder: Any) -> list[Any]:
+        return self._op.output_shapes(self._trt, self.attrs, inputs, expr_builder)
+
+    def supports_format_combination(self, pos: int, in_out: Sequence[Any], num_inputs: int) -> bool:
+        desc = in_out[pos].desc
+        if desc.format != self._trt.TensorFormat.LINEAR:
+            return False
+        return self._op.supports(self._trt, self.attrs, pos, [d.desc.type for d in in_out], num_inputs)
+
+    def configure_plugin(self, inp: Sequence[Any], out: Sequence[Any]) -> None:
+        spec = self._op.spec
+        if len(inp) not in self._op.num_inputs(self.attrs):
+            raise ValueError(f"{spec.plugin_id}: {len(inp)} inputs, expected {self._op.num_inputs(self.attrs)}")
+        self.input_shapes = [_static_shape(d.desc) for d in inp]
+        self._op.check_shapes(self.attrs, self.input_shapes)
+
+    # runtime
+    def on_shape_change(self, inp: Sequence[Any], out: Sequence[Any]) -> None:
+        self.input_shapes = [_static_shape(d) for d in inp]
+
+    def attach_to_context(self, resource_context: Any) -> Any:
+        return self.clone()
+
+    def get_fields_to_serialize(self) -> Any:
+        # kept on the plugin: TensorRT reads the collection after this returns
+        self._serialized = field_collection(self._trt, self._op.spec, self.attrs)
+        return self._serialized[0]
+
+    def enqueue(self, input_desc: Sequence[Any], output_desc: Sequence[Any], inputs: Sequence[int],
+                outputs: Sequence[int], workspace: int, stream: int) -> None:
+        import torch
+
+        with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
+            ins = [device_tensor(d, p) for d, p in zip(input_desc, inputs)]
+            outs = [device_tensor(d, p) for d, p in zip(output_desc, outputs)]
+            self._op.execute(self.attrs, ins, outs)
+
+
+class _CreatorLogic:
+    """Behaviour of an r1c IPluginCreatorV3One: builds plugins from parser/serialized fields."""
+
+    _trt: ClassVar[types.ModuleType]
+    _op: ClassVar[PluginOp]
+    _plugin_class: ClassVar[type]
+
+    def __init__(self) -> None:
+        self._trt.IPluginCreatorV3One.__init__(self)
+        spec = self._op.spec
+        self.name = spec.name
+        self.plugin_namespace = PLUGIN_NAMESPACE
+        self.plugin_version = version_string(spec)
+        self.field_names, self._field_arrays = field_names(self._trt, spec)
+
+    def create_plugin(self, name: str, field_collection: Any, phase: Any) -> Any:
+        attrs = attrs_from_fields(self._op.spec, field_collection)
+        self._op.validate(attrs)
+        return self._plugin_class(attrs, phase)
+
+
+def plugin_classes(trt: types.ModuleType, op: PluginOp) -> tuple[type, type]:
+    """(plugin class, creator class) of `op` for the TensorRT module `trt`."""
+    bases = (trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime)
+    name = op.spec.name
+    plugin = type(f"{name}Plugin", (_PluginLogic, *bases), {"_trt": trt, "_op": op, "_trt_bases": bases})
+    creator = type(f"{name}PluginCreator", (_CreatorLogic, trt.IPluginCreatorV3One),
+                   {"_trt": trt, "_op": op, "_plugin_class": plugin})
+    return plugin, creator
+
+
+def plugin_ops() -> list[PluginOp]:
+    """Every r1c op that has a TensorRT plugin."""
+    from r1c.plugins.moe_experts.tensorrt import MoEExpertsOp
+    from r1c.plugins.moe_router.tensorrt import MoERouterOp
+
+    return [MoERouterOp(), MoEExpertsOp()]
+
+
+# Creators stay referenced here for the life of the process: TensorRT holds only a pointer to each.
+_REGISTERED: dict[int, dict[str, Any]] = {}
+
+
+def register_plugins(trt: types.ModuleType) -> dict[str, Any]:
+    """Register the r1c plugin creators with `trt`'s plugin registry (idempotent); returns id -> creator.
+
+    `trt` is the TensorRT Python module in use: `tensorrt`, or TensorRT-RTX's `tensorrt_rtx_bindings`.
+    """
+    done = _REGISTERED.setdefault(id(trt), {})
+    registry = trt.get_plugin_registry()
+    for op in plugin_ops():
+        spec = op.spec
+        if spec.plugin_id in done:
+            continue
+        if registry.get_creator(spec.name, version_string(spec), PLUGIN_NAMESPACE) is not None:
+            raise BuildError(f"tensorrt: another plugin creator is already registered as {spec.plugin_id} "
+                             f"version {version_string(spec)}")
+        _, creator_class = plugin_classes(trt, op)
+        creator = creator_class()
+        if not registry.register_creator(creator, PLUGIN_NAMESPACE):
+            raise BuildError(f"tensorrt: could not register the plugin creator {spec.plugin_id}")
+        done[spec.plugin_id] = creator
+        logger.debug("registered TensorRT plugin %s with %s", spec.plugin_id, trt.__name__)
+    return dict(done)
