@@ -1,1 +1,18 @@
-"""r1c.passes"""
+"""r1c.passes: graph passes over ONNX, one pass per module, composed into one pipeline per target.
+
+Public API:
+    pipeline(target) -> list of onnx_ir passes          PIPELINES, TARGETS, pass_name(pass)
+    run_pipeline(model, target, *, dump_after, dump_dir, verbose) -> onnx_ir.Model
+    lower_file(src, dst, *, target, ...) -> Path         (used by `r1c build`)
+    optimize(foreign, out_dir, *, target="r1c", ...) -> Path
+    inspect_model(path) -> dict
+CLI commands (registered by r1c.cli): r1c.passes.cli.inspect_cmd, passes_cmd, optimize_cmd.
+"""
+
+from __future__ import annotations
+
+from r1c.passes.inspect_model import inspect_model
+from r1c.passes.optimize import optimize
+from r1c.passes.pipelines import PIPELINES, TARGETS, lower_file, pass_name, pipeline, run_pipeline
+
+__all__ = ["PIPELINES", "TARGETS", "inspect_model", "lower_file", "optimize", "pass_name", "pipeline", "run_pipeline"]

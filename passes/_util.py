@@ -1,0 +1,94 @@
+"""Small helpers shared by the passes: node labels for errors, constant values, r1c op identity."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from r1c.errors import PassError
+from r1c.plugins import PLUGIN_NAMESPACE, R1C_DOMAIN, R1C_OPSET_VERSION, OpSpec
+from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
+from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
+
+R1C_SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (ROUTER_SPEC, EXPERTS_SPEC)}
+ORT_DOMAIN = "com.microsoft"
+
+
+def node_label(node: ir.Node) -> str:
+    op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+    return f"{node.name or '<unnamed>'} ({op})"
+
+
+def node_error(pass_name: str, node: ir.Node, reason: str) -> PassError:
+    """The error a pass raises when it cannot handle `node`: names the pass and the node."""
+    return PassError(f"{pass_name}: node {node_label(node)}: {reason}")
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant content (initializer or Constant node), or None when it is computed."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    arr = const_array(value)
+    if arr is None or arr.dtype.kind not in "iu":
+        return None
+    return [int(v) for v in arr.reshape(-1)]
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    """A constant holding exactly one number (any rank), as a Python float."""
+    arr = const_array(value)
+    if arr is None or arr.size != 1 or arr.dtype.kind not in "fiu":
+        return None
+    return float(arr.reshape(-1)[0])
+
+
+def attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def is_r1c(node: ir.Node, spec: OpSpec | None = None) -> bool:
+    if node.domain != R1C_DOMAIN:
+        return False
+    return spec is None or node.op_type == spec.name
+
+
+def r1c_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """The r1c-domain nodes of the main graph (and its subgraphs)."""
+    return (n for n in model.graph.all_nodes() if n.domain == R1C_DOMAIN)
+
+
+def r1c_attrs(spec: OpSpec, **given: object) -> dict[str, object]:
+    """The node attributes of an r1c op: the spec's defaults, `given`, and the plugin namespace."""
+    return {**spec.attrs(**given), "plugin_namespace": PLUGIN_NAMESPACE}
+
+
+def ensure_function(model: ir.Model, body: onnx.FunctionProto | ir.Function) -> ir.Function:
+    """Adds the model-local function body of an r1c op (and the opset imports it needs) if it is missing."""
+    function = body if isinstance(body, ir.Function) else ir.serde.deserialize_function(body)
+    existing = model.functions.get(function.identifier())
+    if existing is not None:
+        return existing
+    for domain, version in function.opset_imports.items():
+        have = model.opset_imports.setdefault(domain, version)
+        if have != version:
+            raise PassError(f"{function.domain}::{function.name}: its body needs opset {domain or 'ai.onnx'} "
+                            f"{version}, the model imports {have}")
+    model.opset_imports.setdefault(function.domain, R1C_OPSET_VERSION)
+    model.functions[function.identifier()] = function
+    return function
+
+
+def check_r1c_bodies(pass_name: str, model: ir.Model) -> None:
+    """The r1c contract: every r1c node has the model-local function body of its op."""
+    for node in r1c_nodes(model):
+        if (node.domain, node.op_type, node.overload) not in model.functions:
+            raise node_error(pass_name, node, f"no model-local function body for {node.domain}::{node.op_type}")

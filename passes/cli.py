@@ -1,0 +1,63 @@
+"""Click commands of the passes stage; `r1c.cli` registers them on the `r1c` group.
+
+    r1c inspect MODEL [--json]
+    r1c passes [--target T]
+    r1c optimize FOREIGN.onnx -o DIR [-v] [--target T] [--dump-after PASS]
+Errors are r1c errors (PassError); the `r1c` group turns them into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from r1c.passes.pipelines import PIPELINES, TARGETS, pass_name
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
+def inspect_cmd(model: Path, as_json: bool) -> None:
+    """Op histogram, parameters by dtype, custom ops (function body / plugin) and graph I/O of MODEL."""
+    from r1c.passes.inspect_model import format_report, inspect_model
+
+    info = inspect_model(model)
+    click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
+
+
+@click.command("passes")
+@click.option("--target", type=click.Choice(TARGETS), default=None, help="One pipeline (default: all).")
+def passes_cmd(target: str | None) -> None:
+    """Print the pass pipeline of each target, in the order the passes run."""
+    for name in [target] if target else list(TARGETS):
+        click.echo(f"{name}:")
+        for i, factory in enumerate(PIPELINES[name]):
+            doc = (factory.__doc__ or "").strip().splitlines()
+            click.echo(f"  {i:2d} {pass_name(factory):<34} {doc[0] if doc else ''}")
+
+
+@click.command("optimize")
+@click.argument("foreign", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (must not exist or be empty); written whole or not at all.")
+@click.option("--target", type=click.Choice(TARGETS), default="r1c", show_default=True,
+              help="r1c: the r1c form that `r1c build` takes; onnxruntime / tensorrt: that target's lowering.")
+@click.option("--dump-after", metavar="PASS", default=None, help="Also write the model after PASS (into DIR/dumps).")
+@click.option("-v", "--verbose", is_flag=True, help="Log each pass and why fusions did not fire.")
+def optimize_cmd(foreign: Path, out: Path, target: str, dump_after: str | None, verbose: bool) -> None:
+    """Fuse and lower a foreign ONNX model (e.g. the stock torch.onnx export of DeepseekV3)."""
+    from r1c.passes.optimize import optimize
+
+    if verbose:
+        log = logging.getLogger("r1c.passes")
+        log.setLevel(logging.INFO)
+        if not logging.getLogger().handlers and not log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            log.addHandler(handler)
+    path = optimize(foreign, out, target=target, dump_after=dump_after, verbose=verbose)
+    click.echo(str(path))

@@ -1,0 +1,164 @@
+"""The pass pipelines: one explicit, ordered list per target, and the functions that run them.
+
+- `r1c`: a foreign ONNX (e.g. the stock torch.onnx export) -> the r1c form that `r1c export` writes:
+  standard ONNX plus r1c ops carrying their function bodies. Runnable by ONNX Runtime as it is.
+- `onnxruntime`: the same fusions, then ONNX Runtime's fused kernels (RMSNorm, SwiGLU activation, MoE),
+  the remaining r1c bodies inlined.
+- `tensorrt`: the same MoE fusions, r1c nodes kept as plugin nodes without bodies, every other node
+  checked against TensorRT's ONNX support matrix.
+A pass's name is its module's name (`fuse_moe_router`); `r1c passes --target T` prints a pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes.common import ClearMetadataAndDocStringPass, CommonSubexpressionEliminationPass
+
+from r1c.errors import PassError, R1CError
+from r1c.passes.check_tensorrt_ops import CheckTensorRTOpsPass
+from r1c.passes.deduplicate_small_initializers import DeduplicateSmallInitializersPass
+from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
+from r1c.passes.fold_constants import FoldConstantsPass
+from r1c.passes.fuse_moe_experts import FuseMoEExpertsPass
+from r1c.passes.fuse_moe_router import FuseMoERouterPass
+from r1c.passes.fuse_rmsnorm import FuseRMSNormPass
+from r1c.passes.fuse_swiglu import FuseSwiGLUPass
+from r1c.passes.infer_shapes import InferShapesPass
+from r1c.passes.inline_r1c_functions import InlineR1CFunctionsPass
+from r1c.passes.lower_moe_to_ort import LowerMoEToOrtPass
+from r1c.passes.name_deterministically import NameDeterministicallyPass
+from r1c.passes.remove_dead_code import RemoveDeadCodePass
+
+logger = logging.getLogger(__name__)
+
+PassFactory = type[ir.passes.PassBase]
+
+PIPELINES: dict[str, tuple[PassFactory, ...]] = {
+    "r1c": (
+        InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
+        FuseMoERouterPass, FuseMoEExpertsPass,
+        RemoveDeadCodePass, CommonSubexpressionEliminationPass, InferShapesPass,
+        ClearMetadataAndDocStringPass, NameDeterministicallyPass,
+    ),
+    "onnxruntime": (
+        InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
+        FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass,
+        RemoveDeadCodePass, LowerMoEToOrtPass, InlineR1CFunctionsPass,
+        FoldConstantsPass, RemoveDeadCodePass, CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass,
+        InferShapesPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,
+    ),
+    "tensorrt": (
+        InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
+        FuseMoERouterPass, FuseMoEExpertsPass,
+        RemoveDeadCodePass, CommonSubexpressionEliminationPass, InferShapesPass,
+        DropR1CFunctionBodiesPass, CheckTensorRTOpsPass,
+        ClearMetadataAndDocStringPass, NameDeterministicallyPass,
+    ),
+}
+TARGETS = tuple(PIPELINES)
+MODEL_FILE = "model.onnx"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassStats:
+    name: str
+    seconds: float
+    modified: bool
+    nodes: int  # main-graph nodes after the pass
+
+
+def pass_name(pass_: ir.passes.PassBase | PassFactory) -> str:
+    """A pass's name: the module it lives in (one pass per module)."""
+    cls = pass_ if isinstance(pass_, type) else type(pass_)
+    return cls.__module__.rsplit(".", 1)[-1]
+
+
+def pipeline(target: str) -> list[ir.passes.PassBase]:
+    """Fresh instances of the target's passes, in order."""
+    if target not in PIPELINES:
+        raise PassError(f"passes: unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    return [factory() for factory in PIPELINES[target]]
+
+
+def save_model(model: ir.Model, path: str | Path) -> Path:
+    """Write `path` and its weights as `<name>.data` beside it (same model -> same bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, path, external_data=f"{path.name}.data")
+    return path
+
+
+def run_pipeline(model: ir.Model, target: str, *, dump_after: str | None = None, dump_dir: str | Path | None = None,
+                 verbose: bool = False, stats: list[PassStats] | None = None) -> ir.Model:
+    """Runs the target's pipeline on `model` (in place where the passes allow) and returns the result.
+
+    `dump_after`: a pass name; the model after each run of that pass is written to
+    `dump_dir/<index>_<name>.onnx`. A failing pass raises PassError naming itself (and, when a pass
+    knows it, the node). `stats`, when given, receives one PassStats per pass.
+    """
+    passes = pipeline(target)
+    names = [pass_name(p) for p in passes]
+    if dump_after is not None:
+        if dump_after not in names:
+            raise PassError(f"passes: --dump-after {dump_after!r} is not a pass of the {target} pipeline "
+                            f"({', '.join(dict.fromkeys(names))})")
+        if dump_dir is None:
+            raise PassError("passes: --dump-after needs a dump directory")
+    level = logging.INFO if verbose else logging.DEBUG
+    for index, (name, pass_) in enumerate(zip(names, passes)):
+        start = time.perf_counter()
+        try:
+            result = pass_(model)
+        except R1CError:
+            raise
+        except Exception as e:
+            cause = _r1c_cause(e)  # e.g. a PassError raised in `ensures`, wrapped by onnx_ir
+            if cause is not None:
+                raise cause from e
+            raise PassError(f"pass {name} ({index + 1}/{len(passes)} of {target}) failed: "
+                            f"{type(e).__name__}: {e}") from e
+        model = result.model
+        seconds = time.perf_counter() - start
+        logger.log(level, "%2d %-34s %6.2fs %5d nodes%s", index, name, seconds, len(model.graph),
+                   "" if result.modified else " (unchanged)")
+        if stats is not None:
+            stats.append(PassStats(name, seconds, result.modified, len(model.graph)))
+        if name == dump_after:
+            assert dump_dir is not None
+            path = save_model(model, Path(dump_dir) / f"{index:02d}_{name}.onnx")
+            logger.info("wrote %s", path)
+    return model
+
+
+def _r1c_cause(error: BaseException) -> R1CError | None:
+    """The r1c error that an exception chain carries, if any (onnx_ir wraps pre/postcondition errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, R1CError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def lower_file(src: str | Path, dst: str | Path, *, target: str, dump_after: str | None = None,
+               dump_dir: str | Path | None = None, verbose: bool = False,
+               stats: list[PassStats] | None = None) -> Path:
+    """Loads `src`, runs the target's pipeline and writes `dst` (+ `dst.data`). Used by `r1c build`."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise PassError(f"passes: {src} is not a file")
+    if dst.resolve().parent == src.resolve().parent and (dst.name == src.name or dst.name + ".data" == src.name):
+        raise PassError(f"passes: writing {dst} would overwrite the model being read")
+    try:
+        model = ir.load(src)
+    except Exception as e:
+        raise PassError(f"passes: cannot read {src} as ONNX ({type(e).__name__}: {e})") from e
+    model = run_pipeline(model, target, dump_after=dump_after, dump_dir=dump_dir, verbose=verbose, stats=stats)
+    return save_model(model, dst)
