@@ -110,8 +110,23 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
         config, tensors = config.replace(quantization_config=None), dequantized(tensors)
     source["precision"] = precision
     export_onnx(config, tensors, out, progress=progress and sys.stderr.isatty(),
-                extra_files={"source.json": json.dumps(source, indent=2) + "\n", **extra})
+                extra_files={"source.json": json.dumps(source, indent=2) + "\n", **extra},
+                postprocess=_canonicalize)
     click.echo(f"exported {out}")
+
+
+def _canonicalize(export_dir: Path) -> None:
+    """Run the target-independent `r1c` pass pipeline over a fresh export (cleanup, shapes, stable names)."""
+    import shutil
+
+    from r1c.passes.pipelines import lower_file
+
+    raw = export_dir / "raw"
+    raw.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        (export_dir / name).rename(raw / name)
+    lower_file(raw / "model.onnx", export_dir / "model.onnx", target="r1c")
+    shutil.rmtree(raw)
 
 
 @main.command()
@@ -122,7 +137,8 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
               help="onnxruntime: a CPU bundle; tensorrt: a TensorRT engine with the r1c plugins (needs TensorRT).")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: one per physical core).")
-@click.option("--dump-after", metavar="PASS", help="Also write the model as it is after this pass.")
+@click.option("--dump-after", metavar="PASS",
+              help="Also write the model as it is after this pass (into OUTPUT.dumps/; `r1c passes` lists them).")
 def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: str | None) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.
 

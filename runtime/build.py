@@ -32,19 +32,12 @@ def _read_export(export_dir: Path) -> tuple[ModelConfig, dict[str, Any], dict[st
     return config, graph_io, source
 
 
-def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, verbose: bool) -> None:
+def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool) -> None:
     """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data)."""
-    try:
-        from r1c.passes.pipelines import lower_file
-    except ImportError:  # pass pipeline not available: the exported model is already runnable by ORT
-        if target != "onnxruntime":
-            raise BuildError(f"build: no pass pipeline for target {target!r}") from None
-        for name in ("model.onnx", "model.onnx.data"):
-            if (export_dir / name).exists():
-                shutil.copyfile(export_dir / name, work / name)
-        return
+    from r1c.passes.pipelines import lower_file
+
     lower_file(export_dir / "model.onnx", work / "model.onnx", target=target, dump_after=dump_after,
-               dump_dir=work.parent / f"{work.name}.dumps" if dump_after else None, verbose=verbose)
+               dump_dir=dump_dir if dump_after else None, verbose=verbose)
 
 
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
@@ -59,6 +52,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     config, graph_io, source = _read_export(src)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    dumps = out.with_name(out.name + ".dumps")  # --dump-after writes here, beside the bundle
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary directory
     try:
         libraries: dict[str, str] = {}
@@ -68,7 +62,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
 
             from r1c.runtime.ort_backend import DEFAULT_OPTIONS
 
-            _lower(src, tmp, target, dump_after, verbose)
+            _lower(src, tmp, target, dump_after, dumps, verbose)
             libraries["onnxruntime"] = ort.__version__
             target_options = {"model": "model.onnx", "session": {**DEFAULT_OPTIONS, **(session or {})}}
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
@@ -78,7 +72,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
         else:
             from r1c.runtime.trt_build import build_tensorrt
 
-            _lower(src, tmp, target, dump_after, verbose)
+            _lower(src, tmp, target, dump_after, dumps, verbose)
             target_options, libraries = build_tensorrt(tmp, config)
         import onnx
 

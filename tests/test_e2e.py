@@ -181,3 +181,10 @@ def test_bundle_with_edited_file_is_refused(tiny: dict[str, Path], tmp_path: Pat
         f.write(b"\x00\x01\x02\x03")
     code, _, err = cli("run", str(copy), "--input-ids", "1 2")
     assert code != 0 and "sha256" in err and err.strip().count("\n") == 0
+
+
+def test_export_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
+    code, _, err = cli("export", str(tiny["ckpt"]), "-o", str(tmp_path / "again"))
+    assert code == 0, err
+    for name in ("model.onnx", "model.onnx.data", "graph_io.json", "config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tiny["export"] / name).read_bytes(), name
