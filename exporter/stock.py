@@ -62,7 +62,8 @@ class _WithCache(torch.nn.Module):
         from transformers import DynamicCache
 
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+        config: Any = self.model.config
+        cache = DynamicCache(ddp_cache_data=pairs, config=config)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
         present = out.past_key_values
         flat: list[torch.Tensor] = []
@@ -132,10 +133,11 @@ def export_stock(hf_model_or_checkpoint_dir: torch.nn.Module | str | Path, out_p
         model = load_hf_model(model)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise ExportError("stock export: expected a transformers DeepseekV3ForCausalLM or a checkpoint directory")
-    model.config._experts_implementation = EXPERTS_IMPLEMENTATION
+    hf_config: Any = model.config
+    hf_config._experts_implementation = EXPERTS_IMPLEMENTATION
     model.eval()
-    wrapper = _WithCache(model, model.config.num_hidden_layers) if with_cache else _LogitsOnly(model)
-    args, in_names, out_names, dynamic_shapes = _sample_inputs(model.config, with_cache)
+    wrapper = _WithCache(model, hf_config.num_hidden_layers) if with_cache else _LogitsOnly(model)
+    args, in_names, out_names, dynamic_shapes = _sample_inputs(hf_config, with_cache)
     if with_cache:  # *past is one variadic argument to torch.export
         dynamic_shapes = (*dynamic_shapes[:2], tuple(dynamic_shapes[2:]))
     out = Path(out_path)

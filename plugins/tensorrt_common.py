@@ -32,13 +32,27 @@ BINDING_FIELDS = frozenset({"plugin_namespace", "plugin_version"})
 
 # TensorRT DataType name -> torch dtype name (looked up by name so that any TensorRT module works).
 _TORCH_DTYPES = {
-    "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8", "INT32": "int32",
-    "INT64": "int64", "BOOL": "bool", "FP8": "float8_e4m3fn",
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "FP8": "float8_e4m3fn",
 }
 # torch dtype name -> __cuda_array_interface__ typestr of the same width (bf16 and fp8 are reinterpreted after)
 _TYPESTRS = {
-    "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1", "uint8": "|u1", "int32": "<i4",
-    "int64": "<i8", "bool": "|b1", "float8_e4m3fn": "|u1",
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<u2",
+    "int8": "|i1",
+    "uint8": "|u1",
+    "int32": "<i4",
+    "int64": "<i8",
+    "bool": "|b1",
+    "float8_e4m3fn": "|u1",
 }
 _INT_FIELDS = ("INT32", "INT64", "INT16", "INT8")
 _FLOAT_FIELDS = ("FLOAT32", "FLOAT64", "FLOAT16")
@@ -140,8 +154,14 @@ class _CudaBuffer:
     """A raw device pointer dressed as `__cuda_array_interface__` (v3), for `torch.as_tensor`."""
 
     def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str) -> None:
-        self.__cuda_array_interface__ = {"data": (int(ptr), False), "shape": shape, "typestr": typestr,
-                                         "strides": None, "version": 3, "stream": None}
+        self.__cuda_array_interface__ = {
+            "data": (int(ptr), False),
+            "shape": shape,
+            "typestr": typestr,
+            "strides": None,
+            "version": 3,
+            "stream": None,
+        }
 
 
 def device_tensor(desc: Any, ptr: int) -> Any:
@@ -175,13 +195,15 @@ class PluginOp(abc.ABC):
         """Output DataTypes for the given input DataTypes."""
 
     @abc.abstractmethod
-    def output_shapes(self, trt: types.ModuleType, attrs: dict[str, Any], inputs: Sequence[Any],
-                      exprs: Any) -> list[Any]:
+    def output_shapes(
+        self, trt: types.ModuleType, attrs: dict[str, Any], inputs: Sequence[Any], exprs: Any
+    ) -> list[Any]:
         """Output `DimsExprs` from the inputs' `DimsExprs` (dynamic dims stay symbolic, via `exprs`)."""
 
     @abc.abstractmethod
-    def supports(self, trt: types.ModuleType, attrs: dict[str, Any], pos: int, types_: Sequence[Any],
-                 num_inputs: int) -> bool:
+    def supports(
+        self, trt: types.ModuleType, attrs: dict[str, Any], pos: int, types_: Sequence[Any], num_inputs: int
+    ) -> bool:
         """Whether the DataType at in/out position `pos` is accepted, given those at positions < pos."""
 
     def check_shapes(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]]) -> None:  # noqa: B027
@@ -260,8 +282,15 @@ class _PluginLogic:
         self._serialized = field_collection(self._trt, self._op.spec, self.attrs)
         return self._serialized[0]
 
-    def enqueue(self, input_desc: Sequence[Any], output_desc: Sequence[Any], inputs: Sequence[int],
-                outputs: Sequence[int], workspace: int, stream: int) -> None:
+    def enqueue(
+        self,
+        input_desc: Sequence[Any],
+        output_desc: Sequence[Any],
+        inputs: Sequence[int],
+        outputs: Sequence[int],
+        workspace: int,
+        stream: int,
+    ) -> None:
         import torch
 
         with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
@@ -296,8 +325,11 @@ def plugin_classes(trt: types.ModuleType, op: PluginOp) -> tuple[type, type]:
     bases = (trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime)
     name = op.spec.name
     plugin = type(f"{name}Plugin", (_PluginLogic, *bases), {"_trt": trt, "_op": op, "_trt_bases": bases})
-    creator = type(f"{name}PluginCreator", (_CreatorLogic, trt.IPluginCreatorV3One),
-                   {"_trt": trt, "_op": op, "_plugin_class": plugin})
+    creator = type(
+        f"{name}PluginCreator",
+        (_CreatorLogic, trt.IPluginCreatorV3One),
+        {"_trt": trt, "_op": op, "_plugin_class": plugin},
+    )
     return plugin, creator
 
 
@@ -325,8 +357,10 @@ def register_plugins(trt: types.ModuleType) -> dict[str, Any]:
         if spec.plugin_id in done:
             continue
         if registry.get_creator(spec.name, version_string(spec), PLUGIN_NAMESPACE) is not None:
-            raise BuildError(f"tensorrt: another plugin creator is already registered as {spec.plugin_id} "
-                             f"version {version_string(spec)}")
+            raise BuildError(
+                f"tensorrt: another plugin creator is already registered as {spec.plugin_id} "
+                f"version {version_string(spec)}"
+            )
         _, creator_class = plugin_classes(trt, op)
         creator = creator_class()
         if not registry.register_creator(creator, PLUGIN_NAMESPACE):

@@ -54,8 +54,9 @@ class MoEExpertsOp(PluginOp):
         if attrs["quant"] not in QUANT_MODES:
             raise ValueError(f"{SPEC.plugin_id}: unknown quant {attrs['quant']!r} (expected one of {QUANT_MODES})")
         if attrs["activation"] not in ACTIVATIONS:
-            raise ValueError(f"{SPEC.plugin_id}: unknown activation {attrs['activation']!r} "
-                             f"(expected one of {ACTIVATIONS})")
+            raise ValueError(
+                f"{SPEC.plugin_id}: unknown activation {attrs['activation']!r} (expected one of {ACTIVATIONS})"
+            )
 
     def num_inputs(self, attrs: dict[str, Any]) -> tuple[int, ...]:
         n = len(SPEC.inputs)
@@ -64,12 +65,14 @@ class MoEExpertsOp(PluginOp):
     def output_dtypes(self, trt: types.ModuleType, attrs: dict[str, Any], input_types: Sequence[Any]) -> list[Any]:
         return [input_types[0]]
 
-    def output_shapes(self, trt: types.ModuleType, attrs: dict[str, Any], inputs: Sequence[Any],
-                      exprs: Any) -> list[Any]:
+    def output_shapes(
+        self, trt: types.ModuleType, attrs: dict[str, Any], inputs: Sequence[Any], exprs: Any
+    ) -> list[Any]:
         return [trt.DimsExprs([inputs[0][0], inputs[0][1]])]
 
-    def supports(self, trt: types.ModuleType, attrs: dict[str, Any], pos: int, types_: Sequence[Any],
-                 num_inputs: int) -> bool:
+    def supports(
+        self, trt: types.ModuleType, attrs: dict[str, Any], pos: int, types_: Sequence[Any], num_inputs: int
+    ) -> bool:
         t = types_[pos].name
         if pos == num_inputs:  # output: hidden's dtype
             return t == types_[0].name
@@ -87,19 +90,24 @@ class MoEExpertsOp(PluginOp):
         hidden, weights, ids, w13, w2 = shapes[:5]
         ranks = [len(s) for s in (hidden, weights, ids, w13, w2)]
         if ranks != [2, 2, 2, 3, 3]:
-            raise ValueError(f"{SPEC.plugin_id}: expected hidden [T, H], topk_weights [T, K], topk_ids [T, K], "
-                             f"w13 [E, 2I, H], w2 [E, H, I]; got ranks {ranks}")
+            raise ValueError(
+                f"{SPEC.plugin_id}: expected hidden [T, H], topk_weights [T, K], topk_ids [T, K], "
+                f"w13 [E, 2I, H], w2 [E, H, I]; got ranks {ranks}"
+            )
         if -1 in w13 or -1 in w2:
             return
         e, two_i, h = w13
         if two_i % 2 or w2 != (e, h, two_i // 2) or hidden[1] not in (-1, h):
-            raise ValueError(f"{SPEC.plugin_id}: inconsistent shapes hidden {list(hidden)}, w13 {list(w13)}, "
-                             f"w2 {list(w2)}")
+            raise ValueError(
+                f"{SPEC.plugin_id}: inconsistent shapes hidden {list(hidden)}, w13 {list(w13)}, w2 {list(w2)}"
+            )
         if attrs["quant"] == "fp8_block128":
             want = [(e, *block_shape(two_i, h)), (e, *block_shape(h, two_i // 2))]
             if list(shapes[5:7]) != want:
-                raise ValueError(f"{SPEC.plugin_id}: block scales {[list(s) for s in shapes[5:7]]}, "
-                                 f"expected {[list(s) for s in want]}")
+                raise ValueError(
+                    f"{SPEC.plugin_id}: block scales {[list(s) for s in shapes[5:7]]}, "
+                    f"expected {[list(s) for s in want]}"
+                )
 
     def execute(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
         experts_kernel()(attrs, inputs, outputs)

@@ -53,8 +53,10 @@ class MoERouterOp(PluginOp):
     def validate(self, attrs: dict[str, Any]) -> None:
         top_k, n_group, topk_group = attrs["top_k"], attrs["n_group"], attrs["topk_group"]
         if top_k < 1 or n_group < 1 or not 1 <= topk_group <= n_group:
-            raise ValueError(f"{SPEC.plugin_id}: need top_k >= 1 and 1 <= topk_group <= n_group, got top_k={top_k}, "
-                             f"n_group={n_group}, topk_group={topk_group}")
+            raise ValueError(
+                f"{SPEC.plugin_id}: need top_k >= 1 and 1 <= topk_group <= n_group, got top_k={top_k}, "
+                f"n_group={n_group}, topk_group={topk_group}"
+            )
         if attrs["scoring"] not in SCORINGS:
             raise ValueError(f"{SPEC.plugin_id}: unknown scoring {attrs['scoring']!r} (expected one of {SCORINGS})")
         if attrs["norm_topk_prob"] not in (0, 1):
@@ -63,13 +65,15 @@ class MoERouterOp(PluginOp):
     def output_dtypes(self, trt: types.ModuleType, attrs: dict[str, Any], input_types: Sequence[Any]) -> list[Any]:
         return [trt.DataType.FLOAT, trt.DataType.INT32]
 
-    def output_shapes(self, trt: types.ModuleType, attrs: dict[str, Any], inputs: Sequence[Any],
-                      exprs: Any) -> list[Any]:
+    def output_shapes(
+        self, trt: types.ModuleType, attrs: dict[str, Any], inputs: Sequence[Any], exprs: Any
+    ) -> list[Any]:
         tokens, k = inputs[0][0], exprs.constant(attrs["top_k"])
         return [trt.DimsExprs([tokens, k]), trt.DimsExprs([tokens, k])]
 
-    def supports(self, trt: types.ModuleType, attrs: dict[str, Any], pos: int, types_: Sequence[Any],
-                 num_inputs: int) -> bool:
+    def supports(
+        self, trt: types.ModuleType, attrs: dict[str, Any], pos: int, types_: Sequence[Any], num_inputs: int
+    ) -> bool:
         t = types_[pos].name
         if pos == 0:  # hidden
             return t in _HIDDEN_TYPES
@@ -80,8 +84,10 @@ class MoERouterOp(PluginOp):
     def check_shapes(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]]) -> None:
         hidden, gate, bias = shapes
         if len(hidden) != 2 or len(gate) != 2 or len(bias) != 1:
-            raise ValueError(f"{SPEC.plugin_id}: expected hidden [T, H], gate_weight [E, H], correction_bias [E]; "
-                             f"got {list(hidden)}, {list(gate)}, {list(bias)}")
+            raise ValueError(
+                f"{SPEC.plugin_id}: expected hidden [T, H], gate_weight [E, H], correction_bias [E]; "
+                f"got {list(hidden)}, {list(gate)}, {list(bias)}"
+            )
         experts, h = gate
         if -1 not in (hidden[1], h) and hidden[1] != h:
             raise ValueError(f"{SPEC.plugin_id}: hidden has {hidden[1]} channels, gate_weight {h}")
@@ -93,8 +99,10 @@ class MoERouterOp(PluginOp):
         if experts % n_group:
             raise ValueError(f"{SPEC.plugin_id}: {experts} experts do not split into n_group={n_group} groups")
         if top_k > experts // n_group * topk_group:
-            raise ValueError(f"{SPEC.plugin_id}: top_k={top_k} exceeds the {experts // n_group * topk_group} experts "
-                             f"in topk_group={topk_group} groups")
+            raise ValueError(
+                f"{SPEC.plugin_id}: top_k={top_k} exceeds the {experts // n_group * topk_group} experts "
+                f"in topk_group={topk_group} groups"
+            )
 
     def execute(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
         router_kernel()(attrs, inputs, outputs)
