@@ -6,7 +6,7 @@ Public API:
     lower_file(src, dst, *, target, ...) -> Path         (used by `r1c build`)
     optimize(foreign, out_dir, *, target="r1c", ...) -> Path
     inspect_model(path) -> dict
-CLI commands (registered by r1c.cli): r1c.passes.cli.inspect_cmd, passes_cmd, optimize_cmd.
+CLI commands (registered by r1c.cli): r1c.cli_passes.inspect_cmd, passes_cmd, optimize_cmd.
 """
 
 from __future__ import annotations

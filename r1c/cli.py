@@ -235,25 +235,18 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _register_optional_commands() -> None:
+def _register_stage_commands() -> None:
     """Commands whose modules live in other stages; registered here so `r1c --help` lists them all."""
-    try:
-        from r1c.passes.cli import inspect_cmd, optimize_cmd, passes_cmd
+    from r1c.cli_passes import inspect_cmd, optimize_cmd, passes_cmd
+    from r1c.runtime.bench_cli import bench_cmd
 
-        main.add_command(passes_cmd, "passes")
-        main.add_command(inspect_cmd, "inspect")
-        main.add_command(optimize_cmd, "optimize")
-    except ImportError as e:  # pragma: no cover - only while a stage is being developed
-        logger.debug("pass commands unavailable: %s", e)
-    try:
-        from r1c.runtime.bench_cli import bench_cmd
-
-        main.add_command(bench_cmd, "bench")
-    except ImportError as e:  # pragma: no cover
-        logger.debug("bench command unavailable: %s", e)
+    main.add_command(passes_cmd, "passes")
+    main.add_command(inspect_cmd, "inspect")
+    main.add_command(optimize_cmd, "optimize")
+    main.add_command(bench_cmd, "bench")
 
 
-_register_optional_commands()
+_register_stage_commands()
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+from r1c.cli_passes import inspect_cmd
 from r1c.errors import PassError
 from r1c.passes import inspect_model
-from r1c.passes.cli import inspect_cmd
 from r1c.passes.inspect_model import format_report
 from r1c.passes.pipelines import save_model
 from r1c.passes.testing import make_model, r1c_moe_model

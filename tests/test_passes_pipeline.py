@@ -19,11 +19,11 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+from r1c.cli_passes import inspect_cmd, optimize_cmd, passes_cmd
 from r1c.errors import PassError
 from r1c.passes import PIPELINES, TARGETS, lower_file, optimize, pass_name, pipeline, run_pipeline
 from r1c.passes import pipelines as pipelines_module
 from r1c.passes._util import node_error
-from r1c.passes.cli import inspect_cmd, optimize_cmd, passes_cmd
 from r1c.passes.pipelines import save_model
 from r1c.passes.testing import make_model, r1c_moe_model, run
 
@@ -160,3 +160,9 @@ def test_an_r1c_node_without_its_body_is_named_by_the_postcondition() -> None:
     model.functions.clear()
     with pytest.raises(PassError, match=r"fuse_moe_router: node router \(r1c::MoERouter\): no model-local function"):
         run_pipeline(model, "onnxruntime")
+
+
+def test_cli_target_names_match_the_pipelines() -> None:
+    from r1c import cli_passes
+
+    assert cli_passes.TARGETS == TARGETS

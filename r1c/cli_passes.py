@@ -1,5 +1,7 @@
 """Click commands of the passes stage; `r1c.cli` registers them on the `r1c` group.
 
+They import `r1c.passes` (and so onnxscript) only when they run, so `r1c --help` stays fast.
+
     r1c inspect MODEL [--json]
     r1c passes [--target T]
     r1c optimize FOREIGN.onnx -o DIR [-v] [--target T] [--dump-after PASS]
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import click
 
-from r1c.passes.pipelines import PIPELINES, TARGETS, pass_name
+# the names of `r1c.passes.pipelines.PIPELINES` (a test checks they agree)
+TARGETS = ("r1c", "onnxruntime", "tensorrt")
 
 
 @click.command("inspect")
@@ -33,6 +36,8 @@ def inspect_cmd(model: Path, as_json: bool) -> None:
 @click.option("--target", type=click.Choice(TARGETS), default=None, help="One pipeline (default: all).")
 def passes_cmd(target: str | None) -> None:
     """Print the pass pipeline of each target, in the order the passes run."""
+    from r1c.passes.pipelines import PIPELINES, pass_name
+
     for name in [target] if target else list(TARGETS):
         click.echo(f"{name}:")
         for i, factory in enumerate(PIPELINES[name]):

@@ -1,0 +1,22 @@
+"""Test tiers: `slow` tests (tens of seconds each) run only with --run-slow or R1C_RUN_SLOW=1; the
+gpu / tensorrt / kernels tiers skip themselves with a reason when what they need is absent."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow (the stock torch.onnx exports, benchmarks with peers)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow") or os.environ.get("R1C_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (or R1C_RUN_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,154 @@
+"""e2e tier: `r1c bench --peer` (transformers, stock torch.onnx export under ONNX Runtime) and the roofline,
+on the tiny preset. The peers must produce r1c's greedy tokens exactly (float32, same weights).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from r1c.cli import main
+from r1c.config import preset
+from r1c.errors import ExportError
+from r1c.exporter.checkpoint import load_checkpoint, random_checkpoint, save_checkpoint
+from r1c.manifest import read_manifest
+from r1c.runtime.peers import PeerUnavailable, rebuild_weights
+from r1c.runtime.roofline import (
+    FP32_BYTES,
+    decode_floor,
+    expected_distinct_experts,
+    measure_read_bandwidth,
+    weight_bytes,
+)
+
+FAST = ["--warmup", "1", "--repeat", "3", "--threads", "1", "--no-progress", "--no-roofline"]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("peers")
+    code, _, err = cli("export", "--preset", "tiny", "--seed", "3", "-o", str(root / "export"), "--no-progress")
+    assert code == 0, err
+    code, _, err = cli("build", str(root / "export"), "-o", str(root / "bundle"))
+    assert code == 0, err
+    return {"root": root, "bundle": root / "bundle"}
+
+
+def bundle_copy(src: Path, dst: Path, **source: Any) -> Path:
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["source"] = source
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+# ---- roofline ------------------------------------------------------------------------------------------
+def test_expected_distinct_experts() -> None:
+    assert expected_distinct_experts(64, 8, 1) == pytest.approx(8)
+    assert expected_distinct_experts(64, 8, 8) == pytest.approx(64 * (1 - (56 / 64) ** 8))  # ~42.0
+    assert expected_distinct_experts(64, 8, 10_000) == pytest.approx(64)
+    assert expected_distinct_experts(64, 8, 0) == 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_weight_bytes_match_the_parameter_counts(name: str) -> None:
+    c = preset(name)
+    active, executed = weight_bytes(c, 1, fp8=False)
+    embed_rows = c.hidden_size  # one token's embedding row is read, not the table
+    assert executed == FP32_BYTES * (c.num_parameters() - c.vocab_size * c.hidden_size + embed_rows)
+    assert active == pytest.approx(FP32_BYTES * (c.num_active_parameters() + embed_rows))
+    a8, e8 = weight_bytes(c, 8, fp8=False)
+    assert active < a8 < e8 and e8 > executed  # more rows, more experts touched
+    q_active, q_executed = weight_bytes(c, 1, fp8=True)
+    assert q_active < active / 2 and q_executed < executed / 2
+
+
+def test_decode_floor_counts_cache_and_bandwidth() -> None:
+    c = preset("small")
+    f = decode_floor(c, 8, 128, 16, fp8=False, bandwidth=10e9)
+    per_token_row = c.num_hidden_layers * c.latent_dim * 4
+    assert f.cache_active == per_token_row * 8 * (128 + 8)
+    assert f.cache_executed == per_token_row * 8 * (128 + 16)
+    assert f.floor_executed_s == pytest.approx(f.bytes_executed / 10e9)
+    d = f.to_dict(tpot_s=2 * f.floor_executed_s)
+    assert d["achieved_over_executed_floor"] == pytest.approx(2.0)
+
+
+def test_measure_read_bandwidth() -> None:
+    bw = measure_read_bandwidth(64 << 20, repeats=2)
+    assert 1e8 < bw < 1e13
+    assert torch.get_num_threads() >= 1
+
+
+# ---- weights for the peers ----------------------------------------------------------------------------------
+def test_rebuild_weights_from_preset_and_checkpoint(built: dict[str, Path], tmp_path: Path) -> None:
+    m = read_manifest(built["bundle"], verify_hashes=False)
+    config, tensors = rebuild_weights(m)
+    want = random_checkpoint(preset("tiny"), seed=3)
+    assert config.hash() == m.config.hash() and set(tensors) == set(want)
+    assert all(torch.equal(tensors[k], want[k]) for k in want)
+
+    save_checkpoint(tmp_path / "ckpt", preset("tiny"), random_checkpoint(preset("tiny"), seed=5))
+    m.source = {"checkpoint": str(tmp_path / "ckpt"), "precision": "auto"}
+    _, from_ckpt = rebuild_weights(m)
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert all(torch.equal(from_ckpt[k], ckpt.tensors[k]) for k in ckpt.tensors)
+    m.source = {"checkpoint": str(tmp_path / "gone")}
+    with pytest.raises(PeerUnavailable, match="not there"):
+        rebuild_weights(m)
+    m.source = {}
+    with pytest.raises(PeerUnavailable, match="no source"):
+        rebuild_weights(m)
+
+
+# ---- the peers in `r1c bench` ------------------------------------------------------------------------------
+@pytest.mark.slow  # the stock torch.onnx export takes ~20 s even for the tiny preset
+def test_bench_with_both_peers(built: dict[str, Path]) -> None:
+    out = built["root"] / "peers.json"
+    code, stdout, err = cli("bench", str(built["bundle"]), "--batch", "1,2", "--prompt-len", "5", "--new-tokens", "4",
+                            "--peer", "transformers", "--peer", "stock-onnx", "--peer-cache",
+                            str(built["root"] / "cache"), "--json", str(out), *FAST)
+    assert code == 0, err
+    d = json.loads(out.read_text())
+    assert [s["name"] for s in d["systems"]] == ["r1c", "transformers", "stock-onnx"]
+    assert all(s["status"] == "ok" for s in d["systems"]), d["systems"]
+    assert len(d["ratios"]) == 4
+    for r in d["ratios"]:
+        assert r["status"] == "ok" and r["against"] == "r1c"
+        assert r["tokens_match"] is True, r  # same weights, same greedy tokens
+        assert all(r[m]["low"] <= r[m]["ratio"] <= r[m]["high"] for m in ("ttft_s", "tpot_s", "e2e_s"))
+    assert "Ratios against r1c" in stdout and "transformers" in stdout and "stock-onnx" in stdout
+    assert (built["root"] / "cache").is_dir()  # the export is kept for the next run
+
+
+def test_unavailable_peers_are_rows_not_crashes(built: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_export(*args: Any, **kwargs: Any) -> Path:
+        raise ExportError("stock export: torch.onnx.export failed (planted)")
+
+    monkeypatch.setattr("r1c.exporter.stock.export_stock", broken_export)
+    code, stdout, err = cli("bench", str(built["bundle"]), "--batch", "1", "--prompt-len", "4", "--new-tokens", "3",
+                            "--peer", "stock-onnx", "--peer-cache", str(tmp_path / "cache"),
+                            "--json", str(tmp_path / "r.json"), *FAST)
+    assert code == 0, err
+    d = json.loads((tmp_path / "r.json").read_text())
+    stock = d["systems"][1]
+    assert stock["status"] == "unavailable" and "planted" in stock["reason"]
+    assert "stock-onnx" in stdout and "unavailable: stock export: torch.onnx.export failed (planted)" in stdout
+
+    no_source = bundle_copy(built["bundle"], tmp_path / "nosource")
+    code, stdout, err = cli("bench", str(no_source), "--batch", "1", "--prompt-len", "4", "--new-tokens", "3",
+                            "--peer", "transformers", *FAST)
+    assert code == 0, err
+    assert "unavailable: the bundle's manifest records no source" in stdout
