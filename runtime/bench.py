@@ -470,7 +470,8 @@ def format_table(report: dict[str, Any]) -> str:
     if roof:
         lines += ["", "Decode roofline (reference system): bytes one decode step reads / read bandwidth. "
                       "active = what the step needs (touched experts, valid cache);",
-                  "executed = what this bundle reads (all experts densely, whole cache capacity). "
+                  "executed = what this bundle reads (every expert if it runs the dense function body; "
+                  "the whole cache capacity). "
                   "x floor = measured TPOT p50 / floor time."]
         head = (f"{'B':>3} {'P':>5} {'N':>4} | {'active MB':>9} {'floor ms':>8} | {'executed MB':>11} "
                 f"{'floor ms':>8} | {'TPOT ms':>8} | {'x active':>8} {'x executed':>10} | {'GB/s':>6}")

@@ -163,7 +163,7 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
                 say("measuring memory read bandwidth")
                 bw = measure_read_bandwidth(threads=threads or None)
         series = run_bench(systems, workloads, engine.vocab_size, settings, progress=show)
-    roof_rows = _roofline_rows(manifest, series, bw) if bw else []
+    roof_rows = _roofline_rows(bundle, manifest, series, bw) if bw else []
     gate_result = None
     if base_report is not None:
         assert baseline is not None
@@ -189,17 +189,30 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
         raise BenchError(gate_result.message())
 
 
-def _roofline_rows(manifest: Any, series: Any, bandwidth: float) -> list[dict[str, Any]]:
+def _dense_experts(bundle: Path, manifest: Any) -> bool:
+    """Whether the bundle still computes experts through the r1c::MoEExperts function body (all experts)."""
+    import onnx
+
+    model_file = manifest.target_options.get("model")
+    if model_file is None:  # an engine: its r1c plugins run only the chosen experts
+        return False
+    graph = onnx.load(str(bundle / model_file), load_external_data=False).graph
+    return any(n.domain == "r1c" and n.op_type == "MoEExperts" for n in graph.node)
+
+
+def _roofline_rows(bundle: Path, manifest: Any, series: Any, bandwidth: float) -> list[dict[str, Any]]:
     from r1c.runtime.roofline import decode_floor
 
     rows = []
     config = manifest.config
+    dense = _dense_experts(bundle, manifest)
+    executed_fp8 = manifest.target != "onnxruntime"  # ONNX Runtime dequantizes FP8 weights at load
     for s in series:
         if s.system != "r1c" or not s.ok:
             continue
         w = s.workload
         floor = decode_floor(config, w.batch, w.prompt_len, w.new_tokens, fp8=manifest.precision != "none",
-                             bandwidth=bandwidth)
+                             bandwidth=bandwidth, dense_experts=dense, executed_fp8=executed_fp8)
         tpot = s.summary().get("tpot_s")
         rows.append(floor.to_dict(tpot.p50 if tpot is not None else None))
     return rows

@@ -8,9 +8,11 @@ A decode step of batch B reads every weight a token of the batch touches, once, 
 - bytes per weight: 4 for float32 bundles; 1 for FP8 weights plus their float32 128x128 block scales
   (4 / 16384 bytes per weight); router, norms, embeddings and lm_head stay float32;
 - cache: layers * latent_dim * 4 bytes per cached token per row (float32 latents).
-"active" counts only that; "executed" counts what today's ONNX Runtime bundle reads: its MoEExperts function
-body runs *all* E experts densely, and attention reads the whole preallocated cache (capacity = prompt +
-new tokens, masked) at every step. achieved/floor is then measured TPOT / floor time for either count.
+"active" counts only that; "executed" counts what the bundle reads: the r1c::MoEExperts function body (the
+portable fallback) runs *all* E experts densely, while a bundle lowered to ONNX Runtime's fused MoE runs only
+the touched ones; ONNX Runtime dequantizes FP8 weights once at load, so it reads them as float32; and
+attention reads the whole preallocated cache (capacity = prompt + new tokens, masked) at every step.
+achieved/floor is then measured TPOT / floor time for either count.
 """
 
 from __future__ import annotations
@@ -42,8 +44,14 @@ def _is_expert_tensor(name: str) -> bool:
     return name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
 
 
-def weight_bytes(config: ModelConfig, batch: int, *, fp8: bool) -> tuple[float, float]:
-    """(active, executed) bytes of weights one decode step of `batch` tokens reads."""
+def weight_bytes(config: ModelConfig, batch: int, *, fp8: bool, dense_experts: bool = True,
+                 executed_fp8: bool | None = None) -> tuple[float, float]:
+    """(active, executed) bytes of weights one decode step of `batch` tokens reads.
+
+    `dense_experts`: the bundle computes every expert (the function body); `executed_fp8`: the bundle reads
+    FP8 weights as FP8 (default: as `fp8`; False for ONNX Runtime, which dequantizes them at load).
+    """
+    executed_fp8 = fp8 if executed_fp8 is None else executed_fp8
     from r1c.exporter.checkpoint import expected_shapes, is_quantizable
 
     active = executed = 0.0
@@ -52,17 +60,19 @@ def weight_bytes(config: ModelConfig, batch: int, *, fp8: bool) -> tuple[float, 
         count = 1
         for d in shape:
             count *= d
-        per = FP8_BYTES if fp8 and is_quantizable(name, len(shape)) else FP32_BYTES
+        quantized = is_quantizable(name, len(shape))
+        per = FP8_BYTES if fp8 and quantized else FP32_BYTES
+        per_x = FP8_BYTES if executed_fp8 and quantized else FP32_BYTES
         if name == "model.embed_tokens.weight":  # a gather of B rows
-            rows = min(batch, config.vocab_size) * config.hidden_size * per
-            active += rows
-            executed += rows
+            rows = min(batch, config.vocab_size) * config.hidden_size
+            active += rows * per
+            executed += rows * per_x
         elif _is_expert_tensor(name):
             active += count * per * touched / config.n_routed_experts
-            executed += count * per
+            executed += count * per_x * (1.0 if dense_experts else touched / config.n_routed_experts)
         else:
             active += count * per
-            executed += count * per
+            executed += count * per_x
     return active, executed
 
 
@@ -112,13 +122,14 @@ class DecodeFloor:
 
 
 def decode_floor(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, fp8: bool,
-                 bandwidth: float) -> DecodeFloor:
+                 bandwidth: float, dense_experts: bool = True, executed_fp8: bool | None = None) -> DecodeFloor:
     """The floor of one decode step, averaged over the `new_tokens - 1` decode steps of a generate call.
 
     Decode step j (1..N-1) attends to prompt_len + j cached tokens (mean prompt_len + N/2) when it reads only
     the valid entries; the bundle reads the whole capacity prompt_len + N at every step.
     """
-    w_active, w_executed = weight_bytes(config, batch, fp8=fp8)
+    w_active, w_executed = weight_bytes(config, batch, fp8=fp8, dense_experts=dense_experts,
+                                        executed_fp8=executed_fp8)
     per_token = cache_bytes_per_token(config) * batch
     return DecodeFloor(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                        weights_active=w_active, weights_executed=w_executed,

@@ -152,3 +152,13 @@ def test_unavailable_peers_are_rows_not_crashes(built: dict[str, Path], tmp_path
                             "--peer", "transformers", *FAST)
     assert code == 0, err
     assert "unavailable: the bundle's manifest records no source" in stdout
+
+
+def test_executed_bytes_follow_the_bundle() -> None:
+    c = preset("small")
+    active, dense = weight_bytes(c, 1, fp8=False, dense_experts=True)
+    _, lowered = weight_bytes(c, 1, fp8=False, dense_experts=False)
+    assert lowered == pytest.approx(active) and dense > 3 * lowered  # lowered MoE reads only touched experts
+    q_active, q_ort = weight_bytes(c, 1, fp8=True, dense_experts=False, executed_fp8=False)
+    assert q_ort == pytest.approx(active)  # ONNX Runtime reads FP8 weights as float32 (dequantized at load)
+    assert q_active < q_ort / 2
