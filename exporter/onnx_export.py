@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ from r1c.config import ModelConfig
 from r1c.errors import ExportError
 from r1c.exporter.model import rope_parameters
 from r1c.exporter.onnx_functions import experts_function, router_function
+from r1c.outdir import atomic_output_dir, check_output_dir
 from r1c.plugins import PLUGIN_NAMESPACE, R1C_DOMAIN, R1C_OPSET_VERSION
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
 from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
@@ -384,14 +382,10 @@ def export_onnx(config: ModelConfig, tensors: dict[str, torch.Tensor], out_dir: 
     `postprocess(tmp_dir)` may rewrite the model there (the pass pipeline) before the rename.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"export: output directory {out} exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, ExportError, "export")
     lowering = _Lowering(config, tensors)
     model = lowering.build(progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary directory
-    try:
+    with atomic_output_dir(out, ExportError, "export") as tmp:
         onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024, convert_attribute=False)
         (tmp / GRAPH_IO_FILE).write_text(json.dumps(graph_io(config, lowering.quant), indent=2) + "\n")
@@ -400,11 +394,5 @@ def export_onnx(config: ModelConfig, tensors: dict[str, torch.Tensor], out_dir: 
             (tmp / name).write_text(text)
         if postprocess is not None:
             postprocess(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported %d nodes to %s", len(model.graph.node), out)
     return out

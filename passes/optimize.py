@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from r1c.errors import PassError
+from r1c.outdir import atomic_output_dir
 from r1c.passes.pipelines import MODEL_FILE, PassStats, lower_file
 
 logger = logging.getLogger(__name__)
@@ -27,23 +25,12 @@ def optimize(foreign: str | Path, out_dir: str | Path, *, target: str = "r1c", d
     model after that pass goes to `out_dir/dumps/`. Returns the path of the written model.
     """
     src, out = Path(foreign), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PassError(f"optimize: output {out} exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary output directory
-    try:
+    with atomic_output_dir(out, PassError, "optimize") as tmp:
         stats: list[PassStats] = []
         lower_file(src, tmp / MODEL_FILE, target=target, dump_after=dump_after,
                    dump_dir=tmp / "dumps" if dump_after else None, verbose=verbose, stats=stats)
         passes = [{"name": s.name, "modified": s.modified, "nodes": s.nodes} for s in stats]  # no timings:
         report = {"source": src.name, "target": target, "passes": passes}  # same input -> same bytes
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("optimized %s -> %s (%s)", src, out, target)
     return out / MODEL_FILE

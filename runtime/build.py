@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from r1c.config import ModelConfig
 from r1c.errors import BuildError
 from r1c.manifest import TARGETS, Manifest, host_device, sha256_file
+from r1c.outdir import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +45,10 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"build: unknown target {target!r} (choose from {', '.join(TARGETS)})")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BuildError(f"build: output {out} exists and is not an empty directory")
+    check_output_dir(out, BuildError, "build")
     config, graph_io, source = _read_export(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     dumps = out.with_name(out.name + ".dumps")  # --dump-after writes here, beside the bundle
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary directory
-    try:
+    with atomic_output_dir(out, BuildError, "build") as tmp:
         libraries: dict[str, str] = {}
         target_options: dict[str, Any]
         if target == "onnxruntime":
@@ -91,11 +85,5 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             source=source,
         )
         manifest.write(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("built %s bundle at %s", target, out)
     return out
