@@ -6,21 +6,20 @@ from typing import Any
 
 import torch
 
+from r1c.exporter.checkpoint import SCALE_SUFFIX
 from r1c.plugins.fp8 import dequantize
-
-SCALE_SUFFIX = "_scale_inv"
 
 
 def quantization_report(original: dict[str, torch.Tensor], quantized: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Relative Frobenius error ||dequant(q) - w|| / ||w|| of every tensor the quantization changed."""
+    """Relative Frobenius error ||dequant(q) - w|| / ||w|| of every tensor the quantization changed
+    (tensors that were FP8 already are kept as they are, so they are not counted)."""
     per_tensor: dict[str, float] = {}
     for name, q in quantized.items():
         scale = quantized.get(name + SCALE_SUFFIX)
-        if scale is None or q.dtype != torch.float8_e4m3fn or name not in original:
+        before = original.get(name)
+        if scale is None or q.dtype != torch.float8_e4m3fn or before is None or before.dtype == torch.float8_e4m3fn:
             continue
-        w = original[name].to(torch.float32)
-        if w.dtype == q.dtype:
-            continue
+        w = before.to(torch.float32)
         err = (dequantize(q, scale) - w).norm() / w.norm().clamp_min(1e-30)
         per_tensor[name] = float(err)
     errs = list(per_tensor.values())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from r1c.errors import ConfigError
+from r1c.jsonfile import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
@@ -177,13 +178,7 @@ class ModelConfig:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config: {p} not found")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config: {p} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config: {p} does not hold a JSON object")
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(read_json_object(p, ConfigError, "config"))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that both r1c and transformers' DeepseekV3Config read."""

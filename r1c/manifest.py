@@ -16,6 +16,7 @@ from typing import Any
 import r1c
 from r1c.config import ModelConfig
 from r1c.errors import BundleError
+from r1c.jsonfile import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
@@ -69,12 +70,7 @@ def read_manifest(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Mani
     path = bundle / MANIFEST_FILE
     if not path.is_file():
         raise BundleError(f"bundle: {bundle} has no {MANIFEST_FILE} (was it built with `r1c build`?)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"bundle: {path} is not valid JSON ({e.msg})") from None
-    if not isinstance(raw, dict):
-        raise BundleError(f"bundle: {path} is not a JSON object")
+    raw = read_json_object(path, BundleError, "bundle")
     schema = raw.get("schema_version")
     if schema != SCHEMA_VERSION:
         raise BundleError(f"bundle: manifest schema {schema} is not supported (this r1c reads {SCHEMA_VERSION})")

@@ -312,16 +312,13 @@ class GateResult:
 
 def load_report(path: str | Path) -> dict[str, Any]:
     """A JSON report written by `r1c bench --json`, checked enough to serve as a baseline."""
-    import json
+    from r1c.jsonfile import read_json_object
 
     p = Path(path)
     if not p.is_file():
         raise BenchError(f"baseline: {p} not found")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise BenchError(f"baseline: {p} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(d, dict) or d.get("schema") != SCHEMA or not isinstance(d.get("results"), list):
+    d = read_json_object(p, BenchError, "baseline")
+    if d.get("schema") != SCHEMA or not isinstance(d.get("results"), list):
         raise BenchError(f"baseline: {p} is not an `r1c bench --json` report (schema {SCHEMA})")
     return d
 

@@ -54,14 +54,12 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
         if target == "onnxruntime":
             import onnxruntime as ort
 
-            from r1c.runtime.ort_backend import DEFAULT_OPTIONS
+            from r1c.runtime.ort_backend import DEFAULT_OPTIONS, OrtBackend
 
             _lower(src, tmp, target, dump_after, dumps, verbose)
             libraries["onnxruntime"] = ort.__version__
             target_options = {"model": "model.onnx", "session": {**DEFAULT_OPTIONS, **(session or {})}}
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
-            from r1c.runtime.ort_backend import OrtBackend
-
             OrtBackend(tmp / "model.onnx", target_options["session"])
         else:
             from r1c.runtime.trt_build import build_tensorrt

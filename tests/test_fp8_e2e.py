@@ -88,3 +88,14 @@ def test_export_precision_fp8_quantizes_and_reports(tmp_path: Path) -> None:
     fp8_bytes = (tmp_path / "q" / "model.onnx.data").stat().st_size
     f32_bytes = (tmp_path / "f32" / "model.onnx.data").stat().st_size
     assert fp8_bytes < 0.6 * f32_bytes  # embeddings and lm_head stay float32 in the tiny preset
+
+
+def test_quantization_report_skips_tensors_that_were_fp8_already() -> None:
+    from r1c.exporter.quant_report import quantization_report
+
+    config = preset("tiny")
+    original = random_checkpoint(config, seed=6)
+    _, once = quantize_checkpoint_fp8(config, original)
+    _, twice = quantize_checkpoint_fp8(config, once)  # an FP8 checkpoint passes through unchanged
+    assert quantization_report(original, once)["tensors"] > 0
+    assert quantization_report(once, twice)["tensors"] == 0
