@@ -132,7 +132,7 @@ class ShardAttentionPass(ir.passes.InPlacePass):
                 if const_ints(value) == [n]:
                     concat.replace_input_with(i, edit.const([local], np.int64))
                     found += 1
-                elif const_ints(value) == [local] and value is not None and value.name.startswith("shard.attn"):
+                elif const_ints(value) == [local] and value is not None and str(value.name).startswith("shard.attn"):
                     found += 1  # shared by several layers' masks: already rewritten
         if not found:
             raise PassError(f"{PASS_NAME}: found no causal mask that repeats its rows {n} times (one per head)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from r1c.errors import PassError
+from r1c.passes.shard_util import set_type
 from r1c.plugins import OpSpec
 from r1c.plugins.all_gather import SPEC as ALL_GATHER
 from r1c.plugins.all_reduce import SPEC as ALL_REDUCE
@@ -50,7 +51,8 @@ class LowerCollectivesToOrtPass(ir.passes.InPlacePass):
                               num_outputs=1, name=node.name)
             out, new = node.outputs[0], lowered.outputs[0]
             name, out.name = out.name, f"{out.name}.r1c"
-            new.name, new.shape, new.dtype = name, out.shape, out.dtype
+            new.name = name
+            set_type(new, out)
             model.graph.insert_after(node, lowered)
             out.replace_all_uses_with(new, replace_graph_outputs=True)
             model.graph.remove(node, safe=True)

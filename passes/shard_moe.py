@@ -21,7 +21,7 @@ from r1c.config import ModelConfig
 from r1c.errors import PassError
 from r1c.passes.shard_layout import ShardLayout
 from r1c.passes.shard_mlp import split_swiglu
-from r1c.passes.shard_util import GraphEditor, Linear, consumer, initializer, transform
+from r1c.passes.shard_util import GraphEditor, Linear, consumer, initializer, set_type, static_shape, transform
 from r1c.plugins.all_reduce import SPEC as ALL_REDUCE
 from r1c.plugins.fp8 import BLOCK
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
@@ -57,8 +57,7 @@ class ShardMoEPass(ir.passes.InPlacePass):
         ex = slice(e * experts_local, (e + 1) * experts_local)
         gate = slice(t * inter_local, (t + 1) * inter_local)
         up = slice(inter + t * inter_local, inter + (t + 1) * inter_local)
-        assert w13.shape is not None
-        h = int(w13.shape[2])
+        h = static_shape(w13)[2]
         transform(w13, [experts_local, 2 * inter_local, h],
                   lambda w: np.concatenate([w[ex, gate], w[ex, up]], axis=1))
         w2 = node.inputs[4]
@@ -93,14 +92,14 @@ class ShardMoEPass(ir.passes.InPlacePass):
             raise PassError(f"{PASS_NAME}: FP8 experts: moe_intermediate_size / TP = {inter_local} is not a multiple "
                             f"of the {BLOCK}-wide scale blocks; choose a smaller tensor-parallel size")
         s13, s2 = node.inputs[5], node.inputs[6]
-        assert s13 is not None and s2 is not None and s13.shape is not None and s2.shape is not None
+        assert s13 is not None and s2 is not None
         b_local, b_inter = inter_local // BLOCK, inter // BLOCK
         gate = slice(t * b_local, (t + 1) * b_local)
         up = slice(b_inter + t * b_local, b_inter + (t + 1) * b_local)
         n_ex = ex.stop - ex.start
-        transform(s13, [n_ex, 2 * b_local, int(s13.shape[2])],
+        transform(s13, [n_ex, 2 * b_local, static_shape(s13)[2]],
                   lambda s: np.concatenate([s[ex, gate], s[ex, up]], axis=1))
-        transform(s2, [n_ex, int(s2.shape[1]), b_local], lambda s: s[ex, :, gate])
+        transform(s2, [n_ex, static_shape(s2)[1], b_local], lambda s: s[ex, :, gate])
 
     def _remap(self, model: ir.Model, edit: GraphEditor, node: ir.Node, first: int, count: int, layer: int) -> None:
         weights, ids = node.inputs[1], node.inputs[2]
@@ -113,7 +112,7 @@ class ShardMoEPass(ir.passes.InPlacePass):
         local_w = n("Where", [mine.outputs[0], weights, edit.const(0.0, np.float32, scalar=True)], name)
         local_ids = n("Where", [mine.outputs[0], shifted.outputs[0], edit.const(0, np.int32, scalar=True)], name)
         for new, like in ((local_w, weights), (local_ids, ids)):
-            new.outputs[0].dtype, new.outputs[0].shape = like.dtype, like.shape
+            set_type(new.outputs[0], like)
         model.graph.insert_before(node, [shifted, above, below, mine, local_w, local_ids])
         node.replace_input_with(1, local_w.outputs[0])
         node.replace_input_with(2, local_ids.outputs[0])

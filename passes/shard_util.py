@@ -65,9 +65,23 @@ def transform(value: ir.Value, shape: Sequence[int], fn: Callable[[np.ndarray], 
     value.shape = ir.Shape(list(shape))
 
 
+def static_shape(value: ir.Value) -> list[int]:
+    """The value's shape as ints (initializers always have one)."""
+    dims = [] if value.shape is None else list(value.shape)
+    if value.shape is None or not all(isinstance(d, int) for d in dims):
+        raise PassError(f"shard: {value.name} has no static shape ({value.shape})")
+    return [int(d) for d in dims]  # type: ignore[arg-type]
+
+
+def set_type(value: ir.Value, like: ir.Value, shape: ir.Shape | None = None) -> None:
+    """Give `value` the dtype of `like` and `shape` (default: `like`'s)."""
+    if like.dtype is not None:
+        value.dtype = like.dtype
+    value.shape = shape if shape is not None else like.shape
+
+
 def slice_initializer(value: ir.Value, axis: int, start: int, stop: int) -> None:
-    assert value.shape is not None
-    shape = [int(d) for d in value.shape]
+    shape = static_shape(value)
     index = tuple(slice(start, stop) if a == axis else slice(None) for a in range(len(shape)))
     shape[axis] = stop - start
     transform(value, shape, lambda a: a[index])
@@ -107,8 +121,7 @@ class Linear:
 
     def slice(self, axis: int, start: int, stop: int, pass_name: str) -> None:
         """Keep rows (axis 0, the input features) or columns (axis 1, the outputs) [start, stop) of W^T."""
-        assert self.weight.shape is not None
-        rows = int(self.weight.shape[0])
+        rows = static_shape(self.weight)[0]
         if self.scale is not None and axis == 0:
             if start % BLOCK or (stop % BLOCK and stop != rows):
                 raise PassError(f"{pass_name}: {self.name}: FP8 rows [{start}, {stop}) do not fall on "
@@ -157,7 +170,8 @@ class GraphEditor:
     def node(self, op_type: str, inputs: Sequence[ir.Value | None], name: str, *, domain: str = "",
              num_outputs: int = 1, **attrs: Any) -> ir.Node:
         node_name = self.unique(f"{self.prefix}/{name}/{op_type}")
-        node = ir.Node(domain, op_type, inputs, ir.convenience.convert_attributes(attrs), num_outputs=num_outputs,
+        node = ir.Node(domain, op_type, inputs, ir.convenience.convert_attributes(attrs),  # type: ignore[arg-type]
+                       num_outputs=num_outputs,
                        name=node_name)
         for i, out in enumerate(node.outputs):
             out.name = node_name if num_outputs == 1 else f"{node_name}_out{i}"
@@ -173,11 +187,10 @@ class GraphEditor:
         self.model.opset_imports.setdefault(R1C_DOMAIN, R1C_OPSET_VERSION)
         uses = list(value.uses())
         node_name = self.unique(f"{self.prefix}/{name}/{spec.name}")
-        node = ir.Node(R1C_DOMAIN, spec.name, [value], ir.convenience.convert_attributes(r1c_attrs(spec, **attrs)),
+        node = ir.Node(R1C_DOMAIN, spec.name, [value], ir.convenience.convert_attributes(r1c_attrs(spec, **attrs)),  # type: ignore[arg-type]
                        name=node_name)
         out = node.outputs[0]
-        out.dtype = value.dtype
-        out.shape = shape if shape is not None else value.shape
+        set_type(out, value, shape)
         out.name = node_name
         for use in uses:
             use.node.replace_input_with(use.idx, out)

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from r1c.config import ModelConfig
 from r1c.errors import PassError
 from r1c.passes.shard_layout import ShardLayout
-from r1c.passes.shard_util import GraphEditor, Linear, consumer, initializer, slice_initializer
+from r1c.passes.shard_util import GraphEditor, Linear, consumer, initializer, set_type, slice_initializer
 from r1c.plugins.all_gather import SPEC as ALL_GATHER
 from r1c.plugins.all_reduce import SPEC as ALL_REDUCE
 
@@ -73,5 +73,5 @@ class ShardVocabPass(ir.passes.InPlacePass):
         model.graph.insert_after(gather, [mask, masked])
         for use in readers:
             use.node.replace_input_with(use.idx, masked.outputs[0])
-        masked.outputs[0].dtype, masked.outputs[0].shape = rows.dtype, rows.shape
+        set_type(masked.outputs[0], rows)
         edit.collective(ALL_REDUCE, masked.outputs[0], "embed", group="tp")

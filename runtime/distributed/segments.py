@@ -66,7 +66,7 @@ def split(model: ir.Model) -> list[Step]:
     graph = model.graph
     stage, collectives = _stages(graph)
     if not collectives:
-        return [Segment(model, [v.name for v in graph.inputs], [v.name for v in graph.outputs])]
+        return [Segment(model, [str(v.name) for v in graph.inputs], [str(v.name) for v in graph.outputs])]
     last = max(stage.values())
     nodes_of: list[list[ir.Node]] = [[] for _ in range(last + 1)]
     for node, s in stage.items():
@@ -77,7 +77,7 @@ def split(model: ir.Model) -> list[Step]:
         for node in nodes:
             for out in node.outputs:
                 produced_in[out.name] = s  # type: ignore[index]
-    graph_outputs = {v.name for v in graph.outputs}
+    graph_outputs = {str(v.name) for v in graph.outputs}
     # values each stage must hand on: read by a later stage or a collective, or a graph output
     needed_after: dict[int, set[str]] = {s: set() for s in range(last + 1)}
     for node, s in stage.items():

@@ -69,4 +69,4 @@ def run_lockstep(models: Sequence[ir.Model], layout: ShardLayout, feeds: Mapping
             for r in members:
                 env[r][pending[r].output] = result.copy()  # type: ignore[union-attr]
         cursor = [c + 1 for c in cursor]
-    return [{v.name: env[r][v.name] for v in m.graph.outputs} for r, m in enumerate(models)]  # type: ignore[misc]
+    return [{str(v.name): env[r][str(v.name)] for v in m.graph.outputs} for r, m in enumerate(models)]

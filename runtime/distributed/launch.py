@@ -1,0 +1,209 @@
+"""Run a sharded bundle: rank 0 schedules (it is the caller's process), the other ranks follow.
+
+`sharded_backend(bundle, manifest)` is what `r1c.runtime.load` returns for a bundle whose manifest has
+`target_options.distributed`: a `Backend` whose `run(feeds)` first broadcasts the step (the non-cache inputs,
+the cache's key, freed keys) to the followers over the control group, then runs rank 0's share; every rank's
+collectives meet inside the step. Launchers:
+- default: rank 0 spawns ranks 1..W-1 with `torch.multiprocessing` (spawn) and a TCPStore rendezvous on
+  127.0.0.1 (a free port); they end when rank 0 closes the backend or exits;
+- `torchrun --nproc-per-node W ...`: every process calls `load`; rank 0 gets the backend, the others serve
+  inside `load` and then exit the process (SystemExit 0) when rank 0 closes.
+Backends: gloo for onnxruntime bundles (CPU), NCCL for tensorrt bundles (GPU, rank r on cuda:LOCAL_RANK).
+A rank that fails breaks the step for all: rank 0 raises BundleError and the world must be loaded again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from r1c.errors import BundleError
+from r1c.manifest import Manifest, read_manifest
+from r1c.runtime.distributed.cache_mirror import CacheKeys, CacheMirror, cache_inputs
+
+logger = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 30.0
+
+
+def _options(manifest: Manifest) -> dict[str, Any]:
+    return manifest.target_options["distributed"]
+
+
+def _session_options(manifest: Manifest, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The bundle's session options; intra-op threads 0 ("all cores") becomes this rank's share of the cores."""
+    options = {**manifest.target_options.get("session", {}), **(overrides or {})}
+    if int(options.get("intra_op_num_threads", 0)) == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        options["intra_op_num_threads"] = max(1, cores // int(_options(manifest)["world_size"]))
+    return options
+
+
+def _runner(bundle: Path, manifest: Manifest, rank: int, mechanism: str, options: dict[str, Any]) -> Any:
+    entry = _options(manifest)["ranks"][rank]
+    if manifest.target == "tensorrt":
+        from r1c.runtime.distributed.trt import TensorRTRank
+
+        return TensorRTRank(bundle, manifest, rank)
+    from r1c.runtime.distributed.rank import rank_runner
+
+    return rank_runner(bundle / entry["model"], options, mechanism)
+
+
+def _init(rank: int, manifest: Manifest, store: Any) -> Any:
+    """Process groups for `rank`; returns the control group (gloo, for the step broadcasts)."""
+    import torch.distributed as dist
+
+    from r1c.runtime.distributed.groups import init_groups
+
+    opts = _options(manifest)
+    backend = opts.get("backend", "gloo")
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    init_groups(rank, int(opts["world_size"]), opts["groups"], backend=backend, store=store)
+    return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
+
+
+def _broadcast(message: Any, control: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=control)
+    return box[0]
+
+
+def follow(bundle: Path, manifest: Manifest, rank: int, mechanism: str, options: dict[str, Any], control: Any) -> None:
+    """A follower's loop: receive each step from rank 0, run this rank's share, keep the cache mirror."""
+    runner = _runner(bundle, manifest, rank, mechanism, options)
+    mirror = CacheMirror(manifest.graph_io)
+    _broadcast(None, control)  # ready: rank 0 waits here until every rank has loaded
+    while True:
+        step = _broadcast(None, control)
+        if step is None or step["op"] == "stop":
+            break
+        mirror.drop(step["freed"])
+        feeds = {**step["feeds"], **mirror.feeds(step["cache"], *step["cache_shape"])}
+        outputs = runner.run(feeds)
+        mirror.append(step["cache"], outputs, step["feeds"]["past_lengths"])
+
+
+def _spawned_follower(bundle: str, rank: int, port: int, mechanism: str, options: dict[str, Any]) -> None:
+    """Entry point of a spawned follower process."""
+    import torch
+
+    from r1c.runtime.distributed.groups import close_groups, join_store
+
+    torch.set_num_threads(1)  # torch only runs the collectives here
+    manifest = read_manifest(bundle, verify_hashes=False)  # rank 0 verified the files
+    control = _init(rank, manifest, join_store(port, int(_options(manifest)["world_size"])))
+    try:
+        follow(Path(bundle), manifest, rank, mechanism, options, control)
+    finally:
+        close_groups()
+
+
+class ShardedBackend:
+    """Rank 0's backend: broadcasts each step to the followers, runs rank 0's share, returns its outputs."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, *, collectives: str | None = None,
+                 session_options: dict[str, Any] | None = None) -> None:
+        import torch.distributed as dist
+        import torch.multiprocessing as mp
+
+        from r1c.runtime.distributed.groups import close_groups, open_store
+
+        opts = _options(manifest)
+        self.world_size = int(opts["world_size"])
+        self.mechanism = collectives or os.environ.get("R1C_DIST_COLLECTIVES") or opts.get("collectives", "split")
+        options = _session_options(manifest, session_options)
+        self.processes: list[Any] = []
+        self._torchrun = dist.is_torchelastic_launched()
+        if self._torchrun:
+            rank = int(os.environ["RANK"])
+            if int(os.environ["WORLD_SIZE"]) != self.world_size:
+                raise BundleError(f"bundle: torchrun started {os.environ['WORLD_SIZE']} processes for a bundle of "
+                                  f"{self.world_size} ranks")
+            control = _init(rank, manifest, None)
+            if rank != 0:
+                try:
+                    follow(bundle, manifest, rank, self.mechanism, options, control)
+                finally:
+                    close_groups()
+                raise SystemExit(0)
+        else:
+            store = open_store(self.world_size)
+            ctx = mp.get_context("spawn")
+            for rank in range(1, self.world_size):
+                p = ctx.Process(target=_spawned_follower, name=f"r1c-rank{rank}", daemon=True,
+                                args=(str(bundle), rank, store.port, self.mechanism, options))
+                p.start()
+                self.processes.append(p)
+            control = _init(0, manifest, store)
+            self._store = store
+        self.control = control
+        self.runner = _runner(bundle, manifest, 0, self.mechanism, options)
+        self.keys = CacheKeys(manifest.graph_io)
+        self.cache_names = set(cache_inputs(manifest.graph_io))
+        self._closed = False
+        self._broken = False
+        self._guard(lambda: _broadcast(None, control))  # every rank has loaded
+        self._finalizer = weakref.finalize(self, _shutdown, self.processes, control, [False])
+        atexit.register(self._finalizer)
+
+    def _guard(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as e:
+            self._broken = True
+            dead = [f"rank {i + 1} (exit code {p.exitcode})" for i, p in enumerate(self.processes)
+                    if not p.is_alive()]
+            raise BundleError(f"bundle: the sharded run failed ({type(e).__name__}: {str(e).strip()[:200]})"
+                              + (f"; stopped: {', '.join(dead)}" if dead else "")) from e
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._closed or self._broken:
+            raise BundleError("bundle: this sharded engine is closed (or broke on an earlier error); load it again")
+        first = feeds[self.keys.first_input]  # [B, channels, capacity]
+        step = {"op": "run", "feeds": {k: v for k, v in feeds.items() if k not in self.cache_names},
+                "cache": self.keys.key(feeds), "cache_shape": (int(first.shape[0]), int(first.shape[-1])),
+                "freed": self.keys.take_freed()}
+        self._guard(lambda: _broadcast(step, self.control))
+        return self._guard(lambda: self.runner.run(feeds))
+
+    def close(self) -> None:
+        """Stop the followers and leave the process groups (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        atexit.unregister(self._finalizer)
+        _shutdown(self.processes, self.control, [self._broken])
+
+
+def _shutdown(processes: list[Any], control: Any, broken: list[bool]) -> None:
+    from r1c.runtime.distributed.groups import close_groups
+
+    if not broken[0]:
+        try:
+            _broadcast({"op": "stop"}, control)
+        except Exception:  # a follower already gone: nothing left to tell
+            broken[0] = True
+    for p in processes:
+        p.join(timeout=JOIN_TIMEOUT_S if not broken[0] else 1.0)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5.0)
+    close_groups()
+
+
+def sharded_backend(bundle: Path, manifest: Manifest, session_options: dict[str, Any] | None = None) -> ShardedBackend:
+    """The backend `r1c.runtime.load` uses for a sharded bundle."""
+    return ShardedBackend(bundle, manifest, session_options=session_options)
