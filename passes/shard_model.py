@@ -59,6 +59,14 @@ class ShardModelPass(ir.passes.Sequential):
                          ShardMLPPass(config, layout, rank), ShardMoEPass(config, layout, rank),
                          RemoveDeadCodePass(), _RefreshShapesPass())
 
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """The steps in order (not Sequential's call: a step's PassError must reach the caller unwrapped)."""
+        modified = False
+        for step in self.passes:
+            result = step(model)
+            model, modified = result.model, modified or result.modified
+        return ir.passes.PassResult(model, modified)
+
     def requires(self, model: ir.Model) -> None:
         inputs = [v.name for v in model.graph.inputs]
         outputs = [v.name for v in model.graph.outputs]

@@ -64,7 +64,7 @@ class ShardMoEPass(ir.passes.InPlacePass):
         assert w2 is not None
         transform(w2, [experts_local, h, inter_local], lambda w: w[ex, :, gate])
         if len(node.inputs) > 5 and node.inputs[5] is not None:
-            self._fp8_scales(node, ex, inter, inter_local, t)
+            self._fp8_scales(node, ex, inter, inter_local, t, parts_t)
 
         if parts_e > 1:
             self._remap(model, edit, node, e * experts_local, experts_local, layer)
@@ -87,7 +87,14 @@ class ShardMoEPass(ir.passes.InPlacePass):
                 combined = routed
         edit.collective(ALL_REDUCE, combined, f"layers.{layer}.moe", group="world")
 
-    def _fp8_scales(self, node: ir.Node, ex: slice, inter: int, inter_local: int, t: int) -> None:
+    def _fp8_scales(self, node: ir.Node, ex: slice, inter: int, inter_local: int, t: int, parts_t: int) -> None:
+        s13, s2 = node.inputs[5], node.inputs[6]
+        assert s13 is not None and s2 is not None
+        if parts_t == 1:  # whole experts: the scales are cut by expert only
+            for s in (s13, s2):
+                shape = static_shape(s)
+                transform(s, [ex.stop - ex.start, *shape[1:]], lambda a: a[ex])
+            return
         if inter_local % BLOCK or inter % BLOCK:
             raise PassError(f"{PASS_NAME}: FP8 experts: moe_intermediate_size / TP = {inter_local} is not a multiple "
                             f"of the {BLOCK}-wide scale blocks; choose a smaller tensor-parallel size")

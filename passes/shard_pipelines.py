@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from r1c.config import ModelConfig
 from r1c.errors import PassError, R1CError
-from r1c.passes.pipelines import pass_name, pipeline, save_model
+from r1c.passes.pipelines import _r1c_cause, pass_name, pipeline, save_model
 from r1c.passes.shard_layout import ShardLayout
 from r1c.passes.shard_lower_collectives_to_ort import LowerCollectivesToOrtPass
 from r1c.passes.shard_lower_moe_to_ort import LowerShardedMoEToOrtPass
@@ -63,6 +63,9 @@ def run_sharded_pipeline(model: ir.Model, target: str, config: ModelConfig, layo
         except R1CError:
             raise
         except Exception as e:
+            cause = _r1c_cause(e)  # an r1c error raised in a requires/ensures, wrapped by onnx_ir
+            if cause is not None:
+                raise cause from e
             raise PassError(f"pass {name} ({index + 1}/{len(passes)} of {target}, rank {rank} of {layout}) failed: "
                             f"{type(e).__name__}: {e}") from e
         logger.log(level, "rank %d: %2d %-34s %6.2fs %5d nodes", rank, index, name, time.perf_counter() - start,

@@ -4,8 +4,8 @@
 `target_options.distributed`: a `Backend` whose `run(feeds)` first broadcasts the step (the non-cache inputs,
 the cache's key, freed keys) to the followers over the control group, then runs rank 0's share; every rank's
 collectives meet inside the step. Launchers:
-- default: rank 0 spawns ranks 1..W-1 with `torch.multiprocessing` (spawn) and a TCPStore rendezvous on
-  127.0.0.1 (a free port); they end when rank 0 closes the backend or exits;
+- default: rank 0 starts ranks 1..W-1 with `torch.multiprocessing` (forkserver on Linux, else spawn) and a
+  TCPStore rendezvous on 127.0.0.1 (a free port); they end when rank 0 closes the backend or exits;
 - `torchrun --nproc-per-node W ...`: every process calls `load`; rank 0 gets the backend, the others serve
   inside `load` and then exit the process (SystemExit 0) when rank 0 closes.
 Backends: gloo for onnxruntime bundles (CPU), NCCL for tensorrt bundles (GPU, rank r on cuda:LOCAL_RANK).
@@ -110,6 +110,22 @@ def _spawned_follower(bundle: str, rank: int, port: int, mechanism: str, options
         close_groups()
 
 
+# What a follower imports before its first step: the fork server imports it once, then forks each follower.
+PRELOAD = ["r1c.runtime.distributed.launch", "r1c.runtime.distributed.rank", "r1c.runtime.distributed.segments",
+           "torch.distributed", "onnxruntime", "onnx_ir"]
+
+
+def _process_context(mp: Any) -> Any:
+    """`forkserver` where there is one (Linux): a single-threaded server process that has imported PRELOAD
+    forks the followers, so each starts in milliseconds and no follower inherits the caller's threads; else
+    `spawn` (each follower imports torch and ONNX Runtime itself)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 class ShardedBackend:
     """Rank 0's backend: broadcasts each step to the followers, runs rank 0's share, returns its outputs."""
 
@@ -140,7 +156,7 @@ class ShardedBackend:
                 raise SystemExit(0)
         else:
             store = open_store(self.world_size)
-            ctx = mp.get_context("spawn")
+            ctx = _process_context(mp)
             for rank in range(1, self.world_size):
                 p = ctx.Process(target=_spawned_follower, name=f"r1c-rank{rank}", daemon=True,
                                 args=(str(bundle), rank, store.port, self.mechanism, options))
