@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from r1c.runtime import load
 from tests.dist_helpers import REL_TOL, cli, export, rel_err
@@ -99,3 +100,22 @@ def test_build_refuses_a_layout_the_model_does_not_divide(bundles: dict[str, Pat
                        "--tensor-parallel", "3")
     assert code != 0 and "num_attention_heads = 4 does not split into 3" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_step_channel_round_trip_with_and_without_overflow() -> None:
+    from r1c.runtime.distributed.control import RUN, SLOTS, Step, StepChannel
+
+    sent: list[torch.Tensor] = []
+    names = ["input_ids", "past_lengths"]
+    sender, receiver = StepChannel(None, names), StepChannel(None, names)
+    sender._broadcast = lambda t: sent.append(t.clone())  # type: ignore[method-assign]
+    receiver._broadcast = lambda t: t.copy_(sent.pop(0))  # type: ignore[method-assign]
+    for tokens in (1, 3 * SLOTS):  # a decode step fits one broadcast; a long prefill needs a second
+        ids = np.arange(2 * tokens, dtype=np.int64).reshape(2, tokens)
+        step = Step(7, 2, 40, [3, 4], {"input_ids": ids, "past_lengths": np.array([5, 0], np.int64)})
+        sender.send(RUN, step)
+        kind, got = receiver.receive()
+        assert kind == RUN and got is not None and not sent
+        assert (got.key, got.batch, got.capacity, got.freed) == (7, 2, 40, [3, 4])
+        np.testing.assert_array_equal(got.feeds["input_ids"], ids)
+        np.testing.assert_array_equal(got.feeds["past_lengths"], [5, 0])

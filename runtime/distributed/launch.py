@@ -2,8 +2,8 @@
 
 `sharded_backend(bundle, manifest)` is what `r1c.runtime.load` returns for a bundle whose manifest has
 `target_options.distributed`: a `Backend` whose `run(feeds)` first broadcasts the step (the non-cache inputs,
-the cache's key, freed keys) to the followers over the control group, then runs rank 0's share; every rank's
-collectives meet inside the step. Launchers:
+the cache's key, freed keys; `control.StepChannel`) to the followers over the control group, then runs
+rank 0's share; every rank's collectives meet inside the step. Launchers:
 - default: rank 0 starts ranks 1..W-1 with `torch.multiprocessing` (forkserver on Linux, else spawn) and a
   TCPStore rendezvous on 127.0.0.1 (a free port); they end when rank 0 closes the backend or exits;
 - `torchrun --nproc-per-node W ...`: every process calls `load`; rank 0 gets the backend, the others serve
@@ -26,6 +26,7 @@ import numpy as np
 from r1c.errors import BundleError
 from r1c.manifest import Manifest, read_manifest
 from r1c.runtime.distributed.cache_mirror import CacheKeys, CacheMirror, cache_inputs
+from r1c.runtime.distributed.control import READY, RUN, STOP, Step, StepChannel
 
 logger = logging.getLogger(__name__)
 
@@ -72,27 +73,24 @@ def _init(rank: int, manifest: Manifest, store: Any) -> Any:
     return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
 
 
-def _broadcast(message: Any, control: Any) -> Any:
-    import torch.distributed as dist
-
-    box = [message]
-    dist.broadcast_object_list(box, src=0, group=control)
-    return box[0]
+def _channel(manifest: Manifest, control: Any) -> StepChannel:
+    names = [i["name"] for i in manifest.graph_io["inputs"] if i["name"] not in set(cache_inputs(manifest.graph_io))]
+    return StepChannel(control, names)
 
 
 def follow(bundle: Path, manifest: Manifest, rank: int, mechanism: str, options: dict[str, Any], control: Any) -> None:
     """A follower's loop: receive each step from rank 0, run this rank's share, keep the cache mirror."""
     runner = _runner(bundle, manifest, rank, mechanism, options)
     mirror = CacheMirror(manifest.graph_io)
-    _broadcast(None, control)  # ready: rank 0 waits here until every rank has loaded
+    channel = _channel(manifest, control)
+    channel.send(READY)  # (a broadcast from rank 0: every rank passes it once all have loaded)
     while True:
-        step = _broadcast(None, control)
-        if step is None or step["op"] == "stop":
+        kind, step = channel.receive()
+        if kind == STOP or step is None:
             break
-        mirror.drop(step["freed"])
-        feeds = {**step["feeds"], **mirror.feeds(step["cache"], *step["cache_shape"])}
-        outputs = runner.run(feeds)
-        mirror.append(step["cache"], outputs, step["feeds"]["past_lengths"])
+        mirror.drop(step.freed)
+        outputs = runner.run({**step.feeds, **mirror.feeds(step.key, step.batch, step.capacity)})
+        mirror.append(step.key, outputs, step.feeds["past_lengths"])
 
 
 def _spawned_follower(bundle: str, rank: int, port: int, mechanism: str, options: dict[str, Any]) -> None:
@@ -170,8 +168,9 @@ class ShardedBackend:
         self.cache_names = set(cache_inputs(manifest.graph_io))
         self._closed = False
         self._broken = False
-        self._guard(lambda: _broadcast(None, control))  # every rank has loaded
-        self._finalizer = weakref.finalize(self, _shutdown, self.processes, control, [False])
+        self.channel = _channel(manifest, control)
+        self._guard(lambda: self.channel.send(READY))  # returns once every rank has loaded
+        self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.channel, [False])
         atexit.register(self._finalizer)
 
     def _guard(self, fn: Any) -> Any:
@@ -188,10 +187,9 @@ class ShardedBackend:
         if self._closed or self._broken:
             raise BundleError("bundle: this sharded engine is closed (or broke on an earlier error); load it again")
         first = feeds[self.keys.first_input]  # [B, channels, capacity]
-        step = {"op": "run", "feeds": {k: v for k, v in feeds.items() if k not in self.cache_names},
-                "cache": self.keys.key(feeds), "cache_shape": (int(first.shape[0]), int(first.shape[-1])),
-                "freed": self.keys.take_freed()}
-        self._guard(lambda: _broadcast(step, self.control))
+        step = Step(self.keys.key(feeds), int(first.shape[0]), int(first.shape[-1]), self.keys.take_freed(),
+                    {k: v for k, v in feeds.items() if k not in self.cache_names})
+        self._guard(lambda: self.channel.send(RUN, step))
         return self._guard(lambda: self.runner.run(feeds))
 
     def close(self) -> None:
@@ -201,15 +199,15 @@ class ShardedBackend:
         self._closed = True
         self._finalizer.detach()
         atexit.unregister(self._finalizer)
-        _shutdown(self.processes, self.control, [self._broken])
+        _shutdown(self.processes, self.channel, [self._broken])
 
 
-def _shutdown(processes: list[Any], control: Any, broken: list[bool]) -> None:
+def _shutdown(processes: list[Any], channel: StepChannel, broken: list[bool]) -> None:
     from r1c.runtime.distributed.groups import close_groups
 
     if not broken[0]:
         try:
-            _broadcast({"op": "stop"}, control)
+            channel.send(STOP)
         except Exception:  # a follower already gone: nothing left to tell
             broken[0] = True
     for p in processes:
