@@ -24,7 +24,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,12 +42,14 @@ def _rss_kib(pid: int | str = "self") -> int:
 
 
 def _r1c(*args: str) -> tuple[float, int]:
-    """Run `r1c ARGS` in a child; returns (seconds, the child's peak RSS in KiB)."""
+    """Run `r1c ARGS` in a child; returns (seconds, that child's peak RSS in KiB, from wait4's rusage)."""
     start = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "r1c.cli", *args], check=True, stdout=subprocess.DEVNULL)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return time.perf_counter() - start, peak if peak > before else -1  # -1: not above an earlier child's peak
+    proc = subprocess.Popen([sys.executable, "-m", "r1c.cli", *args], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    return time.perf_counter() - start, usage.ru_maxrss
 
 
 def child(bundle: str, steps: int, prompt_len: int, mechanism: str | None) -> dict[str, Any]:

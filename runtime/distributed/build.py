@@ -70,14 +70,14 @@ def _onnxruntime_rank(export_dir: Path, out: Path, config: ModelConfig, layout: 
     import onnxruntime as ort
 
     from r1c.passes.shard_pipelines import lower_rank_file
-    from r1c.runtime.distributed.rank import CustomOpRank
+    from r1c.runtime.distributed.rank import rank_runner
     from r1c.runtime.ort_backend import DEFAULT_OPTIONS
 
     name = rank_model_file(rank)
     lower_rank_file(export_dir / "model.onnx", out / name, target="onnxruntime", config=config, layout=layout,
                     rank=rank, verbose=verbose)
     options = {**DEFAULT_OPTIONS, **(session or {})}
-    CustomOpRank(out / name, options)  # ONNX Runtime loads it (collectives bound, not called): never a dead bundle
+    rank_runner(out / name, options, MECHANISM)  # ONNX Runtime loads it (nothing runs): never a dead bundle
     gc.collect()
     entry = {"rank": rank, "model": name, "files": [name, name + ".data"]}
     return entry, {"onnxruntime": ort.__version__}, {"session": options}
@@ -87,13 +87,12 @@ def _tensorrt_rank(export_dir: Path, out: Path, config: ModelConfig, layout: Sha
                    verbose: bool) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
     """Not verified here (no TensorRT on this machine): the rank's lowered model -> its engine, with the
     collective plugins registered (they bind to the NCCL communicator when the engine runs)."""
-    from r1c.runtime.distributed.trt import register_collective_plugins
-
     from r1c.passes.shard_pipelines import lower_rank_file
+    from r1c.runtime.distributed.trt import group_sizes, register_collective_plugins
     from r1c.runtime.trt_build import ENGINE_FILE, MODEL_FILE, build_tensorrt, import_tensorrt
 
     trt = import_tensorrt()
-    register_collective_plugins(trt)
+    register_collective_plugins(trt, group_sizes(layout.to_dict()))
     work = out / f".rank{rank}"
     work.mkdir()
     lower_rank_file(export_dir / "model.onnx", work / MODEL_FILE, target="tensorrt", config=config, layout=layout,
