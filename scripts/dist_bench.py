@@ -78,10 +78,12 @@ def child(bundle: str, steps: int, prompt_len: int, mechanism: str | None) -> di
 
 
 def _run_child(bundle: Path, args: argparse.Namespace, mechanism: str | None) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", str(bundle), "--steps", str(args.steps), "--prompt-len",
-           str(args.prompt_len)] + (["--mechanism", mechanism] if mechanism else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    out = args.work / "child.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--child", str(bundle), "--child-out", str(out), "--steps", str(args.steps),
+           "--prompt-len", str(args.prompt_len)] + (["--mechanism", mechanism] if mechanism else [])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
 
 
 def equality(single: Path, layouts: dict[str, Path]) -> dict[str, Any]:
@@ -114,11 +116,11 @@ def main() -> int:
     p.add_argument("--check-only", action="store_true", help="only the equality check")
     p.add_argument("--json", type=Path, help="write every number here")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--mechanism", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        sys.stdout.write(json.dumps(child(args.child, args.steps, args.prompt_len, args.mechanism)) + "\n")
-        sys.stdout.flush()
+        args.child_out.write_text(json.dumps(child(args.child, args.steps, args.prompt_len, args.mechanism)))
         return 0
 
     work = args.work / args.preset

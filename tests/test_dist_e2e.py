@@ -119,3 +119,22 @@ def test_step_channel_round_trip_with_and_without_overflow() -> None:
         assert (got.key, got.batch, got.capacity, got.freed) == (7, 2, 40, [3, 4])
         np.testing.assert_array_equal(got.feeds["input_ids"], ids)
         np.testing.assert_array_equal(got.feeds["past_lengths"], [5, 0])
+
+
+def test_cache_keys_refuse_a_cache_that_is_relaid_in_place() -> None:
+    """Followers mirror rank 0's cache by replaying appends; a row view at an offset or a capacity that changes
+    under the same buffer (a serving scheduler's compaction / buckets) is refused, not silently diverged."""
+    from r1c.errors import BundleError
+    from r1c.runtime.distributed.cache_mirror import CacheKeys
+
+    io = {"kv_cache": {"layers": 1, "tensors": {"c": {"input": "past_c.{layer}", "output": "new_c", "channels": 4}}}}
+    keys = CacheKeys(io)
+    arena = np.zeros((1, 3, 4, 8), np.float32)
+    first = keys.key({"past_c.0": arena[0]})
+    assert keys.key({"past_c.0": arena[0]}) == first
+    with pytest.raises(BundleError, match="moves cache rows"):
+        keys.key({"past_c.0": arena[0, 1:]})  # rows bound at an offset
+    other = np.zeros((1, 2, 4, 8), np.float32)
+    assert keys.key({"past_c.0": other[0]}) != first
+    del other
+    assert keys.take_freed() == [first + 1]

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from r1c.errors import BundleError
+
 # graph_io["kv_cache"]["tensors"]: {kind: {"input": "past_c.{layer}", "output": "new_c", "channels": C}}
 
 
@@ -32,21 +34,33 @@ class CacheKeys:
         self.first_input = cache_inputs(graph_io)[0]
         self._ids: dict[int, int] = {}
         self._next = 0
+        self._shapes: dict[int, tuple[int, ...]] = {}
         self.freed: list[int] = []
 
     def key(self, feeds: dict[str, np.ndarray]) -> int:
+        """The key of the cache the feeds bind; BundleError for a cache the followers cannot mirror."""
         arr = feeds[self.first_input]
         base = arr.base if isinstance(arr.base, np.ndarray) else arr  # the cache's [L, ...] buffer, or the array
         ident = id(base)
+        shape = arr.shape
         if ident not in self._ids:
             self._ids[ident] = self._next
+            self._shapes[self._next] = shape
             weakref.finalize(base, self._free, ident, self._next)
             self._next += 1
-        return self._ids[ident]
+        key = self._ids[ident]
+        if self._shapes[key] != shape or arr.__array_interface__["data"][0] != base.__array_interface__["data"][0]:
+            # rows bound at an offset, or a capacity that changes under the same buffer: the cache is being
+            # relaid out (a serving scheduler's row moves / capacity buckets), which the followers do not see
+            raise BundleError("bundle: a sharded bundle's followers mirror a cache that only grows by appended "
+                              "steps (r1c.runtime.Engine); this caller moves cache rows or changes its capacity "
+                              "in place, which sharded bundles do not support yet")
+        return key
 
     def _free(self, ident: int, key: int) -> None:
         if self._ids.get(ident) == key:
             del self._ids[ident]
+        self._shapes.pop(key, None)
         self.freed.append(key)
 
     def take_freed(self) -> list[int]:

@@ -105,12 +105,22 @@ def total_parameters(c: ModelConfig) -> int:
             + p.embed_head[0])
 
 
+_BUSIEST: dict[tuple[str, int, int, int, int], float] = {}
+
+
 def expected_busiest_partition_experts(c: ModelConfig, partitions: int, batch: int = 1, tokens: int = 4096,
                                        seed: int = 0) -> float:
     """E[max over expert partitions of the distinct experts a batch of `batch` tokens chose in it].
 
     r1c's router (`moe_router_reference`, noaux_tc with groups) on random hidden states and gate weights.
     """
+    key = (c.hash(), partitions, batch, tokens, seed)
+    if key not in _BUSIEST:
+        _BUSIEST[key] = _busiest(c, partitions, batch, tokens, seed)
+    return _BUSIEST[key]
+
+
+def _busiest(c: ModelConfig, partitions: int, batch: int, tokens: int, seed: int) -> float:
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(tokens, c.hidden_size, generator=g)
     gate = torch.randn(c.n_routed_experts, c.hidden_size, generator=g) / math.sqrt(c.hidden_size)
@@ -126,7 +136,7 @@ def expected_busiest_partition_experts(c: ModelConfig, partitions: int, batch: i
 
 
 def plan(c: ModelConfig, layout: ShardLayout, hw: Hardware | None = None, *, batch: int = 1,
-         context: int = 32768, kv_bytes: int = 2, act_bytes: int = 2) -> dict[str, Any]:
+         context: int = 32768, kv_bytes: int = 2, act_bytes: int = 2, routing_tokens: int = 4096) -> dict[str, Any]:
     """Per-rank memory, communication per decode step and the decode-time model (see the module docstring)."""
     hw = hw or Hardware()
     layout.check(c)
@@ -141,7 +151,7 @@ def plan(c: ModelConfig, layout: ShardLayout, hw: Hardware | None = None, *, bat
         return L * per_layer + dense * p.dense_mlp[1] / t + moe * per_moe + p.embed_head[1] / t
 
     weight_bytes = max(weights(True), weights(False))
-    kv_per_token = L * c.latent_dim * kv_bytes  # replicated on every rank (no head axis to split)
+    kv_per_token = c.kv_cache_bytes_per_token(kv_bytes)  # replicated on every rank (no head axis to split)
     kv_per_sequence = kv_per_token * context
     # activations: r1c's exported attention materializes the scores [B, S*N/T, P] (float32); decode S = 1
     heads_local = c.num_attention_heads // t
@@ -153,7 +163,7 @@ def plan(c: ModelConfig, layout: ShardLayout, hw: Hardware | None = None, *, bat
     sequences = max(0, math.floor(free / kv_per_sequence))
 
     # decode: bytes each rank reads for one step of `batch` tokens at `context`
-    busiest = expected_busiest_partition_experts(c, e_p, batch)
+    busiest = expected_busiest_partition_experts(c, e_p, batch, tokens=routing_tokens)
     routed_read = busiest * p.expert[1] / t
     read = (L * (p.attn_replicated[1] + p.attn_split[1] / t) + dense * p.dense_mlp[1] / t
             + moe * (routed_read + p.router[1] + p.shared[1] / t) + p.embed_head[1] / 2 / t
