@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +140,24 @@ def test_cache_keys_refuse_a_cache_that_is_relaid_in_place() -> None:
     assert keys.key({"past_c.0": other[0]}) != first
     del other
     assert keys.take_freed() == [first + 1]
+
+
+@pytest.mark.slow
+def test_torchrun_launch_matches_one_rank(bundles: dict[str, Path], single: dict[str, object]) -> None:
+    """`torchrun -m r1c.cli run`: every process loads the bundle; rank 0 prints, the others serve and exit 0."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    cmd = [*torchrun, "-m", "r1c.cli", "run", str(bundles["tp2ep2"]), "--input-ids", " ".join(map(str, PROMPTS[0])),
+           "--max-new-tokens", str(NEW_TOKENS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [int(t) for t in proc.stdout.split()] == single["tokens"][0]  # type: ignore[index]
+
+
+@pytest.mark.slow
+def test_small_preset_every_layout_matches_one_rank(tmp_path: Path) -> None:
+    """The small preset (~560 MB) on TP2, EP2, TP2 x EP2, TP4, EP4: logits within 1e-5, same greedy tokens."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "dist_bench.py"
+    proc = subprocess.run([sys.executable, str(script), "--preset", "small", "--work", str(tmp_path), "--check-only"],
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("same greedy tokens: True") == 5

@@ -70,7 +70,7 @@ def _init(rank: int, manifest: Manifest, store: Any) -> Any:
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     init_groups(rank, int(opts["world_size"]), opts["groups"], backend=backend, store=store)
-    return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo")  # its own group: a step message never meets a collective of the model
 
 
 def _channel(manifest: Manifest, control: Any) -> StepChannel:
@@ -101,7 +101,9 @@ def _spawned_follower(bundle: str, rank: int, port: int, mechanism: str, options
 
     torch.set_num_threads(1)  # torch only runs the collectives here
     manifest = read_manifest(bundle, verify_hashes=False)  # rank 0 verified the files
-    control = _init(rank, manifest, join_store(port, int(_options(manifest)["world_size"])))
+    store = join_store(port, int(_options(manifest)["world_size"]))
+    store.set(f"r1c/alive/{rank}", "1")
+    control = _init(rank, manifest, store)
     try:
         follow(Path(bundle), manifest, rank, mechanism, options, control)
     finally:
@@ -160,24 +162,34 @@ class ShardedBackend:
                                 args=(str(bundle), rank, store.port, self.mechanism, options))
                 p.start()
                 self.processes.append(p)
-            control = _init(0, manifest, store)
+            try:
+                _wait_alive(store, self.processes)
+                control = _init(0, manifest, store)
+            except BaseException:
+                _stop(self.processes)
+                raise
             self._store = store
-        self.control = control
-        self.runner = _runner(bundle, manifest, 0, self.mechanism, options)
         self.keys = CacheKeys(manifest.graph_io)
         self.cache_names = set(cache_inputs(manifest.graph_io))
         self._closed = False
         self._broken = False
         self.channel = _channel(manifest, control)
-        self._guard(lambda: self.channel.send(READY))  # returns once every rank has loaded
+        try:
+            self.runner = _runner(bundle, manifest, 0, self.mechanism, options)
+            self._guard(lambda: self.channel.send(READY))  # returns once every rank has loaded
+        except BaseException:
+            _shutdown(self.processes, self.channel, [True])
+            raise
         self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.channel, [False])
         atexit.register(self._finalizer)
 
     def _guard(self, fn: Any) -> Any:
         try:
             return fn()
-        except Exception as e:
+        except BaseException as e:  # an interrupt mid-step leaves the followers inside a collective, too
             self._broken = True
+            if not isinstance(e, Exception):
+                raise
             dead = [f"rank {i + 1} (exit code {p.exitcode})" for i, p in enumerate(self.processes)
                     if not p.is_alive()]
             raise BundleError(f"bundle: the sharded run failed ({type(e).__name__}: {str(e).strip()[:200]})"
@@ -210,12 +222,33 @@ def _shutdown(processes: list[Any], channel: StepChannel, broken: list[bool]) ->
             channel.send(STOP)
         except Exception:  # a follower already gone: nothing left to tell
             broken[0] = True
+    _stop(processes, JOIN_TIMEOUT_S if not broken[0] else 1.0)
+    close_groups()
+
+
+def _wait_alive(store: Any, processes: list[Any]) -> None:
+    """Wait until every started follower has reached the store; a follower that died first is a BundleError."""
+    import time
+
+    from r1c.runtime.distributed.groups import TIMEOUT_S
+
+    keys = [f"r1c/alive/{rank}" for rank in range(1, len(processes) + 1)]
+    deadline = time.monotonic() + TIMEOUT_S
+    while not store.check(keys):
+        dead = [f"rank {i + 1} (exit code {p.exitcode})" for i, p in enumerate(processes) if not p.is_alive()]
+        if dead:
+            raise BundleError(f"bundle: follower processes stopped before joining: {', '.join(dead)}")
+        if time.monotonic() > deadline:
+            raise BundleError(f"bundle: followers did not start within {TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
+
+
+def _stop(processes: list[Any], grace_s: float = 1.0) -> None:
     for p in processes:
-        p.join(timeout=JOIN_TIMEOUT_S if not broken[0] else 1.0)
+        p.join(timeout=grace_s)
         if p.is_alive():
             p.terminate()
             p.join(timeout=5.0)
-    close_groups()
 
 
 def sharded_backend(bundle: Path, manifest: Manifest, session_options: dict[str, Any] | None = None) -> ShardedBackend:
