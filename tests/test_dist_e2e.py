@@ -161,3 +161,15 @@ def test_small_preset_every_layout_matches_one_rank(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("same greedy tokens: True") == 5
+
+
+def test_a_script_without_main_guard_can_load_a_sharded_bundle(bundles: dict[str, Path], tmp_path: Path,
+                                                               single: dict[str, object]) -> None:
+    """Followers do not re-run the caller's script (multiprocessing would, and load again from each follower)."""
+    script = tmp_path / "use.py"
+    script.write_text("from r1c.runtime import load\n"
+                      f"engine = load({str(bundles['ep2'])!r})\n"
+                      f"print(*engine.generate([{PROMPTS[0]!r}], {NEW_TOKENS})[0])\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [int(t) for t in proc.stdout.split()] == single["tokens"][0]  # type: ignore[index]

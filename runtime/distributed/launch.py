@@ -15,9 +15,12 @@ A rank that fails breaks the step for all: rank 0 raises BundleError and the wor
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import sys
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +118,23 @@ PRELOAD = ["r1c.runtime.distributed.launch", "r1c.runtime.distributed.rank", "r1
            "torch.distributed", "onnxruntime", "onnx_ir"]
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start followers without the caller's `__main__`: multiprocessing (spawn, forkserver) would re-run the
+    caller's script in each follower (which needs nothing from it), and a script that loads a sharded bundle at
+    top level, without `if __name__ == "__main__":`, would then start followers from its followers."""
+    main = sys.modules["__main__"]
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    try:
+        main.__spec__ = None
+        if hasattr(main, "__file__"):
+            del main.__file__
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
+
+
 def _process_context(mp: Any) -> Any:
     """`forkserver` where there is one (Linux): a single-threaded server process that has imported PRELOAD
     forks the followers, so each starts in milliseconds and no follower inherits the caller's threads; else
@@ -157,11 +177,12 @@ class ShardedBackend:
         else:
             store = open_store(self.world_size)
             ctx = _process_context(mp)
-            for rank in range(1, self.world_size):
-                p = ctx.Process(target=_spawned_follower, name=f"r1c-rank{rank}", daemon=True,
-                                args=(str(bundle), rank, store.port, self.mechanism, options))
-                p.start()
-                self.processes.append(p)
+            with _main_module_hidden():
+                for rank in range(1, self.world_size):
+                    p = ctx.Process(target=_spawned_follower, name=f"r1c-rank{rank}", daemon=True,
+                                    args=(str(bundle), rank, store.port, self.mechanism, options))
+                    p.start()
+                    self.processes.append(p)
             try:
                 _wait_alive(store, self.processes)
                 control = _init(0, manifest, store)
