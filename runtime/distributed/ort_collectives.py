@@ -5,8 +5,8 @@
 and `session_options` registers onnxruntime-extensions' library with a session. The ops call
 `collectives.all_reduce` / `all_gather`, i.e. the rank's torch.distributed group.
 
-Cost, measured (see runtime/distributed/README or the issue-13 note): onnxruntime-extensions passes outputs back
-through Python lists, a per-call cost that grows with the tensor (the vocabulary all-gather most of all).
+Cost: onnxruntime-extensions passes a Python op's output back through a Python list, a per-call cost that grows
+with the tensor (measured: ~0.3 ms for [1, 512] float32, ~25 ms for [16, 8192]); see `rank` for the comparison.
 """
 
 from __future__ import annotations
