@@ -253,6 +253,7 @@ class CheckpointReader:
             yield from self.get(name)
             return
         prefix, kind, fused = split
+        assert fused is not None
         group = self._experts[(prefix, kind)]
         for e in range(self.config.n_routed_experts):
             tensors = [self._read(group[p][e]) for p in FUSED_EXPERTS[fused]]
