@@ -3,7 +3,7 @@
 - `r1c`: a foreign ONNX (e.g. the stock torch.onnx export) -> the r1c form that `r1c export` writes:
   standard ONNX plus r1c ops carrying their function bodies. Runnable by ONNX Runtime as it is.
 - `onnxruntime`: the same fusions, then ONNX Runtime's fused kernels (RMSNorm, SwiGLU activation, MoE),
-  the remaining r1c bodies inlined.
+  the remaining r1c bodies inlined; float32 casts around the bfloat16/float16 nodes ORT's CPU cannot run.
 - `tensorrt`: the same MoE fusions, r1c nodes kept as plugin nodes without bodies, every other node
   checked against TensorRT's ONNX support matrix.
 A pass's name is its module's name (`fuse_moe_router`); `r1c passes --target T` prints a pipeline.
@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ClearMetadataAndDocStringPass, CommonSubexpressionEliminationPass
 
 from r1c.errors import PassError, R1CError
+from r1c.passes.cast_for_ort_kernels import CastForOrtKernelsPass
 from r1c.passes.check_tensorrt_ops import CheckTensorRTOpsPass
 from r1c.passes.deduplicate_small_initializers import DeduplicateSmallInitializersPass
 from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
@@ -50,7 +51,7 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
         FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass,
         RemoveDeadCodePass, LowerMoEToOrtPass, InlineR1CFunctionsPass,
         FoldConstantsPass, RemoveDeadCodePass, CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass,
-        InferShapesPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,
+        InferShapesPass, CastForOrtKernelsPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,
     ),
     "tensorrt": (
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
