@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 HALF_TYPES = frozenset({ir.DataType.BFLOAT16, ir.DataType.FLOAT16})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ort_cpu_has_kernel(domain: str, op_type: str, opset: int, inputs: tuple[int | None, ...],
                        outputs: tuple[int, ...], attributes: bytes) -> bool:
     """Whether ONNX Runtime's CPU provider can create a session for this one node (types as ONNX enums)."""
@@ -57,9 +57,10 @@ def _type_contrib_outputs(node: ir.Node) -> None:
     elementwise ones there, whose outputs have their first input's type."""
     if node.domain in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
         return
+    first = node.inputs[0].dtype
     for out in node.outputs:
-        if out.dtype is None:
-            out.dtype = node.inputs[0].dtype
+        if out.dtype is None and first is not None:
+            out.dtype = first
 
 
 def _needs_casts(node: ir.Node, opset: int) -> bool:
