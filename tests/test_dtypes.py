@@ -5,7 +5,7 @@ Tolerance, per token (max |a - b| over the vocabulary / max |b| over the batch):
 bits: ~4e-3 per rounding, a few dozen roundings deep), float16 5e-3 (11 bits). Both sides keep the router in
 float32 but round its input differently, so a token whose expert choice is a near-tie can route differently
 and differ by O(1) (seen: 1 token of 18 in float16 with seed 1); up to 1 token in 6 may fall outside the
-tolerance, and the median token must be 5x inside it. Graph facts checked too: weights in the export dtype
+tolerance, and the median token must be 2x inside it. Graph facts checked too: weights in the export dtype
 (half the float32 bytes), router and RMSNorm statistics float32, the latent cache I/O in the export dtype.
 """
 
@@ -81,7 +81,7 @@ def test_half_bundle_logits_match_transformers_in_the_same_dtype(exports: Path, 
     with torch.no_grad():
         want = hf(torch.from_numpy(ids)).logits.float().numpy()
     per_token = (np.abs(got - want).max(-1) / np.abs(want).max()).ravel()
-    assert np.median(per_token) < TOL[dtype] / 5, per_token
+    assert np.median(per_token) < TOL[dtype] / 2, per_token
     assert np.mean(per_token > TOL[dtype]) <= 1 / 6, per_token
     # decode through the half-precision cache agrees with the cacheless forward of the same tokens
     prompt = [int(t) for t in ids[0, :5]]

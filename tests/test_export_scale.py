@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from r1c.cli import main
@@ -102,10 +103,12 @@ def test_preset_r1_needs_weights_none() -> None:
 
 def test_mtp_layer_is_skipped_with_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = preset("tiny")
-    tensors = random_checkpoint(config, seed=5)
-    save_checkpoint(tmp_path, config, tensors)
-    mtp = {f"model.layers.{config.num_hidden_layers}.{k}": torch.zeros(4) for k in ("enorm.weight", "hnorm.weight")}
-    save_file(mtp, str(tmp_path / "mtp.safetensors"))
+    save_checkpoint(tmp_path, config, random_checkpoint(config, seed=5))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):  # DeepSeek's MTP layer: one past the last
+        tensors[f"model.layers.{config.num_hidden_layers}.{k}"] = torch.zeros(4)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
     with caplog.at_level(logging.WARNING):
         code, _, err = cli("export", str(tmp_path), "--no-progress", "-o", str(tmp_path / "out"))
     assert code == 0, err
@@ -117,7 +120,7 @@ def test_mtp_layer_is_skipped_with_one_line(tmp_path: Path, caplog: pytest.LogCa
 def _unsampled_offset(size: int) -> int:
     """A byte no fingerprint block covers (between the first two sampled blocks)."""
     step = (size - FINGERPRINT_BLOCK) // (FINGERPRINT_SAMPLES - 1)
-    assert step > 2 * FINGERPRINT_BLOCK, "the data file is too small for this test"
+    assert step > FINGERPRINT_BLOCK + 2, "the data file is too small for this test"
     return FINGERPRINT_BLOCK + (step - FINGERPRINT_BLOCK) // 2
 
 
