@@ -6,9 +6,11 @@
 2. `onnx.checker.check_model` on the file (external data located and sized).
 3. In a child process (TensorRT for RTX's parser needs its library on LD_LIBRARY_PATH at start): the
    r1c plugins registered, the r1c function bodies dropped, and the model parsed into a strongly typed
-   network through `OnnxParser.load_model_proto` + `load_initializer`: every initializer is handed one
-   anonymous, never-written memory mapping (the kernel's zero page: no resident memory), so the parser
-   never reads or holds 690 GB. Checked: every r1c node became an r1c plugin layer; layer count, I/O dtypes.
+   network through `OnnxParser.load_model_proto` + `load_initializer`: every initializer is handed its own
+   range of one anonymous, read-only, never-written memory mapping (the kernel's zero page: no resident
+   memory), so the parser never reads or holds 690 GB (DequantizeLinear scales, which the parser checks
+   for positivity, get ones: ~1/32 of the 2-D FP8 weights' bytes, really resident). Checked: every r1c
+   node became an r1c plugin layer; layer count, I/O dtypes.
 4. `--build-layers N`: builds an engine for SM89 (`--compute-capability`) with weights stripped from the plan
    (BuilderFlag.STRIP_PLAN + REFIT_IDENTICAL) from the same export cut to its first N decoder layers (the
    same per-layer graph with R1's shapes and all 256 experts); 0 builds all 61. The child's peak RSS is
@@ -52,8 +54,21 @@ def child(model_path: str, cc: str, build: bool, profile: dict[str, int]) -> dic
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             sizes[t.name] = int({e.key: e.value for e in t.external_data}["length"])
-    zero = mmap.mmap(-1, max(sizes.values()), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
-    address = _mmap_address(zero)
+    # one read-only anonymous mapping, a distinct page-aligned range per initializer (TensorRT keys weights by
+    # address): address space only, every page the kernel's zero page, nothing resident
+    offsets, end = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = end
+        end += -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    zero = mmap.mmap(-1, end, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
+    base = _mmap_address(zero)
+    # the parser checks DequantizeLinear scales (> 0): those (float32, ~1/32 of a 2-D FP8 weight) hold 1.0
+    dq_scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"} & set(sizes)
+    ones = np.ones(sum(sizes[n] // 4 for n in dq_scales) or 1, dtype=np.float32)
+    at = 0
+    for name in sorted(dq_scales):
+        offsets[name] = int(ones.ctypes.data) + at - base
+        at += sizes[name]
     t0 = time.perf_counter()
     log = tb.make_logger(trt)
     builder = trt.Builder(log)
@@ -62,7 +77,7 @@ def child(model_path: str, cc: str, build: bool, profile: dict[str, int]) -> dic
     if not parser.load_model_proto(model.SerializeToString(), str(path)):
         return {"error": "load_model_proto failed: " + "; ".join(log.errors)}
     for name, size in sizes.items():
-        if not parser.load_initializer(name, address, size):
+        if not parser.load_initializer(name, base + offsets[name], size):
             return {"error": f"load_initializer({name}) failed: " + "; ".join(log.errors)}
     if not parser.parse_model_proto():
         errs = [parser.get_error(i).desc() for i in range(parser.num_errors)]
@@ -82,6 +97,7 @@ def child(model_path: str, cc: str, build: bool, profile: dict[str, int]) -> dic
         "tensorrt": f"{trt.__name__} {tb.module_version(trt)}", "onnx_nodes": len(model.graph.node),
         "network_layers": network.num_layers, "plugin_layers": len(layers), "r1c_nodes": len(r1c_nodes),
         "initializers_user_provided": len(sizes), "weight_bytes_not_read": int(np.sum(list(sizes.values()))),
+        "dequantize_scales_provided_as_ones_bytes": int(ones.nbytes),
         "io_dtypes": {k: io[k] for k in ("past_c.0", "new_c", "logits") if k in io},
         "parse_seconds": round(parse_s, 2), "decoder_layers": config.num_hidden_layers,
     }
