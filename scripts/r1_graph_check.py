@@ -11,10 +11,11 @@
    memory), so the parser never reads or holds 690 GB (DequantizeLinear scales, which the parser checks
    for positivity, get ones: ~1/32 of the 2-D FP8 weights' bytes, really resident). Checked: every r1c
    node became an r1c plugin layer; layer count, I/O dtypes.
-4. `--build-layers N`: builds an engine for SM89 (`--compute-capability`) with weights stripped from the plan
-   (BuilderFlag.STRIP_PLAN + REFIT_IDENTICAL) from the same export cut to its first N decoder layers (the
-   same per-layer graph with R1's shapes and all 256 experts); 0 builds all 61. The child's peak RSS is
-   reported; the build is refused up front if the weights it would have to hold exceed --max-build-gib.
+4. `--build-layers N`: builds an engine for SM89 (`--compute-capability`) from a cut of the same export: its
+   first N decoder layers with R1's per-layer shapes, but `--build-experts` routed experts (default 16) and a
+   `--build-vocab` vocabulary (default 16384), because the plan holds the weights (zeros) and a 24 GiB
+   machine cannot hold R1's: a weight-stripped plan (R1C_STRIP_PLAN=1: STRIP_PLAN + REFIT_IDENTICAL) fails
+   on a CPU-only machine in TensorRT-RTX 1.7 (its Myelin JIT asks CUDA). The child's peak RSS is reported.
 Prints one JSON report. Usage:
   python scripts/r1_graph_check.py [--workdir /tmp/scale-r1] [--build-layers 4] [--dtype bfloat16] [--keep]
 """
@@ -105,8 +106,9 @@ def child(model_path: str, cc: str, build: bool, profile: dict[str, int]) -> dic
         return report
     cfg = builder.create_builder_config()
     tb._set_compute_capability(trt, cfg, tb.parse_compute_capability(cc))
-    cfg.set_flag(trt.BuilderFlag.STRIP_PLAN)
-    cfg.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+    if os.environ.get("R1C_STRIP_PLAN", "0") == "1":  # measured: TRT-RTX 1.7's Myelin JIT then needs CUDA
+        cfg.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        cfg.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     prof = builder.create_optimization_profile()
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     for name, shapes in tb.profile_shapes(config, names, profile).items():
@@ -134,6 +136,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/scale-r1"))
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--build-layers", type=int, default=-1, help="-1: parse only; 0: build all layers; N: first N")
+    ap.add_argument("--build-experts", type=int, default=16, help="routed experts of the built cut (R1: 256)")
+    ap.add_argument("--build-vocab", type=int, default=16384, help="vocabulary of the built cut (R1: 129280)")
     ap.add_argument("--compute-capability", default="SM89")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "CC", "BUILD"), help=argparse.SUPPRESS)
@@ -177,8 +181,8 @@ def main() -> int:
         target = export
         if build and args.build_layers > 0:
             target = work / f"r1-{args.build_layers}layers"
-            subprocess.run([sys.executable, "-c", _CUT, str(target), str(args.build_layers), args.dtype],
-                           check=True)
+            subprocess.run([sys.executable, "-c", _CUT, str(target), str(args.build_layers), args.dtype,
+                            str(args.build_experts), str(args.build_vocab)], check=True)
         for what, model_dir, do_build in (("parse_full_r1", export, False),) + (
                 (("build", target, True),) if build else ()):
             start = time.perf_counter()
@@ -207,7 +211,8 @@ from r1c.exporter.onnx_export import export_onnx
 from r1c.exporter.tensor_source import ShapeSource
 from r1c.cli import _canonicalize
 import torch
-config = preset("r1").replace(num_hidden_layers=int(sys.argv[2]))
+config = preset("r1").replace(num_hidden_layers=int(sys.argv[2]), n_routed_experts=int(sys.argv[4]),
+                              n_group=4 if int(sys.argv[4]) < 256 else 8, vocab_size=int(sys.argv[5]))
 dtype = sys.argv[3]
 export_onnx(config, ShapeSource(config, getattr(torch, dtype)), Path(sys.argv[1]), dtype=dtype,
             write_weights=False, progress=False, postprocess=_canonicalize)
