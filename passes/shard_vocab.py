@@ -69,7 +69,8 @@ class ShardVocabPass(ir.passes.InPlacePass):
         rows = gather.outputs[0]
         readers = list(rows.uses())
         mask = n("Unsqueeze", [mine.outputs[0], edit.const([-1], np.int64)], "embed")
-        masked = n("Where", [mask.outputs[0], rows, edit.const(0.0, np.float32, scalar=True)], "embed_masked")
+        zero = edit.const(0.0, table.dtype.numpy() if table.dtype is not None else np.float32, scalar=True)
+        masked = n("Where", [mask.outputs[0], rows, zero], "embed_masked")  # zero in the table's dtype
         model.graph.insert_after(gather, [mask, masked])
         for use in readers:
             use.node.replace_input_with(use.idx, masked.outputs[0])

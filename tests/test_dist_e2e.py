@@ -173,3 +173,10 @@ def test_a_script_without_main_guard_can_load_a_sharded_bundle(bundles: dict[str
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [int(t) for t in proc.stdout.split()] == single["tokens"][0]  # type: ignore[index]
+
+
+def test_sharded_onnxruntime_build_refuses_a_bfloat16_export(tmp_path: Path) -> None:
+    export(tmp_path / "bf16", "--dtype", "bfloat16")
+    code, _, err = cli("build", str(tmp_path / "bf16"), "-o", str(tmp_path / "b"), "--tensor-parallel", "2")
+    assert code != 0 and "need a float32 export; this one is bfloat16" in err
+    assert not (tmp_path / "b").exists()

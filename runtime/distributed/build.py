@@ -12,6 +12,7 @@ model: peak memory is about one rank's largest tensor, plus ONNX Runtime's check
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -47,6 +48,11 @@ def build_ranks(export_dir: Path, out: Path, config: ModelConfig, *, target: str
         layout.check(config)
     except PassError as e:
         raise BuildError(f"build: {e}") from None
+    dtype = json.loads((export_dir / "graph_io.json").read_text()).get("kv_cache", {}).get("dtype", "float32")
+    if target == "onnxruntime" and dtype != "float32":
+        # the collectives hand arrays between ONNX Runtime and torch as numpy, which has no bfloat16 of its own
+        raise BuildError(f"build: sharded onnxruntime bundles need a float32 export; this one is {dtype} "
+                         "(r1c export --dtype float32)")
     ranks: list[dict[str, Any]] = []
     libraries: dict[str, str] = {}
     target_options: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from r1c.errors import BundleError
+from r1c.runtime.engine import cache_dtype
 
 # graph_io["kv_cache"]["tensors"]: {kind: {"input": "past_c.{layer}", "output": "new_c", "channels": C}}
 
@@ -75,13 +76,14 @@ class CacheMirror:
         kv = graph_io["kv_cache"]
         self.layers = int(kv["layers"])
         self.kinds = [(t["input"], t["output"], int(t["channels"])) for t in kv["tensors"].values()]
+        self.dtype = cache_dtype(graph_io)
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
 
     def feeds(self, key: int, batch: int, capacity: int) -> dict[str, np.ndarray]:
         """Views of the key's buffers ([L, B, ch, capacity] per kind), allocated on first use."""
         bufs = self.buffers.get(key)
         if bufs is None or next(iter(bufs.values())).shape[1::2] != (batch, capacity):
-            bufs = self.buffers[key] = {out: np.zeros((self.layers, batch, ch, capacity), np.float32)
+            bufs = self.buffers[key] = {out: np.zeros((self.layers, batch, ch, capacity), self.dtype)
                                         for _, out, ch in self.kinds}
         return {template.format(layer=layer): bufs[out][layer] for template, out, _ in self.kinds
                 for layer in range(self.layers)}
