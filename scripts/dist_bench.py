@@ -12,8 +12,9 @@ For the preset (seeded random weights) it exports once, builds the one-rank bund
 3. per configuration, in a fresh process: resident memory (VmRSS) of every rank after load + a warm-up
    generate, against the one-rank process, and decode time per step (batch 1), median over the steps; the
    configurations run round-robin (`--repeats`) so that the machine's load spreads over all of them, and the
-   times are reported as ratios to one rank. `--mechanisms split,custom_op` also times the two ways the ranks
-   run their collectives.
+   times are reported as ratios to one rank (the bundle's default threads: one per core), also run with one
+   intra-op thread ("one-thread", what each rank of a 2-rank run gets here). `--mechanisms split,custom_op`
+   also times the two ways the ranks run their collectives.
 On a machine with fewer cores than ranks, ranks share cores: times show the overheads of sharding (collectives,
 control messages, smaller GEMMs), not the speed-up that one device per rank gives.
 """
@@ -52,7 +53,8 @@ def _r1c(*args: str) -> tuple[float, int]:
     return time.perf_counter() - start, usage.ru_maxrss
 
 
-def child(bundle: str, steps: int, prompt_len: int, mechanism: str | None) -> dict[str, Any]:
+def child(bundle: str, steps: int, prompt_len: int, mechanism: str | None, threads: int | None = None
+          ) -> dict[str, Any]:
     """In a fresh process: load, warm up, time `steps` decode steps, report every rank's RSS."""
     import torch  # noqa: F401 - every configuration pays for the same imports (ranks need torch)
 
@@ -61,7 +63,7 @@ def child(bundle: str, steps: int, prompt_len: int, mechanism: str | None) -> di
     baseline = _rss_kib()
     if mechanism:
         os.environ["R1C_DIST_COLLECTIVES"] = mechanism
-    engine = load(bundle)
+    engine = load(bundle, session_options=None if threads is None else {"intra_op_num_threads": threads})
     prompt = [[(7 * i + 3) % engine.vocab_size for i in range(prompt_len)]]
     engine.generate(prompt, 4)  # warm-up
     stamps: list[float] = []
@@ -78,10 +80,14 @@ def child(bundle: str, steps: int, prompt_len: int, mechanism: str | None) -> di
 
 
 def _run_child(bundle: Path, args: argparse.Namespace, mechanism: str | None) -> dict[str, Any]:
+    threads = None
+    if mechanism == "one-thread":  # the one-rank bundle with one intra-op thread, like each rank of a 2-rank run
+        mechanism, threads = None, 1
     out = args.work / "child.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", str(bundle), "--child-out", str(out), "--steps", str(args.steps),
-           "--prompt-len", str(args.prompt_len)] + (["--mechanism", mechanism] if mechanism else [])
+           "--prompt-len", str(args.prompt_len)] + (["--mechanism", mechanism] if mechanism else []) \
+        + (["--threads", str(threads)] if threads else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -117,10 +123,12 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write every number here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mechanism", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        args.child_out.write_text(json.dumps(child(args.child, args.steps, args.prompt_len, args.mechanism)))
+        args.child_out.write_text(json.dumps(child(args.child, args.steps, args.prompt_len, args.mechanism,
+                                                   args.threads)))
         return 0
 
     work = args.work / args.preset
@@ -147,7 +155,8 @@ def main() -> int:
         ok = all(r["logits_max_rel_err"] < 1e-5 and r["same_greedy_tokens"] for r in report["equality"].values())
         return 0 if ok else 1
 
-    configs = [("1x1", None)] + [(name, m) for name in bundles if name != "1x1" for m in args.mechanisms.split(",")]
+    mechanisms = args.mechanisms.split(",")
+    configs = [("1x1", None), ("1x1", "one-thread")] + [(n, m) for n in bundles if n != "1x1" for m in mechanisms]
     runs: dict[str, list[dict[str, Any]]] = {f"{n}/{m or 'one-rank'}": [] for n, m in configs}
     for rep in range(args.repeats):
         for name, mech in configs:
