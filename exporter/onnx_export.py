@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from r1c.config import ModelConfig
 from r1c.errors import ExportError
-from r1c.exporter.model import rope_parameters
+from r1c.exporter.model import MLA_NORM_EPS, rope_parameters, router_attributes
 from r1c.exporter.onnx_functions import experts_function, router_function
 from r1c.outdir import atomic_output_dir, check_output_dir
 from r1c.plugins import PLUGIN_NAMESPACE, R1C_DOMAIN, R1C_OPSET_VERSION
@@ -137,12 +137,13 @@ class _Lowering:
         sc = self.g.weight(name + "_scale", scale)
         return self.g.op("DequantizeLinear", [wq, sc], axis=0, block_size=BLOCK)
 
-    def rms_norm(self, x: str, weight_name: str) -> str:
+    def rms_norm(self, x: str, weight_name: str, eps: float) -> str:
+        """x * rsqrt(mean(x^2) + eps) * w; eps as the PyTorch model's norm of that name (model.RMSNorm)."""
         g = self.g
         w = g.weight(weight_name, self.get(weight_name).to(torch.float32))
         sq = g.op("Mul", [x, x])
         mean = g.op("ReduceMean", [sq, g.const([-1])], keepdims=1)
-        var = g.op("Add", [mean, g.const([self.c.rms_norm_eps], TensorProto.FLOAT, scalar=True)])
+        var = g.op("Add", [mean, g.const([eps], TensorProto.FLOAT, scalar=True)])
         inv = g.op("Reciprocal", [g.op("Sqrt", [var])])
         return g.op("Mul", [g.op("Mul", [x, inv]), w])
 
@@ -155,11 +156,18 @@ class _Lowering:
                            prefix + ".down_proj")
 
     def rope(self, x: str, cos: str, sin: str) -> str:
-        """Interleaved pairs (x0, x1), (x2, x3)... rotated; output in [evens', odds'] order (same for q and k)."""
+        """The rotated pairs, output as [firsts', seconds'] (same for q and k), as model.apply_rope.
+
+        rope_interleave: pairs (x0, x1), (x2, x3), ... (DeepSeek's weight layout); else (x_i, x_{i + R/2}).
+        """
         g = self.g
         r = self.c.qk_rope_head_dim
-        x1 = g.op("Slice", [x, g.const([0]), g.const([r]), g.const([-1]), g.const([2])])
-        x2 = g.op("Slice", [x, g.const([1]), g.const([r]), g.const([-1]), g.const([2])])
+        if self.c.rope_interleave:
+            x1 = g.op("Slice", [x, g.const([0]), g.const([r]), g.const([-1]), g.const([2])])
+            x2 = g.op("Slice", [x, g.const([1]), g.const([r]), g.const([-1]), g.const([2])])
+        else:
+            x1 = g.op("Slice", [x, g.const([0]), g.const([r // 2]), g.const([-1])])
+            x2 = g.op("Slice", [x, g.const([r // 2]), g.const([r]), g.const([-1])])
         a = g.op("Sub", [g.op("Mul", [x1, cos]), g.op("Mul", [x2, sin])])
         b = g.op("Add", [g.op("Mul", [x2, cos]), g.op("Mul", [x1, sin])])
         return g.op("Concat", [a, b], axis=-1)
@@ -209,17 +217,17 @@ class _Lowering:
         for i in layers:
             g.scope = f"layers.{i}"
             p = f"model.layers.{i}"
-            h = self.rms_norm(x, p + ".input_layernorm.weight")
+            h = self.rms_norm(x, p + ".input_layernorm.weight", c.rms_norm_eps)
             attn, new_c, new_pe = self.attention(h, p + ".self_attn", i, b_dim, s_dim, cos, sin, cos_q, sin_q,
                                                  past_valid, causal_rows)
             new_cs.append(new_c)
             new_pes.append(new_pe)
             x = g.op("Add", [x, attn])
-            h = self.rms_norm(x, p + ".post_attention_layernorm.weight")
+            h = self.rms_norm(x, p + ".post_attention_layernorm.weight", c.rms_norm_eps)
             mlp = self.moe(h, p + ".mlp") if c.is_moe_layer(i) else self.mlp(h, p + ".mlp")
             x = g.op("Add", [x, mlp])
         g.scope = "head"
-        x = self.rms_norm(x, "model.norm.weight")
+        x = self.rms_norm(x, "model.norm.weight", c.rms_norm_eps)
         head_name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         head = self.get(head_name).to(torch.float32)
         logits = g.op("MatMul", [x, g.weight("lm_head.weight_t", head.t().contiguous())])
@@ -237,14 +245,14 @@ class _Lowering:
         if c.q_lora_rank is None:
             q = self.linear(h, p + ".q_proj")
         else:
-            q = self.linear(self.rms_norm(self.linear(h, p + ".q_a_proj"), p + ".q_a_layernorm.weight"),
-                            p + ".q_b_proj")
+            q = self.linear(self.rms_norm(self.linear(h, p + ".q_a_proj"), p + ".q_a_layernorm.weight",
+                                          MLA_NORM_EPS), p + ".q_b_proj")
         q = g.op("Reshape", [q, g.const([0, 0, n, d + r])])  # [B, S, N, D+R]
         q_nope = g.op("Slice", [q, g.const([0]), g.const([d]), g.const([-1])])
         q_pe = self.rope(g.op("Slice", [q, g.const([d]), g.const([d + r]), g.const([-1])]), cos_q, sin_q)
         kv = self.linear(h, p + ".kv_a_proj_with_mqa")  # [B, S, C+R]
         new_c = self.rms_norm(g.op("Slice", [kv, g.const([0]), g.const([kvr]), g.const([-1])]),
-                              p + ".kv_a_layernorm.weight")  # [B, S, C]
+                              p + ".kv_a_layernorm.weight", MLA_NORM_EPS)  # [B, S, C]
         new_pe = self.rope(g.op("Slice", [kv, g.const([kvr]), g.const([kvr + r]), g.const([-1])]), cos, sin)
 
         # absorb W_UK into the query: q_abs[b,s,n] = q_nope[b,s,n] @ W_UK[n]  ([D] -> [C])
@@ -291,14 +299,14 @@ class _Lowering:
         c, g = self.c, self.g
         flat = g.op("Reshape", [h, g.const([-1, c.hidden_size])])  # [T, H]
         gate_w = g.weight(p + ".gate.weight", self.get(p + ".gate.weight").to(torch.float32))
-        bias = g.weight(p + ".gate.e_score_correction_bias",
-                        self.get(p + ".gate.e_score_correction_bias").to(torch.float32))
+        if c.has_correction_bias:
+            bias = g.weight(p + ".gate.e_score_correction_bias",
+                            self.get(p + ".gate.e_score_correction_bias").to(torch.float32))
+        else:  # the V2 methods read no bias; the op's input is zeros (one initializer for all layers)
+            bias = g.const([0.0] * c.n_routed_experts, TensorProto.FLOAT)
         weights, ids = g.op(
             ROUTER_SPEC.name, [flat, gate_w, bias], n_out=2, domain=R1C_DOMAIN,
-            **ROUTER_SPEC.attrs(top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
-                                routed_scaling_factor=float(c.routed_scaling_factor),
-                                norm_topk_prob=int(c.norm_topk_prob), scoring=c.scoring_func),
-            plugin_namespace=PLUGIN_NAMESPACE,
+            **ROUTER_SPEC.attrs(**router_attributes(c)), plugin_namespace=PLUGIN_NAMESPACE,
         )
         w13 = self.get(p + ".experts.gate_up_proj")
         w2 = self.get(p + ".experts.down_proj")
@@ -334,7 +342,7 @@ class _Lowering:
             helper.make_tensor_value_info("new_pe", f32, [c.num_hidden_layers, "batch", "seq", c.qk_rope_head_dim]),
         ]
         graph = helper.make_graph(self.g.nodes, "deepseek_v3", inputs, outputs, self.g.initializers)
-        functions = [router_function(c.scoring_func), experts_function(self.quant)] if c.num_moe_layers else []
+        functions = [router_function(), experts_function(self.quant)] if c.num_moe_layers else []
         model = helper.make_model(
             graph,
             opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(R1C_DOMAIN, R1C_OPSET_VERSION)],

@@ -1,0 +1,189 @@
+"""The checkpoint layouts of the DeepSeek family: which r1c reads, and a one-line refusal for the others.
+
+Read: the HF layout (`config.json` + `model.safetensors` or shards with `model.safetensors.index.json`), with the
+routed experts fused (transformers v5: `mlp.experts.gate_up_proj`) or one by one (DeepSeek's release:
+`mlp.experts.{e}.gate_proj.weight`), FP8 block-128 (`weight_scale_inv`) or unquantized. The multi-token-prediction
+layer (`model.layers.{num_hidden_layers}.*`) is skipped on purpose.
+Refused, naming the layout and what to convert to: DeepSeek's reference-inference shards (`model0-mp1.safetensors`,
+`layers.0.attn.wq_a.weight`, `embed.weight`), PyTorch pickles (`pytorch_model*.bin`), GGUF, MLX (`switch_mlp`),
+and tensors of other quantization formats (compressed-tensors `weight_packed`, GPTQ/AWQ `qweight`, ModelOpt
+`weight_scale_2`, bitsandbytes `SCB`/`absmax`).
+
+Per-expert FP8 experts whose moe_intermediate_size I is not a multiple of 128 have separate gate and up scale
+grids whose last 128-row blocks are partial; fused as is, a block would straddle gate and up rows. They are fused
+padded to Ip = ceil(I/128)*128 rows each (zero FP8 rows, which add silu(0) * 0 = 0 to every output): w13
+[E, 2Ip, H] with the two grids stacked, w2 [E, H, Ip] with zero columns. `unpad_experts` undoes it exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from r1c.config import ModelConfig
+from r1c.errors import CheckpointError
+from r1c.plugins import fp8
+
+SCALE_SUFFIX = "_scale_inv"
+FP8_DTYPE = torch.float8_e4m3fn
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+PER_EXPERT = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight(?:_scale_inv)?)$")
+
+HF_LAYOUT = ("the Hugging Face layout (config.json + model*.safetensors, tensor names like "
+             "model.layers.0.self_attn.q_a_proj.weight)")
+# tensor-name suffix -> the quantization format whose tensors end so
+QUANTIZED_TENSOR_SUFFIXES = {
+    ".weight_packed": "compressed-tensors packed INT4/INT8 (`weight_packed`)",
+    ".weight_shape": "compressed-tensors packed INT4/INT8 (`weight_shape`)",
+    ".weight_zero_point": "compressed-tensors (`weight_zero_point`)",
+    ".weight_scale_2": "NVIDIA ModelOpt NVFP4 (`weight_scale_2`)",
+    ".input_scale": "a static-activation quantization (`input_scale`: ModelOpt / compressed-tensors FP8)",
+    ".weight_scale": "a non-DeepSeek weight scale (`weight_scale`: compressed-tensors, ModelOpt or FBGEMM)",
+    ".qweight": "GPTQ/AWQ (`qweight`)",
+    ".qzeros": "GPTQ/AWQ (`qzeros`)",
+    ".g_idx": "GPTQ (`g_idx`)",
+    ".SCB": "bitsandbytes LLM.int8 (`SCB`)",
+    ".weight_format": "bitsandbytes LLM.int8 (`weight_format`)",
+    ".absmax": "bitsandbytes 4-bit (`absmax`)",
+    ".quant_map": "bitsandbytes 4-bit (`quant_map`)",
+}
+_REFERENCE_NAME = re.compile(r"^(embed\.weight|head\.weight|norm\.weight|layers\.\d+\.(attn|ffn|attn_norm|ffn_norm)\.)")
+_REFERENCE_FILE = re.compile(r"^model\d+-mp\d+\.safetensors$")
+HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer older exports saved; recomputed from the config
+
+
+def refuse_foreign_files(root: Path) -> None:
+    """CheckpointError naming the layout when `root` holds a layout r1c does not read (checked by file names)."""
+    names = sorted(p.name for p in root.iterdir())
+    reference = [n for n in names if _REFERENCE_FILE.match(n)]
+    if reference:
+        raise CheckpointError(f"checkpoint: {root} is in DeepSeek's reference-inference layout ({reference[0]}: "
+                              "shards converted by inference/convert.py, names like layers.0.attn.wq_a.weight); "
+                              f"r1c reads {HF_LAYOUT}: export the Hugging Face checkpoint those shards were "
+                              "converted from")
+    if not any(n.endswith(".safetensors") for n in names):
+        for pattern, what in ((".gguf", "GGUF (llama.cpp)"), (".bin", "PyTorch pickle (pytorch_model*.bin)"),
+                              (".pt", "PyTorch pickle (*.pt)"), (".pth", "PyTorch pickle (*.pth)")):
+            found = [n for n in names if n.endswith(pattern)]
+            if found:
+                raise CheckpointError(f"checkpoint: {root} holds {what} weights ({found[0]}); r1c reads {HF_LAYOUT}: "
+                                      "convert them to safetensors (transformers: save_pretrained) first")
+    if "hf_quant_config.json" in names:
+        raise CheckpointError(f"checkpoint: {root} is quantized with NVIDIA ModelOpt (hf_quant_config.json, e.g. "
+                              "NVFP4), which r1c does not read; r1c reads FP8 block-128 (quant_method 'fp8') or "
+                              "unquantized weights")
+
+
+def refuse_foreign_tensor(root: Path, name: str) -> None:
+    """CheckpointError when a tensor name belongs to a quantization format or layout r1c does not read."""
+    for suffix, what in QUANTIZED_TENSOR_SUFFIXES.items():
+        if name.endswith(suffix):
+            raise CheckpointError(f"checkpoint {root}: tensor {name} is {what}, a quantization r1c does not read; "
+                                  "r1c reads FP8 block-128 (quant_method 'fp8', `weight_scale_inv`) or unquantized "
+                                  "weights: dequantize the checkpoint to bf16 first")
+    if _REFERENCE_NAME.match(name):
+        raise CheckpointError(f"checkpoint {root}: tensor {name} is named in DeepSeek's reference-inference layout; "
+                              f"r1c reads {HF_LAYOUT}: export the Hugging Face checkpoint instead")
+    if ".switch_mlp." in name:
+        raise CheckpointError(f"checkpoint {root}: tensor {name} is in the MLX layout (switch_mlp); r1c reads "
+                              f"{HF_LAYOUT}")
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def padded_width(inter: int) -> int:
+    """moe_intermediate_size rounded up to whole 128-row blocks."""
+    return -(-inter // fp8.BLOCK) * fp8.BLOCK
+
+
+class ExpertFuser:
+    """Collects DeepSeek's per-expert tensors and fuses each layer's group as soon as it is complete."""
+
+    def __init__(self, config: ModelConfig, root: Path) -> None:
+        self.config = config
+        self.where = f"checkpoint {root}"
+        # (prefix, "weight" | "weight_scale_inv") -> proj -> expert -> tensor
+        self.parts: dict[tuple[str, str], dict[str, dict[int, torch.Tensor]]] = {}
+
+    def _want(self, proj: str, kind: str) -> tuple[int, int]:
+        h, inter = self.config.hidden_size, self.config.moe_intermediate_size
+        rows, cols = (h, inter) if proj == "down_proj" else (inter, h)
+        return fp8.block_shape(rows, cols) if kind.endswith(SCALE_SUFFIX) else (rows, cols)
+
+    def add(self, prefix: str, expert: int, proj: str, kind: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Takes one expert tensor; returns the fused tensors of its group once all E experts are in."""
+        e_count = self.config.n_routed_experts
+        name = f"{prefix}.{expert}.{proj}.{kind}"
+        if expert >= e_count:
+            raise CheckpointError(f"{self.where}: tensor {name} is beyond n_routed_experts ({e_count})")
+        want = self._want(proj, kind)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{self.where}: tensor {name} has shape {list(t.shape)}, expected {list(want)}")
+        group = self.parts.setdefault((prefix, kind), {})
+        group.setdefault(proj, {})[expert] = t
+        if sum(len(v) for v in group.values()) < 3 * e_count:
+            return []
+        del self.parts[(prefix, kind)]
+        return self._fuse(prefix, kind, group)
+
+    def _fuse(
+        self, prefix: str, kind: str, group: dict[str, dict[int, torch.Tensor]]
+    ) -> list[tuple[str, torch.Tensor]]:
+        e_count, inter = self.config.n_routed_experts, self.config.moe_intermediate_size
+        is_scale = kind.endswith(SCALE_SUFFIX)
+        gate, up, down = group["gate_proj"], group["up_proj"], group["down_proj"]
+        # FP8 weights with a partial last block: pad each projection to whole blocks (see the module docstring)
+        pad = not is_scale and gate[0].dtype == FP8_DTYPE and inter % fp8.BLOCK != 0
+        rows = gate[0].shape[0]  # I, or ceil(I/128) for the scale grids (which need no padding)
+        width = padded_width(inter) if pad else rows
+        w13 = torch.zeros(e_count, 2 * width, gate[0].shape[1], dtype=gate[0].dtype)  # [E, 2I, H] (or its grid)
+        w2 = torch.zeros(e_count, down[0].shape[0], width if pad else down[0].shape[1], dtype=down[0].dtype)
+        for e in range(e_count):
+            w13[e, :rows], w13[e, width : width + rows] = gate.pop(e), up.pop(e)
+            d = down.pop(e)
+            w2[e, :, : d.shape[1]] = d
+        suffix = SCALE_SUFFIX if is_scale else ""
+        return [(prefix + ".gate_up_proj" + suffix, w13), (prefix + ".down_proj" + suffix, w2)]
+
+    def check_complete(self) -> None:
+        e_count = self.config.n_routed_experts
+        for (prefix, kind), group in self.parts.items():
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                lost = [e for e in range(e_count) if e not in group.get(proj, {})]
+                if lost:
+                    n_lost = sum(e_count - len(group.get(p, {})) for p in ("gate_proj", "up_proj", "down_proj"))
+                    raise CheckpointError(f"{self.where}: tensor {prefix}.{lost[0]}.{proj}.{kind} is missing "
+                                          f"({n_lost} per-expert tensors missing in {prefix})")
+
+
+def is_padded(config: ModelConfig, name: str, shape: tuple[int, ...]) -> bool:
+    """True for a fused FP8 expert tensor of the padded width (per-expert FP8 with a partial last block)."""
+    inter = config.moe_intermediate_size
+    if inter % fp8.BLOCK == 0:
+        return False
+    width = padded_width(inter)
+    if name.endswith("mlp.experts.gate_up_proj"):
+        return len(shape) == 3 and shape[1] == 2 * width
+    if name.endswith("mlp.experts.down_proj"):
+        return len(shape) == 3 and shape[2] == width
+    return False
+
+
+def unpad_experts(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The padded expert tensors of `tensors` cut back to moe_intermediate_size (exact: the pads are zero)."""
+    inter, width = config.moe_intermediate_size, padded_width(config.moe_intermediate_size)
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if name.endswith(SCALE_SUFFIX) or not is_padded(config, name, tuple(t.shape)):
+            continue
+        if name.endswith("gate_up_proj"):
+            out[name] = torch.cat([t[:, :inter], t[:, width : width + inter]], dim=1)
+        else:
+            out[name] = t[..., :inter].contiguous()
+    return out
