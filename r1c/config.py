@@ -167,6 +167,10 @@ class ModelConfig:
                  f"n_routed_experts ({self.n_routed_experts}) must divide into n_group ({self.n_group})")
             need(1 <= self.topk_group <= self.n_group,
                  f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            if self.topk_method == "noaux_tc":  # the group score is a top-2 sum (transformers, DeepSeek: topk(2))
+                need(self.n_group == 1 or self.n_routed_experts >= 2 * self.n_group,
+                     f"n_group {self.n_group} leaves one expert per group, but noaux_tc scores a group by its "
+                     "2 best experts")
             kept = self.n_routed_experts // self.n_group * self.topk_group
         need(1 <= self.num_experts_per_tok <= kept,
              f"num_experts_per_tok must be in [1, {kept}] (the experts left after the group mask), got "
