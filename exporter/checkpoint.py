@@ -37,7 +37,7 @@ from r1c.exporter.checkpoint_layouts import (
     layer_index,
     padded_width,
     refuse_foreign_files,
-    refuse_foreign_tensor,
+    refuse_foreign_tensors,
     unpad_experts,
 )
 from r1c.exporter.model import DeepseekV3ForCausalLM
@@ -139,44 +139,75 @@ def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     return found, None
 
 
-class _Skipped:
-    """Tensors of the multi-token-prediction layer(s), skipped on purpose: counted to be said once."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.layers: set[int] = set()
+def _corrupt(path: Path, e: Exception) -> CheckpointError:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(f"checkpoint: {path} is truncated or corrupt ({reason})")
 
 
-def _read_file(path: Path, names: list[str] | None, num_layers: int,
-               skipped: _Skipped) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of one safetensors file, skipping MTP layers (index >= num_layers)."""
+def _file_keys(path: Path) -> list[str]:
+    """The tensor names in one safetensors file (its header only)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-            if names is not None and not present.issuperset(names):
-                lost = sorted(set(names) - present)
-                raise CheckpointError(f"checkpoint: tensor {lost[0]} is missing from {path} although the index "
-                                      f"lists it there ({len(lost)} missing)")
-            for name in names if names is not None else sorted(present):
-                layer = layer_index(name)
-                if layer is not None and layer >= num_layers:
-                    skipped.count += 1
-                    skipped.layers.add(layer)
-                    continue
+            return sorted(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError for I/O)
+        raise _corrupt(path, e) from None
+
+
+def _read_file(path: Path, names: list[str], listed: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for the `names` of one safetensors file (`listed`: the names come from the index)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if listed:
+                lost = sorted(set(names) - set(f.keys()))
+                if lost:
+                    raise CheckpointError(f"checkpoint: tensor {lost[0]} is missing from {path} although the index "
+                                          f"lists it there ({len(lost)} missing)")
+            for name in names:
                 yield name, f.get_tensor(name)
     except CheckpointError:
         raise
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError for I/O)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({reason})") from None
+    except Exception as e:
+        raise _corrupt(path, e) from None
+
+
+def _sort_names(config: ModelConfig, root: Path, names_by_file: dict[Path, list[str]]) -> dict[Path, list[str]]:
+    """The names to read per file: the MTP layer left out (and said once); anything r1c would not read refused by
+    name before a tensor is read (`checkpoint_layouts.refuse_foreign_tensors`)."""
+    expected = expected_shapes(config)
+    mtp: dict[int, int] = {}
+    unknown: list[str] = []
+    wanted: dict[Path, list[str]] = {}
+    for file, names in names_by_file.items():
+        for name in names:
+            layer = layer_index(name)
+            if layer is not None and layer >= config.num_hidden_layers:
+                mtp[layer] = mtp.get(layer, 0) + 1
+                continue
+            known = (PER_EXPERT.match(name) or name.removesuffix(SCALE_SUFFIX) in expected
+                     or (".mlp.shared_experts." in name and not config.n_shared_experts))  # zero-width, checked later
+            if known:
+                wanted.setdefault(file, []).append(name)
+            elif not HARMLESS.search(name):
+                unknown.append(name)
+    if unknown:
+        refuse_foreign_tensors(root, unknown)
+        raise CheckpointError(f"checkpoint {root}: tensor {unknown[0]} is not part of the {config.architecture} "
+                              f"model this config.json describes ({len(unknown)} such tensors); r1c would ignore "
+                              "it and compute something else")
+    if mtp:
+        logger.warning("checkpoint %s: skipped the multi-token-prediction layer %s (%d tensors): r1c exports the "
+                       "main model only", root, ", ".join(f"model.layers.{i}" for i in sorted(mtp)),
+                       sum(mtp.values()))
+    return wanted
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Reads an HF-layout checkpoint dir into canonical names; raises CheckpointError/ConfigError on bad input.
 
     The config is read first (a quantization or architecture r1c does not read fails for that reason), then the
-    layout is checked (`checkpoint_layouts.refuse_foreign_files` / `refuse_foreign_tensor`). A tensor that is
-    neither canonical, nor DeepSeek's per-expert form, nor the MTP layer is refused by name. A
+    layout is checked (`checkpoint_layouts.refuse_foreign_files` / `refuse_foreign_tensors`), from the files' headers
+    before any tensor is read: a tensor that is neither canonical, nor DeepSeek's per-expert form, nor the MTP layer
+    is refused by name. A
     `quantization_config` that no FP8 tensor backs (a bf16 copy of an FP8 release) is dropped from the config.
     """
     root = Path(path)
@@ -187,38 +218,32 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint: {root} has no config.json")
     config = ModelConfig.from_json(root / "config.json")
     files, weight_map = _weight_files(root)
-    names_by_file: dict[str, list[str]] = {}
+    names_by_file: dict[Path, list[str]] = {file: [] for file in files}
     if weight_map is not None:
         for name, file in weight_map.items():
-            names_by_file.setdefault(file, []).append(name)
+            names_by_file[root / file].append(name)
+    else:
+        names_by_file = {file: _file_keys(file) for file in files}
+    wanted = _sort_names(config, root, names_by_file)
 
-    expected = expected_shapes(config)
     tensors: dict[str, torch.Tensor] = {}
     fuser = ExpertFuser(config, root)
-    skipped = _Skipped()
     bar = tqdm(files, desc="loading shards", unit="file", file=sys.stderr,
                disable=len(files) < 2 or not sys.stderr.isatty())
     for file in bar:
-        for name, tensor in _read_file(file, names_by_file.get(file.name), config.num_hidden_layers, skipped):
+        for name, tensor in _read_file(file, wanted.get(file, []), listed=weight_map is not None):
             if name.endswith(SCALE_SUFFIX) and tensor.dtype != torch.float32:  # e.g. ue8m0 scales as float8_e8m0fnu
                 tensor = tensor.to(torch.float32)
             m = PER_EXPERT.match(name)
             if m:
                 tensors.update(fuser.add(m.group(1), int(m.group(2)), m.group(3), m.group(4), tensor))
-            elif name in expected or name.removesuffix(SCALE_SUFFIX) in expected:
+            elif ".mlp.shared_experts." in name and not config.n_shared_experts:
+                if tensor.numel():  # transformers saves a zero-width shared expert when n_shared_experts is 0
+                    raise CheckpointError(f"checkpoint {root}: tensor {name} holds a shared expert, but "
+                                          "n_shared_experts is 0")
+            else:
                 tensors[name] = tensor
-            elif tensor.numel() == 0 and ".mlp.shared_experts." in name and not config.n_shared_experts:
-                continue  # transformers saves a zero-width shared expert when n_shared_experts is 0
-            elif not HARMLESS.search(name):
-                refuse_foreign_tensor(root, name)
-                raise CheckpointError(f"checkpoint {root}: tensor {name} is not part of the {config.architecture} "
-                                      f"model r1c reads for this config.json (r1c would ignore it and compute "
-                                      f"something else)")
     fuser.check_complete()
-    if skipped.count:
-        logger.warning("checkpoint %s: skipped the multi-token-prediction layer %s (%d tensors): r1c exports the "
-                       "main model only", root, ", ".join(f"model.layers.{i}" for i in sorted(skipped.layers)),
-                       skipped.count)
     _check(config, tensors, root)
     for name in list(tensors):  # the router runs in float32 (transformers keeps these in fp32 too)
         if name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias")):

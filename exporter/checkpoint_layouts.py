@@ -35,11 +35,11 @@ PER_EXPERT = re.compile(
 HF_LAYOUT = ("the Hugging Face layout (config.json + model*.safetensors, tensor names like "
              "model.layers.0.self_attn.q_a_proj.weight)")
 # tensor-name suffix -> the quantization format whose tensors end so
-QUANTIZED_TENSOR_SUFFIXES = {
+QUANTIZED_TENSOR_SUFFIXES = {  # the most specific sign first
+    ".weight_scale_2": "NVIDIA ModelOpt NVFP4 (`weight_scale_2`)",
     ".weight_packed": "compressed-tensors packed INT4/INT8 (`weight_packed`)",
     ".weight_shape": "compressed-tensors packed INT4/INT8 (`weight_shape`)",
     ".weight_zero_point": "compressed-tensors (`weight_zero_point`)",
-    ".weight_scale_2": "NVIDIA ModelOpt NVFP4 (`weight_scale_2`)",
     ".input_scale": "a static-activation quantization (`input_scale`: ModelOpt / compressed-tensors FP8)",
     ".weight_scale": "a non-DeepSeek weight scale (`weight_scale`: compressed-tensors, ModelOpt or FBGEMM)",
     ".qweight": "GPTQ/AWQ (`qweight`)",
@@ -77,18 +77,22 @@ def refuse_foreign_files(root: Path) -> None:
                               "unquantized weights")
 
 
-def refuse_foreign_tensor(root: Path, name: str) -> None:
-    """CheckpointError when a tensor name belongs to a quantization format or layout r1c does not read."""
+def refuse_foreign_tensors(root: Path, names: list[str]) -> None:
+    """CheckpointError naming the quantization format or layout that tensors r1c does not read belong to (the most
+    specific sign first: NVFP4's `weight_scale_2` before the `input_scale` it shares with FP8 formats)."""
     for suffix, what in QUANTIZED_TENSOR_SUFFIXES.items():
-        if name.endswith(suffix):
-            raise CheckpointError(f"checkpoint {root}: tensor {name} is {what}, a quantization r1c does not read; "
-                                  "r1c reads FP8 block-128 (quant_method 'fp8', `weight_scale_inv`) or unquantized "
-                                  "weights: dequantize the checkpoint to bf16 first")
-    if _REFERENCE_NAME.match(name):
-        raise CheckpointError(f"checkpoint {root}: tensor {name} is named in DeepSeek's reference-inference layout; "
-                              f"r1c reads {HF_LAYOUT}: export the Hugging Face checkpoint instead")
-    if ".switch_mlp." in name:
-        raise CheckpointError(f"checkpoint {root}: tensor {name} is in the MLX layout (switch_mlp); r1c reads "
+        found = [n for n in names if n.endswith(suffix)]
+        if found:
+            raise CheckpointError(f"checkpoint {root}: tensor {found[0]} is {what}, a quantization r1c does not "
+                                  "read; r1c reads FP8 block-128 (quant_method 'fp8', `weight_scale_inv`) or "
+                                  "unquantized weights: dequantize the checkpoint to bf16 first")
+    reference = [n for n in names if _REFERENCE_NAME.match(n)]
+    if reference:
+        raise CheckpointError(f"checkpoint {root}: tensor {reference[0]} is named in DeepSeek's reference-inference "
+                              f"layout; r1c reads {HF_LAYOUT}: export the Hugging Face checkpoint instead")
+    mlx = [n for n in names if ".switch_mlp." in n]
+    if mlx:
+        raise CheckpointError(f"checkpoint {root}: tensor {mlx[0]} is in the MLX layout (switch_mlp); r1c reads "
                               f"{HF_LAYOUT}")
 
 

@@ -397,6 +397,8 @@ def export_onnx(config: ModelConfig, tensors: dict[str, torch.Tensor], out_dir: 
         onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024, convert_attribute=False)
         (tmp / GRAPH_IO_FILE).write_text(json.dumps(graph_io(config, lowering.quant), indent=2) + "\n")
+        if lowering.quant == "none":  # no FP8 tensor: a quantization_config would describe nothing (a stale one)
+            config = config.replace(quantization_config=None)
         (tmp / "config.json").write_text(config.to_json() + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

@@ -158,6 +158,10 @@ def architecture_of(d: dict[str, Any]) -> str:
         raise ConfigError(f"config: architecture {archs[0]!r} is not supported (r1c reads {supported}, under any "
                           "model_type)")
     if model_type is None:
+        if {"dim", "n_layers"} <= set(d):
+            raise ConfigError("config: this is DeepSeek's reference-inference ModelArgs (dim, n_layers, ...), not a "
+                              "Hugging Face config.json; r1c reads the Hugging Face checkpoint (config.json with "
+                              "architectures DeepseekV3ForCausalLM + model*.safetensors)")
         raise ConfigError("config: neither 'architectures' nor 'model_type' is set")
     if model_type not in ARCHITECTURE_OF_MODEL_TYPE:
         raise ConfigError(f"config: model_type {model_type!r} without 'architectures' is not supported (set "

@@ -86,15 +86,6 @@ def test_sharded_equals_single_file(tmp_path: Path, config: ModelConfig, tensors
     assert_same_tensors(load_checkpoint(tmp_path / "shards").tensors, load_checkpoint(tmp_path / "one").tensors)
 
 
-def test_mtp_layers_are_ignored(tmp_path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
-    mtp = config.num_hidden_layers  # DeepSeek ships its multi-token-prediction module as one more layer
-    extra = {f"model.layers.{mtp}.eh_proj.weight": torch.zeros(64, 128),
-             f"model.layers.{mtp}.mlp.experts.0.gate_proj.weight": torch.zeros(3, 3),  # bad shape: never read
-             f"model.layers.{mtp}.self_attn.o_proj.weight": torch.zeros(64, 64)}
-    save_checkpoint(tmp_path, config, {**tensors, **extra}, layout="per_expert")
-    assert_same_tensors(load_checkpoint(tmp_path).tensors, tensors)
-
-
 def test_tied_embeddings_need_no_lm_head(tmp_path: Path) -> None:
     config = tiny(tie_word_embeddings=True, num_hidden_layers=2)
     tensors = random_checkpoint(config)

@@ -168,6 +168,7 @@ ROUTER_CASES = {
     "one-expert-per-group": (7, 16, 8, 8, 4, 3, 1, "sigmoid", "mixed", torch.float32, 1, "noaux_tc"),
     "softmax": (9, 32, 16, 1, 1, 6, 0, "softmax", "zero", torch.float32, 2, "noaux_tc"),
     "bf16-hidden": (9, 64, 32, 4, 2, 4, 1, "sigmoid", "mixed", torch.bfloat16, 4, "noaux_tc"),
+    "kimi-k2-384-experts": (5, 32, 384, 1, 1, 8, 1, "sigmoid", "mixed", torch.float32, 1, "noaux_tc"),
     # DeepSeek-V2 modes: no bias read (a mixed one is passed), max group score, dropped experts' s = 0
     "v2-greedy": (9, 32, 16, 4, 2, 6, 0, "softmax", "mixed", torch.float32, 2, "greedy"),
     "v2-group-limited-greedy": (17, 32, 32, 8, 3, 6, 0, "softmax", "mixed", torch.float32, 4, "group_limited_greedy"),

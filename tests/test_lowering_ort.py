@@ -31,6 +31,7 @@ CASES = {
     "one_group": dict(e=16, n_group=1, topk_group=1),
     "all_kept_experts": dict(e=16, top_k=8),  # top_k == E / n_group * topk_group
     "no_normalization": dict(e=16, norm_topk_prob=0, routed_scaling_factor=1.5),
+    "kimi_k2_384_experts": dict(e=384, n_group=1, topk_group=1, top_k=8, routed_scaling_factor=2.827),
     # DeepSeek-V2 routing (no bias, no normalization): softmax scores, as the V2 checkpoints ship it
     "v2_greedy": dict(e=16, scoring="softmax", topk_method="greedy", norm_topk_prob=0, routed_scaling_factor=1.0,
                       n_group=3, topk_group=5),  # greedy ignores the group attributes
