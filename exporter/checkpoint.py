@@ -4,7 +4,7 @@ Canonical tensor names are transformers' v5 fused layout (see `expected_shapes`)
 names its routed experts one by one (`mlp.experts.{e}.gate_proj.weight`, ...), which loading fuses.
 FP8 weights stay FP8: the weight's name holds the float8_e4m3fn tensor and `<name>_scale_inv` its
 float32 128x128 block scales. Which layouts and quantizations are read and which are refused (with the
-reason, in one line) is `checkpoint_layouts`.
+reason, in one line) is `checkpoint_layouts`; the lazy reader over the shards is `checkpoint_reader`.
 
 Shape legend: V vocab, H hidden, N heads, D qk_nope_head_dim, R qk_rope_head_dim, Dv v_head_dim,
 C kv_lora_rank, Q q_lora_rank, E routed experts, I expert intermediate size, F dense intermediate size.
@@ -16,12 +16,10 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -29,15 +27,11 @@ from r1c.config import ModelConfig
 from r1c.errors import CheckpointError
 from r1c.exporter.checkpoint_layouts import (
     FP8_DTYPE,
-    HARMLESS,
-    PER_EXPERT,
     SCALE_SUFFIX,
-    ExpertFuser,
     is_padded,
     layer_index,
     padded_width,
-    refuse_foreign_files,
-    refuse_foreign_tensors,
+    parse_per_expert,
     unpad_experts,
 )
 from r1c.exporter.model import DeepseekV3ForCausalLM
@@ -45,12 +39,8 @@ from r1c.plugins import fp8
 
 logger = logging.getLogger(__name__)
 
-FP8_QUANTIZATION_CONFIG = {
-    "activation_scheme": "dynamic",
-    "fmt": "e4m3",
-    "quant_method": "fp8",
-    "weight_block_size": [fp8.BLOCK, fp8.BLOCK],
-}
+FP8_QUANTIZATION_CONFIG = fp8.QUANTIZATION_CONFIG
+__all__ = ["FP8_DTYPE", "SCALE_SUFFIX", "layer_index", "parse_per_expert"]
 
 
 @dataclasses.dataclass
@@ -116,166 +106,32 @@ def is_quantizable(name: str, ndim: int) -> bool:
 
 
 # ---- loading ---------------------------------------------------------------------------------------
-def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a checkpoint, and the index's weight_map when there is one."""
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index ({e})") from None
-        files = [root / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"checkpoint: shard {missing[0]} listed in {index.name} is missing from {root} "
-                                  f"({len(missing)} shard(s) missing)")
-        return files, weight_map
-    single = root / "model.safetensors"
-    if single.is_file():
-        return [single], None
-    found = sorted(root.glob("*.safetensors"))
-    if not found:
-        raise CheckpointError(f"checkpoint: no model.safetensors or model.safetensors.index.json in {root}")
-    return found, None
-
-
-def _corrupt(path: Path, e: Exception) -> CheckpointError:
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return CheckpointError(f"checkpoint: {path} is truncated or corrupt ({reason})")
-
-
-def _file_keys(path: Path) -> list[str]:
-    """The tensor names in one safetensors file (its header only)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return sorted(f.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError for I/O)
-        raise _corrupt(path, e) from None
-
-
-def _read_file(path: Path, names: list[str], listed: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for the `names` of one safetensors file (`listed`: the names come from the index)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if listed:
-                lost = sorted(set(names) - set(f.keys()))
-                if lost:
-                    raise CheckpointError(f"checkpoint: tensor {lost[0]} is missing from {path} although the index "
-                                          f"lists it there ({len(lost)} missing)")
-            for name in names:
-                yield name, f.get_tensor(name)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise _corrupt(path, e) from None
-
-
-def _sort_names(config: ModelConfig, root: Path, names_by_file: dict[Path, list[str]]) -> dict[Path, list[str]]:
-    """The names to read per file: the MTP layer left out (and said once); anything r1c would not read refused by
-    name before a tensor is read (`checkpoint_layouts.refuse_foreign_tensors`)."""
-    expected = expected_shapes(config)
-    mtp: dict[int, int] = {}
-    unknown: list[str] = []
-    wanted: dict[Path, list[str]] = {}
-    for file, names in names_by_file.items():
-        for name in names:
-            layer = layer_index(name)
-            if layer is not None and layer >= config.num_hidden_layers:
-                mtp[layer] = mtp.get(layer, 0) + 1
-                continue
-            known = (PER_EXPERT.match(name) or name.removesuffix(SCALE_SUFFIX) in expected
-                     or (".mlp.shared_experts." in name and not config.n_shared_experts))  # zero-width, checked later
-            if known:
-                wanted.setdefault(file, []).append(name)
-            elif not HARMLESS.search(name):
-                unknown.append(name)
-    if unknown:
-        refuse_foreign_tensors(root, unknown)
-        raise CheckpointError(f"checkpoint {root}: tensor {unknown[0]} is not part of the {config.architecture} "
-                              f"model this config.json describes ({len(unknown)} such tensors); r1c would ignore "
-                              "it and compute something else")
-    if mtp:
-        logger.warning("checkpoint %s: skipped the multi-token-prediction layer %s (%d tensors): r1c exports the "
-                       "main model only", root, ", ".join(f"model.layers.{i}" for i in sorted(mtp)),
-                       sum(mtp.values()))
-    return wanted
-
-
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Reads an HF-layout checkpoint dir into canonical names; raises CheckpointError/ConfigError on bad input.
 
-    The config is read first (a quantization or architecture r1c does not read fails for that reason), then the
-    layout is checked (`checkpoint_layouts.refuse_foreign_files` / `refuse_foreign_tensors`), from the files' headers
-    before any tensor is read: a tensor that is neither canonical, nor DeepSeek's per-expert form, nor the MTP layer
-    is refused by name. A
-    `quantization_config` that no FP8 tensor backs (a bf16 copy of an FP8 release) is dropped from the config.
+    Every tensor is read (see `CheckpointReader` for the lazy view that `r1c export` streams from, and for what
+    is refused before a tensor is read). A `quantization_config` that no FP8 tensor backs (a bf16 copy of an FP8
+    release) is dropped from the config; FP8 tensors without one get DeepSeek's.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint: directory {root} not found")
-    refuse_foreign_files(root)
-    if not (root / "config.json").is_file():
-        raise CheckpointError(f"checkpoint: {root} has no config.json")
-    config = ModelConfig.from_json(root / "config.json")
-    files, weight_map = _weight_files(root)
-    names_by_file: dict[Path, list[str]] = {file: [] for file in files}
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            names_by_file[root / file].append(name)
-    else:
-        names_by_file = {file: _file_keys(file) for file in files}
-    wanted = _sort_names(config, root, names_by_file)
+    from r1c.exporter.checkpoint_reader import CheckpointReader
 
-    tensors: dict[str, torch.Tensor] = {}
-    fuser = ExpertFuser(config, root)
-    bar = tqdm(files, desc="loading shards", unit="file", file=sys.stderr,
-               disable=len(files) < 2 or not sys.stderr.isatty())
-    for file in bar:
-        for name, tensor in _read_file(file, wanted.get(file, []), listed=weight_map is not None):
-            if name.endswith(SCALE_SUFFIX) and tensor.dtype != torch.float32:  # e.g. ue8m0 scales as float8_e8m0fnu
-                tensor = tensor.to(torch.float32)
-            m = PER_EXPERT.match(name)
-            if m:
-                tensors.update(fuser.add(m.group(1), int(m.group(2)), m.group(3), m.group(4), tensor))
-            elif ".mlp.shared_experts." in name and not config.n_shared_experts:
-                if tensor.numel():  # transformers saves a zero-width shared expert when n_shared_experts is 0
-                    raise CheckpointError(f"checkpoint {root}: tensor {name} holds a shared expert, but "
-                                          "n_shared_experts is 0")
-            else:
-                tensors[name] = tensor
-    fuser.check_complete()
-    _check(config, tensors, root)
+    reader = CheckpointReader(path)
+    names = reader.names
+    bar = tqdm(names, desc="loading tensors", unit="tensor", file=sys.stderr,
+               disable=len(reader.files) < 2 or not sys.stderr.isatty())
+    tensors = {name: reader.get(name) for name in bar}
     for name in list(tensors):  # the router runs in float32 (transformers keeps these in fp32 too)
         if name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias")):
             tensors[name] = tensors[name].to(torch.float32)
+    config = reader.config
     has_fp8 = any(t.dtype == FP8_DTYPE for t in tensors.values())
     if config.quantization_config is not None and not has_fp8:
         logger.info("checkpoint %s: config.json's quantization_config (%s) describes no tensor (the weights are "
-                    "not FP8): dropped", root, config.quantization_config.get("quant_method"))
+                    "not FP8): dropped", reader.root, config.quantization_config.get("quant_method"))
         config = config.replace(quantization_config=None)
     elif config.quantization_config is None and has_fp8:
         config = config.replace(quantization_config=dict(FP8_QUANTIZATION_CONFIG))
-    return Checkpoint(config=config, tensors=tensors, source=root)
-
-
-def _check(config: ModelConfig, tensors: dict[str, torch.Tensor], root: Path) -> None:
-    expected = expected_shapes(config)
-    missing = [name for name in expected if name not in tensors]
-    for name, tensor in tensors.items():
-        if tensor.dtype == FP8_DTYPE and name + SCALE_SUFFIX not in tensors:
-            missing.append(name + SCALE_SUFFIX)
-    if missing:
-        raise CheckpointError(f"checkpoint {root}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
-    for name, shape in expected.items():
-        got = tuple(tensors[name].shape)
-        if got != shape and not (tensors[name].dtype == FP8_DTYPE and is_padded(config, name, got)):
-            raise CheckpointError(f"checkpoint {root}: tensor {name} has shape {list(got)}, expected {list(shape)}")
-        scale = tensors.get(name + SCALE_SUFFIX)
-        if scale is not None:
-            want = (*got[:-2], *fp8.block_shape(got[-2], got[-1]))
-            if tuple(scale.shape) != want:
-                raise CheckpointError(f"checkpoint {root}: tensor {name}{SCALE_SUFFIX} has shape "
-                                      f"{list(scale.shape)}, expected {list(want)}")
+    return Checkpoint(config=config, tensors=tensors, source=reader.root)
 
 
 # ---- saving ----------------------------------------------------------------------------------------

@@ -97,8 +97,15 @@ def refuse_foreign_tensors(root: Path, names: list[str]) -> None:
 
 
 def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (`model.layers.{i}.*`), or None."""
     m = LAYER.match(name)
     return int(m.group(1)) if m else None
+
+
+def parse_per_expert(name: str) -> tuple[str, int, str, str] | None:
+    """DeepSeek's per-expert name -> (prefix `model.layers.{i}.mlp.experts`, expert, proj, kind), or None."""
+    m = PER_EXPERT.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3), m.group(4)) if m else None
 
 
 def padded_width(inter: int) -> int:
@@ -106,64 +113,60 @@ def padded_width(inter: int) -> int:
     return -(-inter // fp8.BLOCK) * fp8.BLOCK
 
 
-class ExpertFuser:
-    """Collects DeepSeek's per-expert tensors and fuses each layer's group as soon as it is complete."""
+def _pads(config: ModelConfig, kind: str, dtype: torch.dtype) -> bool:
+    """Per-expert FP8 weights whose last 128-block is partial are fused padded (see the module docstring)."""
+    return kind == "weight" and dtype == FP8_DTYPE and config.moe_intermediate_size % fp8.BLOCK != 0
 
-    def __init__(self, config: ModelConfig, root: Path) -> None:
-        self.config = config
-        self.where = f"checkpoint {root}"
-        # (prefix, "weight" | "weight_scale_inv") -> proj -> expert -> tensor
-        self.parts: dict[tuple[str, str], dict[str, dict[int, torch.Tensor]]] = {}
 
-    def _want(self, proj: str, kind: str) -> tuple[int, int]:
-        h, inter = self.config.hidden_size, self.config.moe_intermediate_size
-        rows, cols = (h, inter) if proj == "down_proj" else (inter, h)
-        return fp8.block_shape(rows, cols) if kind.endswith(SCALE_SUFFIX) else (rows, cols)
+def expert_part_shape(config: ModelConfig, proj: str, kind: str) -> tuple[int, int]:
+    """The shape of one expert's `proj` tensor (`kind` weight) or of its FP8 block-scale grid."""
+    h, inter = config.hidden_size, config.moe_intermediate_size
+    rows, cols = (h, inter) if proj == "down_proj" else (inter, h)
+    return fp8.block_shape(rows, cols) if kind.endswith(SCALE_SUFFIX) else (rows, cols)
 
-    def add(self, prefix: str, expert: int, proj: str, kind: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """Takes one expert tensor; returns the fused tensors of its group once all E experts are in."""
-        e_count = self.config.n_routed_experts
-        name = f"{prefix}.{expert}.{proj}.{kind}"
-        if expert >= e_count:
-            raise CheckpointError(f"{self.where}: tensor {name} is beyond n_routed_experts ({e_count})")
-        want = self._want(proj, kind)
-        if tuple(t.shape) != want:
-            raise CheckpointError(f"{self.where}: tensor {name} has shape {list(t.shape)}, expected {list(want)}")
-        group = self.parts.setdefault((prefix, kind), {})
-        group.setdefault(proj, {})[expert] = t
-        if sum(len(v) for v in group.values()) < 3 * e_count:
-            return []
-        del self.parts[(prefix, kind)]
-        return self._fuse(prefix, kind, group)
 
-    def _fuse(
-        self, prefix: str, kind: str, group: dict[str, dict[int, torch.Tensor]]
-    ) -> list[tuple[str, torch.Tensor]]:
-        e_count, inter = self.config.n_routed_experts, self.config.moe_intermediate_size
-        is_scale = kind.endswith(SCALE_SUFFIX)
-        gate, up, down = group["gate_proj"], group["up_proj"], group["down_proj"]
-        # FP8 weights with a partial last block: pad each projection to whole blocks (see the module docstring)
-        pad = not is_scale and gate[0].dtype == FP8_DTYPE and inter % fp8.BLOCK != 0
-        rows = gate[0].shape[0]  # I, or ceil(I/128) for the scale grids (which need no padding)
-        width = padded_width(inter) if pad else rows
-        w13 = torch.zeros(e_count, 2 * width, gate[0].shape[1], dtype=gate[0].dtype)  # [E, 2I, H] (or its grid)
-        w2 = torch.zeros(e_count, down[0].shape[0], width if pad else down[0].shape[1], dtype=down[0].dtype)
-        for e in range(e_count):
-            w13[e, :rows], w13[e, width : width + rows] = gate.pop(e), up.pop(e)
-            d = down.pop(e)
-            w2[e, :, : d.shape[1]] = d
-        suffix = SCALE_SUFFIX if is_scale else ""
-        return [(prefix + ".gate_up_proj" + suffix, w13), (prefix + ".down_proj" + suffix, w2)]
+def fused_expert_shape(config: ModelConfig, fused: str, kind: str, dtype: torch.dtype) -> tuple[int, int, int]:
+    """[E, rows, cols] of the fused tensor (`fused` .gate_up_proj | .down_proj) that per-expert parts make."""
+    e = config.n_routed_experts
+    width = padded_width(config.moe_intermediate_size) if _pads(config, kind, dtype) else None
+    gate = expert_part_shape(config, "gate_proj", kind)
+    down = expert_part_shape(config, "down_proj", kind)
+    if fused == ".gate_up_proj":
+        return e, 2 * (width or gate[0]), gate[1]
+    return e, down[0], width or down[1]
 
-    def check_complete(self) -> None:
-        e_count = self.config.n_routed_experts
-        for (prefix, kind), group in self.parts.items():
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                lost = [e for e in range(e_count) if e not in group.get(proj, {})]
-                if lost:
-                    n_lost = sum(e_count - len(group.get(p, {})) for p in ("gate_proj", "up_proj", "down_proj"))
-                    raise CheckpointError(f"{self.where}: tensor {prefix}.{lost[0]}.{proj}.{kind} is missing "
-                                          f"({n_lost} per-expert tensors missing in {prefix})")
+
+def fuse_expert(config: ModelConfig, fused: str, kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """One expert's fused tensor from its parts ([gate, up] or [down]): gate rows then up rows, each padded with
+    zero rows (down: zero columns) to whole 128-blocks when FP8 with a partial last block; scale grids stacked."""
+    if not _pads(config, kind, parts[0].dtype):
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    width = padded_width(config.moe_intermediate_size)
+    if fused == ".down_proj":
+        out = torch.zeros(parts[0].shape[0], width, dtype=parts[0].dtype)
+        out[:, : parts[0].shape[1]] = parts[0]
+        return out
+    out = torch.zeros(2 * width, parts[0].shape[1], dtype=parts[0].dtype)
+    out[: parts[0].shape[0]], out[width : width + parts[1].shape[0]] = parts[0], parts[1]
+    return out
+
+
+def skippable(config: ModelConfig, name: str, shape: tuple[int, ...]) -> bool:
+    """A tensor outside the model that carries nothing: a zero-width shared expert (transformers saves one when
+    n_shared_experts is 0) or a rotary `inv_freq` buffer (recomputed from the config)."""
+    zero_shared = ".mlp.shared_experts." in name and not config.n_shared_experts and 0 in shape
+    return zero_shared or bool(HARMLESS.search(name))
+
+
+def refuse_unknown_tensors(root: Path, config: ModelConfig, names: list[str]) -> None:
+    """CheckpointError for tensors the config does not describe: the format or layout they belong to when it is
+    known (`refuse_foreign_tensors`), else the first name (r1c would ignore it and compute something else)."""
+    if not names:
+        return
+    refuse_foreign_tensors(root, names)
+    raise CheckpointError(f"checkpoint {root}: tensor {names[0]} is not part of the {config.architecture} model "
+                          f"this config.json describes ({len(names)} such tensors); r1c would ignore it and compute "
+                          "something else")
 
 
 def is_padded(config: ModelConfig, name: str, shape: tuple[int, ...]) -> bool:
