@@ -146,7 +146,8 @@ class ModelConfig:
         pair = (self.scoring_func, self.topk_method)
         allowed = ROUTING[self.architecture]
         need(pair in allowed, f"scoring_func {self.scoring_func!r} with topk_method {self.topk_method!r} is not "
-             f"{self.architecture} routing (it routes with " + " or ".join(f"{s} + {m}" for s, m in allowed) + ")")
+             f"{self.architecture} routing: transformers and DeepSeek's code route it with "
+             + " or ".join(f"{s} + {m}" for s, m in allowed) + " whatever the file says, so r1c refuses to guess")
         if self.topk_method != "noaux_tc":
             need(not self.norm_topk_prob, f"norm_topk_prob true with topk_method {self.topk_method!r} is refused: "
                  "DeepSeek's V2 code normalises instead of scaling while transformers ignores the flag")

@@ -11,6 +11,7 @@ block-128 are refused with one line naming the field and its value.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -209,8 +210,8 @@ def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 def _check_foreign(d: dict[str, Any], arch: str) -> None:
     for key, allowed in FOREIGN_FIELDS.items():
         if key in d and d[key] not in allowed:
-            raise ConfigError(f"config: {key} {d[key]!r} is not supported (r1c computes {arch} with "
-                              f"{key} {allowed[0]!r})")
+            raise ConfigError(f"config: {key} {json.dumps(d[key])} is not supported (r1c computes {arch} with "
+                              f"{key} {json.dumps(allowed[0])})")
     heads, kv_heads = d.get("num_attention_heads"), d.get("num_key_value_heads")
     if kv_heads is not None and kv_heads != heads:
         raise ConfigError(f"config: num_key_value_heads {kv_heads!r} differs from num_attention_heads {heads!r} "

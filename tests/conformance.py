@@ -191,8 +191,8 @@ REFUSED: dict[str, list[tuple[dict[str, Any], dict[str, Any], str]]] = {
     "architecture": [({"architectures": ["DeepseekV32ForCausalLM"]}, BASE_V3, "architecture 'DeepseekV32ForCausalLM'"),
                      ({"architectures": _DELETE, "model_type": "llama"}, BASE_V3, "model_type 'llama'")],
     # fields outside ModelConfig that change transformers' math
-    "attention_bias": [({"attention_bias": True}, BASE_V3, "attention_bias True")],
-    "mlp_bias": [({"mlp_bias": True}, BASE_V2_LITE, "mlp_bias True")],
+    "attention_bias": [({"attention_bias": True}, BASE_V3, "attention_bias true")],
+    "mlp_bias": [({"mlp_bias": True}, BASE_V2_LITE, "mlp_bias true")],
     "num_key_value_heads": [({"num_key_value_heads": 2}, BASE_V3, "num_key_value_heads 2")],
     "moe_layer_freq": [({"moe_layer_freq": 2}, BASE_V3, "moe_layer_freq 2")],
 }
