@@ -27,9 +27,9 @@ from r1c.config import ModelConfig, yarn_get_mscale
 from r1c.plugins.moe_experts import moe_experts_reference
 from r1c.plugins.moe_router import moe_router_reference
 
-# eps of MLA's q_a_layernorm / kv_a_layernorm: the RMSNorm default, whatever rms_norm_eps says (transformers'
-# DeepseekV3Attention / DeepseekV2Attention, DeepSeek's modeling_deepseek.py and inference/model.py all build
-# these two norms without the config's eps). The decoder norms use config.rms_norm_eps.
+# eps of MLA's q_a_layernorm / kv_a_layernorm: the RMSNorm default, whatever rms_norm_eps says (transformers 5's
+# DeepseekV3Attention / DeepseekV2Attention build these two norms without the config's eps). The decoder norms
+# use config.rms_norm_eps.
 MLA_NORM_EPS = 1e-6
 
 
