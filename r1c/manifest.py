@@ -20,7 +20,7 @@ from r1c.jsonfile import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

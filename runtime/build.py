@@ -40,8 +40,13 @@ def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, du
 
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
-                 verbose: bool = False) -> Path:
-    """Build `out_dir` (created whole or not at all) from the export at `export_dir`."""
+                 verbose: bool = False, arch: str | None = None,
+                 tensorrt_options: dict[str, Any] | None = None) -> Path:
+    """Build `out_dir` (created whole or not at all) from the export at `export_dir`.
+
+    `arch` (TensorRT targets): the compute capability to build for (`sm89`, `sm90`, `sm120`, ...; tensorrt-rtx
+    default sm89, tensorrt default the current GPU); `tensorrt_options`: profile options (see
+    `r1c.runtime.trt_profiles.PROFILE_OPTIONS`)."""
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"build: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -61,15 +66,22 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             target_options = {"model": "model.onnx", "session": {**DEFAULT_OPTIONS, **(session or {})}}
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
             OrtBackend(tmp / "model.onnx", target_options["session"])
+        elif target == "tensorrt-rtx":
+            from r1c.runtime.trt_rtx import build_tensorrt_rtx
+
+            _lower(src, tmp, target, dump_after, dumps, verbose)
+            target_options, libraries = build_tensorrt_rtx(tmp, config, arch=arch or "sm89",
+                                                           **(tensorrt_options or {}))
         else:
             from r1c.runtime.trt_build import build_tensorrt
 
             _lower(src, tmp, target, dump_after, dumps, verbose)
-            target_options, libraries = build_tensorrt(tmp, config)
+            target_options, libraries = build_tensorrt(tmp, config, compute_capability=arch,
+                                                       **(tensorrt_options or {}))
         import onnx
 
         libraries["onnx"] = onnx.__version__
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = Manifest(
             target=target,
             precision=graph_io.get("weights_quant", "none"),

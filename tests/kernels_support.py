@@ -49,15 +49,15 @@ def import_kernels(*names: str) -> tuple[list[ModuleType | None], str | None]:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
         modules: list[ModuleType | None] = [importlib.import_module(n) for n in names]
+        fp8_triton = importlib.import_module("r1c.plugins.fp8_triton")  # every kernel module imports it
     finally:
         if previous is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = previous
     from r1c.plugins._triton import is_interpreted
-    from r1c.plugins.moe_experts.kernels import _moe_gemm2_kernel
 
-    interpreted = is_interpreted(_moe_gemm2_kernel)
+    interpreted = is_interpreted(fp8_triton._quant_act_1x128_kernel)
     if native and interpreted:
         return modules, "the kernels were imported for the interpreter but CUDA tensors are wanted"
     if not native and not interpreted:
