@@ -15,7 +15,9 @@ from typing import Any
 
 from r1c.errors import BundleError
 
+CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
 STATIC_SHARED_LIMIT = 48 * 1024  # above this a function needs the attribute raised (Triton's launcher does the same)
 
 
@@ -64,10 +66,27 @@ class CudaDriver:
                     f"cuModuleLoadData ({name})")
         self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), module, name.encode()),
                     f"cuModuleGetFunction ({name})")
-        if shared > STATIC_SHARED_LIMIT:
-            self._check(self.lib.cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
+        if shared > STATIC_SHARED_LIMIT:  # as Triton's launcher: allow up to the opt-in limit minus static memory
+            static, optin, dev = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+            self._check(self.lib.cuFuncGetAttribute(ctypes.byref(static), CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn),
+                        "cuFuncGetAttribute")
+            self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
+            self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(optin),
+                                                      CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev),
+                        "cuDeviceGetAttribute")
+            if shared + static.value > optin.value:
+                raise BundleError(f"kernels: {name} needs {shared} + {static.value} bytes of shared memory; this GPU "
+                                  f"allows {optin.value} per block (the library was built for another GPU?)")
+            self._check(self.lib.cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                    optin.value - static.value),
                         f"cuFuncSetAttribute ({name}, {shared} bytes of shared memory)")
         return fn
+
+    def driver_version(self) -> int:
+        """The driver's CUDA version, e.g. 13000."""
+        v = ctypes.c_int()
+        self._check(self.lib.cuDriverGetVersion(ctypes.byref(v)), "cuDriverGetVersion")
+        return v.value
 
     def launch(self, fn: Any, grid: Sequence[int], block: int, shared: int, stream: int, params: Any) -> None:
         """cuLaunchKernel(fn, grid, (block, 1, 1), shared, stream, params): `params` is a void* array pointing at

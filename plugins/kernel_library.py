@@ -51,10 +51,11 @@ def _capability(cc: str | int | tuple[int, int]) -> int:
 
 
 def build_library(specs: Iterable[KernelSpec], out_dir: str | Path, compute_capability: str | int | tuple[int, int],
-                  *, progress: bool = False) -> dict[str, Any]:
-    """Compile every distinct spec for `compute_capability` into `out_dir` (cubins + index.json); returns the index.
+                  *, progress: bool = False, index_name: str = INDEX_FILE) -> dict[str, Any]:
+    """Compile every distinct spec for `compute_capability` into `out_dir` (cubins + `index_name`); returns the index.
 
-    Raises BuildError when a kernel does not compile or needs global scratch memory.
+    Several processes may compile parts of one library into one directory, each with its own `index_name`
+    (`merge_indexes` joins them). Raises BuildError when a kernel does not compile or needs global scratch memory.
     """
     import triton
 
@@ -97,9 +98,25 @@ def build_library(specs: Iterable[KernelSpec], out_dir: str | Path, compute_capa
         }
     index = {"format": FORMAT, "compute_capability": f"{cap // 10}.{cap % 10}", "triton": triton.__version__,
              "kernels": kernels}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    (out / index_name).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     logger.info("compiled %d kernels for sm_%d into %s", len(kernels), cap, out)
     return index
+
+
+def merge_indexes(out_dir: str | Path, parts: Iterable[str]) -> dict[str, Any]:
+    """Join the part indexes (`build_library(..., index_name=part)`) of `out_dir` into its index.json."""
+    out = Path(out_dir)
+    merged: dict[str, Any] = {}
+    for part in parts:
+        index = json.loads((out / part).read_text())
+        if merged and (index["compute_capability"], index["triton"]) != (merged["compute_capability"],
+                                                                          merged["triton"]):
+            raise BuildError(f"build: kernel library parts of {out} were built for different targets")
+        kernels = {**merged.get("kernels", {}), **index["kernels"]}
+        merged = {**index, "kernels": kernels}
+        (out / part).unlink()
+    (out / INDEX_FILE).write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    return merged
 
 
 class KernelLibrary:

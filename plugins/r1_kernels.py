@@ -2,21 +2,37 @@
 
 R1: hidden 7168, MoE intermediate 2048, 256 routed experts, top-8 in 4 of 8 groups; a dense FP8 projection of
 7168 -> 2048 stands for the attention / shared-expert / dense-MLP linears (their kernels differ only in the N and K
-arguments). `max_tokens` is the largest token count the kernels are planned for (prefill of 4096 tokens).
+arguments). `max_tokens` is the largest token count the kernels are planned for (prefill of 4096 tokens). `SMALL`
+has the same structure at sizes the Triton interpreter runs in seconds (the GPU check's dry run).
 The AOT tests compile these; `scripts/gpu_check.py` compiles, loads and launches them on the GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from r1c.plugins._triton import KernelSpec
 
-HIDDEN, INTER, EXPERTS, TOP_K, N_GROUP, TOPK_GROUP = 7168, 2048, 256, 8, 8, 4
+
+@dataclasses.dataclass(frozen=True)
+class MoEShapes:
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    n_group: int
+    topk_group: int
+    linear: tuple[int, int]  # (K, N) of the FP8 linear
 
 
-def r1_problems(max_tokens: int = 4096, hidden_dtype: str = "bfloat16") -> list[tuple[Any, dict[str, Any], Any]]:
-    """(plugin op, attributes, problem at max_tokens) for the router, the FP8 experts and an FP8 linear."""
+R1 = MoEShapes(hidden=7168, inter=2048, experts=256, top_k=8, n_group=8, topk_group=4, linear=(7168, 2048))
+SMALL = MoEShapes(hidden=256, inter=128, experts=8, top_k=2, n_group=4, topk_group=2, linear=(384, 256))
+
+
+def problems(shapes: MoEShapes = R1, max_tokens: int = 4096,
+             hidden_dtype: str = "bfloat16") -> dict[str, tuple[Any, dict[str, Any], Any]]:
+    """{"router" | "experts" | "linear": (plugin op, attributes, problem at max_tokens)}."""
     from r1c.plugins.fp8_linear.plan import LinearProblem
     from r1c.plugins.fp8_linear.tensorrt import FP8LinearOp
     from r1c.plugins.moe_experts.plan import ExpertsProblem
@@ -24,21 +40,32 @@ def r1_problems(max_tokens: int = 4096, hidden_dtype: str = "bfloat16") -> list[
     from r1c.plugins.moe_router.plan import RouterProblem
     from r1c.plugins.moe_router.tensorrt import MoERouterOp
 
+    s = shapes
     router, experts, linear = MoERouterOp(), MoEExpertsOp(), FP8LinearOp()
-    r_attrs = router.spec.attrs(top_k=TOP_K, n_group=N_GROUP, topk_group=TOPK_GROUP, routed_scaling_factor=2.5,
+    r_attrs = router.spec.attrs(top_k=s.top_k, n_group=s.n_group, topk_group=s.topk_group, routed_scaling_factor=2.5,
                                 norm_topk_prob=1)
-    e_attrs = experts.spec.attrs(quant="fp8_block128")
-    return [
-        (router, r_attrs, RouterProblem(max_tokens, HIDDEN, EXPERTS, hidden_dtype, tuple(sorted(r_attrs.items())))),
-        (experts, e_attrs, ExpertsProblem(max_tokens, TOP_K, EXPERTS, HIDDEN, INTER, hidden_dtype, "float8_e4m3fn")),
-        (linear, linear.spec.attrs(), LinearProblem(max_tokens, HIDDEN, INTER, hidden_dtype)),
-    ]
+    return {
+        "router": (router, r_attrs,
+                   RouterProblem(max_tokens, s.hidden, s.experts, hidden_dtype, tuple(sorted(r_attrs.items())))),
+        "experts": (experts, experts.spec.attrs(quant="fp8_block128"),
+                    ExpertsProblem(max_tokens, s.top_k, s.experts, s.hidden, s.inter, hidden_dtype, "float8_e4m3fn")),
+        "linear": (linear, linear.spec.attrs(), LinearProblem(max_tokens, *s.linear, hidden_dtype)),
+    }
 
 
-def r1_kernel_specs(max_tokens: int = 4096) -> list[KernelSpec]:
-    """Every distinct kernel of `r1_problems` for token counts up to max_tokens."""
+def r1_problems(max_tokens: int = 4096, hidden_dtype: str = "bfloat16") -> list[tuple[Any, dict[str, Any], Any]]:
+    """(plugin op, attributes, problem at max_tokens) for the router, the FP8 experts and an FP8 linear at R1."""
+    return list(problems(R1, max_tokens, hidden_dtype).values())
+
+
+def kernel_specs(shapes: MoEShapes = R1, max_tokens: int = 4096, hidden_dtype: str = "bfloat16") -> list[KernelSpec]:
+    """Every distinct kernel of `problems` for token counts up to max_tokens."""
     specs: dict[str, KernelSpec] = {}
-    for op, attrs, problem in r1_problems(max_tokens):
+    for op, attrs, problem in problems(shapes, max_tokens, hidden_dtype).values():
         for s in op.kernel_specs(attrs, problem):
             specs.setdefault(s.key, s)
     return list(specs.values())
+
+
+def r1_kernel_specs(max_tokens: int = 4096) -> list[KernelSpec]:
+    return kernel_specs(R1, max_tokens)
