@@ -284,19 +284,20 @@ def step_aot(ctx: Ctx, table: Table, deadline: float) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     start = time.perf_counter()
     cmd = [sys.executable, str(SCRIPT), "--lib", str(lib), "--cc", str(cc), *(["--dry-run"] if ctx.dry else [])]
+    logs = [ctx.work / f"compile-{i}.log" for i in range(shards)]
     procs = [subprocess.Popen([*cmd, "--compile-shard", str(i), str(shards)], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(shards)]
+                              stdout=log.open("w"), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
     failed = []
     for i, p in enumerate(procs):
         try:
-            _, err = p.communicate(timeout=max(5.0, deadline - time.perf_counter()))
+            p.wait(timeout=max(5.0, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
         if p.returncode:
             failed.append(i)
-            print(err[-3000:], file=sys.stderr, flush=True)
+            print(logs[i].read_text()[-3000:], file=sys.stderr, flush=True)
     if failed:
         table.add(Row("aot", f"compile shards {failed} failed", check="see the log", status="FAIL"))
         return

@@ -8,13 +8,15 @@
      `_moe_scatter_kernel` (one program per chunk: `sorted_ids[row] = pair index t*K+j`, the pairs of one expert
      in ascending pair order, as the reference's stable argsort). Experts with no pair get no block.
   2. `r1c.plugins.fp8_triton._quant_act_1x128_kernel`: hidden to FP8, once per token (not per (token, slot)).
-  3. `_moe_gemm1_swiglu_kernel`: per (row block, 128 columns of I): gathers the tokens' FP8 rows, multiplies by the
+  3. `_moe_gemm1_swiglu_kernel`: per (128 columns of I, row block) — columns fastest in launch order, so a row
+     block's gathered tokens are read from HBM once and its expert's weights once per block: gathers the tokens' FP8 rows, multiplies by the
      gate rows and the up rows of w13 (FP8 `tl.dot`, float32 accumulation, activation scale x weight block scale
      applied per 128-deep K step: the accumulator is promoted to float32 every 128 products, as DeepSeek-V3 does),
      SwiGLU, then quantizes the 128 SwiGLU outputs of each row to FP8 with their own 1x128 scale: the input of
      GEMM2 never goes through memory in high precision. Rows stay in sorted order.
   4. `_moe_gemm2_kernel`: sorted rows x w2 (FP8, block scales as above), times the routing weight, stored to the
-     pair's own row of a [T*K, H] buffer (the un-permute).
+     pair's own row of a [T*K, H] buffer (the un-permute); columns fastest as in GEMM1 (with rows fastest, every
+     column tile would re-read all sorted activations: 56 x 100 MB at R1's 4096-token prefill).
   5. `_moe_combine_kernel`: out[t] = sum over the K slots, in slot order (deterministic: no atomics).
 
 With QUANT off (bf16/fp16/fp32 weights) the GEMMs multiply in the weights' dtype (hidden and the SwiGLU output
@@ -154,8 +156,8 @@ def _moe_gemm1_swiglu_kernel(
     BLOCK_N: tl.constexpr,  # 128 when QUANT: one activation quantization group
     BLOCK_K: tl.constexpr,  # 128 when QUANT: one weight scale block
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)  # columns fastest: a row block's tokens stay in L2 while its columns are computed
+    pid_m = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if (expert < 0) | (expert >= NUM_EXPERTS):  # past the last block
         return
@@ -249,8 +251,8 @@ def _moe_gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # 128 when QUANT
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)  # columns fastest: a row block's tokens stay in L2 while its columns are computed
+    pid_m = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if (expert < 0) | (expert >= NUM_EXPERTS):  # past the last block
         return

@@ -155,7 +155,7 @@ def gemm1_launch(p: ExpertsProblem, c: ExpertsConfig, a: Buf, a_scale: Buf | Non
     max_rows = max_sorted_rows(p.pairs, p.experts, c.block_m)
     hb, ib = triton.cdiv(p.hidden, QUANT_BLOCK), triton.cdiv(p.inter, QUANT_BLOCK)
     return launch(
-        "moe_gemm1_swiglu", _moe_gemm1_swiglu_kernel, (max_rows // c.block_m, triton.cdiv(p.inter, block_n)),
+        "moe_gemm1_swiglu", _moe_gemm1_swiglu_kernel, (triton.cdiv(p.inter, block_n), max_rows // c.block_m),
         {"a_ptr": a, "a_scale_ptr": a_scale or dummy, "w_ptr": w13, "w_scale_ptr": w13_scale or dummy,
          "sorted_ids_ptr": sorted_ids, "block_expert_ptr": block_expert, "act_ptr": act,
          "act_scale_ptr": act_scale or dummy, "H": p.hidden, "INTER": p.inter, "NUMEL": p.pairs,
@@ -175,7 +175,7 @@ def gemm2_launch(p: ExpertsProblem, c: ExpertsConfig, act: Buf, act_scale: Buf |
     max_rows = max_sorted_rows(p.pairs, p.experts, c.block_m)
     hb, ib = triton.cdiv(p.hidden, QUANT_BLOCK), triton.cdiv(p.inter, QUANT_BLOCK)
     return launch(
-        "moe_gemm2", _moe_gemm2_kernel, (max_rows // c.block_m, triton.cdiv(p.hidden, c.gemm2_block_n)),
+        "moe_gemm2", _moe_gemm2_kernel, (triton.cdiv(p.hidden, c.gemm2_block_n), max_rows // c.block_m),
         {"act_ptr": act, "act_scale_ptr": act_scale or dummy, "w_ptr": w2, "w_scale_ptr": w2_scale or dummy,
          "sorted_ids_ptr": sorted_ids, "block_expert_ptr": block_expert, "topk_weights_ptr": weights, "y_ptr": y,
          "H": p.hidden, "INTER": p.inter, "NUMEL": p.pairs, "NUM_EXPERTS": p.experts, "stride_act": p.inter,
