@@ -1,6 +1,7 @@
 """FP8 linear layers as the exporter writes them -> `r1c::FP8Linear` (the `tensorrt` pipeline).
 
-Matched: `MatMul(x, DequantizeLinear(Wt, scale, axis=0, block_size=128))` with constant Wt [K, N] float8_e4m3fn and
+Matched: `MatMul(x, DequantizeLinear(Wt, scale, axis=0, block_size=128))` (bf16/fp16 exports: with a Cast of the
+dequantized weight to x's dtype between them) with constant Wt [K, N] float8_e4m3fn and
 scale [ceil(K/128), N] float32 constant over each 128 columns (the exporter's blocked DequantizeLinear: the
 128x128 block scale repeated along N), the dequantized weight read by that MatMul only. Rewritten to
 `r1c::FP8Linear(x, W [N, K], S [ceil(N/128), ceil(K/128)])`: the weight transposed once here (K contiguous, the
@@ -37,15 +38,25 @@ def _block_scale(scale: np.ndarray, n: int) -> np.ndarray | None:
 
 
 class _FP8LinearRule(RewriteRuleClassBase):
-    def __init__(self) -> None:
-        super().__init__("FP8Linear[DequantizeLinear+MatMul]")
+    """`cast`: the bf16/fp16 export's form, MatMul(x, Cast(DequantizeLinear(...), to=x's dtype))."""
+
+    def __init__(self, cast: bool) -> None:
+        super().__init__(f"FP8Linear[DequantizeLinear+{'Cast+' if cast else ''}MatMul]")
+        self.cast = cast
 
     def pattern(self, op, x, wq, scale):
-        return op.MatMul(x, op.DequantizeLinear(wq, scale, _outputs=["w"]))
+        w = op.DequantizeLinear(wq, scale, _outputs=["w"])
+        return op.MatMul(x, op.Cast(w, _outputs=["wc"]) if self.cast else w)
 
-    def check(self, context, x, wq, scale, w, **_) -> MatchResult:  # type: ignore[override]
+    def check(self, context, x, wq, scale, w, wc=None, **_) -> MatchResult:  # type: ignore[override]
         r = MatchResult()
         dq = w.producer()
+        if wc is not None:
+            to = wc.producer().attributes.get_int("to", 0)
+            if x.dtype is None or to != x.dtype.value:
+                return r.fail(f"the weight is cast to {to}, not to x's dtype {x.dtype}", wc)
+            if len(wc.uses()) != 1:
+                return r.fail("the cast weight has other readers", wc)
         if wq.const_value is None or not wq.is_initializer() or wq.dtype != ir.DataType.FLOAT8E4M3FN:
             return r.fail("the weight is not a float8_e4m3fn initializer", wq)
         if scale.const_value is None or scale.dtype != ir.DataType.FLOAT:
@@ -82,7 +93,7 @@ class FuseFP8LinearPass(RulesPass):
     """Rewrites each exported FP8 linear layer (blocked DequantizeLinear + MatMul) into `r1c::FP8Linear`."""
 
     def rules(self) -> list[RewriteRule]:
-        return [_FP8LinearRule.rule()]
+        return [_FP8LinearRule.rule(cast) for cast in (True, False)]
 
     def after_rewrites(self, model: ir.Model) -> None:
         ensure_function(model, fp8_linear_function())

@@ -356,6 +356,8 @@ def build_tensorrt(work_dir: str | Path, config: ModelConfig, *, module: types.M
         "profiles": [report.profile],
         "fp8": report.fp8,
         "strongly_typed": report.strongly_typed,
+        "network_dtypes": {name: io["dtype"] for name, io in {**report.inputs, **report.outputs}.items()},
+        "plugin_output_dtypes": {p["plugin"]: p["output_dtypes"] for p in report.plugin_layers},
         "plugins": sorted({p["plugin"] for p in report.plugin_layers}),
         "layers": report.layers,
         "plugin_layers": len(report.plugin_layers),

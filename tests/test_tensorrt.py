@@ -40,9 +40,9 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 PROFILE: dict[str, Any] = {"max_batch": 4, "max_seq": 32, "max_capacity": 64}
 
 
-def export_tiny(out: Path, precision: str = "auto") -> Path:
-    r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--precision", precision, "--no-progress",
-                                  "-o", str(out)], catch_exceptions=False)
+def export_tiny(out: Path, precision: str = "auto", dtype: str = "auto") -> Path:
+    r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--precision", precision, "--dtype", dtype,
+                                  "--no-progress", "-o", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     return out
 
@@ -54,7 +54,8 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_fp8_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_tiny(tmp_path_factory.mktemp("trt8") / "export", "fp8")
+    """FP8 weights, bfloat16 activations and cache (`r1c export --precision fp8 --dtype bfloat16`)."""
+    return export_tiny(tmp_path_factory.mktemp("trt8") / "export", "fp8", "bfloat16")
 
 
 def r1c_nodes(model_path: Path) -> list[onnx.NodeProto]:
@@ -350,11 +351,29 @@ def test_tiny_export_parses_and_builds_with_tensorrt_rtx(tiny_export: Path, reco
 @pytest.mark.tensorrt
 @needs_rtx
 @needs_triton
+def test_fp16_fp8_export_lowers_to_a_strongly_typed_fp16_network(tmp_path: Path) -> None:
+    """`--dtype float16`: the lowered model parses into an fp16 network with every r1c node (FP8Linear included)
+    bound to its plugin, fp16 in and out."""
+    from r1c.passes.pipelines import lower_file
+    from r1c.runtime.trt_rtx import check_with_tensorrt_rtx
+
+    export = export_tiny(tmp_path / "export", "fp8", "float16")
+    lowered = lower_file(export / "model.onnx", tmp_path / "lowered" / "model.onnx", target="tensorrt-rtx")
+    report = check_with_tensorrt_rtx(lowered, ModelConfig.from_json(export / "config.json"), build=False, **PROFILE)
+    assert report.strongly_typed and report.inputs["past_c.0"]["dtype"] == "HALF"
+    dtypes = {p["plugin"]: p["output_dtypes"] for p in report.plugin_layers}
+    assert dtypes == {"r1c::FP8Linear": ["HALF"], "r1c::MoEExperts": ["HALF"], "r1c::MoERouter": ["FLOAT", "INT32"]}
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+@needs_triton
 def test_r1c_build_tensorrt_rtx_writes_a_bundle_for_sm89(tiny_fp8_export: Path, tmp_path: Path,
                                                          record_property: Any) -> None:
-    """`r1c build --target tensorrt-rtx --arch sm89` on the FP8 tiny export: the tensorrt lowering (FP8 projections
-    become r1c::FP8Linear), the kernel library compiled for sm_89, the engine streamed into the bundle, and a
-    manifest that names the arch and the library; every file hashed."""
+    """`r1c build --target tensorrt-rtx --arch sm89` on the FP8 bf16 tiny export: the tensorrt lowering (FP8
+    projections become r1c::FP8Linear), a strongly typed bf16 network (plugins, cache and activations bf16), the
+    kernel library compiled for sm_89, the engine streamed into the bundle, and a manifest that names the arch and
+    the library; every file hashed."""
     from r1c.manifest import read_manifest
     from r1c.plugins.kernel_library import KernelLibrary
 
@@ -369,6 +388,9 @@ def test_r1c_build_tensorrt_rtx_writes_a_bundle_for_sm89(tiny_fp8_export: Path, 
     record_property("tensorrt_rtx_bundle", json.dumps(opts["seconds"]))
     assert m.target == "tensorrt-rtx" and set(m.libraries) >= {"tensorrt_rtx", "triton", "onnx"}
     assert (opts["arch"], opts["compute_capability"], opts["fp8"]) == ("sm89", "8.9", True)
+    assert opts["strongly_typed"] and opts["network_dtypes"]["past_c.0"] == "BF16"
+    assert opts["plugin_output_dtypes"] == {"r1c::FP8Linear": ["BF16"], "r1c::MoEExperts": ["BF16"],
+                                            "r1c::MoERouter": ["FLOAT", "INT32"]}
     assert opts["plugins"] == ["r1c::FP8Linear", "r1c::MoEExperts", "r1c::MoERouter"]
     c = m.config
     assert opts["plugin_layers"] > 2 * (c.num_hidden_layers - c.first_k_dense_replace)  # FP8Linear layers bound too

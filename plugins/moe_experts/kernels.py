@@ -9,11 +9,11 @@
      in ascending pair order, as the reference's stable argsort). Experts with no pair get no block.
   2. `r1c.plugins.fp8_triton._quant_act_1x128_kernel`: hidden to FP8, once per token (not per (token, slot)).
   3. `_moe_gemm1_swiglu_kernel`: per (128 columns of I, row block) — columns fastest in launch order, so a row
-     block's gathered tokens are read from HBM once and its expert's weights once per block: gathers the tokens' FP8 rows, multiplies by the
-     gate rows and the up rows of w13 (FP8 `tl.dot`, float32 accumulation, activation scale x weight block scale
-     applied per 128-deep K step: the accumulator is promoted to float32 every 128 products, as DeepSeek-V3 does),
-     SwiGLU, then quantizes the 128 SwiGLU outputs of each row to FP8 with their own 1x128 scale: the input of
-     GEMM2 never goes through memory in high precision. Rows stay in sorted order.
+     block's gathered tokens are read from HBM once and its expert's weights once per block: gathers the tokens'
+     FP8 rows, multiplies by the gate rows and the up rows of w13 (FP8 `tl.dot`, float32 accumulation, activation
+     scale x weight block scale applied per 128-deep K step: the accumulator is promoted to float32 every 128
+     products, as DeepSeek-V3 does), SwiGLU, then quantizes the 128 SwiGLU outputs of each row to FP8 with their
+     own 1x128 scale: the input of GEMM2 never goes through memory in high precision. Rows stay in sorted order.
   4. `_moe_gemm2_kernel`: sorted rows x w2 (FP8, block scales as above), times the routing weight, stored to the
      pair's own row of a [T*K, H] buffer (the un-permute); columns fastest as in GEMM1 (with rows fastest, every
      column tile would re-read all sorted activations: 56 x 100 MB at R1's 4096-token prefill).
