@@ -63,7 +63,6 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
         ClearMetadataAndDocStringPass, NameDeterministicallyPass,
     ),
 }
-PIPELINES["tensorrt-rtx"] = PIPELINES["tensorrt"]  # the same lowering; the build differs (library, arch)
 TARGETS = tuple(PIPELINES)
 MODEL_FILE = "model.onnx"
 

@@ -34,6 +34,7 @@ def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, du
     """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data)."""
     from r1c.passes.pipelines import lower_file
 
+    target = "tensorrt" if target == "tensorrt-rtx" else target  # one lowering; the builds differ (library, arch)
     lower_file(export_dir / "model.onnx", work / "model.onnx", target=target, dump_after=dump_after,
                dump_dir=dump_dir if dump_after else None, verbose=verbose)
 

@@ -42,7 +42,7 @@ def main(export_dir: Path, arch: str, lowered: bool, no_build: bool, max_batch: 
             if lowered:
                 from r1c.passes.pipelines import lower_file
 
-                model = lower_file(model, Path(tmp) / "model.onnx", target="tensorrt-rtx")
+                model = lower_file(model, Path(tmp) / "model.onnx", target="tensorrt")
             report = check_with_tensorrt_rtx(model, config, compute_capability=arch, build=not no_build,
                                              max_batch=max_batch, max_seq=max_seq, max_capacity=max_capacity)
     except R1CError as e:

@@ -43,13 +43,14 @@ def import_kernels(*names: str) -> tuple[list[ModuleType | None], str | None]:
     if importlib.util.find_spec("triton") is None:
         return [None] * len(names), "triton is not installed"
     native = native_requested()
-    already = "triton" in sys.modules
+    # Triton's own jit functions (tl.max, tl.sigmoid, ...) take the mode of triton's first import; kernels
+    # decorated later must match it: interpreted if triton is not imported yet or was imported interpreted.
+    interpreter_mode = "triton" not in sys.modules or _triton_interpreted()
     previous = os.environ.get("TRITON_INTERPRET")
-    if not native and not already:
+    if not native and interpreter_mode:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
         modules: list[ModuleType | None] = [importlib.import_module(n) for n in names]
-        fp8_triton = importlib.import_module("r1c.plugins.fp8_triton")  # every kernel module imports it
     finally:
         if previous is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -57,13 +58,28 @@ def import_kernels(*names: str) -> tuple[list[ModuleType | None], str | None]:
             os.environ["TRITON_INTERPRET"] = previous
     from r1c.plugins._triton import is_interpreted
 
-    interpreted = is_interpreted(fp8_triton._quant_act_1x128_kernel)
+    kernels = [v for m in modules for v in vars(m).values() if hasattr(v, "arg_names") and hasattr(v, "fn")]
+    kernels += [v for n in ("r1c.plugins.fp8_triton",) for v in vars(sys.modules[n]).values()
+                if hasattr(v, "arg_names") and hasattr(v, "fn")]
+    modes = {is_interpreted(k) for k in kernels}
+    if len(modes) > 1:
+        return modules, "the kernel modules were imported partly for the interpreter, partly compiled"
+    interpreted = modes == {True}
     if native and interpreted:
         return modules, "the kernels were imported for the interpreter but CUDA tensors are wanted"
     if not native and not interpreted:
         return modules, ("triton was imported without TRITON_INTERPRET=1 earlier in this process, so its kernels "
                          "cannot run in the interpreter here (the module reruns in a child process)")
     return modules, None
+
+
+def _triton_interpreted() -> bool:
+    """Whether triton was first imported with TRITON_INTERPRET=1 (its own jit functions are interpreter functions)."""
+    import triton.language as tl
+
+    from r1c.plugins._triton import is_interpreted
+
+    return is_interpreted(tl.sigmoid)
 
 
 def poisoned(t: torch.Tensor) -> None:

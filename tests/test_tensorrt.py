@@ -358,7 +358,7 @@ def test_fp16_fp8_export_lowers_to_a_strongly_typed_fp16_network(tmp_path: Path)
     from r1c.runtime.trt_rtx import check_with_tensorrt_rtx
 
     export = export_tiny(tmp_path / "export", "fp8", "float16")
-    lowered = lower_file(export / "model.onnx", tmp_path / "lowered" / "model.onnx", target="tensorrt-rtx")
+    lowered = lower_file(export / "model.onnx", tmp_path / "lowered" / "model.onnx", target="tensorrt")
     report = check_with_tensorrt_rtx(lowered, ModelConfig.from_json(export / "config.json"), build=False, **PROFILE)
     assert report.strongly_typed and report.inputs["past_c.0"]["dtype"] == "HALF"
     dtypes = {p["plugin"]: p["output_dtypes"] for p in report.plugin_layers}

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from r1c.plugins._triton import is_interpreted
 from r1c.plugins.launch import Buf, Launch, TritonRunner, launch
+from r1c.plugins.moe_router.plan import RouterProblem, router_plan
 
 __all__ = ["moe_router_triton", "routing_launch"]
 
@@ -178,8 +179,6 @@ def moe_router_triton(
     Runs the op's launch plan (`plan.py`: the float32 gate GEMM kernel, then the routing kernel).
     `out`: optional preallocated (weights, ids) to write into (contiguous, of those shapes and dtypes).
     """
-    from r1c.plugins.moe_router.plan import RouterProblem, router_plan
-
     t = hidden.shape[0]
     e = gate_weight.shape[0]
     _validate(e, top_k, n_group, topk_group, scoring)
