@@ -238,6 +238,15 @@ def step_env(ctx: Ctx, table: Table, deadline: float) -> None:
     table.add(Row("env", item[:34], check=check[:44]))
 
 
+TEST_GROUPS = {  # run side by side: the time is JIT compilation of each test's kernel variants
+    "router, alignment, quantization": ["tests/test_kernels_triton.py", "-k",
+                                        "router or align or bitwise or rejects"],
+    "experts (sorted, decode, unquantized)": ["tests/test_kernels_triton.py", "-k",
+                                              "sorted or decode or unquantized"],
+    "FP8 linear": ["tests/test_kernels_fp8_linear.py"],
+}
+
+
 def step_tests(ctx: Ctx, table: Table, deadline: float) -> None:
     if ctx.dry:
         table.add(Row("tests", "kernel tests (native)", check="dry run: not run (scripts/test.sh runs them)",
@@ -245,24 +254,30 @@ def step_tests(ctx: Ctx, table: Table, deadline: float) -> None:
         return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "pytest", "tests/test_kernels_triton.py", "tests/test_kernels_fp8_linear.py",
-           "-m", "kernels", "-q", "-p", "no:cacheprovider"]
-    print("$", " ".join(cmd), file=sys.stderr, flush=True)
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=max(10.0, deadline - time.perf_counter()))
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        print(out[-4000:], flush=True)
-        table.add(Row("tests", "kernel tests (native)", check="timed out", status="FAIL"))
-        return
-    print("\n".join(proc.stdout.strip().splitlines()[-40:]), flush=True)
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", proc.stdout)}
-    ok = proc.returncode == 0 and not counts.get("failed") and not counts.get("error") and not counts.get("errors")
-    summary = ", ".join(f"{n} {k}" for k, n in counts.items()) or f"exit {proc.returncode}"
-    table.add(Row("tests", f"kernel tests, {time.perf_counter() - start:.0f} s", check=summary,
-                  status="ok" if ok else "FAIL"))
+    procs = {}
+    for label, args in TEST_GROUPS.items():
+        cmd = [sys.executable, "-m", "pytest", *args, "-m", "kernels", "-q", "-p", "no:cacheprovider"]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        log = ctx.work / f"tests-{len(procs)}.log"
+        procs[label] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT),
+                        log)
+    for label, (proc, log) in procs.items():
+        try:
+            proc.wait(timeout=max(5.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            print(log.read_text()[-3000:], flush=True)
+            table.add(Row("tests", label[:34], check="timed out", status="FAIL"))
+            continue
+        out = log.read_text()
+        print("\n".join(out.strip().splitlines()[-25:]), flush=True)
+        counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped)", out)}
+        ok = proc.returncode == 0 and not counts.get("failed") and not counts.get("error") \
+            and not counts.get("errors")
+        summary = ", ".join(f"{n} {k}" for k, n in counts.items()) or f"exit {proc.returncode}"
+        table.add(Row("tests", label[:34], check=f"{summary}; {time.perf_counter() - start:.0f} s"[:44],
+                      status="ok" if ok else "FAIL"))
 
 
 def step_aot(ctx: Ctx, table: Table, deadline: float) -> None:
