@@ -205,3 +205,43 @@ def test_plan_is_mapped_not_read(tmp_path: Path) -> None:
     assert isinstance(view, memoryview) and view.readonly and view.nbytes == 256 * 64 and view[255] == 255
     view.release()
     mapped.close()
+
+
+def test_serving_cache_on_torch_tensors_binds_in_place() -> None:
+    """Helper serve's cache manager (r1c.runtime.kvcache) with the backend's device allocator, here on torch CPU
+    tensors: the arenas are allocated once, every step's cache inputs are views inside them (bound by address), a
+    bucket change relays rows in place (the arenas do not move) and only the views re-bind."""
+    kvcache = pytest.importorskip("r1c.runtime.kvcache", reason="helper serve's cache manager is not on this branch "
+                                  "yet (it runs once their work is merged)")
+    layout = kvcache.CacheLayout(layers=L, channels=(C, R), dtype=np.dtype(np.float32))
+    cache = kvcache.LatentCache(layout, kvcache.budget_for(layout, 4, 64), max_rows=4, max_len=64, min_bucket=8,
+                                alloc=device_alloc("cpu"))
+    arenas = {name: (a.data_ptr(), a.numel()) for name, a in cache.arenas.items()}
+    for _ in range(2):
+        cache.add_row()
+    alloc = device_alloc("cpu")
+    outs = {"logits": alloc((16 * V,), np.float32), "c": alloc((L * 16 * C,), np.float32),
+            "pe": alloc((L * 16 * R,), np.float32)}
+    staging = Staging(16, 4, device="cpu", pin=False)
+
+    def bind() -> dict[str, Any]:
+        feeds = cache.feeds(0, 2)
+        io = IO(np.zeros((2, 1), np.int64), cache.lengths[:2].copy(), feeds, outs["logits"][: 2 * V].view(2, 1, V),
+                {"c": outs["c"][: L * 2 * C].view(L, 2, 1, C), "pe": outs["pe"][: L * 2 * R].view(L, 2, 1, R)})
+        return {b.name: b for b in step_bindings(io, *staging.upload(io.input_ids, io.past_lengths))}
+
+    first = bind()
+    for name, b in first.items():
+        if name.startswith(("past_c.", "past_pe.")):
+            base, numel = arenas[name.split("_")[1].split(".")[0]]
+            assert base <= b.address < base + numel * 4  # inside the arena: bound, not copied
+    ctx, bound = FakeContext(), BindingCache()
+    bound.apply(ctx, first.values())
+    new = {"c": torch.ones(L, 2, 1, C), "pe": torch.ones(L, 2, 1, R)}
+    cache.write(0, [1, 1], new)  # only the new tokens' latents, in place
+    assert cache.resize(20)  # the bucket grows: rows relaid inside the arenas
+    assert {n: (a.data_ptr(), a.numel()) for n, a in cache.arenas.items()} == arenas
+    ctx.calls.clear()
+    bound.apply(ctx, bind().values())
+    assert {c[1] for c in ctx.calls} == {f"past_{k}.{i}" for k in ("c", "pe") for i in range(L)}
+    assert float(cache.view("c", 0, 2)[:, :, :, 0].sum()) == L * 2 * C  # the written latents moved with the rows
