@@ -4,7 +4,8 @@ R1: hidden 7168, MoE intermediate 2048, 256 routed experts, top-8 in 4 of 8 grou
 7168 -> 2048 stands for the attention / shared-expert / dense-MLP linears (their kernels differ only in the N and K
 arguments). `max_tokens` is the largest token count the kernels are planned for (prefill of 4096 tokens). `SMALL`
 has the same structure at sizes the Triton interpreter runs in seconds (the GPU check's dry run).
-The AOT tests compile these; `scripts/gpu_check.py` compiles, loads and launches them on the GPU.
+The AOT tests compile these; `scripts/gpu_check.py` compiles, loads and launches them on the GPU, and also the
+router's other modes (`ROUTER_MODES`: DeepSeek-V2 / V2-Lite routing) at those models' shapes.
 """
 
 from __future__ import annotations
@@ -69,3 +70,40 @@ def kernel_specs(shapes: MoEShapes = R1, max_tokens: int = 4096, hidden_dtype: s
 
 def r1_kernel_specs(max_tokens: int = 4096) -> list[KernelSpec]:
     return kernel_specs(R1, max_tokens)
+
+
+# The router's other modes, at the shapes of the models that route that way (config.json of each release):
+# label -> (experts, hidden, attributes). DeepSeek-V2 (and V2.5): 160 experts, top-6 in 3 of 8 groups by max softmax,
+# scaled by 16; DeepSeek-V2-Lite: 64 experts, top-6 over the softmax, scale 1. The sigmoid / softmax swaps are the
+# op's other combinations (no release uses them; the op defines them, so the kernels must compute them).
+_V2 = dict(top_k=6, n_group=8, topk_group=3, routed_scaling_factor=16.0, norm_topk_prob=0)
+_V2_LITE = dict(top_k=6, n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=0)
+ROUTER_MODES: dict[str, tuple[int, int, dict[str, Any]]] = {
+    "V2 group_limited_greedy": (160, 5120, dict(_V2, scoring="softmax", topk_method="group_limited_greedy")),
+    "V2-Lite greedy": (64, 2048, dict(_V2_LITE, scoring="softmax", topk_method="greedy")),
+    "group_limited sigmoid": (160, 5120, dict(_V2, scoring="sigmoid", topk_method="group_limited_greedy")),
+    "greedy sigmoid": (64, 2048, dict(_V2_LITE, scoring="sigmoid", topk_method="greedy")),
+    "noaux_tc softmax": (256, 7168, dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                                         norm_topk_prob=1, scoring="softmax", topk_method="noaux_tc")),
+}
+# the same modes at interpreter sizes (16 experts: 4 groups of 4, 2 kept, top-4)
+_SMALL_MODE_SHAPE = dict(top_k=4, n_group=4, topk_group=2)
+
+
+def router_mode_problems(small: bool = False, max_tokens: int = 64,
+                         hidden_dtype: str = "bfloat16") -> dict[str, tuple[Any, dict[str, Any], Any]]:
+    """{label: (MoERouterOp, attributes, problem at max_tokens)} for every `ROUTER_MODES` entry (`small`: 16
+    experts, hidden 256, for the interpreter)."""
+    from r1c.plugins.moe_router.plan import RouterProblem
+    from r1c.plugins.moe_router.tensorrt import MoERouterOp
+
+    op = MoERouterOp()
+    out = {}
+    for label, (experts, hidden, given) in ROUTER_MODES.items():
+        if small:
+            experts, hidden = 16, 256
+            given = given | _SMALL_MODE_SHAPE if given["topk_method"] != "greedy" else given | {"top_k": 4}
+        attrs = op.spec.attrs(**given)
+        op.validate(attrs)
+        out[label] = (op, attrs, RouterProblem(max_tokens, hidden, experts, hidden_dtype, tuple(sorted(attrs.items()))))
+    return out

@@ -70,7 +70,11 @@ def model_problems(model_path: str | Path, max_tokens: int) -> list[tuple[Any, d
             missing = [n for n, s in zip(node.input, shapes) if s is None]
             raise BuildError(f"build: r1c node {node.name}: inputs {missing} are not initializers with static shapes")
         static = [s for s in shapes if s is not None]
-        op.check_shapes(attrs, static)
+        try:  # a mode or shape the op does not define is refused by name (the plugin would refuse it too)
+            op.validate(attrs)
+            op.check_shapes(attrs, static)
+        except ValueError as e:
+            raise BuildError(f"build: r1c node {node.name}: {e}") from None
         found.append((op, attrs, op.problem(attrs, static, dtypes)))
     return found
 

@@ -17,7 +17,9 @@ time is a FAIL row and the steps after it still run:
            linear, and their bf16 copies for the baselines
   correct  the AOT cubins loaded through the CUDA driver and launched exactly as the plugins' enqueue launches them
            (`DriverRunner.prepare` at shape change, `run` with device pointers), at 1, 64 and 4096 tokens, against
-           torch: router ids, experts and FP8 linear within their FP8 error budgets
+           torch: router ids, experts and FP8 linear within their FP8 error budgets; the router's other modes
+           (DeepSeek-V2 group_limited_greedy, V2-Lite greedy, and the op's other scoring combinations, at those
+           models' shapes) at 1 and 64 tokens against the PyTorch reference
   bench    the same launches replayed from a CUDA graph: ms (triton.testing.do_bench, median), TFLOP/s and GB/s
            against the H200's peaks (HBM 4.8 TB/s; dense FP8 1979, bf16 989, fp32 67 TFLOP/s, datasheet) and % of
            the floor max(bytes / HBM, FLOPs / peak); the bf16 torch baseline of each (router: the PyTorch

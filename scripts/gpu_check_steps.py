@@ -79,10 +79,23 @@ def spec_sets(dry: bool) -> dict[str, list[Any]]:
     from r1c.plugins.moe_experts.plan import experts_plan
 
     sets["sweep"] = [s for _, c in sweep_configs() for s in experts_plan(experts, c).specs()]
+    sets["router-modes"] = [s for op, attrs, p in router_modes(dry).values() for s in op.kernel_specs(attrs, p)]
     for fp8 in (False, True):
         sets[f"tiny-{'fp8' if fp8 else 'fp32'}"] = [s for op, attrs, p in tiny_problems(fp8)
                                                      for s in op.kernel_specs(attrs, p)]
     return sets
+
+
+def router_mode_tokens(dry: bool) -> tuple[int, int]:
+    """The correct step's token counts for the router's other modes: a decode row and a small batch (both gate GEMM
+    paths: CUDA cores up to 8 tokens, tl.dot beyond)."""
+    return (1, 40) if dry else (1, 64)
+
+
+def router_modes(dry: bool) -> dict[str, tuple[Any, dict[str, Any], Any]]:
+    from r1c.plugins.r1_kernels import router_mode_problems
+
+    return router_mode_problems(dry, max(router_mode_tokens(dry)), "float32" if dry else "bfloat16")
 
 
 def compile_shard(shard: int, shards: int, lib: Path, cc: int, dry: bool) -> int:
@@ -440,6 +453,31 @@ def step_correct(ctx: Ctx, table: Table, deadline: float) -> None:
         err = rel(la.outputs[0].float(), x.float() @ w["lin_bf16"].float().t())
         table.add(Row("correct", "FP8 linear (AOT, driver)", t, check=f"rel {err:.1e} vs dequantized (<= 4e-02)",
                       status="ok" if err <= 4e-2 else "FAIL"))
+    correct_router_modes(ctx, table, deadline)
+
+
+def correct_router_modes(ctx: Ctx, table: Table, deadline: float) -> None:
+    """The router's other modes (r1_kernels.ROUTER_MODES: DeepSeek-V2 / V2-Lite routing and the op's other scoring
+    combinations) launched from the AOT library as the plugin does, against the PyTorch reference: ids equal in
+    >= 99% of rows (100% of one), weights of the equal rows within 1e-4 of the largest (float32 throughout; only the
+    gate GEMM's summation order differs). The bias is random and non-zero: the V2 methods must not read it."""
+    from r1c.plugins.moe_router.reference import moe_router_reference
+
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    for label, (op, attrs, problem) in router_modes(ctx.dry).items():
+        gate = (torch.randn(problem.experts, problem.hidden, generator=gen) / problem.hidden**0.5).to(ctx.device)
+        bias = (torch.randn(problem.experts, generator=gen) * 0.05).to(ctx.device)
+        for t in router_mode_tokens(ctx.dry):
+            check_deadline(deadline, f"router {label}, {t} tokens")
+            hidden = torch.randn(t, problem.hidden, generator=gen).to(ctx.device, ctx.hidden_dtype)
+            la = launch_op(ctx, "router", op, attrs, [hidden, gate, bias])
+            ref_w, ref_ids = moe_router_reference(hidden, gate, bias, **attrs)
+            rows = (la.outputs[1] == ref_ids).all(dim=1)
+            same = float(rows.float().mean())
+            w_err = float((la.outputs[0][rows] - ref_w[rows]).abs().max() / ref_w.abs().max()) if rows.any() else 1.0
+            ok = same >= 0.99 and w_err <= 1e-4
+            table.add(Row("correct", f"router {label}"[:34], t,
+                          check=f"ids {100 * same:.0f}% rows, w {w_err:.0e} (1e-4)", status="ok" if ok else "FAIL"))
 
 
 def step_bench(ctx: Ctx, table: Table, deadline: float) -> None:

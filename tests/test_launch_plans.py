@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("triton", reason="the kernel definitions need triton")
 
-from r1c.errors import BundleError
+from r1c.errors import BuildError, BundleError
 from r1c.plugins.fp8_linear.plan import LinearProblem, linear_plan, splits
 from r1c.plugins.fp8_linear.plan import select_config as linear_config
 from r1c.plugins.fp8_linear.plan import workspace_size as linear_ws
@@ -40,12 +40,25 @@ from r1c.plugins.moe_router.tensorrt import MoERouterOp
 
 EXPERTS = ExpertsProblem(300, 4, 16, 256, 128, "float32", "float8_e4m3fn")
 LINEAR = LinearProblem(200, 384, 320, "bfloat16")
-_RATTRS = ROUTER_SPEC.attrs(top_k=4, n_group=4, topk_group=2)
-ROUTER = RouterProblem(300, 256, 16, "float32", tuple(sorted(_RATTRS.items())))
+# the router's modes (topk_method x scoring as DeepSeek-V3 / V2 / V2-Lite route): each its own routing kernel
+ROUTER_MODES = {
+    "noaux_tc": ROUTER_SPEC.attrs(top_k=4, n_group=4, topk_group=2),
+    "group_limited_greedy": ROUTER_SPEC.attrs(top_k=4, n_group=4, topk_group=2, scoring="softmax", norm_topk_prob=0,
+                                              topk_method="group_limited_greedy", routed_scaling_factor=16.0),
+    "greedy": ROUTER_SPEC.attrs(top_k=4, n_group=4, topk_group=2, scoring="softmax", norm_topk_prob=0,
+                                topk_method="greedy", routed_scaling_factor=1.0),
+}
+
+
+def _router_case(attrs: dict[str, Any]) -> tuple[Any, ...]:
+    problem = RouterProblem(300, 256, 16, "float32", tuple(sorted(attrs.items())))
+    return (MoERouterOp(), attrs, problem, lambda t: router_plan(dataclasses.replace(problem, tokens=t)), router_ws)
+
+
 CASES = [
     (MoEExpertsOp(), {}, EXPERTS, lambda t: experts_plan(dataclasses.replace(EXPERTS, tokens=t)), experts_ws),
     (FP8LinearOp(), {}, LINEAR, lambda t: linear_plan(dataclasses.replace(LINEAR, tokens=t)), linear_ws),
-    (MoERouterOp(), _RATTRS, ROUTER, lambda t: router_plan(dataclasses.replace(ROUTER, tokens=t)), router_ws),
+    *(_router_case(a) for a in ROUTER_MODES.values()),
 ]
 
 
@@ -56,7 +69,10 @@ def _regions_fit(plan: Plan, size: int) -> None:
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans  # no overlap
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=["experts", "fp8_linear", "router"])
+CASE_IDS = ["experts", "fp8_linear", *(f"router_{m}" for m in ROUTER_MODES)]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
 def test_workspace_and_compiled_kernels_cover_every_token_count(case: int) -> None:
     op, attrs, problem, plan_at, ws_size = CASES[case]
     declared = ws_size(problem)
@@ -68,6 +84,43 @@ def test_workspace_and_compiled_kernels_cover_every_token_count(case: int) -> No
         _regions_fit(plan, declared)
         missing = {s.name for s in plan.specs() if s.key not in compiled}
         assert not missing, f"tokens={t}: kernels {missing} are not in the compiled set"
+
+
+def _router_model(path: Path, modes: dict[str, dict[str, Any]], h: int = 32, e: int = 16) -> Path:
+    """An ONNX model with one r1c::MoERouter node per entry of `modes` (node name = key), sharing `hidden`."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from r1c.plugins import R1C_DOMAIN
+
+    nodes, inits, outputs = [], [], []
+    for name, attrs in modes.items():
+        inits += [numpy_helper.from_array(np.zeros((e, h), np.float32), f"{name}.gate"),
+                  numpy_helper.from_array(np.zeros(e, np.float32), f"{name}.bias")]
+        nodes.append(helper.make_node("MoERouter", ["hidden", f"{name}.gate", f"{name}.bias"],
+                                      [f"{name}.w", f"{name}.ids"], name=name, domain=R1C_DOMAIN, **attrs))
+        outputs += [helper.make_tensor_value_info(f"{name}.w", TensorProto.FLOAT, ["T", attrs["top_k"]]),
+                    helper.make_tensor_value_info(f"{name}.ids", TensorProto.INT32, ["T", attrs["top_k"]])]
+    graph = helper.make_graph(nodes, "routers", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["T", h])],
+                              outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(R1C_DOMAIN, 1)]),
+              str(path))
+    return path
+
+
+def test_bundle_kernels_follow_each_router_nodes_mode(tmp_path: Path) -> None:
+    """`r1c build`'s kernel library holds, per router node, the routing kernel of that node's topk_method/scoring
+    (greedy routes as one group); a mode the op does not define is refused by node name before anything compiles."""
+    from r1c.runtime.trt_kernels import model_kernel_specs
+
+    path = _router_model(tmp_path / "model.onnx", ROUTER_MODES)
+    routing = [s.constexprs for s in model_kernel_specs(path, 64) if s.name == "moe_router"]
+    got = {(c["V3"], c["SOFTMAX"], c["N_GROUP"], c["TOPK_GROUP"], c["PER_GROUP"]) for c in routing}
+    assert got == {(True, False, 4, 2, 4), (False, True, 4, 2, 4), (False, True, 1, 1, 16)}, routing
+    bad = dict(ROUTER_MODES["greedy"], norm_topk_prob=1)
+    with pytest.raises(BuildError, match=r"r1c node v2_norm: .*norm_topk_prob=1 with topk_method 'greedy'"):
+        model_kernel_specs(_router_model(tmp_path / "bad.onnx", {"v2_norm": bad}), 64)
 
 
 def test_experts_config_by_token_count() -> None:
