@@ -25,7 +25,7 @@ from r1c.jsonfile import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 FINGERPRINT_SAMPLES = 16
@@ -57,10 +57,11 @@ def fingerprint_file(path: Path) -> str:
 
 
 def file_records(directory: Path) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
-    """(sha256, size, fingerprint) of every file in `directory`, by name: what `r1c build` records, once."""
-    files = sorted(p for p in directory.iterdir() if p.is_file())
-    return ({p.name: sha256_file(p) for p in files}, {p.name: p.stat().st_size for p in files},
-            {p.name: fingerprint_file(p) for p in files})
+    """(sha256, size, fingerprint) of every file under `directory` (subdirectories too, e.g. a TensorRT bundle's
+    kernels/), by relative path: what `r1c build` records, once."""
+    files = {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*")) if p.is_file()}
+    return ({n: sha256_file(p) for n, p in files.items()}, {n: p.stat().st_size for n, p in files.items()},
+            {n: fingerprint_file(p) for n, p in files.items()})
 
 
 @dataclasses.dataclass

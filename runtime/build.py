@@ -34,16 +34,22 @@ def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, du
     """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data)."""
     from r1c.passes.pipelines import lower_file
 
+    target = "tensorrt" if target == "tensorrt-rtx" else target  # one lowering; the builds differ (library, arch)
     lower_file(export_dir / "model.onnx", work / "model.onnx", target=target, dump_after=dump_after,
                dump_dir=dump_dir if dump_after else None, verbose=verbose)
 
 
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
-                 verbose: bool = False, tensor_parallel: int = 1, expert_parallel: int = 1) -> Path:
+                 verbose: bool = False, arch: str | None = None,
+                 tensorrt_options: dict[str, Any] | None = None, tensor_parallel: int = 1,
+                 expert_parallel: int = 1) -> Path:
     """Build `out_dir` (created whole or not at all) from the export at `export_dir`.
 
-    tensor_parallel x expert_parallel > 1: one bundle with every rank's files (`r1c.runtime.distributed.build`).
+    `arch` (TensorRT targets): the compute capability to build for (`sm89`, `sm90`, `sm120`, ...; tensorrt-rtx
+    default sm89, tensorrt default the current GPU); `tensorrt_options`: profile options (see
+    `r1c.runtime.trt_profiles.PROFILE_OPTIONS`). tensor_parallel x expert_parallel > 1: one bundle with every
+    rank's files (`r1c.runtime.distributed.build`).
     """
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
@@ -69,11 +75,18 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             target_options = {"model": "model.onnx", "session": {**DEFAULT_OPTIONS, **(session or {})}}
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
             OrtBackend(tmp / "model.onnx", target_options["session"])
+        elif target == "tensorrt-rtx":
+            from r1c.runtime.trt_rtx import build_tensorrt_rtx
+
+            _lower(src, tmp, target, dump_after, dumps, verbose)
+            target_options, libraries = build_tensorrt_rtx(tmp, config, arch=arch or "sm89",
+                                                           **(tensorrt_options or {}))
         else:
             from r1c.runtime.trt_build import build_tensorrt
 
             _lower(src, tmp, target, dump_after, dumps, verbose)
-            target_options, libraries = build_tensorrt(tmp, config)
+            target_options, libraries = build_tensorrt(tmp, config, compute_capability=arch,
+                                                       **(tensorrt_options or {}))
         import onnx
 
         libraries["onnx"] = onnx.__version__
