@@ -15,8 +15,16 @@ softmax scoring (DeepSeek-V2 greedy / group_limited_greedy; weights = softmax(lo
     y      = com.microsoft.MoE(h, probs, ...; normalize_routing_weights=0)   softmax over all E of probs, at top_k
   group_limited_greedy: that softmax is over the kept experts only; y *= sum of softmax(logits) over the kept
   experts (= Z_kept / Z_all) makes it softmax(logits). Then y *= routed_scaling_factor.
-softmax with noaux_tc has no ORT kernel (MoEGroupRouter scores with sigmoid): that block keeps its function body,
-and the reason is logged.
+any mode, when the ONNX Runtime at hand has no MoEGroupRouter (1.30 lacks it, 1.32 has it) or the mode has none (softmax
+with noaux_tc: MoEGroupRouter scores with sigmoid), the router stays `r1c::MoERouter` (its function body, inlined
+later) and feeds MoE through its weights w [T, K] and ids:
+    probs  = ScatterElements(SENTINEL [T, E], ids, Max(Log(w), -1e29), axis=1)     w's log at the ids
+    y      = com.microsoft.MoE(h, probs, ...; normalize_routing_weights=1) * ReduceSum(w, -1)
+  MoE's softmax over the k chosen log-weights is w / sum(w) (the clamp keeps an underflowed w = 0 finite).
+Which contrib ops exist is asked of the installed ONNX Runtime, not assumed from its version (`ort_runs`: a
+one-node session with the attributes this pass emits, run once): a com.microsoft op the pass would emit but the
+runtime lacks is not emitted, and the pass logs which form it chose and why. Without a CPU MoE that takes
+swiglu_fusion (ONNX Runtime 1.22 has neither), the blocks keep their r1c function bodies.
 ORT's CPU MoE reads the gate/up rows interleaved (swiglu_fusion=1), so w13 is re-laid out once, lazily at save
 time; SwiGLU uses alpha=1, beta=0 (silu). Only float32 `quant=none` experts are lowered: ORT 1.32 has no CPU
 kernel for FP8 QMoE, so FP8 experts keep their function body. The numerical equality is tests/test_lowering_ort.py.
@@ -24,9 +32,12 @@ kernel for FP8 QMoE, so FP8 experts keep their function body. The numerical equa
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnxscript.rewriter import RewriteRule
 from onnxscript.rewriter.pattern import MatchResult, RewriteRuleClassBase
@@ -37,7 +48,51 @@ from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
 from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
 from r1c.plugins.moe_router.reference import check_attributes, effective_groups
 
+logger = logging.getLogger(__name__)
+
 SENTINEL = -1e30  # router_probs of experts a token did not choose; exp() of it is 0
+LOG_FLOOR = -1e29  # log of a routing weight that underflowed to 0: finite, still above SENTINEL
+_PROBE_E, _PROBE_H, _PROBE_I = 4, 8, 4  # the probe node's experts, hidden size, expert intermediate size
+
+
+def _probe_node(op_type: str) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """A one-node use of `op_type` with the attributes `_RouterExpertsToOrtMoE` emits, and inputs for it."""
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    if op_type == "MoEGroupRouter":
+        node = onnx.helper.make_node(op_type, ["logits", "bias"], ["probs"], domain=ORT_DOMAIN, top_k=2, n_group=2,
+                                     topk_group=1, group_topk=2, router_sentinel=SENTINEL)
+        return node, {"logits": rng.standard_normal((3, _PROBE_E)).astype(f32), "bias": np.zeros(_PROBE_E, f32)}
+    node = onnx.helper.make_node(op_type, ["x", "probs", "w13", "", "w2"], ["y"], domain=ORT_DOMAIN, k=2,
+                                 activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
+                                 activation_alpha=1.0, activation_beta=0.0)
+    return node, {"x": rng.standard_normal((3, _PROBE_H)).astype(f32),
+                  "probs": rng.standard_normal((3, _PROBE_E)).astype(f32),
+                  "w13": rng.standard_normal((_PROBE_E, 2 * _PROBE_I, _PROBE_H)).astype(f32),
+                  "w2": rng.standard_normal((_PROBE_E, _PROBE_H, _PROBE_I)).astype(f32)}
+
+
+@functools.cache
+def ort_runs(op_type: str) -> str | None:
+    """None if the installed ONNX Runtime's CPU provider runs com.microsoft `op_type` ("MoE" | "MoEGroupRouter") as
+    this pass emits it (a session for one such node is created and run once); else why not (its error's first
+    line: an unregistered op, an attribute its schema lacks, no CPU kernel)."""
+    import onnxruntime as ort
+
+    node, feeds = _probe_node(op_type)
+    graph = onnx.helper.make_graph(
+        [node], "probe", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, v.shape)
+                          for n, v in feeds.items()],
+        [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                         onnx.helper.make_opsetid(ORT_DOMAIN, 1)], ir_version=10)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    except Exception as e:  # ORT's own exception types: every failure means "do not emit it"
+        return f"ONNX Runtime {ort.__version__}: {str(e).strip().splitlines()[0][:200]}"
+    return None
 
 
 def _attrs(node: ir.Node) -> dict[str, Any]:
@@ -56,6 +111,7 @@ class _RouterExpertsToOrtMoE(RewriteRuleClassBase):
     def __init__(self) -> None:
         super().__init__("MoERouter+MoEExperts->ORT MoE")
         self._router: dict[str, Any] = {}
+        self._router_node_attrs: dict[str, Any] = {}
         self._w13i: ir.Value | None = None
 
     def pattern(self, op, hidden, gate_w, bias, w13, w2):
@@ -71,11 +127,11 @@ class _RouterExpertsToOrtMoE(RewriteRuleClassBase):
             check_attributes(**router)
         except ValueError as e:
             return r.fail(str(e), w.producer())
-        if router["scoring"] == "softmax" and router["topk_method"] == "noaux_tc":
-            return r.fail("scoring 'softmax' with topk_method 'noaux_tc': MoEGroupRouter scores with sigmoid only",
-                          w.producer())
         if experts["quant"] != "none" or experts["activation"] != "swiglu" or len(out.producer().inputs) > 5:
             return r.fail(f"experts quant={experts['quant']!r}: ORT 1.32 has no CPU FP8 MoE", out.producer())
+        no_moe = ort_runs("MoE")
+        if no_moe:
+            return r.fail(f"no CPU MoE as this lowering emits it ({no_moe})", out.producer())
         if hidden.dtype != ir.DataType.FLOAT or w13.dtype != ir.DataType.FLOAT or w2.dtype != ir.DataType.FLOAT:
             return r.fail(f"hidden/w13/w2 are {hidden.dtype}/{w13.dtype}/{w2.dtype}, not float32", hidden)
         if not w13.is_initializer() or w13.const_value is None:
@@ -85,6 +141,7 @@ class _RouterExpertsToOrtMoE(RewriteRuleClassBase):
         if float(router["routed_scaling_factor"]) <= 0:
             return r.fail("routed_scaling_factor must be positive", w.producer())
         self._router = router
+        self._router_node_attrs = _attrs(w.producer())
         name = f"{w13.name}.interleaved"
         self._w13i = context.graph_or_function.initializers.get(name)
         return r
@@ -92,24 +149,38 @@ class _RouterExpertsToOrtMoE(RewriteRuleClassBase):
     def rewrite(self, op, hidden, gate_w, bias, w13, w2, **_):
         a = self._router
         top_k = int(a["top_k"])
-        logits = op.Gemm(hidden, gate_w, transB=1)
-        if a["scoring"] == "sigmoid":
-            probs, scale = self._sigmoid_probs(op, logits, bias, gate_w.shape[0])
+        form = router_form(a)
+        if form == "weights":
+            probs, scale = self._weight_probs(op, hidden, gate_w, bias)
+        elif form == "MoEGroupRouter":
+            probs, scale = self._sigmoid_probs(op, op.Gemm(hidden, gate_w, transB=1), bias, gate_w.shape[0])
         else:
-            probs, scale = self._softmax_probs(op, logits, gate_w.shape[0])
+            probs, scale = self._softmax_probs(op, op.Gemm(hidden, gate_w, transB=1), gate_w.shape[0])
         w13i = self._w13i
         if w13i is None:
             source = w13.const_value
             lazy = ir.LazyTensor(lambda: _interleave_rows(source), dtype=w13.dtype, shape=w13.shape,
                                  name=f"{w13.name}.interleaved")
             w13i = op.initializer(lazy, lazy.name)
-        normalize = int(a["scoring"] == "sigmoid")  # softmax: MoE's own softmax over all E is the V2 weight
+        normalize = int(form != "softmax")  # softmax: MoE's own softmax over all E is the V2 weight
         y = op.MoE(hidden, probs, w13i, None, w2, _domain=ORT_DOMAIN, _version=1, k=top_k,
                    activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=normalize,
                    activation_alpha=1.0, activation_beta=0.0)
         out = op.Mul(y, scale)
         out.dtype, out.shape = hidden.dtype, hidden.shape
         return out
+
+    def _weight_probs(self, op, hidden, gate_w, bias):
+        """The router kept as `r1c::MoERouter`; MoE's router_probs from its weights (module docstring)."""
+        w, ids = op.MoERouter(hidden, gate_w, bias, _domain=ROUTER_SPEC.domain, _version=ROUTER_SPEC.version,
+                              _outputs=2, **self._router_node_attrs)
+        last = op.Constant(value_ints=[-1])
+        experts = op.Constant(value_ints=[gate_w.shape[0]])
+        shape = op.Concat(op.Shape(w, start=0, end=1), experts, axis=0)  # [T, E]
+        unchosen = op.ConstantOfShape(shape, value=ir.tensor(np.array([SENTINEL], np.float32)))
+        log_w = op.Max(op.Log(w), op.Constant(value=ir.tensor(np.array(LOG_FLOOR, np.float32))))
+        probs = op.ScatterElements(unchosen, ids, log_w, axis=1)
+        return probs, op.ReduceSum(w, last, keepdims=1)
 
     def _sigmoid_probs(self, op, logits, bias, experts: int):
         """MoEGroupRouter's log-scores and the factor that turns MoE's normalized weights into the op's."""
@@ -150,8 +221,23 @@ class _RouterExpertsToOrtMoE(RewriteRuleClassBase):
         return probs, op.Mul(kept_mass, scale)
 
 
+def router_form(attrs: dict[str, Any]) -> str:
+    """How a router of these attributes feeds MoE: "MoEGroupRouter" (sigmoid scoring, when the runtime has it),
+    "softmax" (DeepSeek-V2's softmax methods, standard ops), or "weights" (the r1c router's own weights)."""
+    if attrs["scoring"] == "softmax":
+        return "softmax" if attrs["topk_method"] != "noaux_tc" else "weights"
+    return "weights" if ort_runs("MoEGroupRouter") else "MoEGroupRouter"
+
+
 class LowerMoEToOrtPass(RulesPass):
-    """Replaces each float32 r1c MoE block (router feeding experts) by ORT's MoE (+ MoEGroupRouter for sigmoid)."""
+    """Replaces each float32 r1c MoE block (router feeding experts) by ORT's MoE (+ MoEGroupRouter for sigmoid
+    scoring when the installed ONNX Runtime has it)."""
 
     def rules(self) -> list[RewriteRule]:
+        for op_type, consequence in (("MoE", "MoE blocks keep their r1c function bodies"),
+                                     ("MoEGroupRouter", "sigmoid routers stay r1c::MoERouter, feeding MoE their "
+                                                        "weights")):
+            why = ort_runs(op_type)
+            if why:
+                logger.info("lower_moe_to_ort: not emitting com.microsoft %s (%s): %s", op_type, why, consequence)
         return [_RouterExpertsToOrtMoE.rule()]
