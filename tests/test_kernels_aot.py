@@ -3,7 +3,8 @@ bundled ptxas; no GPU or driver), their instructions and resources, and the kern
 
 At DeepSeek-R1 shapes (H 7168, I 2048, 256 experts, top-8; FP8 linear 7168 -> 2048), every kernel any token count
 can launch (`PluginOp.kernel_specs`) must: target sm_90a; use FP8 `wgmma` (e4m3 x e4m3 -> f32) where it is a
-tensor-core GEMM and CUDA-core FP8 conversions where it is a decode GEMV; pipeline its K loop with cp.async; hold
+tensor-core GEMM, TF32 tensor cores for the router's gate GEMM, and CUDA-core FP8 conversions where it is a decode
+GEMV; pipeline its K loop with cp.async; hold
 no register spills (`ptxas -v`: a spilled GEMM main loop is an order of magnitude slower, which is what made the
 4096-token prefill reach 10.9% of the FP8 peak on the H200); and take, per its PTX, exactly the plan's arguments
 plus Triton's trailing scratch pointers. Compilation runs in child processes (the main process may hold the
@@ -42,7 +43,7 @@ for spec in specs[shard::shards]:
         continue
     ptx = compiled.asm["ptx"]
     target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
-    gemm = spec.name in ("moe_gemm1_swiglu", "moe_gemm2", "fp8_linear")
+    gemm = spec.name in ("moe_gemm1_swiglu", "moe_gemm2", "fp8_linear", "router_logits")
     out[spec.key] = {
         "name": spec.name,
         "constexprs": {k: v for k, v in spec.constexprs.items() if isinstance(v, (int, bool))},
@@ -56,6 +57,7 @@ for spec in specs[shard::shards]:
         "cubin_bytes": len(compiled.asm["cubin"]),
         "shared": compiled.metadata.shared,
         "resources": ptxas_resources(ptx, 90) if gemm or spec.name.startswith("moe_") else None,
+        "num_stages": spec.num_stages,
         "seconds": round(time.perf_counter() - start, 2),
     }
 print(json.dumps(out))
@@ -101,15 +103,26 @@ def test_r1_kernels_compile_for_sm90_with_fp8_tensor_cores_and_no_spills(aot: di
         if name in ("moe_gemm1_swiglu", "moe_gemm2", "fp8_linear"):
             assert _fp8_wgmma(r["mma"]), f"{key}: no FP8 wgmma: {r['mma']}"
             assert r["cp_async"] > 0, f"{key}: the K loop is not pipelined with cp.async"
-        if name in ("moe_gemm1_swiglu", "quant_act_1x128"):  # FP8 quantization in the epilogue / the kernel
+        if name == "router_logits":  # TF32-split operands on the tensor cores, not IEEE float32 on CUDA cores
+            assert r["mma"] and all(".tf32.tf32" in m for m in r["mma"]), f"{key}: {r['mma']}"
+            assert r["cp_async"] > 0, f"{key}: the K loop is not pipelined with cp.async"
+        quantizes = name in ("moe_gemm1_swiglu", "quant_act_1x128") or r["constexprs"].get("QUANT_A")
+        if quantizes:  # FP8 quantization in the epilogue / the kernel / the GEMM's prologue
             assert "cvt.rn.satfinite.e4m3x2.f32" in r["cvt_fp8"], f"{key}: {r['cvt_fp8']}"
         if name.startswith("moe_decode"):  # GEMVs on CUDA cores: FP8 converted in registers, no MMA
             assert not r["mma"] and "cvt.rn.f16x2.e4m3x2" in r["cvt_fp8"], f"{key}: {r['mma']} {r['cvt_fp8']}"
 
 
-def test_prefill_gemms_use_two_warpgroups(aot: dict[str, Any]) -> None:
-    """The 64- and 128-row tiles run on 8 warps (two 64-row warpgroups): the configuration that does not spill."""
-    big = [r for r in aot.values() if r["name"] in ("moe_gemm1_swiglu", "moe_gemm2", "fp8_linear")
-           and r["constexprs"].get("BLOCK_M", 0) >= 64 and not r["constexprs"].get("SWAP_AB")
-           and not (r["name"] == "fp8_linear" and r["constexprs"]["BLOCK_M"] == 64)]
-    assert big and all(r["warps"] == 8 for r in big), [(r["name"], r["constexprs"], r["warps"]) for r in big]
+def test_prefill_tiles_fit_their_occupancy(aot: dict[str, Any]) -> None:
+    """GEMM1's 64-row tiles run on 8 warps (two warpgroups: its two 64 x 128 accumulators spill on 4); the one-
+    accumulator prefill GEMMs (experts GEMM2, FP8 linear: 64 x 128 on 4 warps) leave room for 2 programs per SM
+    (registers <= 64K and shared memory <= 227 KB for two), whose MMAs hide each other's per-128-K promotion."""
+    gemm1 = [r for r in aot.values() if r["name"] == "moe_gemm1_swiglu" and r["constexprs"]["BLOCK_M"] == 64]
+    assert gemm1 and all(r["warps"] == 8 for r in gemm1), gemm1
+    one_acc = [r for r in aot.values() if r["name"] in ("moe_gemm2", "fp8_linear")
+               and r["constexprs"]["BLOCK_M"] == 64 and not r["constexprs"].get("SWAP_AB")]
+    assert {r["name"] for r in one_acc} == {"moe_gemm2", "fp8_linear"}, one_acc
+    for r in one_acc:
+        regs_per_warp = -(-r["resources"]["registers"] // 8) * 8 * 32  # allocated in units of 8 per thread
+        assert r["warps"] == 4 and 2 * r["warps"] * regs_per_warp <= 65536, r
+        assert 2 * r["shared"] <= 227 * 1024, r

@@ -19,8 +19,9 @@ import pytest
 import torch
 from kernels_support import draw_seed, import_kernels, native_requested, poisoned, rerun_in_interpreter
 
-from r1c.plugins.fp8 import dequantize, quantize
+from r1c.plugins.fp8 import quantize
 from r1c.plugins.fp8_linear import fp8_linear_reference
+from r1c.plugins.fp8_matched import linear_matched
 
 pytestmark = pytest.mark.kernels
 
@@ -77,10 +78,7 @@ def test_fp8_linear_within_its_error_budget(case: str, seed: int) -> None:
     exact = fp8_linear_reference(x.double(), q, s).reshape(-1, n)
     err = float((y - exact).norm() / exact.norm())
     row = float(((y - exact).norm(dim=1) / exact.norm(dim=1)).max())
-    xq, xs = fp8_tk.quantize_act_1x128_reference(x.reshape(-1, k))
-    xd = xq.double() * xs.double().repeat_interleave(128, dim=1)[:, :k]
-    w = dequantize(q, s).double()
-    matched, mag = xd @ w.t(), xd.abs() @ w.abs().t()
+    matched, mag = linear_matched(x, q, s)
     rounding = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(dtype, 0.0)
     acc = (2e-3 if NATIVE else 1e-5) * mag
     bound = acc + rounding * (matched.abs() + acc) * 1.01 + 1e-30  # |v - round(v)| <= 2^-7 |v| for bf16
@@ -93,12 +91,15 @@ def test_fp8_linear_within_its_error_budget(case: str, seed: int) -> None:
 
 @needs_kernels
 def test_fp8_linear_configs_cover_every_tile_path(seed: int) -> None:
-    """The same problem through each tile config (split over K or not, MMA transposed or not) agrees."""
+    """The same problem through each tile config (split over K or not, MMA transposed or not, activations quantized
+    by their own launch or inside the GEMM, tiles over one or two weight scale blocks) agrees."""
     assert linear_tk is not None
     x, q, s = _inputs((9,), 512, 256, torch.float32)
     args: Any = (x.to(DEVICE), q.to(DEVICE), s.to(DEVICE))
-    configs = [linear_tk.LinearConfig(16, 64, True, 4, 4), linear_tk.LinearConfig(64, 128, False, 4, 4),
-               linear_tk.LinearConfig(128, 128, False, 8, 3, group_m=8)]
+    c = linear_tk.LinearConfig
+    configs = [c(16, 64, True, 4, 4), c(16, 64, True, 4, 4, split_to=264, fuse_quant=True),
+               c(64, 128, False, 4, 4, split_to=264), c(64, 128, False, 4, 4, group_m=8),
+               c(128, 128, False, 8, 3, group_m=8), c(64, 256, False, 8, 3)]
     outs = [linear_tk.fp8_linear_triton(*args, config=c).cpu() for c in configs]
     for c, o in zip(configs[1:], outs[1:]):
         diff = float((o - outs[0]).abs().max() / outs[0].abs().max())

@@ -35,15 +35,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from kernels_support import draw_seed, import_kernels, native_requested, poisoned, poisoned_empty, rerun_in_interpreter
 
 from r1c.plugins.fp8 import dequantize, quantize
+from r1c.plugins.fp8_matched import ExpertsMatched, combine64, dequant_act, e4m3_grid, experts_matched, swiglu64
 from r1c.plugins.moe_experts.reference import moe_experts_reference
 from r1c.plugins.moe_router.reference import moe_router_reference
 
@@ -59,6 +58,7 @@ pytestmark = [
 NATIVE = native_requested() and _PROBLEM is None
 DEVICE = torch.device("cuda" if NATIVE else "cpu")
 needs_kernels = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
+NOISE = 2e-3 if NATIVE else 1e-5  # accumulation noise, of the sum of |products| (module docstring)
 
 
 @pytest.fixture(autouse=True)
@@ -211,6 +211,62 @@ def test_router_matches_reference(case: str, seed: int) -> None:
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-7, msg=lambda m: f"[seed {seed}] {case}: {m}")
 
 
+GATE_CASES = {
+    # name: (T, H, E, hidden dtype): the gate GEMM's three tile configs (H split at T <= 16 and T <= 64, a partial
+    # K block), 3 MMAs for float32 hidden and 2 for bf16
+    "decode-split-fp32": (3, 300, 48, torch.float32),
+    "batch-split-bf16": (40, 256, 64, torch.bfloat16),
+    "prefill-fp32": (70, 192, 40, torch.float32),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", list(GATE_CASES))
+def test_router_gate_gemm_on_split_tf32_is_float32_accurate(case: str, seed: int) -> None:
+    """The gate GEMM multiplies TF32-split operands (moe_router/plan.py; the interpreter computes exactly those
+    products). On general float32 values (not TF32-exact, unlike the cases above): logits within 1e-5 of the sum of
+    |products| of the float64 ones (TF32 alone misses by ~2^-11 of it, this scheme by ~2^-21, float32 summation
+    ~1e-7), and the routing equal to the float32 reference's on tie-robust rows."""
+    assert router_tk is not None
+    from r1c.plugins.launch import region_views
+
+    t, h, e, dtype = GATE_CASES[case]
+    cfg = (t, h, e, 4, 2, 4, 1, "sigmoid", "mixed", dtype, 1, "noaux_tc")
+    gate, bias = torch.randn(e, h) / math.sqrt(h), torch.randn(e) * 0.1
+    hidden = torch.randn(t, h).to(dtype)
+    for _ in range(200):
+        rows = _fragile_rows(hidden, gate, bias, cfg)
+        if not rows:
+            break
+        hidden[rows] = torch.randn(len(rows), h).to(dtype)
+    else:
+        pytest.fail(f"[seed {seed}] could not draw tie-robust router inputs")
+    attrs: dict[str, Any] = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=1,
+                                 scoring="sigmoid", topk_method="noaux_tc")
+    plan = router_tk.router_plan(router_tk.RouterProblem(t, h, e, str(dtype).removeprefix("torch."),
+                                                         tuple(sorted(attrs.items()))))
+    ws = torch.full((plan.workspace_size,), 255, dtype=torch.uint8, device=DEVICE)  # NaN float32s
+    out = (_nan((t, 4)), torch.full((t, 4), -1, dtype=torch.int32, device=DEVICE))
+    router_tk.TritonRunner().run(plan, [hidden.to(DEVICE), gate.to(DEVICE), bias.to(DEVICE)], list(out), ws)
+    logits = region_views(plan, ws)[0].cpu().double().sum(0)
+    exact = hidden.double() @ gate.double().t()
+    mag = hidden.double().abs() @ gate.double().abs().t()
+    worst = float(((logits - exact).abs() / mag).max())
+    hi_only = float(((hidden.double() @ _tf32_round(gate).double().t() - exact).abs() / mag).max())
+    print(f"[seed {seed}] {case}: logits {worst:.1e} of sum|p| (TF32 without the low part: {hi_only:.1e})")
+    bound = 1e-5 if NATIVE else 1e-6  # (native: tensor-core accumulation order)
+    assert worst <= bound < hi_only, f"[seed {seed}] {case}: logits off by {worst:.1e} of the sum of |products|"
+    w_ref, ids_ref = moe_router_reference(hidden, gate, bias, **attrs)
+    assert torch.equal(out[1].cpu(), ids_ref), f"[seed {seed}] {case}: ids differ"
+    torch.testing.assert_close(out[0].cpu(), w_ref, rtol=1e-5, atol=1e-7)
+
+
+def _tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 x to the nearest TF32 value (ties away from zero), as the gate GEMM's split does."""
+    bits = x.float().view(torch.int32)
+    return ((bits + 0x1000) & -8192).view(torch.float32)
+
+
 @needs_kernels
 def test_router_rejects_bad_attributes() -> None:
     assert router_tk is not None
@@ -271,76 +327,12 @@ def _fp8_weights(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"w13": q13, "w2": q2, "w13_scale": s13, "w2_scale": s2}
 
 
-def _dequant_act(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float64 values of 1x128-quantized rows: q [N, C] fp8, scale [N, cdiv(C, 128)]."""
-    return q.double() * scale.double().repeat_interleave(128, dim=1)[:, : q.shape[1]]
-
-
-def _per_expert(ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    flat = ids.reshape(-1).long()
-    for ex in flat.unique().tolist():
-        yield ex, (flat == ex).nonzero().flatten()
-
-
-def _swiglu64(x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
-    """float64 SwiGLU output of every pair (in pair order) from float64 hidden x [T, H] and w13 [E, 2I, H]."""
-    k = ids.shape[1]
-    inter = w13.shape[1] // 2
-    act = torch.zeros(ids.numel(), inter, dtype=torch.float64)
-    for ex, pairs in _per_expert(ids):
-        gu = x[pairs // k] @ w13[ex].t()
-        act[pairs] = F.silu(gu[:, :inter]) * gu[:, inter:]
-    return act
-
-
-def _combine64(
-    act: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From per-pair act [T*K, I], float64: (out [T, H], sum over slots of |slot output|, sum of |products|)."""
-    t, k = ids.shape
-    out = torch.zeros(t, w2.shape[1], dtype=torch.float64)
-    slots = torch.zeros_like(out)
-    mag = torch.zeros_like(out)
-    wflat = weights.reshape(-1).double()
-    for ex, pairs in _per_expert(ids):
-        y = (act[pairs] @ w2[ex].t()) * wflat[pairs, None]
-        out.index_add_(0, pairs // k, y)
-        slots.index_add_(0, pairs // k, y.abs())
-        mag.index_add_(0, pairs // k, (act[pairs].abs() @ w2[ex].t().abs()) * wflat[pairs, None].abs())
-    return out, slots, mag
-
-
-def _e4m3_grid(act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For float64 rows quantized 1x128 (scale = group amax / 448): the scale of every element, |act| / scale, and
-    the e4m3 step at that value (in scaled units)."""
-    n, i = act.shape
-    groups = -(-i // 128)
-    pad = torch.zeros(n, groups * 128, dtype=torch.float64)
-    pad[:, :i] = act
-    amax = pad.view(n, groups, 128).abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / 448, torch.ones_like(amax)).repeat_interleave(128, dim=1)[:, :i]
-    v = (act / scale).abs()
-    return scale, v, torch.exp2(torch.floor(torch.log2(v.clamp_min(2.0**-6))) - 3)
-
-
-def _matched_reference(x: dict[str, torch.Tensor], w: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """The op with the kernels' activation quantization (hidden and SwiGLU output, 1x128, e4m3), else float64.
-    Returns (output, sum over slots of |slot output|, sum of |products|, flip bound): the flip bound is what the
-    output may move if every SwiGLU value that sits within float32 noise of an e4m3 rounding midpoint rounded the
-    other way in the kernel (one e4m3 step each)."""
-    assert experts_tk is not None
-    xq, xs = experts_tk.quantize_act_1x128_reference(x["hidden"])
-    w13 = dequantize(w["w13"], w["w13_scale"]).double()
-    w2 = dequantize(w["w2"], w["w2_scale"]).double()
-    ids, weights = x["topk_ids"], x["topk_weights"]
-    act = _swiglu64(_dequant_act(xq, xs), ids, w13)
-    aq, as_ = experts_tk.quantize_act_1x128_reference(act.float())
-    out, slots, mag = _combine64(_dequant_act(aq, as_), ids, weights, w2)
-    scale, v, step = _e4m3_grid(act)
-    to_midpoint = ((v / step) - torch.floor(v / step) - 0.5).abs() * step
-    near = to_midpoint <= (2e-3 if NATIVE else 1e-5) * 448  # noise relative to the group's amax, in scaled units
-    flips = _combine64(torch.where(near, step * scale, 0.0), ids, weights.abs(), w2.abs())[0]
-    return out, slots, mag, flips
+def _matched_reference(x: dict[str, torch.Tensor], w: dict[str, torch.Tensor]) -> ExpertsMatched:
+    """The op with the kernels' activation quantization (hidden and SwiGLU output, 1x128, e4m3), else float64, and
+    the flip bound: what the output may move if every SwiGLU value that sits within float32 noise of an e4m3 rounding
+    midpoint rounded the other way in the kernel (one e4m3 step each); `r1c.plugins.fp8_matched`."""
+    return experts_matched(x["hidden"], x["topk_weights"], x["topk_ids"], w["w13"], w["w2"], w["w13_scale"],
+                           w["w2_scale"], quantize_act=True, noise=NOISE)
 
 
 def _exact_fp8(x: dict[str, torch.Tensor], w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -449,7 +441,8 @@ def test_experts_fp8_sorted_path(case: str, seed: int) -> None:
     out = _run_experts(x, w, "fp8_block128", path="sorted", block_m=block_m)
     assert out.dtype == dtype and not out.isnan().any(), f"{tag}: unwritten (NaN) output"
     exact = _exact_fp8(x, w)
-    matched, slot_abs, mag, flips = _matched_reference(x, w)
+    ref = _matched_reference(x, w)
+    matched = ref.out
     err_exact = _rel(out, exact)
     row_err = ((out.double() - exact.double()).norm(dim=1) / exact.double().norm(dim=1)).max().item()
     err_matched = float((out.double() - matched).abs().max() / matched.abs().max())
@@ -459,7 +452,7 @@ def test_experts_fp8_sorted_path(case: str, seed: int) -> None:
     # (one step each), and for bf16 hidden the rounding of each slot's output and of the sum (the interpreter
     # truncates: 2^-7 relative)
     rounding = 2.0**-7 if dtype == torch.bfloat16 else 0.0
-    bound = (2e-3 if NATIVE else 1e-5) * mag + flips + rounding * (slot_abs + matched.abs()) + 1e-30
+    bound = ref.bound(NOISE) + rounding * (ref.slot_abs + matched.abs())
     worst = ((out.double() - matched).abs() / bound).max().item()
     assert worst <= 1, f"{tag}: {worst:.2f}x the tolerance vs the same-quantization reference"
 
@@ -473,12 +466,12 @@ def test_experts_fp8_sorted_path(case: str, seed: int) -> None:
     sorted_ids = align.sorted_ids.cpu()
     rows = (sorted_ids < t * k).nonzero().flatten()
     pairs = sorted_ids[rows].long()
-    act_k = _dequant_act(act.cpu()[rows], act_s.cpu()[rows])  # kernel's FP8 SwiGLU output, by sorted row
+    act_k = dequant_act(act.cpu()[rows], act_s.cpu()[rows])  # kernel's FP8 SwiGLU output, by sorted row
     w13 = dequantize(w["w13"], w["w13_scale"]).double()
-    act64 = _swiglu64(_dequant_act(xq_ref, xs_ref), x["topk_ids"], w13)[pairs]
-    scale, _, step = _e4m3_grid(act64)
+    act64 = swiglu64(dequant_act(xq_ref, xs_ref), x["topk_ids"], w13)[pairs]
+    scale, _, step = e4m3_grid(act64)
     half_step = step / 2 * scale
-    noise = (2e-3 if NATIVE else 1e-5) * 448 * scale  # float32 noise, relative to the group's amax
+    noise = NOISE * 448 * scale  # float32 noise, relative to the group's amax
     excess = ((act_k - act64).abs() - half_step * (1 + 1e-6) - noise).max().item()
     assert excess <= 0, f"{tag}: a SwiGLU value is not within half an e4m3 step of the float64 value ({excess=})"
 
@@ -486,8 +479,8 @@ def test_experts_fp8_sorted_path(case: str, seed: int) -> None:
     combined = experts_tk.moe_combine(y, xd["topk_ids"], e, _nan((t, h))).cpu()
     act_pairs = torch.zeros(t * k, i, dtype=torch.float64)
     act_pairs[pairs] = act_k
-    want, _, mag = _combine64(act_pairs, x["topk_ids"], x["topk_weights"], dequantize(w["w2"], w["w2_scale"]).double())
-    bound = (2e-3 if NATIVE else 1e-5) * mag + 1e-30
+    want, _, mag = combine64(act_pairs, x["topk_ids"], x["topk_weights"], dequantize(w["w2"], w["w2_scale"]).double())
+    bound = NOISE * mag + 1e-30
     worst = ((combined.double() - want).abs() / bound).max().item()
     assert worst <= 1, f"{tag}: GEMM2 + combine off by {worst:.2f}x the float32 accumulation bound"
 

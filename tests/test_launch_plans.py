@@ -129,21 +129,26 @@ def test_experts_config_by_token_count() -> None:
     assert picks[1].path == picks[4].path == "decode"  # T*K <= 32
     assert (picks[5].block_m, picks[64].block_m, picks[512].block_m) == (16, 16, 16)  # <= 16 rows per expert
     assert (picks[1536].block_m, picks[1536].gemm1_warps) == (32, 4)
-    assert (picks[4096].block_m, picks[4096].gemm1_warps, picks[4096].gemm2_warps) == (64, 8, 8)
+    assert (picks[4096].block_m, picks[4096].gemm1_warps, picks[4096].gemm2_warps) == (64, 8, 4)
 
 
 def test_fp8_linear_splits_k_for_decode_only() -> None:
     kb = 7168 // 128
     dec = LinearProblem(1, 7168, 576, "bfloat16")  # kv_a_proj: 9 tiles of 64 rows would idle the GPU
     s = splits(dec, linear_config(dec))
-    gemm = linear_plan(dec).launches[1]
+    gemm = linear_plan(dec).launches[0]
     per = gemm.args[gemm.spec.arg_names().index("K_PER_SPLIT")]
     assert s > 1 and gemm.grid[1] == s and per * s >= kb and per * (s - 1) < kb  # every split has K blocks
     assert gemm.grid[0] * s >= 200  # ~2 programs per SM of a 132-SM GPU
-    assert [la.spec.name for la in linear_plan(dec).launches] == ["quant_act_1x128", "fp8_linear", "splitk_reduce"]
+    # decode: the GEMM quantizes the activations itself; from 17 tokens a quantization launch goes first
+    assert [la.spec.name for la in linear_plan(dec).launches] == ["fp8_linear", "splitk_reduce"]
+    assert gemm.spec.constexprs["QUANT_A"] and gemm.spec.signature["a_ptr"] == "*bf16"
+    small = LinearProblem(40, 7168, 2048, "bfloat16")
+    assert [la.spec.name for la in linear_plan(small).launches] == ["quant_act_1x128", "fp8_linear", "splitk_reduce"]
     pre = LinearProblem(4096, 7168, 2048, "bfloat16")
     assert [la.spec.name for la in linear_plan(pre).launches] == ["quant_act_1x128", "fp8_linear"]
-    assert linear_plan(pre).launches[1].grid == (32 * 16, 1, 1)
+    assert linear_plan(pre).launches[1].grid == (64 * 16, 1, 1)  # 64 x 128 tiles, one warpgroup
+    assert linear_plan(pre).launches[1].spec.num_warps == 4
 
 
 # ---- the enqueue path through a fake CUDA driver ------------------------------------------------------------------
@@ -222,7 +227,7 @@ def test_kernel_library_errors_name_the_problem(tmp_path: Path) -> None:
     plan = linear_plan(dataclasses.replace(LINEAR, tokens=3))
     lib = _fake_library(tmp_path, plan)
     other = linear_plan(dataclasses.replace(LINEAR, tokens=150))  # other tiles: kernels the library lacks
-    with pytest.raises(BundleError, match="has no kernel fp8_linear-"):
+    with pytest.raises(BundleError, match=r"has no kernel (quant_act_1x128|fp8_linear)-"):
         DriverRunner(lib, FakeDriver()).prepare(other)
     entry = lib.entry(plan.launches[0].spec)
     with pytest.raises(BundleError, match="arguments"):

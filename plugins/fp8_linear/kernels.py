@@ -3,11 +3,14 @@
 `_fp8_linear_kernel` computes tiles of y = dequant(a) @ dequant(w)^T from a [M, K] FP8 (quantized per token and 128
 channels by `r1c.plugins.fp8_triton`) and w [N, K] FP8 (K contiguous: the K-major operand FP8 `wgmma` needs): per
 128-deep K step one FP8 `tl.dot` (float32 accumulation) scaled by a_scale[row, kb] * w_scale[col // 128, kb] and
-added to a float32 accumulator: the promotion every 128 products that DeepSeek-V3 specifies. SWAP_AB computes the
-transposed tile (weight rows on the MMA's M side) for small M; SPLIT splits the K loop over the grid's second
-dimension (K_PER_SPLIT blocks each) into float32 partials [splits, M, N] that `_splitk_reduce_kernel` sums in split
-order (deterministic: no atomics) when the M x N tiles alone would leave most SMs idle (decode). GROUP_M orders
-the programs so that consecutive ones share weight columns (L2 reuse).
+added to a float32 accumulator: the promotion every 128 products that DeepSeek-V3 specifies. A tile of at most 128
+columns lies in one weight scale block, so its weight scale is one scalar per K step (one multiply per output
+instead of two). QUANT_A reads the unquantized x instead and quantizes each [rows, 128] tile in registers
+(`quantize_groups`, the same codes and scales as the quantization kernel): for decode, where it saves a launch and
+the tiles are a few rows. SWAP_AB computes the transposed tile (weight rows on the MMA's M side) for small M; SPLIT
+splits the K loop over the grid's second dimension (K_PER_SPLIT blocks each) into float32 partials [splits, M, N]
+that `_splitk_reduce_kernel` sums in split order (deterministic: no atomics) when the M x N tiles alone would leave
+most SMs idle (decode). GROUP_M orders the programs so that consecutive ones share weight columns (L2 reuse).
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from r1c.plugins.fp8_triton import quantize_groups
+
 
 @triton.jit
 def _fp8_linear_kernel(
-    a_ptr,  # [M, K] float8_e4m3fn
-    a_scale_ptr,  # [M, cdiv(K, 128)] float32
+    a_ptr,  # [M, K] float8_e4m3fn, or x [M, K] float32/bf16/fp16 (QUANT_A)
+    a_scale_ptr,  # [M, cdiv(K, 128)] float32 (unused with QUANT_A)
     w_ptr,  # [N, K] float8_e4m3fn
     w_scale_ptr,  # [cdiv(N, 128), cdiv(K, 128)] float32
     out_ptr,  # [M, N] in the output dtype, or [splits, M, N] float32 partials (SPLIT)
@@ -34,6 +39,7 @@ def _fp8_linear_kernel(
     stride_om,
     stride_split,
     SPLIT: tl.constexpr,
+    QUANT_A: tl.constexpr,
     SWAP_AB: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -59,6 +65,7 @@ def _fp8_linear_kernel(
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     as_rows = a_scale_ptr + rows.to(tl.int64) * stride_asm
     ws_rows = w_scale_ptr + (cols // 128) * stride_wsn
+    ws_tile = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_wsn  # BLOCK_N <= 128: the tile's one scale block
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -68,14 +75,26 @@ def _fp8_linear_kernel(
     for kb in range(kb_start, kb_end):
         kk = kb * BLOCK_K + offs_k
         k_ok = kk < K
-        a = tl.load(a_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        a_s = tl.load(as_rows + kb, mask=m_ok, other=0.0)
-        w_s = tl.load(ws_rows + kb, mask=n_ok, other=0.0)
-        if SWAP_AB:
-            acc += tl.dot(w, tl.trans(a)) * (w_s[:, None] * a_s[None, :])
+        if QUANT_A:
+            x = tl.load(a_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            a_val, a_s = quantize_groups(x)  # zero rows and columns past M and K: scale 1, codes 0
+            a = a_val.to(tl.float8e4nv)
         else:
-            acc += tl.dot(a, tl.trans(w)) * (a_s[:, None] * w_s[None, :])
+            a = tl.load(a_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            a_s = tl.load(as_rows + kb, mask=m_ok, other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if BLOCK_N <= 128:
+            s = a_s * tl.load(ws_tile + kb)
+            if SWAP_AB:
+                acc += tl.dot(w, tl.trans(a)) * s[None, :]
+            else:
+                acc += tl.dot(a, tl.trans(w)) * s[:, None]
+        else:
+            w_s = tl.load(ws_rows + kb, mask=n_ok, other=0.0)
+            if SWAP_AB:
+                acc += tl.dot(w, tl.trans(a)) * (w_s[:, None] * a_s[None, :])
+            else:
+                acc += tl.dot(a, tl.trans(w)) * (a_s[:, None] * w_s[None, :])
     if SWAP_AB:
         acc = tl.trans(acc)
     offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]

@@ -12,7 +12,8 @@
      block's gathered tokens are read from HBM once and its expert's weights once per block: gathers the tokens'
      FP8 rows, multiplies by the gate rows and the up rows of w13 (FP8 `tl.dot`, float32 accumulation, activation
      scale x weight block scale applied per 128-deep K step: the accumulator is promoted to float32 every 128
-     products, as DeepSeek-V3 does), SwiGLU, then quantizes the 128 SwiGLU outputs of each row to FP8 with their
+     products, as DeepSeek-V3 does; a 128-column tile has one weight scale per K step, a scalar), SwiGLU, then
+     quantizes the 128 SwiGLU outputs of each row to FP8 with their
      own 1x128 scale: the input of GEMM2 never goes through memory in high precision. Rows stay in sorted order.
   4. `_moe_gemm2_kernel`: sorted rows x w2 (FP8, block scales as above), times the routing weight, stored to the
      pair's own row of a [T*K, H] buffer (the un-permute); columns fastest as in GEMM1 (with rows fastest, every
@@ -149,6 +150,7 @@ def _moe_gemm1_swiglu_kernel(
     stride_acts,
     TOP_K: tl.constexpr,
     QUANT: tl.constexpr,
+    UP_ALIGNED: tl.constexpr,  # INTER is a multiple of 128 (QUANT: one weight scale per up tile and K step)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 weights (no TF32); unused for fp8/bf16/fp16
     SWAP_AB: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: bf16 dot operands through float32 (exact products)
@@ -192,16 +194,25 @@ def _moe_gemm1_swiglu_kernel(
             wu = wu.to(tl.float32)
         if not QUANT:
             a = a.to(wg.dtype)  # hidden in the weights' dtype
-        if QUANT:
+        if QUANT:  # BLOCK_N = 128: the gate columns are weight scale block pid_n
             a_s = tl.load(a_scale_ptr + tok * stride_as + kb, mask=valid, other=0.0)
-            s_g = tl.load(ws_base + (offs_n // 128) * stride_wsn + kb, mask=n_ok, other=0.0)
-            s_u = tl.load(ws_base + ((offs_n + INTER) // 128) * stride_wsn + kb, mask=n_ok, other=0.0)
-            if SWAP_AB:
-                acc_g += tl.dot(wg, tl.trans(a)) * (s_g[:, None] * a_s[None, :])
-                acc_u += tl.dot(wu, tl.trans(a)) * (s_u[:, None] * a_s[None, :])
+            sa_g = a_s * tl.load(ws_base + pid_n * stride_wsn + kb)
+            if UP_ALIGNED:  # INTER % 128 == 0: the up columns are one block too
+                sa_u = a_s * tl.load(ws_base + (pid_n + INTER // 128) * stride_wsn + kb)
+                if SWAP_AB:
+                    acc_u += tl.dot(wu, tl.trans(a)) * sa_u[None, :]
+                else:
+                    acc_u += tl.dot(a, tl.trans(wu)) * sa_u[:, None]
             else:
-                acc_g += tl.dot(a, tl.trans(wg)) * (a_s[:, None] * s_g[None, :])
-                acc_u += tl.dot(a, tl.trans(wu)) * (a_s[:, None] * s_u[None, :])
+                s_u = tl.load(ws_base + ((offs_n + INTER) // 128) * stride_wsn + kb, mask=n_ok, other=0.0)
+                if SWAP_AB:
+                    acc_u += tl.dot(wu, tl.trans(a)) * (s_u[:, None] * a_s[None, :])
+                else:
+                    acc_u += tl.dot(a, tl.trans(wu)) * (a_s[:, None] * s_u[None, :])
+            if SWAP_AB:
+                acc_g += tl.dot(wg, tl.trans(a)) * sa_g[None, :]
+            else:
+                acc_g += tl.dot(a, tl.trans(wg)) * sa_g[:, None]
         elif SWAP_AB:
             acc_g = tl.dot(wg, tl.trans(a), acc_g, input_precision=DOT_PRECISION)
             acc_u = tl.dot(wu, tl.trans(a), acc_u, input_precision=DOT_PRECISION)
@@ -248,7 +259,7 @@ def _moe_gemm2_kernel(
     SWAP_AB: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # <= 128 when QUANT
     BLOCK_K: tl.constexpr,  # 128 when QUANT
 ):
     pid_n = tl.program_id(0)  # columns fastest: a row block's tokens stay in L2 while its columns are computed
@@ -264,7 +275,7 @@ def _moe_gemm2_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = act_ptr + rows[:, None].to(tl.int64) * stride_act
     w_rows = w_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None] * stride_wn
-    ws_base = w_scale_ptr + expert.to(tl.int64) * stride_wse + (offs_n // 128) * stride_wsn
+    ws_tile = w_scale_ptr + expert.to(tl.int64) * stride_wse + (pid_n * BLOCK_N // 128) * stride_wsn
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -277,13 +288,13 @@ def _moe_gemm2_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        if QUANT:
+        if QUANT:  # BLOCK_N <= 128: the tile's columns are one weight scale block
             a_s = tl.load(act_scale_ptr + rows.to(tl.int64) * stride_acts + kb, mask=valid, other=0.0)
-            s_w = tl.load(ws_base + kb, mask=n_ok, other=0.0)
+            sa = a_s * tl.load(ws_tile + kb)
             if SWAP_AB:
-                acc += tl.dot(w, tl.trans(a)) * (s_w[:, None] * a_s[None, :])
+                acc += tl.dot(w, tl.trans(a)) * sa[None, :]
             else:
-                acc += tl.dot(a, tl.trans(w)) * (a_s[:, None] * s_w[None, :])
+                acc += tl.dot(a, tl.trans(w)) * sa[:, None]
         elif SWAP_AB:
             acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
         else:

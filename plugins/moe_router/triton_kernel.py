@@ -3,7 +3,8 @@
 Design
 ------
 * The gate GEMM `hidden @ gate_weight^T` is a separate float32 kernel (`plan.py`; fusing it would make every
-  program read the whole [E, H] gate weight, 7.3 MB at R1 shapes); the routing kernel only touches [T, E] logits.
+  program read the whole [E, H] gate weight, 7.3 MB at R1 shapes); the routing kernel only touches [T, E] logits
+  (the sum of the GEMM's partials when it splits H, added in split order first).
 * `_noaux_tc_router_kernel` does all the routing in one launch: one program per BLOCK_T rows, each row held whole
   (E padded to a power of two) in registers:
     1. s = sigmoid(logit) (or softmax over the row); c = s + correction_bias (noaux_tc) or c = s (V2 methods);
@@ -43,11 +44,13 @@ __all__ = ["moe_router_triton", "routing_launch"]
 
 @triton.jit
 def _noaux_tc_router_kernel(
-    logits_ptr,  # [T, E] float32
+    logits_ptr,  # [SPLITS, T, E] float32: partial sums of the logits
     bias_ptr,  # [E] float32
     weights_ptr,  # [T, TOP_K] float32 out
     ids_ptr,  # [T, TOP_K] int32 out
     T,
+    SPLITS,
+    stride_split,
     stride_logits,
     stride_out,
     routed_scaling_factor,
@@ -71,11 +74,11 @@ def _noaux_tc_router_kernel(
     e_ok = offs_e < E
     neg_inf = float("-inf")
 
-    logit = tl.load(
-        logits_ptr + rows[:, None] * stride_logits + offs_e[None, :],
-        mask=row_ok[:, None] & e_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    logit_ptrs = logits_ptr + rows[:, None] * stride_logits + offs_e[None, :]
+    logit_mask = row_ok[:, None] & e_ok[None, :]
+    logit = tl.load(logit_ptrs, mask=logit_mask, other=0.0)
+    for sp in range(1, SPLITS):  # the gate GEMM's partial sums, in split order
+        logit += tl.load(logit_ptrs + sp * stride_split, mask=logit_mask, other=0.0)
     if SOFTMAX:
         shifted = tl.where(e_ok[None, :], logit, neg_inf)
         shifted = shifted - tl.max(shifted, axis=1)[:, None]
@@ -140,8 +143,9 @@ def _noaux_tc_router_kernel(
 
 
 def routing_launch(logits: Buf, bias: Buf, weights: Buf, ids: Buf, t: int, e: int, attrs: dict[str, Any], *,
-                   block_t: int = 1, num_warps: int = 4) -> Launch:
-    """The routing kernel's launch over logits [t, e] float32 (a plan's buffer) for the op's attributes.
+                   splits: int = 1, block_t: int = 1, num_warps: int = 4) -> Launch:
+    """The routing kernel's launch over logits [splits, t, e] float32 (a plan's buffer: `splits` partial sums,
+    added in order) for the op's attributes.
 
     Every `topk_method` (noaux_tc | greedy | group_limited_greedy) and `scoring` (sigmoid | softmax) of the SPEC;
     ValueError naming the attribute for a combination the op does not define (`check_attributes`).
@@ -152,13 +156,14 @@ def routing_launch(logits: Buf, bias: Buf, weights: Buf, ids: Buf, t: int, e: in
     block_t = min(block_t, triton.next_power_of_2(t))
     return launch(
         "moe_router", _noaux_tc_router_kernel, (triton.cdiv(t, block_t),),
-        {"logits_ptr": logits, "bias_ptr": bias, "weights_ptr": weights, "ids_ptr": ids, "T": t,
-         "stride_logits": e, "stride_out": top_k, "routed_scaling_factor": float(attrs["routed_scaling_factor"])},
+        {"logits_ptr": logits, "bias_ptr": bias, "weights_ptr": weights, "ids_ptr": ids, "T": t, "SPLITS": splits,
+         "stride_split": t * e, "stride_logits": e, "stride_out": top_k,
+         "routed_scaling_factor": float(attrs["routed_scaling_factor"])},
         {"PER_GROUP": e // n_group, "N_GROUP": n_group, "TOPK_GROUP": topk_group, "TOP_K": top_k,
          "NORM": bool(attrs["norm_topk_prob"]), "SOFTMAX": attrs["scoring"] == "softmax",
          "V3": method == "noaux_tc", "BLOCK_T": block_t, "BLOCK_E": triton.next_power_of_2(e),
          "BLOCK_G": triton.next_power_of_2(n_group), "BLOCK_K": triton.next_power_of_2(top_k)},
-        dynamic=["T"], num_warps=num_warps,
+        dynamic=["T", "SPLITS", "stride_split"], num_warps=num_warps,
     )
 
 
