@@ -24,11 +24,14 @@ time is a FAIL row and the steps after it still run:
            against the H200's peaks (HBM 4.8 TB/s; dense FP8 1979, bf16 989, fp32 67 TFLOP/s, datasheet) and % of
            the floor max(bytes / HBM, FLOPs / peak); the bf16 torch baseline of each (router: the PyTorch
            reference; experts: a loop of bf16 matmuls over the used experts, grouped beforehand; linear: cuBLAS bf16)
-  sweep    the experts at 4096 tokens with other tile configs (same outputs required), and the time of each launch
-           of the default plan (where the prefill time goes)
+  sweep    other tile configs of the experts (4096 tokens), the FP8 linear and the router's gate GEMM (1 and 4096
+           tokens) next to the default each plan picks (same outputs required), and the time of each launch of the
+           default 4096-token experts plan (scripts/gpu_check_sweep.py)
   layer    the tiny preset's whole model (every decoder layer) on the GPU, r1c ops through the plugin kernels (FP8:
-           dense projections through FP8Linear too), against the CPU bundle (`r1c build`, ONNX Runtime) of the same
-           weights: float32 within 1e-4 relative, FP8 within its activation-quantization budget
+           dense projections through FP8Linear too): float32 against the CPU bundle (`r1c build`, ONNX Runtime) of
+           the same weights within 1e-4 relative; FP8 op by op on the inputs each launch got, against the float64
+           model of its kernels within the kernel tests' budgets, and the logits against the same-quantization CPU
+           model for information (scripts/gpu_check_layer.py says why that comparison is no budget)
 Output: the table, printed row by row (flushed) and again whole at the end; with $OUT (or --out) set,
 gpu_check.log, gpu_check.md and gpu_check.json are written there as the run goes. Exit code 1 on any FAIL.
 
@@ -59,8 +62,9 @@ BUDGETS = {"env": 30, "tests": 150, "aot": 100, "weights": 40, "correct": 40, "b
 
 
 def run_steps(steps: list[str], ctx: Any, table: Table, scale: float, end: float) -> None:
-    from gpu_check_steps import STEPS
+    from gpu_check_steps import steps as all_steps
 
+    known = all_steps()
     for name in steps:
         budget = min(BUDGETS[name] * scale, end - time.perf_counter())
         if budget < 5:
@@ -70,7 +74,7 @@ def run_steps(steps: list[str], ctx: Any, table: Table, scale: float, end: float
         start = time.perf_counter()
         print(f"# step {name} (budget {budget:.0f} s)", file=sys.stderr, flush=True)
         try:
-            STEPS[name](ctx, table, deadline)
+            known[name](ctx, table, deadline)
         except StepTimeout as e:
             table.add(Row(name, f"out of time ({budget:.0f} s)", check=str(e)[:44], status="FAIL"))
         except Exception as e:  # a failing step is a row; the next steps still run
