@@ -3,18 +3,22 @@
 - `r1c`: a foreign ONNX (e.g. the stock torch.onnx export) -> the r1c form that `r1c export` writes:
   standard ONNX plus r1c ops carrying their function bodies. Runnable by ONNX Runtime as it is.
 - `onnxruntime`: the same fusions, then ONNX Runtime's fused kernels (RMSNorm, SwiGLU activation, MoE),
-  the remaining r1c bodies inlined.
+  the remaining r1c bodies inlined, the MoE split for balanced threads.
 - `tensorrt`: the same MoE fusions, r1c nodes kept as plugin nodes without bodies, every other node
   checked against TensorRT's ONNX support matrix.
 A pass's name is its module's name (`fuse_moe_router`); `r1c passes --target T` prints a pipeline.
+A pass class that sets `uses_build_options = True` is constructed with the `BuildOptions` fields its
+constructor names (e.g. `threads`), so `r1c build --threads N` reaches the passes that depend on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ClearMetadataAndDocStringPass, CommonSubexpressionEliminationPass
@@ -22,6 +26,7 @@ from onnx_ir.passes.common import ClearMetadataAndDocStringPass, CommonSubexpres
 from r1c.errors import PassError, R1CError
 from r1c.passes.check_tensorrt_ops import CheckTensorRTOpsPass
 from r1c.passes.deduplicate_small_initializers import DeduplicateSmallInitializersPass
+from r1c.passes.dequantize_fp8_experts import DequantizeFP8ExpertsPass
 from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
 from r1c.passes.fold_constants import FoldConstantsPass
 from r1c.passes.fuse_moe_experts import FuseMoEExpertsPass
@@ -32,7 +37,9 @@ from r1c.passes.infer_shapes import InferShapesPass
 from r1c.passes.inline_r1c_functions import InlineR1CFunctionsPass
 from r1c.passes.lower_moe_to_ort import LowerMoEToOrtPass
 from r1c.passes.name_deterministically import NameDeterministicallyPass
+from r1c.passes.quantize_weights import PRECISIONS, QuantizeWeightsPass
 from r1c.passes.remove_dead_code import RemoveDeadCodePass
+from r1c.passes.split_moe_experts import SplitMoEExpertsPass
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +55,8 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
     "onnxruntime": (
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
         FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass,
-        RemoveDeadCodePass, LowerMoEToOrtPass, InlineR1CFunctionsPass,
+        RemoveDeadCodePass, DequantizeFP8ExpertsPass, LowerMoEToOrtPass, QuantizeWeightsPass, SplitMoEExpertsPass,
+        InlineR1CFunctionsPass,
         FoldConstantsPass, RemoveDeadCodePass, CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass,
         InferShapesPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,
     ),
@@ -65,6 +73,24 @@ MODEL_FILE = "model.onnx"
 
 
 @dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """What a build asks of the passes that depend on it (`r1c build` fills it from its options).
+
+    precision: the weights of an `onnxruntime` bundle: "fp32", "int8", "int4", or "auto": the export's, with
+    FP8 weights as int8 blocks (1 byte a weight, as in the checkpoint; ORT has no CPU FP8 kernels) — see
+    `quantize_weights`. `report` collects what passes want the build to say, under each pass's name.
+    """
+
+    threads: int = 0  # intra-op threads the bundle is built for (0: one per core)
+    precision: str = "auto"
+    report: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise PassError(f"passes: unknown precision {self.precision!r} (choose from auto, {', '.join(PRECISIONS)})")
+
+
+@dataclasses.dataclass(frozen=True)
 class PassStats:
     name: str
     seconds: float
@@ -78,11 +104,21 @@ def pass_name(pass_: ir.passes.PassBase | PassFactory) -> str:
     return cls.__module__.rsplit(".", 1)[-1]
 
 
-def pipeline(target: str) -> list[ir.passes.PassBase]:
-    """Fresh instances of the target's passes, in order."""
+def pipeline(target: str, options: BuildOptions | None = None) -> list[ir.passes.PassBase]:
+    """Fresh instances of the target's passes, in order (those that use build options get theirs)."""
     if target not in PIPELINES:
         raise PassError(f"passes: unknown target {target!r} (choose from {', '.join(TARGETS)})")
-    return [factory() for factory in PIPELINES[target]]
+    return [_instantiate(factory, options or BuildOptions()) for factory in PIPELINES[target]]
+
+
+def _instantiate(factory: PassFactory, options: BuildOptions) -> ir.passes.PassBase:
+    if not getattr(factory, "uses_build_options", False):
+        return factory()
+    wanted = inspect.signature(factory).parameters
+    kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name in wanted}
+    if "report" in kwargs:  # each pass reports under its own name
+        kwargs["report"] = options.report.setdefault(pass_name(factory), {})
+    return factory(**kwargs)
 
 
 def save_model(model: ir.Model, path: str | Path) -> Path:
@@ -94,14 +130,16 @@ def save_model(model: ir.Model, path: str | Path) -> Path:
 
 
 def run_pipeline(model: ir.Model, target: str, *, dump_after: str | None = None, dump_dir: str | Path | None = None,
-                 verbose: bool = False, stats: list[PassStats] | None = None) -> ir.Model:
+                 verbose: bool = False, stats: list[PassStats] | None = None,
+                 options: BuildOptions | None = None) -> ir.Model:
     """Runs the target's pipeline on `model` (in place where the passes allow) and returns the result.
 
     `dump_after`: a pass name; the model after each run of that pass is written to
     `dump_dir/<index>_<name>.onnx`. A failing pass raises PassError naming itself (and, when a pass
-    knows it, the node). `stats`, when given, receives one PassStats per pass.
+    knows it, the node). `stats`, when given, receives one PassStats per pass; `options` reach the passes
+    that use them.
     """
-    passes = pipeline(target)
+    passes = pipeline(target, options)
     names = [pass_name(p) for p in passes]
     if dump_after is not None:
         if dump_after not in names:
@@ -149,7 +187,7 @@ def _r1c_cause(error: BaseException) -> R1CError | None:
 
 def lower_file(src: str | Path, dst: str | Path, *, target: str, dump_after: str | None = None,
                dump_dir: str | Path | None = None, verbose: bool = False,
-               stats: list[PassStats] | None = None) -> Path:
+               stats: list[PassStats] | None = None, options: BuildOptions | None = None) -> Path:
     """Loads `src`, runs the target's pipeline and writes `dst` (+ `dst.data`). Used by `r1c build`."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -160,5 +198,6 @@ def lower_file(src: str | Path, dst: str | Path, *, target: str, dump_after: str
         model = ir.load(src)
     except Exception as e:
         raise PassError(f"passes: cannot read {src} as ONNX ({type(e).__name__}: {e})") from e
-    model = run_pipeline(model, target, dump_after=dump_after, dump_dir=dump_dir, verbose=verbose, stats=stats)
+    model = run_pipeline(model, target, dump_after=dump_after, dump_dir=dump_dir, verbose=verbose, stats=stats,
+                         options=options)
     return save_model(model, dst)

@@ -139,18 +139,26 @@ def _canonicalize(export_dir: Path) -> None:
               help="ONNX Runtime intra-op threads (0: one per physical core).")
 @click.option("--dump-after", metavar="PASS",
               help="Also write the model as it is after this pass (into OUTPUT.dumps/; `r1c passes` lists them).")
-def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: str | None) -> None:
+@click.option("--precision", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
+              help="onnxruntime weights: int8 / int4 weight-only block quantization (MatMulNBits, QMoE); fp32; "
+                   "auto: int8 for an FP8 export (1 byte a weight), else fp32.")
+def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: str | None, precision: str) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.
 
     The target's pass pipeline (`r1c passes --target T` lists it) runs first. The manifest records the
     target, the model config and its hash, graph I/O, KV-cache layout, library versions and the sha256 of
     every file; `r1c run` and the Python runtime refuse a bundle that does not match.
     """
+    from r1c.manifest import read_manifest
     from r1c.runtime.build import build_bundle
 
     verbose = logging.getLogger().level <= logging.INFO
     build_bundle(export_dir, out, target=target, session={"intra_op_num_threads": threads}, dump_after=dump_after,
-                 verbose=verbose)
+                 verbose=verbose, precision=precision)
+    quant = read_manifest(out, verify_hashes=False).target_options.get("quantization")
+    if quant:
+        click.echo(f"int{quant['bits']}: quantized {quant['tensors']} tensors; relative error mean "
+                   f"{quant['mean_relative_error']:.4f}, max {quant['max_relative_error']:.4f}", err=True)
     click.echo(f"built {out} ({target})")
 
 

@@ -30,35 +30,61 @@ def _read_export(export_dir: Path) -> tuple[ModelConfig, dict[str, Any], dict[st
     return config, graph_io, source
 
 
-def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool) -> None:
-    """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data)."""
-    from r1c.passes.pipelines import lower_file
+def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool,
+           threads: int = 0, precision: str = "auto") -> dict[str, Any]:
+    """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data); returns what the
+    passes reported (under "quantize_weights": the bundle's precision and the quantization errors)."""
+    from r1c.passes.pipelines import BuildOptions, lower_file
 
+    options = BuildOptions(threads=threads, precision=precision)
     lower_file(export_dir / "model.onnx", work / "model.onnx", target=target, dump_after=dump_after,
-               dump_dir=dump_dir if dump_after else None, verbose=verbose)
+               dump_dir=dump_dir if dump_after else None, verbose=verbose, options=options)
+    return options.report
+
+
+QUANTIZATION_FILE = "quantization.json"
 
 
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
-                 verbose: bool = False) -> Path:
-    """Build `out_dir` (created whole or not at all) from the export at `export_dir`."""
+                 verbose: bool = False, precision: str = "auto") -> Path:
+    """Build `out_dir` (created whole or not at all) from the export at `export_dir`.
+
+    `precision` (onnxruntime only): the bundle's weights, "auto" | "fp32" | "int8" | "int4" (see
+    `r1c.passes.pipelines.BuildOptions`); a quantized bundle holds `quantization.json` with each tensor's
+    relative error and its manifest's `precision` says "int8"/"int4".
+    """
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"build: unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    if target != "onnxruntime" and precision != "auto":
+        raise BuildError(f"build: --precision {precision} is for the onnxruntime target (a {target} bundle keeps "
+                         "the export's weights)")
     check_output_dir(out, BuildError, "build")
     config, graph_io, source = _read_export(src)
     dumps = out.with_name(out.name + ".dumps")  # --dump-after writes here, beside the bundle
     with atomic_output_dir(out, BuildError, "build") as tmp:
         libraries: dict[str, str] = {}
         target_options: dict[str, Any]
+        bundle_precision = graph_io.get("weights_quant", "none")
         if target == "onnxruntime":
             import onnxruntime as ort
 
             from r1c.runtime.ort_backend import DEFAULT_OPTIONS, OrtBackend
 
-            _lower(src, tmp, target, dump_after, dumps, verbose)
+            session_opts = {**DEFAULT_OPTIONS, **(session or {})}
+            report = _lower(src, tmp, target, dump_after, dumps, verbose,
+                            threads=int(session_opts["intra_op_num_threads"]), precision=precision)
             libraries["onnxruntime"] = ort.__version__
-            target_options = {"model": "model.onnx", "session": {**DEFAULT_OPTIONS, **(session or {})}}
+            target_options = {"model": "model.onnx", "session": session_opts}
+            quant = report.get("quantize_weights") or {}
+            if quant.get("tensors"):
+                bundle_precision = str(quant["precision"])
+                (tmp / QUANTIZATION_FILE).write_text(json.dumps(quant, indent=2) + "\n")
+                target_options["quantization"] = {k: quant[k] for k in ("format", "bits", "block_size", "tensors",
+                                                                        "mean_relative_error", "max_relative_error")}
+            elif quant.get("precision") == "fp32":
+                bundle_precision = "none"
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
             OrtBackend(tmp / "model.onnx", target_options["session"])
         else:
@@ -72,7 +98,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = Manifest(
             target=target,
-            precision=graph_io.get("weights_quant", "none"),
+            precision=bundle_precision,
             model_config=config.to_hf_dict(),
             config_hash=config.hash(),
             graph_io=graph_io,
