@@ -32,6 +32,8 @@ from r1c.passes.fold_constants import FoldConstantsPass
 from r1c.passes.fuse_moe_experts import FuseMoEExpertsPass
 from r1c.passes.fuse_moe_router import FuseMoERouterPass
 from r1c.passes.fuse_rmsnorm import FuseRMSNormPass
+from r1c.passes.fuse_rotary_embedding import FuseRotaryEmbeddingPass
+from r1c.passes.fuse_skip_rmsnorm import FuseSkipRMSNormPass
 from r1c.passes.fuse_swiglu import FuseSwiGLUPass
 from r1c.passes.infer_shapes import InferShapesPass
 from r1c.passes.inline_r1c_functions import InlineR1CFunctionsPass
@@ -54,9 +56,9 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
     ),
     "onnxruntime": (
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
-        FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass,
-        RemoveDeadCodePass, DequantizeFP8ExpertsPass, LowerMoEToOrtPass, QuantizeWeightsPass, SplitMoEExpertsPass,
-        InlineR1CFunctionsPass,
+        FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass, FuseRotaryEmbeddingPass,
+        FuseSkipRMSNormPass, RemoveDeadCodePass, DequantizeFP8ExpertsPass, LowerMoEToOrtPass, QuantizeWeightsPass,
+        SplitMoEExpertsPass, InlineR1CFunctionsPass,
         FoldConstantsPass, RemoveDeadCodePass, CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass,
         InferShapesPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,
     ),

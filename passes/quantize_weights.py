@@ -148,7 +148,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         s = _initializer(graph, f"{name}.q{bits}_scales", packed.scales)
         new = ir.node("MatMulNBits", [x, q, s], {"K": k, "N": n, "bits": bits, "block_size": blk,
                                                  "accuracy_level": self.accuracy_level},
-                      domain=ORT_DOMAIN, name=f"{node.name}.q{bits}", version=1)
+                      domain=ORT_DOMAIN, name=f"{node.name or name}.q{bits}", version=1)
         self._replace(graph, node, new)
         return 1
 
@@ -185,6 +185,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             self.errors[name] = float(np.sqrt(err / norm)) if norm else 0.0
             tensors += [_initializer(graph, f"{name}.q{bits}", q), _initializer(graph, f"{name}.q{bits}_scales",
                                                                                  scales)]
+        label = node.name or node.outputs[0].name or "moe"
         attrs: dict[str, Any] = {a: node.attributes[a].value for a in QMOE_PASSED_ATTRS if a in node.attributes}
         attrs.update(expert_weight_bits=bits, block_size=blk, accuracy_level=self.accuracy_level)
         normalize = attr_int(node, "normalize_routing_weights", 0)
@@ -192,14 +193,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if normalize:
             attrs["normalize_routing_weights"] = 1
         else:  # MoE's full softmax over E as QMoE's aggregation weights (QMoE normalizes over the top k otherwise)
-            softmax = ir.node("Softmax", [probs], {"axis": -1}, name=f"{node.name}.router_weights")
-            softmax.outputs[0].name = f"{node.name}.router_weights"
+            softmax = ir.node("Softmax", [probs], {"axis": -1}, name=f"{label}.router_weights")
+            softmax.outputs[0].name = f"{label}.router_weights"
             if probs.dtype is not None:
                 softmax.outputs[0].dtype = probs.dtype
             graph.insert_before(node, softmax)
             inputs += [None] * 7 + [softmax.outputs[0]]
             attrs["normalize_routing_weights"] = 0
-        new = ir.node("QMoE", inputs, attrs, domain=ORT_DOMAIN, name=f"{node.name}.q{bits}", version=1)
+        new = ir.node("QMoE", inputs, attrs, domain=ORT_DOMAIN, name=f"{label}.q{bits}", version=1)
         self._replace(graph, node, new)
         return 1
 

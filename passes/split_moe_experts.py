@@ -95,6 +95,7 @@ class SplitMoEExpertsPass(ir.passes.InPlacePass):
             if parts <= 1 or inter % parts:
                 logger.info("split_moe_experts: %s left as it is: I=%d does not split into %d", node.name, inter, parts)
                 continue
+            label = node.name or node.outputs[0].name or f"moe{count}"
             src1, src2 = fc1.const_value, fc2.const_value
             e, two_i, h = src1.shape.numpy()
             new1 = ir.LazyTensor(functools.partial(_split_fc1, src1, parts), dtype=src1.dtype,
@@ -105,12 +106,12 @@ class SplitMoEExpertsPass(ir.passes.InPlacePass):
             v2 = ir.Value(name=new2.name, shape=new2.shape, type=ir.TensorType(new2.dtype), const_value=new2)
             graph.register_initializer(v1)
             graph.register_initializer(v2)
-            reps = ir.Value(name=f"{node.name}.split_reps", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.INT64),
-                            const_value=ir.tensor(np.array([1, parts], np.int64), name=f"{node.name}.split_reps"))
+            reps = ir.Value(name=f"{label}.split_reps", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.INT64),
+                            const_value=ir.tensor(np.array([1, parts], np.int64), name=f"{label}.split_reps"))
             graph.register_initializer(reps)
-            tile = ir.node("Tile", [probs, reps], name=f"{node.name}.split_probs")
+            tile = ir.node("Tile", [probs, reps], name=f"{label}.split_probs")
             tiled = tile.outputs[0]
-            tiled.name = f"{node.name}.probs_x{parts}"
+            tiled.name = f"{label}.probs_x{parts}"
             if probs.dtype is not None:
                 tiled.dtype = probs.dtype
             graph.insert_before(node, tile)

@@ -93,7 +93,9 @@ def test_onnxruntime_pipeline_on_an_r1c_export(tmp_path: Path) -> None:
     src = export_onnx(config, random_checkpoint(config, seed=2), tmp_path / "export", progress=False) / "model.onnx"
     dst = lower_file(src, tmp_path / "work" / "model.onnx", target="onnxruntime")
     counts = op_counts(ir.load(dst))
-    assert counts["SimplifiedLayerNormalization"] == 4 * config.num_hidden_layers + 1
+    skip = counts["com.microsoft::SkipSimplifiedLayerNormalization"]  # residual add + norm (fuse_skip_rmsnorm)
+    assert skip == 2 * config.num_hidden_layers
+    assert counts["SimplifiedLayerNormalization"] + skip == 4 * config.num_hidden_layers + 1
     assert counts["com.microsoft::QuickGelu"] == config.first_k_dense_replace + config.num_moe_layers
     assert counts["com.microsoft::MoE"] == config.num_moe_layers
     rng = np.random.default_rng(0)
