@@ -180,30 +180,21 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
         raise BenchError(gate_result.message())
 
 
-def _dense_experts(bundle: Path, manifest: Any) -> bool:
-    """Whether the bundle still computes experts through the r1c::MoEExperts function body (all experts)."""
-    import onnx
-
-    model_file = manifest.target_options.get("model")
-    if model_file is None:  # an engine: its r1c plugins run only the chosen experts
-        return False
-    graph = onnx.load(str(bundle / model_file), load_external_data=False).graph
-    return any(n.domain == "r1c" and n.op_type == "MoEExperts" for n in graph.node)
-
-
 def _roofline_rows(bundle: Path, manifest: Any, series: Any, bandwidth: float) -> list[dict[str, Any]]:
-    from r1c.runtime.bench.roofline import decode_floor
+    from r1c.runtime.bench.roofline import bundle_reads, decode_floor
 
     rows = []
     config = manifest.config
-    dense = _dense_experts(bundle, manifest)
-    executed_fp8 = manifest.target != "onnxruntime"  # ONNX Runtime dequantizes FP8 weights at load
+    reads, source = bundle_reads(bundle, manifest)
+    cache_dtype = next((i.get("dtype") for i in manifest.graph_io.get("inputs", []) if i["name"] == "past_c.0"),
+                       "float32")
+    cache_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(cache_dtype), 4)
     for s in series:
         if s.system != "r1c" or not s.ok:
             continue
         w = s.workload
-        floor = decode_floor(config, w.batch, w.prompt_len, w.new_tokens, fp8=manifest.precision != "none",
-                             bandwidth=bandwidth, dense_experts=dense, executed_fp8=executed_fp8)
+        floor = decode_floor(reads, config, w.batch, w.prompt_len, w.new_tokens, bandwidth=bandwidth,
+                             cache_dtype_bytes=cache_bytes, source=source)
         tpot = s.summary().get("tpot_s")
         rows.append(floor.to_dict(tpot.p50 if tpot is not None else None))
     return rows
