@@ -128,11 +128,11 @@ class FuseRotaryEmbeddingPass(ir.passes.InPlacePass):
                              domain=ORT_DOMAIN, name=f"{label}.rotary", version=1)
             graph.insert_before(node, rotary)
             out, old = rotary.outputs[0], node.outputs[0]
-            if heads > 1:  # back to the 4-D shape the Concat had
+            if heads > 1 and not self._readers_take_3d(old):  # back to the 4-D shape the Concat had
                 out.name = f"{label}.rotated"
                 out = self._add(graph, node, "Reshape", [out, self._shape(graph, node, rope.x, label)],
                                 f"{label}.rotated4d")
-            out.shape = old.shape
+            out.shape = None if heads > 1 and out.producer() is rotary else old.shape
             if old.dtype is not None:
                 out.dtype = old.dtype
             ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
@@ -142,6 +142,20 @@ class FuseRotaryEmbeddingPass(ir.passes.InPlacePass):
             self.count += 1
         logger.info("fuse_rotary_embedding: %d rotation(s) fused", self.count)
         return ir.passes.PassResult(model, self.count > 0)
+
+    @staticmethod
+    def _readers_take_3d(value: ir.Value) -> bool:
+        """Whether every reader of the query's [B, S, N, R] is a Reshape by a constant shape that gives the same
+        result from its [B, S, N*R] view: dim 0 copied (0) or given, no other dim copied (the export's
+        Reshape to [B, S*N, R])."""
+        if value.is_graph_output() or not value.uses():
+            return False
+        for use in value.uses():
+            reader = use.node
+            dims = const_ints(reader.inputs[1]) if reader.op_type == "Reshape" and use.idx == 0 else None
+            if dims is None or 0 in dims[1:] or attr_int(reader, "allowzero", 0):
+                return False
+        return True
 
     # ---- the cos/sin tables -----------------------------------------------------------------------------
     @staticmethod

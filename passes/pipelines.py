@@ -29,6 +29,7 @@ from r1c.passes.deduplicate_small_initializers import DeduplicateSmallInitialize
 from r1c.passes.dequantize_fp8_experts import DequantizeFP8ExpertsPass
 from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
 from r1c.passes.fold_constants import FoldConstantsPass
+from r1c.passes.fold_moe_output_scale import FoldMoEOutputScalePass
 from r1c.passes.fuse_moe_experts import FuseMoEExpertsPass
 from r1c.passes.fuse_moe_router import FuseMoERouterPass
 from r1c.passes.fuse_rmsnorm import FuseRMSNormPass
@@ -58,7 +59,7 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
         FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass, FuseRotaryEmbeddingPass,
         FuseSkipRMSNormPass, RemoveDeadCodePass, DequantizeFP8ExpertsPass, LowerMoEToOrtPass, QuantizeWeightsPass,
-        SplitMoEExpertsPass, InlineR1CFunctionsPass,
+        SplitMoEExpertsPass, FoldMoEOutputScalePass, InlineR1CFunctionsPass,
         FoldConstantsPass, RemoveDeadCodePass, CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass,
         InferShapesPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,
     ),

@@ -16,8 +16,10 @@ llama.cpp's Q4_0), "fp32" (nothing changes), "auto" (only the weights the checkp
 dense ones read through an FP8 DequantizeLinear, experts that `dequantize_fp8_experts` widened; every other
 weight keeps the export's dtype). A block that does not divide K (or, for QMoE, both H and I) is
 halved down to 16; a weight that fits none stays float32 and is logged. Not quantized: the router (ARCHITECTURE:
-routing is float32), the embedding (a gather of B rows), MLA's per-head absorbed matrices (3-D batched MatMuls,
-which MatMulNBits cannot take). Each quantized tensor's relative error ||W_q - W|| / ||W|| goes to `report`.
+routing is float32), the embedding (a gather of B rows). MLA's per-head absorbed matrices are 3-D batched
+MatMuls, which MatMulNBits cannot take: they become `DynamicQuantizeMatMul`, int8 per head and output column
+with int8 activations, at both int8 and int4. Each quantized tensor's relative error ||W_q - W|| / ||W||
+goes to `report`.
 
 MoE routing is kept exactly: ORT's float MoE normalizes over the chosen experts' softmax or, with
 normalize_routing_weights=0, takes the softmax over all E; QMoE always normalizes over the chosen ones, so the
@@ -129,6 +131,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if x is None or b is None or x.dtype != ir.DataType.FLOAT:
             return 0
         producer = b.producer()
+        if (b.const_value is not None and b.const_value.dtype == ir.DataType.FLOAT and len(b.const_value.shape) == 3
+                and not self.fp8_only):
+            return self._batched(graph, node, x, b)
         if (b.const_value is not None and b.const_value.dtype == ir.DataType.FLOAT and len(b.const_value.shape) == 2
                 and not self.fp8_only):
             w, name = b.const_value.numpy(), b.name or "weight"
@@ -149,6 +154,22 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         new = ir.node("MatMulNBits", [x, q, s], {"K": k, "N": n, "bits": bits, "block_size": blk,
                                                  "accuracy_level": self.accuracy_level},
                       domain=ORT_DOMAIN, name=f"{node.name or name}.q{bits}", version=1)
+        self._replace(graph, node, new)
+        return 1
+
+    def _batched(self, graph: ir.Graph, node: ir.Node, x: ir.Value, b: ir.Value) -> int:
+        """A batched weight [N, K, C] (MLA's per-head absorbed matrices) -> DynamicQuantizeMatMul, int8 per head
+        and output column whatever the precision (MatMulNBits takes only 2-D weights)."""
+        assert b.const_value is not None
+        w = b.const_value.numpy()
+        q, scales = int_block.quantize_columns(w)
+        name = b.name or "weight"
+        deq = q.astype(np.float32) * scales
+        norm = float(np.linalg.norm(w))
+        self.errors[name] = float(np.linalg.norm((deq - w).astype(np.float64))) / norm if norm else 0.0
+        new = ir.node("DynamicQuantizeMatMul", [x, _initializer(graph, f"{name}.i8", q),
+                                                _initializer(graph, f"{name}.i8_scales", scales)],
+                      domain=ORT_DOMAIN, name=f"{node.name or name}.i8", version=1)
         self._replace(graph, node, new)
         return 1
 

@@ -12,6 +12,10 @@ per byte, the first in the low nibble. Bytes per weight: bits/8 + 4/block (the s
 Shapes (legend: N = output features, K = input features, B = block, ... = leading dims such as experts):
     pack(W [..., N, K] float32, bits, B) -> (q uint8 [..., N, K*bits/8], scales float32 [..., N, K/B])
     MatMulNBits wants q as [N, K/B, B*bits/8] (the same bytes, reshaped).
+
+`quantize_columns` is the per-column int8 of batched weights W [..., K, N] (ONNX Runtime's
+DynamicQuantizeMatMul): one scale per output column of each batch entry, d = max_k |W| / 127,
+q = round(W / d) in [-127, 127] (signed int8, zero point 0).
 """
 
 from __future__ import annotations
@@ -95,3 +99,12 @@ def relative_error(w: np.ndarray, packed: Packed) -> float:
     """||dequantize(q) - w||_F / ||w||_F (the measure `r1c export --precision fp8` reports)."""
     err, norm = squared_errors(w, packed)
     return float(np.sqrt(err / norm)) if norm else 0.0
+
+
+def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column of batched weights [..., K, N]: (q int8 [..., K, N], scales [..., 1, N])."""
+    w = np.asarray(w, dtype=np.float32)
+    d = np.abs(w).max(axis=-2, keepdims=True) / 127.0
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    q = np.clip(np.rint(w * inv), -127, 127).astype(np.int8)
+    return q, d.astype(np.float32)

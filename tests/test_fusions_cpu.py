@@ -1,5 +1,6 @@
 """The `onnxruntime` pipeline's decode fusions into ONNX Runtime contrib kernels: RoPE -> RotaryEmbedding (with
-the projection's columns permuted), residual add + RMSNorm -> SkipSimplifiedLayerNormalization. Each must fire
+the projection's columns permuted), residual add + RMSNorm -> SkipSimplifiedLayerNormalization, the MoE output
+scale folded into the down projection (float weights or int block scales). Each must fire
 on the export's own spelling, compute the same outputs as the unfused graph under ONNX Runtime (float32,
 1e-5 relative: the same arithmetic in another order), and leave a graph it cannot prove alone (reason logged).
 The whole-model proof is the e2e tier (tests/test_e2e.py compares bundles with transformers).
@@ -39,7 +40,8 @@ def rope_nodes(x: str, cos: str, sin: str, out: str) -> list[onnx.NodeProto]:
             node("Concat", [f"{out}.a", f"{out}.b"], [out], axis=-1)]
 
 
-def attention_inputs_model(fp8_key: bool = False, extra_reader: bool = False) -> tuple[object, dict[str, np.ndarray]]:
+def attention_inputs_model(fp8_key: bool = False, extra_reader: bool = False, query_reshaped: bool = False
+                           ) -> tuple[object, dict[str, np.ndarray]]:
     """h -> (q rope [B, S, N, R] and q nope, key rope [B, S, R] and latent) as MLA's projections produce them."""
     rng = np.random.default_rng(3)
     wq = rng.standard_normal((QL, N * (D + R))).astype(np.float32)
@@ -64,6 +66,10 @@ def attention_inputs_model(fp8_key: bool = False, extra_reader: bool = False) ->
         inits.append(onnx.numpy_helper.from_array(wkv, "wkv_f"))
     outputs = [info("q_rot", 1, [B, S, N, R]), info("q_nope", 1, [B, S, N, D]), info("k_rot", 1, [B, S, R]),
                info("latent", 1, [B, S, C])]
+    if query_reshaped:  # as the export reads it: [B, S*N, R]
+        nodes.append(node("Reshape", ["q_rot", "rows"], ["q_rows"]))
+        inits.append(ints("rows", [0, -1, R]))
+        outputs[0] = info("q_rows", 1, [B, S * N, R])
     if extra_reader:  # something else reads the key's rotated columns: the fusion must not permute them
         nodes.append(node("Slice", ["kv", "c0", "cCR", "cm1"], ["kv_all"]))
         outputs.append(info("kv_all", 1, [B, S, C + R]))
@@ -77,15 +83,17 @@ def attention_inputs_model(fp8_key: bool = False, extra_reader: bool = False) ->
     return model, feeds
 
 
-@pytest.mark.parametrize("fp8_key", [False, True])
-def test_rope_becomes_rotary_embedding(fp8_key: bool) -> None:
-    model, feeds = attention_inputs_model(fp8_key)
+@pytest.mark.parametrize(("fp8_key", "query_reshaped"), [(False, False), (True, False), (False, True)])
+def test_rope_becomes_rotary_embedding(fp8_key: bool, query_reshaped: bool) -> None:
+    model, feeds = attention_inputs_model(fp8_key, query_reshaped=query_reshaped)
     before = copy(model)  # type: ignore[arg-type]
     fused = FuseRotaryEmbeddingPass()
     assert fused(model).modified and fused.count == 2  # type: ignore[arg-type]
     RemoveDeadCodePass()(model)  # type: ignore[arg-type]
     counts = op_counts(model)  # type: ignore[arg-type]
     assert counts["com.microsoft::RotaryEmbedding"] == 2 and "Concat" not in counts and "Sub" not in counts
+    # the query rotates as [B, S, N*R]; a 4-D view is restored only for readers that need it
+    assert counts["Shape"] == (1 if query_reshaped else 2)  # 2: Shape + Reshape back to [B, S, N, R]
     want, got = run(before, feeds), run(model, feeds)  # type: ignore[arg-type]
     for w, g in zip(want, got, strict=True):
         assert max_rel_err(g, w) < TOL
@@ -119,3 +127,24 @@ def test_residual_add_and_rmsnorm_become_skip_simplified_layer_norm() -> None:
              "y": rng.standard_normal((B, S, HID)).astype(np.float32)}
     for w, g in zip(run(before, feeds), run(model, feeds), strict=True):
         assert max_rel_err(g, w) < TOL
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_moe_output_scale_folds_into_the_down_projection(precision: str) -> None:
+    from r1c.passes.fold_moe_output_scale import FoldMoEOutputScalePass
+    from r1c.passes.lower_moe_to_ort import LowerMoEToOrtPass
+    from r1c.passes.quantize_weights import QuantizeWeightsPass
+    from r1c.passes.testing import r1c_moe_model
+
+    model, _ = r1c_moe_model(np.random.default_rng(4), experts=16, hidden=32, inter=16)
+    LowerMoEToOrtPass()(model)
+    if precision == "int4":
+        QuantizeWeightsPass("int4", accuracy_level=0)(model)
+    RemoveDeadCodePass()(model)
+    before = copy(model)
+    muls = op_counts(model).get("Mul", 0)
+    assert FoldMoEOutputScalePass()(model).modified
+    RemoveDeadCodePass()(model)
+    assert op_counts(model).get("Mul", 0) == muls - 1
+    h = np.random.default_rng(5).standard_normal((7, 32)).astype(np.float32)
+    assert max_rel_err(run(model, {"h": h})[0], run(before, {"h": h})[0]) < TOL

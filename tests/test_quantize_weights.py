@@ -106,6 +106,22 @@ def test_fp8_matmul_becomes_int8_from_its_float_values_and_auto_leaves_float_wei
     assert not QuantizeWeightsPass("fp32")(matmul_model(256, 32)[0]).modified  # type: ignore[arg-type]
 
 
+def test_batched_matmul_becomes_dynamic_quantize_matmul() -> None:
+    """MLA's absorbed per-head matrices [N, K, C]: int8 per head and column; activations quantized per tensor."""
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((4, 16, 24)).astype(np.float32)
+    model = make_model([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], [info("x", 1, [2, 4, 3, 16])],
+                       [info("y", 1, [2, 4, 3, 24])], [onnx.numpy_helper.from_array(w, "w")])
+    report: dict[str, object] = {}
+    assert QuantizeWeightsPass("int4", report=report)(model).modified
+    assert op_counts(model) == {"com.microsoft::DynamicQuantizeMatMul": 1}
+    q, scales = int_block.quantize_columns(w)
+    assert q.dtype == np.int8 and scales.shape == (4, 1, 24) and np.abs(q).max() == 127
+    x = rng.standard_normal((2, 4, 3, 16)).astype(np.float32)
+    assert max_rel_err(run(model, {"x": x})[0], x @ (q * scales)) < INT8_ACT_TOL
+    assert 0 < report["max_relative_error"] < 0.01  # type: ignore[operator]
+
+
 # ---- routed experts --------------------------------------------------------------------------------------
 H, INTER, E = 64, 32, 16
 
