@@ -28,7 +28,6 @@ from r1c.errors import PassError, R1CError
 from r1c.passes.cast_for_ort_kernels import CastForOrtKernelsPass
 from r1c.passes.check_tensorrt_ops import CheckTensorRTOpsPass
 from r1c.passes.deduplicate_small_initializers import DeduplicateSmallInitializersPass
-from r1c.passes.dequantize_fp8_experts import DequantizeFP8ExpertsPass
 from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
 from r1c.passes.fold_constants import FoldConstantsPass
 from r1c.passes.fold_moe_output_scale import FoldMoEOutputScalePass
@@ -45,6 +44,7 @@ from r1c.passes.name_deterministically import NameDeterministicallyPass
 from r1c.passes.quantize_weights import PRECISIONS, QuantizeWeightsPass
 from r1c.passes.remove_dead_code import RemoveDeadCodePass
 from r1c.passes.split_moe_experts import SplitMoEExpertsPass
+from r1c.passes.widen_experts import WidenExpertsPass
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
     "onnxruntime": (
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
         FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass, FuseRotaryEmbeddingPass,
-        FuseSkipRMSNormPass, RemoveDeadCodePass, DequantizeFP8ExpertsPass, LowerMoEToOrtPass, QuantizeWeightsPass,
+        FuseSkipRMSNormPass, RemoveDeadCodePass, WidenExpertsPass, LowerMoEToOrtPass, QuantizeWeightsPass,
         SplitMoEExpertsPass, FoldMoEOutputScalePass, InlineR1CFunctionsPass,
         FoldConstantsPass, RemoveDeadCodePass, CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass,
         InferShapesPass, CastForOrtKernelsPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,

@@ -18,12 +18,12 @@ import pytest
 from click.testing import CliRunner
 
 from r1c.cli import main
-from r1c.passes.dequantize_fp8_experts import DequantizeFP8ExpertsPass
 from r1c.passes.lower_moe_to_ort import LowerMoEToOrtPass
 from r1c.passes.pipelines import BuildOptions, run_pipeline
 from r1c.passes.quantize_weights import QuantizeWeightsPass
 from r1c.passes.remove_dead_code import RemoveDeadCodePass
 from r1c.passes.testing import copy, make_model, max_rel_err, moe_reference, op_counts, r1c_moe_model, run
+from r1c.passes.widen_experts import WidenExpertsPass
 from r1c.plugins import int_block
 
 TOL = 1e-5
@@ -75,7 +75,7 @@ def matmul_model(k: int, n: int, w: np.ndarray | None = None, fp8: bool = False)
 
 
 @pytest.mark.parametrize(("precision", "k", "n", "block"), [("int8", 256, 48, 128), ("int8", 96, 40, 32),
-                                                             ("int4", 64, 48, 32), ("int4", 48, 24, 16)])
+                                                             ("int4", 64, 48, 64), ("int4", 48, 24, 16)])
 def test_matmul_becomes_matmulnbits(precision: str, k: int, n: int, block: int) -> None:
     bits = int(precision[3:])
     model, w = matmul_model(k, n)
@@ -146,7 +146,7 @@ def test_moe_becomes_qmoe(precision: str, acc: int, tol: float) -> None:
     counts = op_counts(model)
     assert counts["com.microsoft::QMoE"] == 1 and "com.microsoft::MoE" not in counts
     h = np.random.default_rng(3).standard_normal((6, H)).astype(np.float32)
-    block = 32  # int8 prefers 128, int4 32; both halve to what divides H = 64 and I = 32
+    block = 32  # both prefer 128 and halve to what divides H = 64 and I = 32
     want = moe_reference(h, dequantized_weights(w, bits, block))
     assert max_rel_err(run(model, {"h": h})[0], want) < tol
 
@@ -178,7 +178,7 @@ def test_fp8_experts_become_int8_qmoe_in_the_onnxruntime_pipeline() -> None:
     """An FP8 block: dequantized (the op's definition), lowered, stored as int8 blocks (precision auto)."""
     model, w = r1c_moe_model(np.random.default_rng(9), experts=E, hidden=H, inter=INTER, quant="fp8_block128")
     before = copy(model)
-    assert DequantizeFP8ExpertsPass()(copy(model)).modified
+    assert WidenExpertsPass()(copy(model)).modified
     options = BuildOptions()
     model = run_pipeline(model, "onnxruntime", options=options)
     counts = op_counts(model)
