@@ -21,13 +21,14 @@ Needs llama-cpp-python compiled here (not a dependency of r1c; ~6-25 min):
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python --no-binary llama-cpp-python; pip install gguf
 and the llama.cpp sources of its sdist (`--llama-src`; default: downloaded with `pip download` and unpacked).
 Usage: python scripts/bench_llama_cpp.py [--workdir DIR] [--threads 1,2] [--batch 1,8] [--repeat 5] ...
-Writes DIR/report.json and prints markdown tables (ratios > 1: r1c is faster).
+Writes DIR/report-<clock>-t<threads>.json and prints markdown tables (ratios > 1: r1c is faster).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -164,7 +165,7 @@ def accuracy(paths: dict[str, Path], tokens: int, seed: int) -> tuple[list[dict[
 
 # ---- speed -----------------------------------------------------------------------------------------------------
 def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt_len: int, new_tokens: int,
-          repeat: int, warmup: int) -> list[dict[str, Any]]:
+          repeat: int, warmup: int, clock: str = "wall") -> list[dict[str, Any]]:
     from r1c.manifest import read_manifest
     from r1c.runtime import load
     from r1c.runtime.bench.compare import ratios
@@ -174,7 +175,7 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
 
     config = bench_config()
     rows = []
-    settings = Settings(warmup=warmup, repeat=repeat)
+    settings = Settings(warmup=warmup, repeat=repeat, clock=clock)
     for t in threads:
         say(f"measuring the read bandwidth with {t} thread(s)")
         bandwidth = measure_read_bandwidth(threads=t)
@@ -195,7 +196,7 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
             for b in batches:
                 r1c_s, llama_s = by[(f"r1c {precision}", b)], by[(f"llama.cpp {ftype}", b)]
                 rr = ratio[(f"llama.cpp {ftype}", b)]
-                row: dict[str, Any] = {"threads": t, "batch": b, "r1c": precision, "llama.cpp": ftype,
+                row: dict[str, Any] = {"threads": t, "batch": b, "r1c": precision, "llama.cpp": ftype, "clock": clock,
                                        "bandwidth_GBs": bandwidth / 1e9,
                                        "tokens_match": rr.get("tokens_match")}
                 for name, s, reads in (("r1c", r1c_s, r1c_reads), ("llama", llama_s, llama_reads)):
@@ -249,15 +250,20 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--accuracy-tokens", type=int, default=320)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time (robust to other processes on a shared machine at 1 thread)")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.workdir, args.llama_src, args.seed)
     acc_rows, greedy = ([], {}) if args.skip_accuracy else accuracy(paths, args.accuracy_tokens, args.seed)
     speed_rows = speed(paths, [int(x) for x in args.threads.split(",")], [int(x) for x in args.batch.split(",")],
-                       args.prompt_len, args.new_tokens, args.repeat, args.warmup)
+                       args.prompt_len, args.new_tokens, args.repeat, args.warmup, args.clock)
     report = {"config": bench_config().to_hf_dict(), "speed": speed_rows, "accuracy": acc_rows, "greedy": greedy,
               "args": {k: str(v) for k, v in vars(args).items()}}
-    (args.workdir / "report.json").write_text(json.dumps(report, indent=1))
+    report["load_average"] = list(os.getloadavg())
+    out = args.workdir / f"report-{args.clock}-t{args.threads.replace(',', '_')}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(f"load average before/after: {report['load_average']}")
     print(tables(speed_rows, acc_rows, greedy))
     return 0
 

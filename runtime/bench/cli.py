@@ -83,6 +83,9 @@ Examples:
 @click.option("--budget", default=0.0, show_default=True, metavar="SECONDS",
               help="Per workload: more rounds until the medians are steady (95% CI within +-2%) or this time is up.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompts.")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="wall: elapsed time; cpu: the process's CPU time (on a shared machine a 1-thread run's CPU time "
+                   "leaves out the time other processes held its core; with more threads it counts their spinning).")
 @click.option("--threads", type=int, default=None,
               help="ONNX Runtime intra-op threads (and torch threads for peers); default: the bundle's setting.")
 @click.option("--compare", "compare", type=click.Path(path_type=Path), metavar="BUNDLE_B",
@@ -106,7 +109,7 @@ Examples:
                    "best of 5).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
 def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, warmup: int, repeat: int,
-              budget: float, seed: int, threads: int | None, compare: Path | None, peers: tuple[str, ...],
+              budget: float, seed: int, clock: str, threads: int | None, compare: Path | None, peers: tuple[str, ...],
               peer_cache: Path | None, baseline: Path | None, max_regression: str, json_out: Path | None,
               plot_out: Path | None, roofline: bool, bandwidth: float | None, progress: bool | None) -> None:
     from r1c.runtime import load
@@ -117,7 +120,7 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
 
     workloads = grid(_int_list("--batch", batch_text), _int_list("--prompt-len", prompt_text),
                      _int_list("--new-tokens", new_text))
-    settings = Settings(warmup=warmup, repeat=repeat, budget_s=budget, seed=seed)
+    settings = Settings(warmup=warmup, repeat=repeat, budget_s=budget, seed=seed, clock=clock)
     tolerance = parse_fraction(max_regression)
     base_report = load_report(baseline) if baseline is not None else None  # fail before the long part
     if threads is not None and threads < 0:
