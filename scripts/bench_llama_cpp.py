@@ -254,16 +254,17 @@ def main(argv: list[str]) -> int:
                     help="cpu: process CPU time (robust to other processes on a shared machine at 1 thread)")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    load_before = list(os.getloadavg())
     paths = prepare(args.workdir, args.llama_src, args.seed)
     acc_rows, greedy = ([], {}) if args.skip_accuracy else accuracy(paths, args.accuracy_tokens, args.seed)
     speed_rows = speed(paths, [int(x) for x in args.threads.split(",")], [int(x) for x in args.batch.split(",")],
                        args.prompt_len, args.new_tokens, args.repeat, args.warmup, args.clock)
     report = {"config": bench_config().to_hf_dict(), "speed": speed_rows, "accuracy": acc_rows, "greedy": greedy,
               "args": {k: str(v) for k, v in vars(args).items()}}
-    report["load_average"] = list(os.getloadavg())
+    report["load_average"] = {"before": load_before, "after": list(os.getloadavg())}
     out = args.workdir / f"report-{args.clock}-t{args.threads.replace(',', '_')}.json"
     out.write_text(json.dumps(report, indent=1))
-    print(f"load average before/after: {report['load_average']}")
+    print(f"load average (1, 5, 15 min) before / after: {load_before} / {report['load_average']['after']}")
     print(tables(speed_rows, acc_rows, greedy))
     return 0
 
