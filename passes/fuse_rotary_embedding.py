@@ -6,7 +6,9 @@ The export rotates DeepSeek's interleaved pairs (x0, x1), (x2, x3), ... and writ
     x1 = x[..., 0::2]   x2 = x[..., 1::2]                               (2 Slice)
     y  = Concat(x1*cos - x2*sin, x2*cos + x1*sin)                       (4 Mul, Sub, Add, Concat)
 
-which is the rotate-half form of RotaryEmbedding(interleaved=0) applied to x' = [x1 | x2]. So the pass permutes
+which is the rotate-half form of RotaryEmbedding(interleaved=0) applied to x' = [x1 | x2]. (A checkpoint with
+`rope_interleave: false` is exported as x1 = x[..., :R/2], x2 = x[..., R/2:]: rotate-half already, fused
+as it is.) For the interleaved layout the pass permutes
 the output columns of the projection that produces x (kv_a_proj for the key, each head's rope part of q_b_proj
 for the query) to [evens | odds] — free at build time, and exact — and replaces the rotation by one
 RotaryEmbedding node. cos/sin are the export's per-token tables [B, S, R/2] (YaRN's attention factor already in
@@ -62,8 +64,10 @@ def _mul_pair(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None:
 class _Rope:
     """One matched rotation: y = Concat(x1*cos - x2*sin, x2*cos + x1*sin) with x1, x2 the even/odd slices of x."""
 
-    def __init__(self, concat: ir.Node, x: ir.Value, cos: ir.Value, sin: ir.Value, rot: int) -> None:
+    def __init__(self, concat: ir.Node, x: ir.Value, cos: ir.Value, sin: ir.Value, rot: int,
+                 interleaved: bool = True) -> None:
         self.concat, self.x, self.cos, self.sin, self.rot = concat, x, cos, sin, rot
+        self.interleaved = interleaved  # pairs (x0, x1), ...; else halves (x_i, x_{i+R/2}): rotate-half already
 
     @classmethod
     def match(cls, node: ir.Node) -> _Rope | None:
@@ -82,13 +86,16 @@ class _Rope:
                 if {frozenset((e, f)), frozenset((g, h))} != {frozenset((x2, cos)), frozenset((x1, sin))}:
                     continue
                 s1, s2 = _slice(x1), _slice(x2)
-                if s1 is None or s2 is None or s1[0] is not s2[0] or (s1[1], s1[3], s2[1], s2[3]) != (0, 2, 1, 2):
+                if s1 is None or s2 is None or s1[0] is not s2[0]:
                     continue
                 x = s1[0]
                 rot = None if x.shape is None else x.shape[-1]
-                if not isinstance(rot, int) or rot % 2 or min(s1[2], s2[2]) < rot - 1:
+                if not isinstance(rot, int) or rot % 2:
                     continue
-                return cls(node, x, cos, sin, rot)
+                if (s1[1], s1[3], s2[1], s2[3]) == (0, 2, 1, 2) and min(s1[2], s2[2]) >= rot - 1:
+                    return cls(node, x, cos, sin, rot)
+                if (s1[1:], s2[1:]) == ((0, rot // 2, 1), (rot // 2, rot, 1)):
+                    return cls(node, x, cos, sin, rot, interleaved=False)
         return None
 
 
@@ -111,7 +118,7 @@ class FuseRotaryEmbeddingPass(ir.passes.InPlacePass):
             if base is None:
                 logger.info("fuse_rotary_embedding: %s left as it is: cos/sin are not [B, S, R/2] tables", node.name)
                 continue
-            heads = self._permute_projection(graph, rope)
+            heads = self._permute_projection(graph, rope) if rope.interleaved else self._heads(rope)
             if heads is None:
                 continue
             key = (base[0].name or "", base[1].name or "")
@@ -142,6 +149,16 @@ class FuseRotaryEmbeddingPass(ir.passes.InPlacePass):
             self.count += 1
         logger.info("fuse_rotary_embedding: %d rotation(s) fused", self.count)
         return ir.passes.PassResult(model, self.count > 0)
+
+    @staticmethod
+    def _heads(rope: _Rope) -> int | None:
+        """N of a [B, S, N, R] (1 for [B, S, R]) rotated as it is (the halves layout needs no permutation)."""
+        shape = rope.x.shape
+        heads = 1 if shape is not None and shape.rank() == 3 else None if shape is None else shape[2]
+        if shape is None or shape.rank() not in (3, 4) or not isinstance(heads, int):
+            logger.info("fuse_rotary_embedding: %s left as it is: unknown head count", rope.concat.name)
+            return None
+        return heads
 
     @staticmethod
     def _readers_take_3d(value: ir.Value) -> bool:

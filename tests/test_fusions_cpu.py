@@ -29,10 +29,13 @@ def ints(name: str, values: list[int]) -> onnx.TensorProto:
     return onnx.numpy_helper.from_array(np.array(values, np.int64), name)
 
 
-def rope_nodes(x: str, cos: str, sin: str, out: str) -> list[onnx.NodeProto]:
-    """The export's rope (onnx_export._Lowering.rope): interleaved pairs, de-interleaved result."""
-    return [node("Slice", [x, "c0", "cR", "cm1", "c2"], [f"{out}.x1"]),
-            node("Slice", [x, "c1", "cR", "cm1", "c2"], [f"{out}.x2"]),
+def rope_nodes(x: str, cos: str, sin: str, out: str, halves: bool = False) -> list[onnx.NodeProto]:
+    """The export's rope (onnx_export._Lowering.rope): interleaved pairs (or, for `rope_interleave: false`, the
+    halves), the result as [firsts', seconds']."""
+    bounds = ((["c0", "cR2", "cm1"], ["cR2", "cR", "cm1"]) if halves
+              else (["c0", "cR", "cm1", "c2"], ["c1", "cR", "cm1", "c2"]))
+    slices = [node("Slice", [x, *bounds[0]], [f"{out}.x1"]), node("Slice", [x, *bounds[1]], [f"{out}.x2"])]
+    return [*slices,
             node("Mul", [f"{out}.x1", cos], [f"{out}.a1"]), node("Mul", [f"{out}.x2", sin], [f"{out}.a2"]),
             node("Sub", [f"{out}.a1", f"{out}.a2"], [f"{out}.a"]),
             node("Mul", [f"{out}.x2", cos], [f"{out}.b1"]), node("Mul", [f"{out}.x1", sin], [f"{out}.b2"]),
@@ -40,8 +43,8 @@ def rope_nodes(x: str, cos: str, sin: str, out: str) -> list[onnx.NodeProto]:
             node("Concat", [f"{out}.a", f"{out}.b"], [out], axis=-1)]
 
 
-def attention_inputs_model(fp8_key: bool = False, extra_reader: bool = False, query_reshaped: bool = False
-                           ) -> tuple[object, dict[str, np.ndarray]]:
+def attention_inputs_model(fp8_key: bool = False, extra_reader: bool = False, query_reshaped: bool = False,
+                           halves: bool = False) -> tuple[object, dict[str, np.ndarray]]:
     """h -> (q rope [B, S, N, R] and q nope, key rope [B, S, R] and latent) as MLA's projections produce them."""
     rng = np.random.default_rng(3)
     wq = rng.standard_normal((QL, N * (D + R))).astype(np.float32)
@@ -49,12 +52,12 @@ def attention_inputs_model(fp8_key: bool = False, extra_reader: bool = False, qu
     nodes = [node("MatMul", ["qa", "wq"], ["q"]), node("Reshape", ["q", "qshape"], ["q4"]),
              node("Slice", ["q4", "c0", "cD", "cm1"], ["q_nope"]), node("Slice", ["q4", "cD", "cDR", "cm1"], ["q_pe"]),
              node("Unsqueeze", ["cos", "c2"], ["cos_q"]), node("Unsqueeze", ["sin", "c2"], ["sin_q"]),
-             *rope_nodes("q_pe", "cos_q", "sin_q", "q_rot"),
+             *rope_nodes("q_pe", "cos_q", "sin_q", "q_rot", halves),
              node("MatMul", ["h", "wkv_f"], ["kv"]), node("Slice", ["kv", "c0", "cC", "cm1"], ["latent"]),
-             node("Slice", ["kv", "cC", "cCR", "cm1"], ["k_pe"]), *rope_nodes("k_pe", "cos", "sin", "k_rot")]
+             node("Slice", ["kv", "cC", "cCR", "cm1"], ["k_pe"]), *rope_nodes("k_pe", "cos", "sin", "k_rot", halves)]
     inits = [onnx.numpy_helper.from_array(wq, "wq"), ints("qshape", [0, 0, N, D + R]),
-             *(ints(n, [v]) for n, v in (("c0", 0), ("c1", 1), ("c2", 2), ("cm1", -1), ("cR", R), ("cD", D),
-                                          ("cDR", D + R), ("cC", C), ("cCR", C + R)))]
+             *(ints(n, [v]) for n, v in (("c0", 0), ("c1", 1), ("c2", 2), ("cm1", -1), ("cR", R), ("cR2", R // 2),
+                                          ("cD", D), ("cDR", D + R), ("cC", C), ("cCR", C + R)))]
     if fp8_key:
         import ml_dtypes
 
@@ -83,9 +86,10 @@ def attention_inputs_model(fp8_key: bool = False, extra_reader: bool = False, qu
     return model, feeds
 
 
-@pytest.mark.parametrize(("fp8_key", "query_reshaped"), [(False, False), (True, False), (False, True)])
-def test_rope_becomes_rotary_embedding(fp8_key: bool, query_reshaped: bool) -> None:
-    model, feeds = attention_inputs_model(fp8_key, query_reshaped=query_reshaped)
+@pytest.mark.parametrize(("fp8_key", "query_reshaped", "halves"),
+                         [(False, False, False), (True, False, False), (False, True, False), (False, False, True)])
+def test_rope_becomes_rotary_embedding(fp8_key: bool, query_reshaped: bool, halves: bool) -> None:
+    model, feeds = attention_inputs_model(fp8_key, query_reshaped=query_reshaped, halves=halves)
     before = copy(model)  # type: ignore[arg-type]
     fused = FuseRotaryEmbeddingPass()
     assert fused(model).modified and fused.count == 2  # type: ignore[arg-type]
