@@ -28,6 +28,7 @@ from tqdm import tqdm
 from r1c.config import ModelConfig
 from r1c.errors import CheckpointError
 from r1c.exporter.model import DeepseekV3ForCausalLM
+from r1c.exporter.weight_check import check_weight
 from r1c.plugins import fp8
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def _read_file(path: Path, names: list[str] | None, num_layers: int) -> Iterator
                 layer = _layer_index(name)
                 if layer is not None and layer >= num_layers:
                     continue
-                yield name, f.get_tensor(name)
+                yield name, check_weight(name, f.get_tensor(name), f"checkpoint {path}")
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError for I/O)

@@ -30,13 +30,20 @@ def _prefix(out: Path) -> str:
 
 
 def check_output_path(out: Path, error: type[R1CError], stage: str) -> None:
-    """Refuse a path that names no directory, or whose parent exists but is not a directory."""
+    """Refuse a path that names no directory, or whose nearest existing ancestor is not a directory or cannot
+    be written (probed by making and removing a hidden directory in it: permissions alone do not tell, e.g.
+    for root or on a read-only mount)."""
     if out.name in ("", ".", ".."):
-        raise error(f"{stage}: output path {str(out)!r} names no new directory (give e.g. -o out/model)")
+        shown = "empty (or '.')" if str(out) == "." else repr(str(out))
+        raise error(f"{stage}: the output path is {shown}; it must name a new directory (e.g. -o out/model)")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise error(f"{stage}: cannot create {out}: {parent} is not a directory")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".r1c-probe-", dir=parent))
+            except OSError as e:
+                raise error(f"{stage}: cannot create {out}: {e.strerror or e}") from None
             break
 
 
