@@ -7,22 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from r1c.plugins import OpSpec
-
-SPEC = OpSpec(
-    name="MoERouter",
-    inputs=("hidden", "gate_weight", "correction_bias"),
-    optional_inputs=(),
-    outputs=("topk_weights", "topk_ids"),
-    attributes={
-        "top_k": 8,
-        "n_group": 8,
-        "topk_group": 4,
-        "routed_scaling_factor": 2.5,
-        "norm_topk_prob": 1,
-        "scoring": "sigmoid",
-    },
-)
+from r1c.plugins.moe_router.spec import SPEC  # noqa: F401 (the definition lives in spec.py)
 
 
 def _topk_lower_index_first(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
