@@ -67,6 +67,7 @@ def optimize_cmd(foreign: Path, out: Path, target: str, dump_after: str | None, 
     start = time.perf_counter()
     if verbose:
         logging.getLogger("r1c").setLevel(logging.INFO)
+    verbose = logging.getLogger("r1c").getEffectiveLevel() <= logging.INFO  # this -v or `r1c -v`
     path = optimize(foreign, out, target=target, dump_after=dump_after, verbose=verbose, progress=_progress())
     report = json.loads((path.parent / "passes.json").read_text())["graph_io"]
     kind = report["kind"] or f"none ({report['reason']})"
