@@ -66,7 +66,7 @@ def _parameters(model: ir.Model) -> dict[str, Any]:
 def inspect_model(path: str | Path) -> dict[str, Any]:
     """A JSON-able summary of the model at `path` (its external data is never read)."""
     path = Path(path)
-    model = read_model(path, "inspect")
+    model = read_model(path, "inspect", weights=False)
     histogram = collections.Counter(_op_key(n) for n in model.graph.all_nodes())
     data_files = sorted({str(t.const_value.location) for t in model.graph.initializers.values()
                          if isinstance(t.const_value, ir.ExternalTensor)})

@@ -4,11 +4,12 @@
 - Toy causal graphs (tests/foreign_models.py), with a transformers-style cache and without: every logit is
   computed by numpy, so the bundle's logits must equal it within 1e-5 (float32) and its greedy tokens exactly,
   for a batch of prompts of different lengths.
-- The stock `torch.onnx` export of transformers' DeepseekV3 (tiny preset, seed 1, no cache), exported once at
-  opset 18 (torch's native opset) and brought to 17 (by hand: the only opset-18 changes it uses) and to 19,
-  20, 21 (onnxscript's converter, not the one r1c uses): at each opset `r1c optimize` fuses every MoE layer
-  (converting the model up to 21); at 17 and 20 the built bundle's logits equal the stock model's under ONNX
-  Runtime within 1e-5 relative and its greedy tokens equal transformers' `generate`.
+- The stock `torch.onnx` export of transformers' DeepseekV3 (tiny preset, seed 1, no cache; conftest.py's
+  `stock_tiny`), exported once at opset 18 (torch's native opset) and brought to 17 (by hand: the only opset-18
+  changes it uses) and to 19, 20, 21 (onnxscript's converter, as torch.onnx does; r1c uses ONNX's own): at
+  each opset `r1c optimize` fuses every MoE layer (converting the model up to 21); at 17 and 20 the built
+  bundle's logits equal the stock model's under ONNX Runtime within 1e-5 relative and its greedy tokens equal
+  transformers' `generate`.
 - slow: the stock export with past_key_values (one more torch export, ~15 s): described as a past_key_values
   cache, built, generates transformers' tokens; `r1c bench` runs on it.
 """
@@ -24,15 +25,13 @@ import pytest
 import torch
 from clitools import cli
 from foreign_models import toy_model, toy_reference
+from stock_models import CONFIG, at_opset
 
-from r1c.config import preset
-from r1c.exporter.checkpoint import random_checkpoint
-from r1c.exporter.stock import export_stock, hf_config
+from r1c.exporter.stock import export_stock
 from r1c.passes.testing import max_rel_err, op_counts, run
 from r1c.runtime import load
 from r1c.runtime.foreign import ForeignEngine
 
-CONFIG = preset("tiny")
 TOL = 1e-5
 PROMPTS = [[1, 2, 3, 4], [5], [7, 7, 7, 0, 1, 2, 3]]
 NEW = 6
@@ -84,14 +83,6 @@ def test_bench_runs_on_a_foreign_bundle(tmp_path: Path) -> None:
 
 
 # ---- the stock torch.onnx export of transformers' DeepseekV3 at opsets 17-21 --------------------------------
-def hf_model() -> torch.nn.Module:
-    import transformers
-
-    model = transformers.DeepseekV3ForCausalLM(hf_config(CONFIG)).eval()
-    model.load_state_dict(random_checkpoint(CONFIG, seed=1), strict=False)  # rotary inv_freq stays computed
-    return model
-
-
 _OPSET_18_CHANGES = {"Pad", "Resize", "ScatterND", "ScatterElements", "OptionalHasElement", "LpPool",
                      "CenterCropPad", "Col2Im", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "Mish",
                      "OptionalGetElement", "GroupNormalization"}
@@ -134,22 +125,14 @@ def to_opset17(model: ir.Model) -> ir.Model:
 
 
 @pytest.fixture(scope="module")
-def stock(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    from onnxscript.version_converter import convert_version
-
-    root = tmp_path_factory.mktemp("stock")
-    model = hf_model()
-    base = export_stock(model, root / "18" / "model.onnx", opset=18)
-    paths = {18: base}
-    for opset in (17, 19, 20, 21):
-        m = ir.load(base)
-        if opset == 17:
-            to_opset17(m)
-        else:
-            convert_version(m, opset)
-        paths[opset] = root / str(opset) / "model.onnx"
-        paths[opset].parent.mkdir()
-        ir.save(m, paths[opset], external_data="model.onnx.data")
+def stock(stock_tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("opsets")
+    model, base = stock_tiny["model"], stock_tiny["path"]
+    paths = {18: base, **{opset: at_opset(base, opset, root / str(opset) / "model.onnx") for opset in (19, 20, 21)}}
+    m = to_opset17(ir.load(base))
+    paths[17] = root / "17" / "model.onnx"
+    paths[17].parent.mkdir()
+    ir.save(m, paths[17], external_data="model.onnx.data")
     ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 7))
     logits = run(base, {"input_ids": ids})[0]
     for opset, path in paths.items():  # the inputs are what they claim: same model, that opset
@@ -158,7 +141,7 @@ def stock(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     with torch.no_grad():
         prompt = torch.tensor([PROMPTS[2]])
         greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, do_sample=False)
-    return {"root": root, "paths": paths, "ids": ids, "logits": logits, "greedy": greedy[0, prompt.shape[1]:].tolist()}
+    return {"paths": paths, "ids": ids, "logits": logits, "greedy": greedy[0, prompt.shape[1]:].tolist()}
 
 
 @pytest.mark.parametrize("opset", [17, 18, 19, 20, 21])
@@ -182,8 +165,8 @@ def test_optimize_fuses_a_stock_export_at_any_opset(stock: dict, opset: int, tmp
 
 
 @pytest.mark.slow
-def test_stock_export_with_past_key_values_serves_generation(tmp_path: Path) -> None:
-    model = hf_model()
+def test_stock_export_with_past_key_values_serves_generation(stock_tiny: dict, tmp_path: Path) -> None:
+    model = stock_tiny["model"]
     path = export_stock(model, tmp_path / "stock" / "model.onnx", with_cache=True, opset=18)
     _, bundle = _optimize_and_build(path, tmp_path)
     engine = load(bundle)
