@@ -16,19 +16,16 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from r1c.config import ModelConfig
 from r1c.errors import CheckpointError
 from r1c.exporter.model import DeepseekV3ForCausalLM
-from r1c.exporter.weight_check import check_weight
 from r1c.plugins import fp8
 
 logger = logging.getLogger(__name__)
@@ -107,85 +104,30 @@ def is_quantizable(name: str, ndim: int) -> bool:
     return ndim == 2 and not name.startswith(("model.embed_tokens", "lm_head"))
 
 
-def _layer_index(name: str) -> int | None:
+# ---- loading ---------------------------------------------------------------------------------------
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (`model.layers.{i}.*`), or None."""
     m = _LAYER.match(name)
     return int(m.group(1)) if m else None
 
 
-# ---- loading ---------------------------------------------------------------------------------------
-def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a checkpoint, and the index's weight_map when there is one."""
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index ({e})") from None
-        files = [root / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"checkpoint: shard {missing[0]} listed in {index.name} is missing from {root} "
-                                  f"({len(missing)} shard(s) missing)")
-        return files, weight_map
-    single = root / "model.safetensors"
-    if single.is_file():
-        return [single], None
-    found = sorted(root.glob("*.safetensors"))
-    if not found:
-        raise CheckpointError(f"checkpoint: no model.safetensors or model.safetensors.index.json in {root}")
-    return found, None
-
-
-def _read_file(path: Path, names: list[str] | None, num_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of one safetensors file, skipping MTP layers (index >= num_layers)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-            if names is not None and not present.issuperset(names):
-                lost = sorted(set(names) - present)
-                raise CheckpointError(f"checkpoint: tensor {lost[0]} is missing from {path} although the index "
-                                      f"lists it there ({len(lost)} missing)")
-            for name in names if names is not None else sorted(present):
-                layer = _layer_index(name)
-                if layer is not None and layer >= num_layers:
-                    continue
-                yield name, check_weight(name, f.get_tensor(name), f"checkpoint {path}")
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError for I/O)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({reason})") from None
+def parse_per_expert(name: str) -> tuple[str, int, str, str] | None:
+    """DeepSeek's per-expert name -> (prefix `model.layers.{i}.mlp.experts`, expert, proj, kind), or None."""
+    m = _PER_EXPERT.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3), m.group(4)) if m else None
 
 
 class _ExpertFuser:
-    """Collects DeepSeek's per-expert tensors and fuses each layer's group as soon as it is complete."""
+    """Fuses one layer's DeepSeek per-expert tensors (or their FP8 scales) into the canonical fused layout."""
 
     def __init__(self, config: ModelConfig, root: Path) -> None:
         self.config = config
         self.where = f"checkpoint {root}"
-        # (prefix, "weight" | "weight_scale_inv") -> proj -> expert -> tensor
-        self.parts: dict[tuple[str, str], dict[str, dict[int, torch.Tensor]]] = {}
 
     def _want(self, proj: str, kind: str) -> tuple[int, int]:
         h, inter = self.config.hidden_size, self.config.moe_intermediate_size
         rows, cols = (h, inter) if proj == "down_proj" else (inter, h)
         return fp8.block_shape(rows, cols) if kind.endswith(SCALE_SUFFIX) else (rows, cols)
-
-    def add(self, prefix: str, expert: int, proj: str, kind: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """Takes one expert tensor; returns the fused tensors of its group once all E experts are in."""
-        e_count = self.config.n_routed_experts
-        name = f"{prefix}.{expert}.{proj}.{kind}"
-        if expert >= e_count:
-            raise CheckpointError(f"{self.where}: tensor {name} is beyond n_routed_experts ({e_count})")
-        want = self._want(proj, kind)
-        if tuple(t.shape) != want:
-            raise CheckpointError(f"{self.where}: tensor {name} has shape {list(t.shape)}, expected {list(want)}")
-        group = self.parts.setdefault((prefix, kind), {})
-        group.setdefault(proj, {})[expert] = t
-        if sum(len(v) for v in group.values()) < 3 * e_count:
-            return []
-        del self.parts[(prefix, kind)]
-        return self._fuse(prefix, kind, group)
 
     def _fuse(
         self, prefix: str, kind: str, group: dict[str, dict[int, torch.Tensor]]
@@ -205,74 +147,23 @@ class _ExpertFuser:
             w13[e, :split], w13[e, split:], w2[e] = gate.pop(e), up.pop(e), down.pop(e)
         return [(prefix + ".gate_up_proj" + suffix, w13), (prefix + ".down_proj" + suffix, w2)]
 
-    def check_complete(self) -> None:
-        e_count = self.config.n_routed_experts
-        for (prefix, kind), group in self.parts.items():
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                lost = [e for e in range(e_count) if e not in group.get(proj, {})]
-                if lost:
-                    n_lost = sum(e_count - len(group.get(p, {})) for p in ("gate_proj", "up_proj", "down_proj"))
-                    raise CheckpointError(f"{self.where}: tensor {prefix}.{lost[0]}.{proj}.{kind} is missing "
-                                          f"({n_lost} per-expert tensors missing in {prefix})")
-
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Reads an HF-layout checkpoint dir into canonical names; raises CheckpointError/ConfigError on bad input."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint: directory {root} not found")
-    if not (root / "config.json").is_file():
-        raise CheckpointError(f"checkpoint: {root} has no config.json")
-    config = ModelConfig.from_json(root / "config.json")
-    files, weight_map = _weight_files(root)
-    names_by_file: dict[str, list[str]] = {}
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            names_by_file.setdefault(file, []).append(name)
+    """Reads an HF-layout checkpoint dir into canonical names; raises CheckpointError/ConfigError on bad input.
 
-    expected = expected_shapes(config)
-    tensors: dict[str, torch.Tensor] = {}
-    fuser = _ExpertFuser(config, root)
-    ignored: list[str] = []
-    bar = tqdm(files, desc="loading shards", unit="file", file=sys.stderr,
-               disable=len(files) < 2 or not sys.stderr.isatty())
-    for file in bar:
-        for name, tensor in _read_file(file, names_by_file.get(file.name), config.num_hidden_layers):
-            m = _PER_EXPERT.match(name)
-            if m:
-                tensors.update(fuser.add(m.group(1), int(m.group(2)), m.group(3), m.group(4), tensor))
-            elif name in expected or name.removesuffix(SCALE_SUFFIX) in expected:
-                tensors[name] = tensor
-            else:
-                ignored.append(name)
-    fuser.check_complete()
-    if ignored:
-        logger.warning("checkpoint %s: ignored %d unknown tensors (first: %s)", root, len(ignored), ignored[0])
-    _check(config, tensors, root)
+    Every tensor is read (see `CheckpointReader` for the lazy view that `r1c export` streams from).
+    """
+    from r1c.exporter.checkpoint_reader import CheckpointReader
+
+    reader = CheckpointReader(path)
+    names = reader.names
+    bar = tqdm(names, desc="loading tensors", unit="tensor", file=sys.stderr,
+               disable=len(reader.files) < 2 or not sys.stderr.isatty())
+    tensors = {name: reader.get(name) for name in bar}
     for name in list(tensors):  # the router runs in float32 (transformers keeps these in fp32 too)
         if name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias")):
             tensors[name] = tensors[name].to(torch.float32)
-    return Checkpoint(config=config, tensors=tensors, source=root)
-
-
-def _check(config: ModelConfig, tensors: dict[str, torch.Tensor], root: Path) -> None:
-    expected = expected_shapes(config)
-    missing = [name for name in expected if name not in tensors]
-    for name, tensor in tensors.items():
-        if tensor.dtype == FP8_DTYPE and name + SCALE_SUFFIX not in tensors:
-            missing.append(name + SCALE_SUFFIX)
-    if missing:
-        raise CheckpointError(f"checkpoint {root}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
-    for name, shape in expected.items():
-        got = tuple(tensors[name].shape)
-        if got != shape:
-            raise CheckpointError(f"checkpoint {root}: tensor {name} has shape {list(got)}, expected {list(shape)}")
-        scale = tensors.get(name + SCALE_SUFFIX)
-        if scale is not None:
-            want = (*shape[:-2], *fp8.block_shape(shape[-2], shape[-1]))
-            if tuple(scale.shape) != want:
-                raise CheckpointError(f"checkpoint {root}: tensor {name}{SCALE_SUFFIX} has shape "
-                                      f"{list(scale.shape)}, expected {list(want)}")
+    return Checkpoint(config=reader.config, tensors=tensors, source=reader.root)
 
 
 # ---- saving ----------------------------------------------------------------------------------------

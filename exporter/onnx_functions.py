@@ -127,9 +127,10 @@ def _dequant_nodes(w: str, scale: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
-def experts_function(quant: str = "none") -> onnx.FunctionProto:
+def experts_function(quant: str = "none", cast_weights: bool = False) -> onnx.FunctionProto:
     """`r1c::MoEExperts` as standard ops: every expert on every token, weighted by a dense [T, E] routing.
 
+    `cast_weights`: the weights are bfloat16/float16 (a `--dtype` export) and are widened to float32 first.
     This is the portable meaning of the op, not its fast path: targets lower it to a fused kernel
     (ONNX Runtime's MoE, a TensorRT plugin). With ONNX Runtime the fp8 dequantization below depends only
     on initializers, so the session's constant folding does it once at load.
@@ -145,6 +146,10 @@ def experts_function(quant: str = "none") -> onnx.FunctionProto:
         w13, w2 = "w13_f", "w2_f"
     elif quant != "none":
         raise ValueError(f"MoEExperts: unknown quant {quant!r}")
+    elif cast_weights:  # bf16/fp16 weights: the body computes in float32 (a runtime folds the casts at load)
+        nodes += [n("Cast", ["w13"], ["w13_f"], to=TensorProto.FLOAT),
+                  n("Cast", ["w2"], ["w2_f"], to=TensorProto.FLOAT)]
+        w13, w2 = "w13_f", "w2_f"
     nodes += [
         n("Cast", ["hidden"], ["h32"], to=TensorProto.FLOAT),
         n("Transpose", ["h32"], ["hT"], perm=[1, 0]),  # [H, T]

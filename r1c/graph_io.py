@@ -1,7 +1,7 @@
 """`graph_io.json`: what a model's graph takes and gives, so that a runtime can serve it.
 
 Two kinds:
-- r1c's own export (no `kind`, or `kind: "r1c"`): written by `r1c export` (exporter/onnx_export.py `graph_io`):
+- r1c's own export (no `kind`, or `kind: "r1c"`): written by `r1c export` (exporter/graph_io.py):
   input_ids, past_lengths and the MLA latent cache in, logits and the new latents out.
 - `kind: "foreign"`: described here from the graph itself (`describe_foreign`), for a model r1c did not
   export (e.g. the stock `torch.onnx` export of a transformers model) once `r1c optimize` has run on it:

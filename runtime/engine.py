@@ -33,10 +33,10 @@ class Backend(Protocol):
 class LatentCache:
     """Per-call latent cache: [L, B, channels, capacity] buffers and each row's filled length."""
 
-    def __init__(self, config: ModelConfig, batch: int, capacity: int) -> None:
+    def __init__(self, config: ModelConfig, batch: int, capacity: int, dtype: Any = np.float32) -> None:
         L = config.num_hidden_layers
-        self.c = np.zeros((L, batch, config.kv_lora_rank, capacity), dtype=np.float32)
-        self.pe = np.zeros((L, batch, config.qk_rope_head_dim, capacity), dtype=np.float32)
+        self.c = np.zeros((L, batch, config.kv_lora_rank, capacity), dtype=dtype)
+        self.pe = np.zeros((L, batch, config.qk_rope_head_dim, capacity), dtype=dtype)
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.capacity = capacity
 
@@ -69,6 +69,7 @@ class Engine:
         self.manifest = manifest
         self.config = manifest.config
         self.backend = backend
+        self.cache_dtype = cache_dtype(manifest.graph_io)
 
     @property
     def vocab_size(self) -> int:
@@ -91,7 +92,7 @@ class Engine:
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise RuntimeInputError(f"input_ids must be [batch, seq] with seq > 0, got shape {list(ids.shape)}")
         self._check_ids(ids)
-        cache = LatentCache(self.config, ids.shape[0], capacity=1)  # one masked slot: no past
+        cache = LatentCache(self.config, ids.shape[0], capacity=1, dtype=self.cache_dtype)  # one masked slot
         logits, _, _ = self._step(ids, cache)
         return logits
 
@@ -118,7 +119,7 @@ class Engine:
         self._check_ids(ids)
         if max_new_tokens == 0:
             return [[] for _ in prompts]
-        cache = LatentCache(self.config, batch, capacity=longest + max_new_tokens)
+        cache = LatentCache(self.config, batch, capacity=longest + max_new_tokens, dtype=self.cache_dtype)
         logits, new_c, new_pe = self._step(ids, cache)
         cache.append(new_c, new_pe, lengths)  # padded tail entries lie beyond each row's length: masked
         token = logits[np.arange(batch), lengths - 1].argmax(-1).astype(np.int64)
@@ -139,6 +140,17 @@ class Engine:
             if on_step is not None:
                 on_step(step, token)
         return out
+
+
+def cache_dtype(graph_io: dict[str, Any]) -> Any:
+    """The latent cache's numpy dtype, from graph_io.json (float32 | bfloat16 | float16; float32 if unset)."""
+    import ml_dtypes
+
+    name = graph_io.get("kv_cache", {}).get("dtype", "float32")
+    dtypes = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+    if name not in dtypes:
+        raise BundleError(f"bundle: unknown latent cache dtype {name!r} in the manifest's graph_io")
+    return np.dtype(dtypes[name])
 
 
 def _check_libraries(m: Manifest) -> None:
