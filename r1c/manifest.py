@@ -62,12 +62,18 @@ def fingerprint_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_records(directory: Path) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
+def file_records(directory: Path, progress: bool = False) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
     """(sha256, size, fingerprint) of every file in `directory`, by name: what `r1c build` records, once.
-    Hidden files (r1c/outdir.py's mark of a directory being written) are not part of a bundle."""
+    Hidden files (r1c/outdir.py's mark of a directory being written) are not part of a bundle. `progress`: a
+    bar over the bytes hashed, on stderr."""
+    from tqdm import tqdm
+
     files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    return ({p.name: sha256_file(p) for p in files}, {p.name: p.stat().st_size for p in files},
-            {p.name: fingerprint_file(p) for p in files})
+    sizes = {p.name: p.stat().st_size for p in files}
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024, desc="build: hashing",
+              leave=False, disable=not progress) as bar:
+        hashes = {p.name: sha256_file(p, progress=bar.update) for p in files}
+    return hashes, sizes, {p.name: fingerprint_file(p) for p in files}
 
 
 @dataclasses.dataclass

@@ -108,7 +108,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
         import onnx
 
         libraries["onnx"] = onnx.__version__
-        files, sizes, fingerprints = file_records(tmp)  # hashed once, here; a load checks sizes + fingerprints
+        files, sizes, fingerprints = file_records(tmp, progress)  # hashed once; a load checks sizes + fingerprints
         manifest = Manifest(
             target=target,
             precision=graph_io.get("weights_quant", "none"),
