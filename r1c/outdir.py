@@ -4,7 +4,8 @@ A stage writes into a hidden sibling `.<name>.r1c-<random>` and renames it to `<
 or interrupt (SIGINT, and SIGTERM, which the CLI turns into the same) the sibling is removed. A SIGKILL cannot
 be caught: the sibling stays, and the next run on the same output path removes it. Each sibling holds a
 PARTIAL_MARK file naming the host and process that writes it, so that the next run removes only the leftovers
-of writers that are gone, never a directory another live run is writing.
+of writers that are gone, never a directory another live run is writing. Single output files (`--logits-out`)
+go through a hidden `.<name>.r1c-<pid>` sibling the same way (`atomic_output_file`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ def check_output_dir(out: Path, error: type[R1CError], stage: str) -> None:
         raise error(f"{stage}: output {out} exists and is {what}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _writer_alive(mark: Path) -> bool:
     """Whether the process named in a partial directory's mark may still be writing it."""
     try:
@@ -64,13 +75,7 @@ def _writer_alive(mark: Path) -> bool:
         return False  # no readable mark: written by nothing that still runs (the mark is the first thing made)
     if host != socket.gethostname():
         return True  # another machine's run (a shared file system): not ours to judge
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _pid_alive(pid)
 
 
 def remove_stale_partials(out: Path) -> list[Path]:
@@ -131,8 +136,13 @@ def check_output_file(path: Path, error: type[R1CError], what: str, *, create_pa
 
 @contextlib.contextmanager
 def atomic_output_file(path: Path, error: type[R1CError], what: str) -> Iterator[Path]:
-    """Yields a hidden sibling to write; renamed to `path` on success, removed on any error (no partial file)."""
+    """Yields a hidden sibling `.<name>.r1c-<pid>` to write; renamed to `path` on success, removed on any error
+    (no partial file). Such siblings of processes that are gone (killed) are removed first."""
     check_output_file(path, error, what)
+    for stale in path.parent.glob(f".{path.name}.r1c-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.r1c-{os.getpid()}")
     try:
         yield tmp

@@ -100,3 +100,17 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_a_killed_runs_partial_file_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    from r1c.errors import RuntimeInputError
+    from r1c.outdir import atomic_output_file
+
+    target = tmp_path / "logits.npy"
+    stale = tmp_path / f".logits.npy.r1c-{_dead_pid()}"
+    live = tmp_path / f".logits.npy.r1c-{os.getppid()}"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"being written")
+    with atomic_output_file(target, RuntimeInputError, "--logits-out") as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and not stale.exists() and live.exists()
