@@ -265,7 +265,11 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
               help="ONNX Runtime intra-op threads (0: one per physical core).")
 @click.option("--dump-after", metavar="PASS",
               help="Also write the model as it is after this pass (into OUTPUT.dumps/; `r1c passes` lists them).")
-def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: str | None) -> None:
+@click.option("--tensor-parallel", "tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split attention, dense MLPs, embedding and LM head over this many ranks (one bundle, T x E ranks).")
+@click.option("--expert-parallel", "ep", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the routed experts into this many partitions (each holds E/EP experts).")
+def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: str | None, tp: int, ep: int) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.
 
     The target's pass pipeline (`r1c passes --target T` lists it) runs first. The manifest records the
@@ -277,7 +281,7 @@ def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: st
     start = time.perf_counter()
     verbose = logging.getLogger("r1c").getEffectiveLevel() <= logging.INFO
     build_bundle(export_dir, out, target=target, session={"intra_op_num_threads": threads}, dump_after=dump_after,
-                 verbose=verbose, progress=_progress())
+                 verbose=verbose, tensor_parallel=tp, expert_parallel=ep, progress=_progress())
     click.echo(_summary("built", out, start, f" ({target})"))
 
 

@@ -70,22 +70,31 @@ def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, du
 
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
-                 verbose: bool = False, progress: bool = False) -> Path:
-    """Build `out_dir` (created whole or not at all) from the export at `export_dir`; BuildError on bad input."""
+                 verbose: bool = False, tensor_parallel: int = 1, expert_parallel: int = 1,
+                 progress: bool = False) -> Path:
+    """Build `out_dir` (created whole or not at all) from the export at `export_dir`; BuildError on bad input.
+
+    tensor_parallel x expert_parallel > 1: one bundle with every rank's files (`r1c.runtime.distributed.build`).
+    """
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"build: unknown target {target!r} (choose from {', '.join(TARGETS)})")
     _check_session(session or {})
     check_output_dir(out, BuildError, "build")
     config, graph_io, source = _read_export(src)
-    if config is None and target != "onnxruntime":
-        raise BuildError(f"build: {src} holds a foreign model (no config.json); it builds for onnxruntime only "
-                         f"(the {target} target needs r1c's model config)")
+    if config is None and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
+        raise BuildError(f"build: {src} holds a foreign model (no config.json); it builds for onnxruntime on one "
+                         "rank only (TensorRT and sharding need r1c's model config)")
     dumps = out.with_name(out.name + ".dumps")  # --dump-after writes here, beside the bundle
     with atomic_output_dir(out, BuildError, "build") as tmp:
         libraries: dict[str, str] = {}
         target_options: dict[str, Any]
-        if target == "onnxruntime":
+        if tensor_parallel * expert_parallel > 1:
+            from r1c.runtime.distributed.build import build_ranks
+
+            target_options, libraries = build_ranks(src, tmp, config, target=target, tensor_parallel=tensor_parallel,
+                                                    expert_parallel=expert_parallel, session=session, verbose=verbose)
+        elif target == "onnxruntime":
             import onnxruntime as ort
 
             from r1c.runtime.ort_backend import DEFAULT_OPTIONS, OrtBackend

@@ -174,7 +174,11 @@ def load(bundle_dir: str | Path, *, verify_hashes: bool = True, session_options:
     m = read_manifest(bundle, verify_hashes=verify_hashes)
     _check_libraries(m)
     backend: Backend
-    if m.target == "onnxruntime":
+    if "distributed" in m.target_options:  # one bundle, several ranks: rank 0 is this process
+        from r1c.runtime.distributed.launch import sharded_backend
+
+        backend = sharded_backend(bundle, m, session_options)
+    elif m.target == "onnxruntime":
         from r1c.runtime.ort_backend import OrtBackend
 
         backend = OrtBackend(bundle / m.target_options["model"], {**m.target_options.get("session", {}),

@@ -225,7 +225,7 @@ CASES = [
     Case("build-unknown-dump-pass", lambda w: ["build", w.export, "-o", w.tmp / "out", "--dump-after", "nope"],
          "is not a pass"),
     Case("build-foreign-for-tensorrt", lambda w: ["build", w.foreign, "-o", w.tmp / "out", "--target", "tensorrt"],
-         "builds for onnxruntime only"),
+         "builds for onnxruntime on one rank only"),
     Case("build-foreign-not-a-language-model",
          lambda w: ["build", _copy(w.foreign, w, "f", lambda d: (d / "graph_io.json").unlink() or _rename_input(d)),
                     "-o", w.tmp / "out"], "no input named input_ids"),
