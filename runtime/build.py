@@ -92,6 +92,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
         if tensor_parallel * expert_parallel > 1:
             from r1c.runtime.distributed.build import build_ranks
 
+            assert config is not None  # refused above for a foreign model
             target_options, libraries = build_ranks(src, tmp, config, target=target, tensor_parallel=tensor_parallel,
                                                     expert_parallel=expert_parallel, session=session, verbose=verbose)
         elif target == "onnxruntime":
