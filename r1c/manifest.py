@@ -180,9 +180,9 @@ def read_manifest(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Mani
     want = gio.foreign_hash(m.graph_io) if m.is_foreign else m.config.hash()
     if want != m.config_hash:
         raise BundleError("bundle: model config does not match its hash in the manifest")
-    model_file = m.target_options.get("model")
-    if m.target == "onnxruntime" and (not isinstance(model_file, str) or model_file not in m.files
-                                      or not isinstance(m.target_options.get("session", {}), dict)):
+    model_file = m.target_options.get("model", "")  # one-rank onnxruntime bundles; sharded ones name files per rank
+    if not isinstance(model_file, str) or (model_file and model_file not in m.files) \
+            or not isinstance(m.target_options.get("session", {}), dict):
         raise BundleError("bundle: target_options must name the model (one of the manifest's files) and a session "
                           "object")
     if verify_hashes:
