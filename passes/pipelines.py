@@ -4,8 +4,9 @@
   standard ONNX plus r1c ops carrying their function bodies. Runnable by ONNX Runtime as it is.
 - `onnxruntime`: the same fusions, then ONNX Runtime's fused kernels (RMSNorm, SwiGLU activation, MoE),
   the remaining r1c bodies inlined; float32 casts around the bfloat16/float16 nodes ORT's CPU cannot run.
-- `tensorrt`: the same MoE fusions, r1c nodes kept as plugin nodes without bodies, every other node
-  checked against TensorRT's ONNX support matrix.
+- `tensorrt` (and `tensorrt-rtx`): the same MoE fusions, FP8 linear layers (blocked DequantizeLinear + MatMul) into
+  `r1c::FP8Linear`, r1c nodes kept as plugin nodes without bodies, every other node checked against TensorRT's
+  ONNX parser.
 A pass's name is its module's name (`fuse_moe_router`); `r1c passes --target T` prints a pipeline.
 """
 
@@ -27,6 +28,7 @@ from r1c.passes.check_tensorrt_ops import CheckTensorRTOpsPass
 from r1c.passes.deduplicate_small_initializers import DeduplicateSmallInitializersPass
 from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
 from r1c.passes.fold_constants import FoldConstantsPass
+from r1c.passes.fuse_fp8_linear import FuseFP8LinearPass
 from r1c.passes.fuse_moe_experts import FuseMoEExpertsPass
 from r1c.passes.fuse_moe_router import FuseMoERouterPass
 from r1c.passes.fuse_rmsnorm import FuseRMSNormPass
@@ -58,7 +60,7 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
     ),
     "tensorrt": (
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
-        FuseMoERouterPass, FuseMoEExpertsPass,
+        FuseMoERouterPass, FuseMoEExpertsPass, FuseFP8LinearPass,
         RemoveDeadCodePass, CommonSubexpressionEliminationPass, InferShapesPass,
         DropR1CFunctionBodiesPass, CheckTensorRTOpsPass,
         ClearMetadataAndDocStringPass, NameDeterministicallyPass,

@@ -259,8 +259,12 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to create (written whole or not at all).")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="onnxruntime: a CPU bundle; tensorrt: a TensorRT engine with the r1c plugins (needs TensorRT).")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
+              show_default=True, help="onnxruntime: a CPU bundle; tensorrt: a TensorRT engine with the r1c plugins "
+              "(needs TensorRT and the GPU); tensorrt-rtx: the same through TensorRT for RTX, for --arch (any "
+              "machine).")
+@click.option("--arch", default=None, metavar="SM",
+              help="TensorRT targets: the compute capability to build for (sm89, sm90, sm120, ...).")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: one per physical core).")
 @click.option("--dump-after", metavar="PASS",
@@ -269,7 +273,8 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
               help="Split attention, dense MLPs, embedding and LM head over this many ranks (one bundle, T x E ranks).")
 @click.option("--expert-parallel", "ep", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the routed experts into this many partitions (each holds E/EP experts).")
-def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: str | None, tp: int, ep: int) -> None:
+def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: int, dump_after: str | None, tp: int,
+          ep: int) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.
 
     The target's pass pipeline (`r1c passes --target T` lists it) runs first. The manifest records the
@@ -281,7 +286,7 @@ def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: st
     start = time.perf_counter()
     verbose = logging.getLogger("r1c").getEffectiveLevel() <= logging.INFO
     build_bundle(export_dir, out, target=target, session={"intra_op_num_threads": threads}, dump_after=dump_after,
-                 verbose=verbose, tensor_parallel=tp, expert_parallel=ep, progress=_progress())
+                 verbose=verbose, arch=arch, tensor_parallel=tp, expert_parallel=ep, progress=_progress())
     click.echo(_summary("built", out, start, f" ({target})"))
 
 

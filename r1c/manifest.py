@@ -31,7 +31,7 @@ from r1c.jsonfile import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 FINGERPRINT_SAMPLES = 16
@@ -63,17 +63,18 @@ def fingerprint_file(path: Path) -> str:
 
 
 def file_records(directory: Path, progress: bool = False) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
-    """(sha256, size, fingerprint) of every file in `directory`, by name: what `r1c build` records, once.
-    Hidden files (r1c/outdir.py's mark of a directory being written) are not part of a bundle. `progress`: a
-    bar over the bytes hashed, on stderr."""
+    """(sha256, size, fingerprint) of every file under `directory` (subdirectories too, e.g. a TensorRT bundle's
+    kernels/), by relative path: what `r1c build` records, once. Hidden files (r1c/outdir.py's mark of a
+    directory being written) are not part of a bundle. `progress`: a bar over the bytes hashed, on stderr."""
     from tqdm import tqdm
 
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    sizes = {p.name: p.stat().st_size for p in files}
+    files = {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
+             if p.is_file() and not p.name.startswith(".")}
+    sizes = {n: p.stat().st_size for n, p in files.items()}
     with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024, desc="build: hashing",
               leave=False, disable=not progress) as bar:
-        hashes = {p.name: sha256_file(p, progress=bar.update) for p in files}
-    return hashes, sizes, {p.name: fingerprint_file(p) for p in files}
+        hashes = {n: sha256_file(p, progress=bar.update) for n, p in files.items()}
+    return hashes, sizes, {n: fingerprint_file(p) for n, p in files.items()}
 
 
 @dataclasses.dataclass

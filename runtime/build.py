@@ -64,17 +64,22 @@ def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, du
     """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data)."""
     from r1c.passes.pipelines import lower_file
 
+    target = "tensorrt" if target == "tensorrt-rtx" else target  # one lowering; the builds differ (library, arch)
     lower_file(export_dir / MODEL_FILE, work / MODEL_FILE, target=target, dump_after=dump_after,
                dump_dir=dump_dir if dump_after else None, verbose=verbose, progress=progress)
 
 
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
-                 verbose: bool = False, tensor_parallel: int = 1, expert_parallel: int = 1,
-                 progress: bool = False) -> Path:
+                 verbose: bool = False, arch: str | None = None,
+                 tensorrt_options: dict[str, Any] | None = None, tensor_parallel: int = 1,
+                 expert_parallel: int = 1, progress: bool = False) -> Path:
     """Build `out_dir` (created whole or not at all) from the export at `export_dir`; BuildError on bad input.
 
-    tensor_parallel x expert_parallel > 1: one bundle with every rank's files (`r1c.runtime.distributed.build`).
+    `arch` (TensorRT targets): the compute capability to build for (`sm89`, `sm90`, `sm120`, ...; tensorrt-rtx
+    default sm89, tensorrt default the current GPU); `tensorrt_options`: profile options (see
+    `r1c.runtime.trt_profiles.PROFILE_OPTIONS`). tensor_parallel x expert_parallel > 1: one bundle with every
+    rank's files (`r1c.runtime.distributed.build`).
     """
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
@@ -109,12 +114,20 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                 from r1c.runtime.foreign import probe_vocab_size
 
                 graph_io = {**graph_io, "vocab_size": probe_vocab_size(backend, graph_io)}
+        elif target == "tensorrt-rtx":
+            from r1c.runtime.trt_rtx import build_tensorrt_rtx
+
+            assert config is not None
+            _lower(src, tmp, target, dump_after, dumps, verbose, progress)
+            target_options, libraries = build_tensorrt_rtx(tmp, config, arch=arch or "sm89",
+                                                           **(tensorrt_options or {}))
         else:
             from r1c.runtime.trt_build import build_tensorrt
 
             assert config is not None
             _lower(src, tmp, target, dump_after, dumps, verbose, progress)
-            target_options, libraries = build_tensorrt(tmp, config)
+            target_options, libraries = build_tensorrt(tmp, config, compute_capability=arch,
+                                                       **(tensorrt_options or {}))
         import onnx
 
         libraries["onnx"] = onnx.__version__
