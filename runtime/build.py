@@ -30,18 +30,23 @@ def _read_export(export_dir: Path) -> tuple[ModelConfig, dict[str, Any], dict[st
     return config, graph_io, source
 
 
-def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool) -> None:
-    """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data)."""
+def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool,
+           max_file_bytes: int | None = None) -> None:
+    """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ its data files)."""
     from r1c.passes.pipelines import lower_file
 
     lower_file(export_dir / "model.onnx", work / "model.onnx", target=target, dump_after=dump_after,
-               dump_dir=dump_dir if dump_after else None, verbose=verbose)
+               dump_dir=dump_dir if dump_after else None, verbose=verbose, max_file_bytes=max_file_bytes)
 
 
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
-                 verbose: bool = False) -> Path:
-    """Build `out_dir` (created whole or not at all) from the export at `export_dir`."""
+                 verbose: bool = False, max_file_bytes: int | None = None) -> Path:
+    """Build `out_dir` (created whole or not at all) from the export at `export_dir`.
+
+    `max_file_bytes`: the most weight bytes per data file of the lowered model (default 16 GiB; see
+    passes/pipelines.save_model); the manifest records the size, fingerprint and sha256 of each file.
+    """
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"build: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -56,7 +61,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
 
             from r1c.runtime.ort_backend import DEFAULT_OPTIONS, OrtBackend
 
-            _lower(src, tmp, target, dump_after, dumps, verbose)
+            _lower(src, tmp, target, dump_after, dumps, verbose, max_file_bytes)
             libraries["onnxruntime"] = ort.__version__
             target_options = {"model": "model.onnx", "session": {**DEFAULT_OPTIONS, **(session or {})}}
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
@@ -64,7 +69,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
         else:
             from r1c.runtime.trt_build import build_tensorrt
 
-            _lower(src, tmp, target, dump_after, dumps, verbose)
+            _lower(src, tmp, target, dump_after, dumps, verbose, max_file_bytes)
             target_options, libraries = build_tensorrt(tmp, config)
         import onnx
 

@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 ENGINE_FILE = "model.engine"
 MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 RTX_MODULE = "tensorrt_rtx_bindings"
 RTX_LIBS_MODULE = "tensorrt_rtx_libs"
 RTX_LIBRARY = "libtensorrt_rtx.so"
@@ -424,8 +423,8 @@ def build_tensorrt(work_dir: str | Path, config: ModelConfig, *, module: types.M
     tmp.write_bytes(engine)
     tmp.replace(work / ENGINE_FILE)
     if not keep_onnx:
-        for name in (MODEL_FILE, DATA_FILE):
-            (work / name).unlink(missing_ok=True)
+        for path in [work / MODEL_FILE, *work.glob("*.onnx.data")]:  # one data file or several
+            path.unlink(missing_ok=True)
     logger.info("built %s (%d bytes) in %.1f s", work / ENGINE_FILE, len(engine), report.build_seconds or 0.0)
     from r1c.plugins.tensorrt_common import plugin_ops
 
