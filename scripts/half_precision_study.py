@@ -12,6 +12,8 @@ Two modes (ONNX Runtime CPU bundles; checkpoints with seeded random bf16 weights
           bundle through extra graph outputs and from transformers through hooks; the tokens whose expert set
           differs from float64's per MoE layer ("flips"); and the same errors on the tokens neither half run
           flipped.
+`--fault rmsnorm_half|router_half` (ratio mode) exports with a fault put into the lowering, to show that the
+ratio sees it: RMSNorm statistics computed in the half dtype, or the router's weights rounded to it.
 Configs: tiny, small (presets), experts64 (tiny widths, small's routing: top-8 of 64 experts in 8 groups, 4 kept,
 1 dense + 3 MoE layers; the config of tests/test_dtypes.py).
 Usage: python scripts/half_precision_study.py ratio --config tiny --weight-seeds 1,2,3 --id-seeds 8 [--batch 16 --seq 8]
@@ -45,17 +47,48 @@ CONFIGS: dict[str, ModelConfig] = {
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def prepare(work: Path, name: str, seed: int) -> Path:
-    """Checkpoint + one bundle per dtype under work/<name>-w<seed> (made once)."""
-    root = work / f"{name}-w{seed}"
+def prepare(work: Path, name: str, seed: int, fault: str | None = None) -> Path:
+    """Checkpoint + one bundle per dtype under work/<name>-w<seed>[-<fault>] (made once)."""
+    root = work / (f"{name}-w{seed}" + (f"-{fault}" if fault else ""))
     if not (root / "float16.bundle").is_dir():
         save_checkpoint(root / "ckpt", CONFIGS[name], random_checkpoint(CONFIGS[name], seed=seed,
                                                                         dtype=torch.bfloat16))
         for d in DTYPES:
             for cmd in (["export", str(root / "ckpt"), "--dtype", d, "--no-progress", "-o", str(root / d)],
                         ["build", str(root / d), "-o", str(root / f"{d}.bundle")]):
-                subprocess.run([sys.executable, "-m", "r1c.cli", *cmd], check=True, capture_output=True)
+                if fault:  # in this process, where the fault is patched in
+                    from r1c.cli import main
+
+                    main.main(cmd, standalone_mode=False)
+                else:
+                    subprocess.run([sys.executable, "-m", "r1c.cli", *cmd], check=True, capture_output=True)
     return root
+
+
+def inject(fault: str) -> None:
+    """Patch a precision fault into the exporter's lowering (this process only)."""
+    from onnx import TensorProto
+
+    from r1c.exporter import onnx_export
+
+    lowering: Any = onnx_export._Lowering
+    if fault == "rmsnorm_half":
+        def rms_norm(self: Any, x: str, weight_name: str) -> str:  # statistics in the export dtype
+            g = self.g
+            w = self.param(weight_name, weight_name)
+            mean = g.op("ReduceMean", [g.op("Mul", [x, x]), g.const([-1])], keepdims=1)
+            var = g.op("Add", [mean, g.const([self.c.rms_norm_eps], self.dt, scalar=True)])
+            return g.op("Mul", [g.op("Mul", [x, g.op("Reciprocal", [g.op("Sqrt", [var])])]), w])
+        lowering.rms_norm = rms_norm
+    elif fault == "router_half":
+        param = lowering.param
+        half = {TensorProto.BFLOAT16: torch.bfloat16, TensorProto.FLOAT16: torch.float16}
+
+        def rounded(self: Any, out: str, src: str, dims: Any = None, transform: Any = None, dtype: Any = None) -> str:
+            if src.endswith("mlp.gate.weight") and self.dt in half:
+                return param(self, out, src, dims, lambda t: t.to(half[self.dt]).to(torch.float32), dtype)
+            return param(self, out, src, dims, transform, dtype)
+        lowering.param = rounded
 
 
 def hf_model(root: Path, dtype: torch.dtype, eager: bool = False) -> Any:
@@ -73,8 +106,10 @@ def metric(x: np.ndarray, ref: np.ndarray) -> float:
 
 
 def ratio(args: argparse.Namespace) -> None:
+    if args.fault:
+        inject(args.fault)
     for w in args.weight_seeds:
-        root = prepare(args.workdir, args.config, w)
+        root = prepare(args.workdir, args.config, w, args.fault)
         hf = {d: hf_model(root, getattr(torch, d)) for d in DTYPES}
         engines = {d: load(root / f"{d}.bundle") for d in DTYPES}
         for s in range(args.id_seeds):
@@ -82,7 +117,8 @@ def ratio(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 want = {d: m(torch.from_numpy(ids)).logits.float().numpy() for d, m in hf.items()}
             ref = want["float32"]
-            line = f"{args.config} weights {w} ids {s}: r1c float32 {metric(engines['float32'].forward(ids), ref):.1e}"
+            label = args.config + (f" {args.fault}" if args.fault else "")
+            line = f"{label} weights {w} ids {s}: r1c float32 {metric(engines['float32'].forward(ids), ref):.1e}"
             for d in ("bfloat16", "float16"):
                 ours, theirs = metric(engines[d].forward(ids), ref), metric(want[d], ref)
                 line += f" | {d} r1c {ours:.2e} transformers {theirs:.2e} ratio {ours / theirs:.2f}"
@@ -183,6 +219,7 @@ def main() -> None:
     ap.add_argument("--id-seeds", type=int, default=8, help="ratio: how many id seeds; layers: the id seed")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=8)
+    ap.add_argument("--fault", choices=["rmsnorm_half", "router_half"], help="ratio: a fault in the lowering")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/r1c-half-study"))
     args = ap.parse_args()
     ratio(args) if args.mode == "ratio" else layers(args)
