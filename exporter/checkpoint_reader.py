@@ -9,7 +9,9 @@ fused tensor out on disk without ever holding it. `release()` drops the open sha
 mapped pages), which the exporter calls after each layer: resident memory stays about one layer's size.
 
 MTP layers (`model.layers.{num_hidden_layers}.*` in DeepSeek's release: the multi-token-prediction draft head)
-are skipped with one log line.
+are skipped with one log line. Layouts, quantizations and tensors r1c does not read are refused from the headers,
+naming what they are (`checkpoint_layouts`); FP8 scales are float32 whatever they are stored as (ue8m0 scales may
+be float8_e8m0fnu); per-expert FP8 experts with a partial last 128-block are fused padded (`checkpoint_layouts`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,19 @@ from safetensors import safe_open
 
 from r1c.config import ModelConfig
 from r1c.errors import CheckpointError
+from r1c.exporter.checkpoint_layouts import (
+    FP8_DTYPE,
+    expert_part_shape,
+    fuse_expert,
+    fused_expert_shape,
+    is_padded,
+    layer_index,
+    parse_per_expert,
+    refuse_foreign_files,
+    refuse_unknown_tensors,
+    skippable,
+)
+from r1c.exporter.weight_check import check_weight
 from r1c.plugins import fp8
 
 logger = logging.getLogger(__name__)
@@ -34,7 +49,7 @@ FUSED_EXPERTS = {".gate_up_proj": ("gate_proj", "up_proj"), ".down_proj": ("down
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E8M0": torch.float8_e8m0fnu,
 }
 
 
@@ -73,15 +88,15 @@ class CheckpointReader:
     """
 
     def __init__(self, root: str | Path) -> None:
-        from r1c.exporter.checkpoint import _ExpertFuser, expected_shapes, layer_index, parse_per_expert
+        from r1c.exporter.checkpoint import expected_shapes
 
         self.root = Path(root)
         if not self.root.is_dir():
             raise CheckpointError(f"checkpoint: directory {self.root} not found")
+        refuse_foreign_files(self.root)
         if not (self.root / "config.json").is_file():
             raise CheckpointError(f"checkpoint: {self.root} has no config.json")
         self.config = ModelConfig.from_json(self.root / "config.json")
-        self.fuser = _ExpertFuser(self.config, self.root)
         self._handles: dict[Path, Any] = {}
         self._where: dict[str, tuple[Path, str]] = {}  # canonical name -> (file, name in the file)
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -93,34 +108,31 @@ class CheckpointReader:
         for name, file in (weight_map or {}).items():
             names_by_file.setdefault(file, []).append(name)
         expected = expected_shapes(self.config)
-        ignored: list[str] = []
-        mtp: list[str] = []
-        for path in files:
-            listed = names_by_file.get(path.name) if weight_map is not None else None
-            for name, shape, dtype in self._header(path, listed):
-                layer = layer_index(name)
-                if layer is not None and layer >= self.config.num_hidden_layers:
-                    mtp.append(name)
-                    continue
-                m = parse_per_expert(name)
-                if m is not None:
-                    prefix, expert, proj, kind = m
-                    self._add_expert(prefix, expert, proj, kind, shape, (path, name))
-                    self._meta[f"{prefix}.{expert}.{proj}.{kind}"] = (shape, dtype)
-                elif name in expected or name.removesuffix(SCALE_SUFFIX) in expected:
-                    self._where[name] = (path, name)
-                    self._meta[name] = (shape, dtype)
-                else:
-                    ignored.append(name)
+        headers = [(path, *entry) for path in files
+                   for entry in self._header(path, names_by_file.get(path.name) if weight_map is not None else None)]
+        mtp = {name for _, name, _, _ in headers if (layer_index(name) or 0) >= self.config.num_hidden_layers}
+        # first, from the names alone: tensors of another format or layout explain any misfit that follows
+        refuse_unknown_tensors(self.root, self.config, [
+            name for _, name, shape, _ in headers
+            if not (name in mtp or parse_per_expert(name) or name in expected
+                    or name.removesuffix(SCALE_SUFFIX) in expected or skippable(self.config, name, shape))])
+        for path, name, shape, dtype in headers:
+            if name in mtp:
+                continue
+            m = parse_per_expert(name)
+            if m is not None:
+                prefix, expert, proj, kind = m
+                self._add_expert(prefix, expert, proj, kind, shape, (path, name))
+                self._meta[f"{prefix}.{expert}.{proj}.{kind}"] = (shape, dtype)
+            elif name in expected or name.removesuffix(SCALE_SUFFIX) in expected:
+                self._where[name] = (path, name)
+                self._meta[name] = (shape, dtype)
         self._check_experts_complete()
         self._fused_meta()
         if mtp:
             logger.warning("checkpoint %s: skipped the multi-token-prediction layer (%d tensors, model.layers.%d.*): "
                            "a speculative-decoding draft head that r1c does not export", self.root, len(mtp),
                            self.config.num_hidden_layers)
-        if ignored:
-            logger.warning("checkpoint %s: ignored %d unknown tensors (first: %s)", self.root, len(ignored),
-                           ignored[0])
         self._check(expected)
 
     # ---- headers ---------------------------------------------------------------------------------------
@@ -135,7 +147,11 @@ class CheckpointReader:
                 out = []
                 for name in sorted(listed if listed is not None else present):
                     sl = f.get_slice(name)
-                    out.append((name, tuple(int(d) for d in sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()]))
+                    dtype = torch.float32 if name.endswith(SCALE_SUFFIX) else _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise CheckpointError(f"checkpoint: tensor {name} in {path} has dtype {sl.get_dtype()}, "
+                                              "which r1c does not read")
+                    out.append((name, tuple(int(d) for d in sl.get_shape()), dtype))
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own SafetensorError (and OSError for I/O)
@@ -148,7 +164,7 @@ class CheckpointReader:
         name = f"{prefix}.{expert}.{proj}.{kind}"
         if expert >= e_count:
             raise CheckpointError(f"checkpoint {self.root}: tensor {name} is beyond n_routed_experts ({e_count})")
-        want = self.fuser._want(proj, kind)
+        want = expert_part_shape(self.config, proj, kind)
         if shape != want:
             raise CheckpointError(f"checkpoint {self.root}: tensor {name} has shape {list(shape)}, "
                                   f"expected {list(want)}")
@@ -169,12 +185,8 @@ class CheckpointReader:
         for prefix, kind in self._experts:
             suffix = SCALE_SUFFIX if kind.endswith(SCALE_SUFFIX) else ""
             for fused, projs in FUSED_EXPERTS.items():
-                first = [self._meta[f"{prefix}.0.{p}.{kind}"] for p in projs]
-                rows = sum(s[0] for s, _ in first)
-                if suffix and len(projs) == 2:  # the fuser decides how partial blocks combine
-                    rows = fp8.block_shape(2 * self.config.moe_intermediate_size, 1)[0]
-                shape = (self.config.n_routed_experts, rows, first[0][0][1])
-                self._meta[prefix + fused + suffix] = (shape, first[0][1])
+                dtype = self._meta[f"{prefix}.0.{projs[0]}.{kind}"][1]
+                self._meta[prefix + fused + suffix] = (fused_expert_shape(self.config, fused, kind, dtype), dtype)
         for key in [k for k in self._meta if ".mlp.experts." in k and k.split(".mlp.experts.")[1][:1].isdigit()]:
             del self._meta[key]
 
@@ -187,13 +199,13 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint {self.root}: tensor {missing[0]} is missing "
                                   f"({len(missing)} missing in all)")
         for name, shape in expected.items():
-            got = self._meta[name][0]
-            if got != shape:
+            got, dtype = self._meta[name]
+            if got != shape and not (dtype == FP8_DTYPE and is_padded(self.config, name, got)):
                 raise CheckpointError(f"checkpoint {self.root}: tensor {name} has shape {list(got)}, "
                                       f"expected {list(shape)}")
             scale = self._meta.get(name + SCALE_SUFFIX)
             if scale is not None:
-                want = (*shape[:-2], *fp8.block_shape(shape[-2], shape[-1]))
+                want = (*got[:-2], *fp8.block_shape(got[-2], got[-1]))
                 if scale[0] != want:
                     raise CheckpointError(f"checkpoint {self.root}: tensor {name}{SCALE_SUFFIX} has shape "
                                           f"{list(scale[0])}, expected {list(want)}")
@@ -228,9 +240,11 @@ class CheckpointReader:
             handle = self._handles.get(path)
             if handle is None:
                 handle = self._handles[path] = safe_open(str(path), framework="pt")
-            return handle.get_tensor(name)
+            tensor = handle.get_tensor(name)
         except Exception as e:
             raise _corrupt(path, e) from None
+        check_weight(name, tensor, f"checkpoint {path}")  # every tensor read passes here, once per read
+        return tensor.to(torch.float32) if name.endswith(SCALE_SUFFIX) else tensor
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name` (canonical); fused expert tensors are assembled here, their layer at a time."""
@@ -239,15 +253,12 @@ class CheckpointReader:
         split = _fused_key(name)
         if split is None or split[:2] not in self._experts:
             raise CheckpointError(f"checkpoint {self.root}: no tensor {name}")
-        prefix, kind, _ = split
-        if kind.endswith(SCALE_SUFFIX):
-            group = {p: {e: self._read(w) for e, w in ws.items()} for p, ws in self._experts[(prefix, kind)].items()}
-            return dict(self.fuser._fuse(prefix, kind, group))[name]
         parts = list(self.expert_chunks(name))
         return torch.stack(parts).view(self.shape(name))
 
     def expert_chunks(self, name: str) -> Iterator[torch.Tensor]:
-        """A fused expert tensor one expert at a time ([2I, H] or [H, I]), in its on-disk order."""
+        """A fused expert tensor one expert at a time ([2I, H] or [H, I], or their scale grids; FP8 with a partial
+        last block: padded to [2Ip, H] / [H, Ip]), in its on-disk order."""
         split = _fused_key(name)
         if name in self._where or split is None or split[2] is None:
             yield from self.get(name)
@@ -256,8 +267,7 @@ class CheckpointReader:
         assert fused is not None
         group = self._experts[(prefix, kind)]
         for e in range(self.config.n_routed_experts):
-            tensors = [self._read(group[p][e]) for p in FUSED_EXPERTS[fused]]
-            yield tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+            yield fuse_expert(self.config, fused, kind, [self._read(group[p][e]) for p in FUSED_EXPERTS[fused]])
 
     def release(self) -> None:
         """Close the open shards (their mapped pages go with them)."""

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 from r1c.config import ModelConfig
 from r1c.errors import ExportError
 from r1c.exporter.graph_io import GRAPH_IO_FILE, graph_io, model_io
-from r1c.exporter.model import rope_parameters
+from r1c.exporter.model import MLA_NORM_EPS, rope_parameters, router_attributes
 from r1c.exporter.onnx_functions import experts_function, router_function
 from r1c.exporter.onnx_graph import DATA_FILE, DEFAULT_MAX_FILE_BYTES, DTYPES, Graph, WeightWriter, np_dtype, to_numpy
 from r1c.exporter.tensor_source import DictSource, TensorSource
@@ -117,15 +117,16 @@ class _Lowering:
                         lambda s: flip(s).to(torch.float32).repeat_interleave(BLOCK, dim=1)[:, :cols], F32)
         return self.g.op("DequantizeLinear", [wq, sc], axis=0, block_size=BLOCK)
 
-    def rms_norm(self, x: str, weight_name: str) -> str:
+    def rms_norm(self, x: str, weight_name: str, eps: float) -> str:
         """weight * (x / sqrt(mean(x^2) + eps)), the statistics in float32 whatever the export dtype
-        (transformers' DeepseekV3RMSNorm: float32 variance, the normalized x cast back before the weight)."""
+        (transformers' DeepseekV3RMSNorm: float32 variance, the normalized x cast back before the weight);
+        eps as the PyTorch model's norm of that name (config.rms_norm_eps, or model.MLA_NORM_EPS in MLA)."""
         g = self.g
         w = self.param(weight_name, weight_name)
         x = self.to_f32(x)
         sq = g.op("Mul", [x, x])
         mean = g.op("ReduceMean", [sq, g.const([-1])], keepdims=1)
-        var = g.op("Add", [mean, g.const([self.c.rms_norm_eps], TensorProto.FLOAT, scalar=True)])
+        var = g.op("Add", [mean, g.const([eps], TensorProto.FLOAT, scalar=True)])
         inv = g.op("Reciprocal", [g.op("Sqrt", [var])])
         return g.op("Mul", [self.to_dt(g.op("Mul", [x, inv])), w])
 
@@ -138,11 +139,18 @@ class _Lowering:
                            prefix + ".down_proj")
 
     def rope(self, x: str, cos: str, sin: str) -> str:
-        """Interleaved pairs (x0, x1), (x2, x3)... rotated; output in [evens', odds'] order (same for q and k)."""
+        """The rotated pairs, output as [firsts', seconds'] (same for q and k), as model.apply_rope.
+
+        rope_interleave: pairs (x0, x1), (x2, x3), ... (DeepSeek's weight layout); else (x_i, x_{i + R/2}).
+        """
         g = self.g
         r = self.c.qk_rope_head_dim
-        x1 = g.op("Slice", [x, g.const([0]), g.const([r]), g.const([-1]), g.const([2])])
-        x2 = g.op("Slice", [x, g.const([1]), g.const([r]), g.const([-1]), g.const([2])])
+        if self.c.rope_interleave:
+            x1 = g.op("Slice", [x, g.const([0]), g.const([r]), g.const([-1]), g.const([2])])
+            x2 = g.op("Slice", [x, g.const([1]), g.const([r]), g.const([-1]), g.const([2])])
+        else:
+            x1 = g.op("Slice", [x, g.const([0]), g.const([r // 2]), g.const([-1])])
+            x2 = g.op("Slice", [x, g.const([r // 2]), g.const([r]), g.const([-1])])
         a = g.op("Sub", [g.op("Mul", [x1, cos]), g.op("Mul", [x2, sin])])
         b = g.op("Add", [g.op("Mul", [x2, cos]), g.op("Mul", [x1, sin])])
         return g.op("Concat", [a, b], axis=-1)
@@ -190,20 +198,20 @@ class _Lowering:
         for i in layers:
             g.scope = f"layers.{i}"
             p = f"model.layers.{i}"
-            h = self.rms_norm(x, p + ".input_layernorm.weight")
+            h = self.rms_norm(x, p + ".input_layernorm.weight", c.rms_norm_eps)
             attn, new_c, new_pe = self.attention(h, p + ".self_attn", i, b_dim, s_dim, cos, sin, cos_q, sin_q,
                                                  past_valid, causal_rows)
             new_cs.append(new_c)
             new_pes.append(new_pe)
             x = g.op("Add", [x, attn])
-            h = self.rms_norm(x, p + ".post_attention_layernorm.weight")
+            h = self.rms_norm(x, p + ".post_attention_layernorm.weight", c.rms_norm_eps)
             mlp = self.moe(h, p + ".mlp") if c.is_moe_layer(i) else self.mlp(h, p + ".mlp")
             x = g.op("Add", [x, mlp])
             self.src.release()  # this layer's shards and mapped pages go; its weights are on disk
             logger.info("export: layer %d/%d written (%s)", i + 1, n_layers, self.g.writer.rate())
             self.g.writer.bar.set_description(f"export: layer {i + 1}/{n_layers}")
         g.scope = "head"
-        x = self.rms_norm(x, "model.norm.weight")
+        x = self.rms_norm(x, "model.norm.weight", c.rms_norm_eps)
         head_name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         vocab, hidden = self.src.shape(self.need(head_name))
         head = self.param("lm_head.weight_t", head_name, (hidden, vocab), lambda t: t.t())
@@ -223,14 +231,14 @@ class _Lowering:
         if c.q_lora_rank is None:
             q = self.linear(h, p + ".q_proj")
         else:
-            q = self.linear(self.rms_norm(self.linear(h, p + ".q_a_proj"), p + ".q_a_layernorm.weight"),
-                            p + ".q_b_proj")
+            q = self.linear(self.rms_norm(self.linear(h, p + ".q_a_proj"), p + ".q_a_layernorm.weight",
+                                          MLA_NORM_EPS), p + ".q_b_proj")
         q = g.op("Reshape", [q, g.const([0, 0, n, d + r])])  # [B, S, N, D+R]
         q_nope = g.op("Slice", [q, g.const([0]), g.const([d]), g.const([-1])])
         q_pe = self.rope(g.op("Slice", [q, g.const([d]), g.const([d + r]), g.const([-1])]), cos_q, sin_q)
         kv = self.linear(h, p + ".kv_a_proj_with_mqa")  # [B, S, C+R]
         new_c = self.rms_norm(g.op("Slice", [kv, g.const([0]), g.const([kvr]), g.const([-1])]),
-                              p + ".kv_a_layernorm.weight")  # [B, S, C]
+                              p + ".kv_a_layernorm.weight", MLA_NORM_EPS)  # [B, S, C]
         new_pe = self.rope(g.op("Slice", [kv, g.const([kvr]), g.const([kvr + r]), g.const([-1])]), cos, sin)
 
         # absorb W_UK into the query: q_abs[b,s,n] = q_nope[b,s,n] @ W_UK[n]  ([D] -> [C])
@@ -277,13 +285,13 @@ class _Lowering:
         c, g = self.c, self.g
         flat = g.op("Reshape", [h, g.const([-1, c.hidden_size])])  # [T, H]
         gate_w = self.param(p + ".gate.weight", p + ".gate.weight", dtype=F32)
-        bias = self.param(p + ".gate.e_score_correction_bias", p + ".gate.e_score_correction_bias", dtype=F32)
+        if c.has_correction_bias:
+            bias = self.param(p + ".gate.e_score_correction_bias", p + ".gate.e_score_correction_bias", dtype=F32)
+        else:  # the V2 methods read no bias; the op's input is zeros (one constant for all layers)
+            bias = g.const([0.0] * c.n_routed_experts, F32)
         weights, ids = g.op(
             ROUTER_SPEC.name, [flat, gate_w, bias], n_out=2, domain=R1C_DOMAIN,
-            **ROUTER_SPEC.attrs(top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
-                                routed_scaling_factor=float(c.routed_scaling_factor),
-                                norm_topk_prob=int(c.norm_topk_prob), scoring=c.scoring_func),
-            plugin_namespace=PLUGIN_NAMESPACE,
+            **ROUTER_SPEC.attrs(**router_attributes(c)), plugin_namespace=PLUGIN_NAMESPACE,
         )
         w13, w2 = self.need(p + ".experts.gate_up_proj"), self.need(p + ".experts.down_proj")
         inputs = [flat, weights, ids]
@@ -310,7 +318,7 @@ class _Lowering:
         c = self.c
         inputs, outputs = model_io(c, self.dt)
         graph = helper.make_graph(self.g.nodes, "deepseek_v3", inputs, outputs, self.g.initializers)
-        functions = ([router_function(c.scoring_func), experts_function(self.quant, cast_weights=self.dt != F32)]
+        functions = ([router_function(), experts_function(self.quant, cast_weights=self.dt != F32)]
                      if c.num_moe_layers else [])
         return helper.make_model(
             graph,
@@ -373,6 +381,13 @@ def export_onnx(config: ModelConfig, tensors: dict[str, torch.Tensor] | TensorSo
         logger.info("export: %d nodes, %s in %d data file(s)", len(model.graph.node), writer.rate(),
                     len(writer.files))
         (tmp / GRAPH_IO_FILE).write_text(json.dumps(graph_io(config, lowering.quant, dtype), indent=2) + "\n")
+        # the export's quantization_config describes its tensors: none without FP8 (a bf16 copy of an FP8
+        # release keeps a stale one in its config.json), DeepSeek's FP8 block-128 with them
+        from r1c.plugins.fp8 import QUANTIZATION_CONFIG
+
+        quantization = QUANTIZATION_CONFIG if lowering.quant == "fp8_block128" else None
+        if (config.quantization_config is None) != (quantization is None):
+            config = config.replace(quantization_config=quantization and dict(quantization))
         (tmp / "config.json").write_text(config.to_json() + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

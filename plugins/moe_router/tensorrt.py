@@ -2,65 +2,40 @@
 
 Inputs: hidden [T, H] float/half/bf16; gate_weight [E, H] float32; correction_bias [E] float32.
 Outputs: topk_weights [T, K] float32; topk_ids [T, K] int32 (K = top_k; T stays symbolic).
-The kernel is `moe_router_triton` (writing into the output buffers) when the Triton kernel module is importable,
-else the PyTorch reference, both on TensorRT's stream.
+Kernels: the launch plan of `plan.py` (gate GEMM, routing), launched from the bundle's kernel library; the logits
+live in TensorRT's workspace.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
+import dataclasses
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from r1c.plugins.moe_router.reference import SPEC, moe_router_reference
-from r1c.plugins.tensorrt_common import PluginOp
+from r1c.plugins._triton import KernelSpec
+from r1c.plugins.launch import Plan
+from r1c.plugins.moe_router.plan import RouterProblem, config_boundaries, router_plan, workspace_size
+from r1c.plugins.moe_router.reference import SPEC, check_attributes, effective_groups
+from r1c.plugins.tensorrt_common import PluginOp, specs_up_to
 
-logger = logging.getLogger(__name__)
-
-SCORINGS = ("sigmoid", "softmax")
 _HIDDEN_TYPES = ("FLOAT", "HALF", "BF16")
-
-
-Kernel = Callable[[dict[str, Any], Sequence[Any], Sequence[Any]], None]  # (attrs, inputs, outputs)
-
-
-def _reference(attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-    weights, ids = moe_router_reference(*inputs, **attrs)
-    outputs[0].copy_(weights)
-    outputs[1].copy_(ids)
-
-
-@functools.cache
-def router_kernel() -> Kernel:
-    """`moe_router_triton` writing straight into TensorRT's output buffers, or the reference when unavailable."""
-    try:
-        from r1c.plugins.moe_router.triton_kernel import moe_router_triton
-    except Exception as e:  # no triton, or a triton that cannot load here
-        logger.warning("MoERouter plugin: Triton kernel unavailable (%s); using the PyTorch reference", e)
-        return _reference
-
-    def triton_router(attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-        moe_router_triton(*inputs, **attrs, out=(outputs[0], outputs[1]))
-
-    return triton_router
 
 
 class MoERouterOp(PluginOp):
     spec = SPEC
 
     def validate(self, attrs: dict[str, Any]) -> None:
-        top_k, n_group, topk_group = attrs["top_k"], attrs["n_group"], attrs["topk_group"]
-        if top_k < 1 or n_group < 1 or not 1 <= topk_group <= n_group:
-            raise ValueError(
-                f"{SPEC.plugin_id}: need top_k >= 1 and 1 <= topk_group <= n_group, got top_k={top_k}, "
-                f"n_group={n_group}, topk_group={topk_group}"
-            )
-        if attrs["scoring"] not in SCORINGS:
-            raise ValueError(f"{SPEC.plugin_id}: unknown scoring {attrs['scoring']!r} (expected one of {SCORINGS})")
+        """Every mode of the op (scoring sigmoid | softmax, topk_method noaux_tc | greedy | group_limited_greedy);
+        a combination the op does not define is refused by name (`check_attributes`)."""
+        if attrs["top_k"] < 1:
+            raise ValueError(f"{SPEC.plugin_id}: need top_k >= 1, got top_k={attrs['top_k']}")
         if attrs["norm_topk_prob"] not in (0, 1):
             raise ValueError(f"{SPEC.plugin_id}: norm_topk_prob must be 0 or 1, got {attrs['norm_topk_prob']}")
+        try:
+            check_attributes(**attrs)
+        except ValueError as e:
+            raise ValueError(f"{SPEC.plugin_id}: {str(e).removeprefix('MoERouter: ')}") from None
 
     def output_dtypes(self, trt: types.ModuleType, attrs: dict[str, Any], input_types: Sequence[Any]) -> list[Any]:
         return [trt.DataType.FLOAT, trt.DataType.INT32]
@@ -95,7 +70,8 @@ class MoERouterOp(PluginOp):
             return
         if bias[0] not in (-1, experts):
             raise ValueError(f"{SPEC.plugin_id}: correction_bias has {bias[0]} entries for {experts} experts")
-        n_group, topk_group, top_k = attrs["n_group"], attrs["topk_group"], attrs["top_k"]
+        n_group, topk_group = effective_groups(attrs["topk_method"], attrs["n_group"], attrs["topk_group"])
+        top_k = attrs["top_k"]
         if experts % n_group:
             raise ValueError(f"{SPEC.plugin_id}: {experts} experts do not split into n_group={n_group} groups")
         if top_k > experts // n_group * topk_group:
@@ -104,5 +80,16 @@ class MoERouterOp(PluginOp):
                 f"in topk_group={topk_group} groups"
             )
 
-    def execute(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-        router_kernel()(attrs, inputs, outputs)
+    def problem(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> RouterProblem:
+        (t, h), (e, _) = shapes[0], shapes[1]
+        return RouterProblem(t, h, e, dtypes[0], tuple(sorted(attrs.items())))
+
+    def plan(self, attrs: dict[str, Any], problem: RouterProblem) -> Plan:
+        return router_plan(problem)
+
+    def workspace_size(self, attrs: dict[str, Any], problem: RouterProblem) -> int:
+        return workspace_size(problem)
+
+    def kernel_specs(self, attrs: dict[str, Any], problem: RouterProblem) -> list[KernelSpec]:
+        return specs_up_to(lambda t: router_plan(dataclasses.replace(problem, tokens=t)), problem.tokens,
+                           config_boundaries())

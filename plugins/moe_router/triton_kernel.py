@@ -1,25 +1,24 @@
-"""`r1c::MoERouter` in Triton: DeepSeek-V3 noaux_tc routing in one kernel.
+"""`r1c::MoERouter` in Triton: DeepSeek-V3 noaux_tc and DeepSeek-V2 greedy / group_limited_greedy routing in one kernel.
 
 Design
 ------
-* The gate GEMM `hidden @ gate_weight^T` is a separate float32 `torch.matmul`, written exactly as the reference
-  writes it (so on a given device both see bitwise the same logits). Fusing it would make every program read the
-  whole [E, H] gate weight (7.3 MB at R1 shapes): at decode (T=1) one program would stream it alone, far slower than
-  cuBLAS' GEMV; with the GEMM apart the routing kernel only touches [T, E] logits.
+* The gate GEMM `hidden @ gate_weight^T` is a separate float32 kernel (`plan.py`; fusing it would make every
+  program read the whole [E, H] gate weight, 7.3 MB at R1 shapes); the routing kernel only touches [T, E] logits.
 * `_noaux_tc_router_kernel` does all the routing in one launch: one program per BLOCK_T rows, each row held whole
   (E padded to a power of two) in registers:
-    1. s = sigmoid(logit) (or softmax over the row), c = s + correction_bias;
-    2. group score = the two largest c of each group (a [rows, groups, experts] masked view, so the group size
-       need not be a power of two); each group's rank = number of groups with a higher score, or an equal score and
-       a lower index; groups of rank < topk_group are kept, the others' c set to -inf;
+    1. s = sigmoid(logit) (or softmax over the row); c = s + correction_bias (noaux_tc) or c = s (V2 methods);
+    2. group score = the two largest c of each group (noaux_tc) or the largest (group_limited_greedy), from a
+       [rows, groups, experts] masked view, so the group size need not be a power of two; each group's rank =
+       number of groups with a higher score, or an equal score and a lower index; groups of rank < topk_group are
+       kept, the others' c set to -inf (noaux_tc) or 0 (group_limited_greedy); greedy is one group;
     3. top_k rounds of (row max, lowest expert index holding it, take it, set it to -inf): ties go to the lower
        expert index and the output order is descending c, as in the reference;
-    4. weights: s (unbiased) at the ids, optionally / (sum + 1e-20), times routed_scaling_factor.
+    4. weights: s (unbiased) at the ids, optionally / (sum + 1e-20) (noaux_tc only), times routed_scaling_factor.
 
 Interpreter or native: as any `@triton.jit` kernel, this one is an interpreter function when `TRITON_INTERPRET=1`
 was set before `triton` was first imported in the process (Triton 3.9 fixes the kind of its own `tl.max`/`tl.sum`/
 `tl.sigmoid`, themselves `@triton.jit` functions, at that import), and a compiled one otherwise; the wrapper then
-runs on CPU tensors, respectively CUDA tensors. `compile_aot` compiles it for sm_90 without a GPU.
+runs on CPU tensors, respectively CUDA tensors. `r1c.plugins._triton.compile_aot` compiles it without a GPU.
 """
 
 from __future__ import annotations
@@ -30,9 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from r1c.plugins._triton import AotSpec, compile_aot, is_interpreted
+from r1c.plugins._triton import is_interpreted
+from r1c.plugins.launch import Buf, Launch, TritonRunner, launch
+from r1c.plugins.moe_router.plan import RouterProblem, router_plan
+from r1c.plugins.moe_router.reference import check_attributes, effective_groups
 
-__all__ = ["AotSpec", "aot_specs", "compile_aot", "moe_router_triton"]
+__all__ = ["moe_router_triton", "routing_launch"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -55,6 +57,7 @@ def _noaux_tc_router_kernel(
     TOP_K: tl.constexpr,
     NORM: tl.constexpr,  # divide the weights by their sum
     SOFTMAX: tl.constexpr,  # scoring: softmax over the row instead of sigmoid
+    V3: tl.constexpr,  # noaux_tc: biased selection, top-2-sum group score, dropped experts -inf (else V2 rules)
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,  # next power of two >= E
     BLOCK_G: tl.constexpr,  # next power of two >= N_GROUP
@@ -80,15 +83,18 @@ def _noaux_tc_router_kernel(
         s = num / tl.sum(num, axis=1)[:, None]
     else:
         s = tl.sigmoid(logit)
-    bias = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-    c = tl.where(e_ok[None, :], s + bias[None, :], neg_inf)  # selection scores [BLOCK_T, BLOCK_E]
+    if V3:
+        bias = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+        c = tl.where(e_ok[None, :], s + bias[None, :], neg_inf)  # selection scores [BLOCK_T, BLOCK_E]
+    else:
+        c = tl.where(e_ok[None, :], s, neg_inf)
 
     if N_GROUP > 1:
         offs_g = tl.arange(0, BLOCK_G)
         in_group = ((offs_e[None, :] // PER_GROUP) == offs_g[:, None]) & e_ok[None, :]  # [BLOCK_G, BLOCK_E]
         c3 = tl.where(in_group[None, :, :], c[:, None, :], neg_inf)  # [BLOCK_T, BLOCK_G, BLOCK_E]
         top1 = tl.max(c3, axis=2)  # [BLOCK_T, BLOCK_G]
-        if PER_GROUP > 1:
+        if V3 and PER_GROUP > 1:
             first = tl.min(tl.where(c3 == top1[:, :, None], offs_e[None, None, :], BLOCK_E), axis=2)
             top2 = tl.max(tl.where(offs_e[None, None, :] == first[:, :, None], neg_inf, c3), axis=2)
             group_score = top1 + top2
@@ -103,7 +109,10 @@ def _noaux_tc_router_kernel(
         keep_group = (rank < TOPK_GROUP) & (offs_g[None, :] < N_GROUP)
         keep3 = in_group[None, :, :] & keep_group[:, :, None]
         keep = tl.max(keep3.to(tl.int32), axis=1) > 0  # [BLOCK_T, BLOCK_E]
-        c = tl.where(keep, c, neg_inf)
+        if V3:
+            c = tl.where(keep, c, neg_inf)
+        else:  # V2: dropped experts' s = 0 (padding lanes stay -inf)
+            c = tl.where(keep | ~e_ok[None, :], c, 0.0)
 
     offs_k = tl.arange(0, BLOCK_K)
     out_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
@@ -130,22 +139,33 @@ def _noaux_tc_router_kernel(
 # wrapper
 
 
-def _validate(e: int, top_k: int, n_group: int, topk_group: int, scoring: str) -> None:
-    if scoring not in ("sigmoid", "softmax"):
-        raise ValueError(f"MoERouter: unknown scoring {scoring!r}")
-    if n_group < 1 or e % n_group:
-        raise ValueError(f"MoERouter: {e} experts do not split into n_group={n_group} equal groups")
-    if not 1 <= topk_group <= n_group:
-        raise ValueError(f"MoERouter: topk_group={topk_group} must be in [1, n_group={n_group}]")
-    kept = e // n_group * (topk_group if n_group > 1 else 1)
-    if not 1 <= top_k <= kept:
-        raise ValueError(f"MoERouter: top_k={top_k} must be in [1, {kept}] (experts left after the group mask)")
+def routing_launch(logits: Buf, bias: Buf, weights: Buf, ids: Buf, t: int, e: int, attrs: dict[str, Any], *,
+                   block_t: int = 1, num_warps: int = 4) -> Launch:
+    """The routing kernel's launch over logits [t, e] float32 (a plan's buffer) for the op's attributes.
+
+    Every `topk_method` (noaux_tc | greedy | group_limited_greedy) and `scoring` (sigmoid | softmax) of the SPEC;
+    ValueError naming the attribute for a combination the op does not define (`check_attributes`).
+    """
+    check_attributes(**attrs, experts=e)
+    top_k, method = int(attrs["top_k"]), str(attrs["topk_method"])
+    n_group, topk_group = effective_groups(method, int(attrs["n_group"]), int(attrs["topk_group"]))
+    block_t = min(block_t, triton.next_power_of_2(t))
+    return launch(
+        "moe_router", _noaux_tc_router_kernel, (triton.cdiv(t, block_t),),
+        {"logits_ptr": logits, "bias_ptr": bias, "weights_ptr": weights, "ids_ptr": ids, "T": t,
+         "stride_logits": e, "stride_out": top_k, "routed_scaling_factor": float(attrs["routed_scaling_factor"])},
+        {"PER_GROUP": e // n_group, "N_GROUP": n_group, "TOPK_GROUP": topk_group, "TOP_K": top_k,
+         "NORM": bool(attrs["norm_topk_prob"]), "SOFTMAX": attrs["scoring"] == "softmax",
+         "V3": method == "noaux_tc", "BLOCK_T": block_t, "BLOCK_E": triton.next_power_of_2(e),
+         "BLOCK_G": triton.next_power_of_2(n_group), "BLOCK_K": triton.next_power_of_2(top_k)},
+        dynamic=["T"], num_warps=num_warps,
+    )
 
 
 def moe_router_triton(
     hidden: torch.Tensor,  # [T, H] float/bf16
     gate_weight: torch.Tensor,  # [E, H] float32
-    correction_bias: torch.Tensor,  # [E] float32
+    correction_bias: torch.Tensor,  # [E] float32 (read by noaux_tc only)
     *,
     top_k: int,
     n_group: int,
@@ -153,17 +173,22 @@ def moe_router_triton(
     routed_scaling_factor: float,
     norm_topk_prob: int | bool,
     scoring: str = "sigmoid",
+    topk_method: str = "noaux_tc",
     block_t: int = 1,
     num_warps: int = 4,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (topk_weights [T, top_k] float32, topk_ids [T, top_k] int32), as `moe_router_reference`.
 
+    Runs the op's launch plan (`plan.py`: the float32 gate GEMM kernel, then the routing kernel) in every mode of
+    the op (`topk_method` noaux_tc | greedy | group_limited_greedy, `scoring` sigmoid | softmax); ValueError naming
+    the attribute for a combination the op does not define.
     `out`: optional preallocated (weights, ids) to write into (contiguous, of those shapes and dtypes).
     """
     t = hidden.shape[0]
     e = gate_weight.shape[0]
-    _validate(e, top_k, n_group, topk_group, scoring)
+    check_attributes(top_k=top_k, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm_topk_prob,
+                     scoring=scoring, topk_method=topk_method, experts=e)
     if correction_bias.shape != (e,):
         raise ValueError(f"MoERouter: correction_bias has shape {tuple(correction_bias.shape)}, expected ({e},)")
     device = hidden.device
@@ -178,39 +203,18 @@ def moe_router_triton(
             raise ValueError("MoERouter: out ids must be a contiguous int32 [T, top_k] tensor")
     if t == 0:
         return weights, ids
-    # the gate GEMM, exactly as the reference computes it (float32, no TF32)
-    logits = (hidden.to(torch.float32) @ gate_weight.to(torch.float32).t()).contiguous()
-    bias = correction_bias.to(torch.float32).contiguous()
-    block_t = min(block_t, triton.next_power_of_2(t))
-    grid = (triton.cdiv(t, block_t),)
     _check_device(_noaux_tc_router_kernel, device)
-    _noaux_tc_router_kernel[grid](
-        logits,
-        bias,
-        weights,
-        ids,
-        t,
-        logits.stride(0),
-        top_k,
-        float(routed_scaling_factor),
-        PER_GROUP=e // n_group,
-        N_GROUP=n_group,
-        TOPK_GROUP=topk_group,
-        TOP_K=top_k,
-        NORM=bool(norm_topk_prob),
-        SOFTMAX=scoring == "softmax",
-        BLOCK_T=block_t,
-        BLOCK_E=triton.next_power_of_2(e),
-        BLOCK_G=triton.next_power_of_2(n_group),
-        BLOCK_K=triton.next_power_of_2(top_k),
-        num_warps=num_warps,
-    )
+    attrs = dict(top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+                 norm_topk_prob=int(norm_topk_prob), scoring=scoring, topk_method=topk_method)
+    plan = router_plan(RouterProblem(t, hidden.shape[1], e, str(hidden.dtype).removeprefix("torch."),
+                                     tuple(sorted(attrs.items()))), block_t=block_t, num_warps=num_warps)
+    TritonRunner().run(plan, [hidden.contiguous(), gate_weight.to(torch.float32).contiguous(),
+                              correction_bias.to(torch.float32).contiguous()], [weights, ids])
     return weights, ids
 
 
 # --------------------------------------------------------------------------------------------------------------
-# interpreter / native and ahead-of-time compilation
-
+# interpreter / native
 
 
 def _check_device(kernel: Any, device: torch.device) -> None:
@@ -219,36 +223,3 @@ def _check_device(kernel: Any, device: torch.device) -> None:
             "MoERouter (triton): tensors are on the CPU but triton was imported without TRITON_INTERPRET=1; "
             "set it before the first `import triton` to run the kernels in Triton's interpreter"
         )
-
-
-def aot_specs() -> list[AotSpec]:
-    """The router kernel at DeepSeek-R1 shapes (E=256, 8 groups, top-4 groups, top-8)."""
-    return [
-        AotSpec(
-            name="router_r1",
-            kernel=_noaux_tc_router_kernel,
-            signature={
-                "logits_ptr": "*fp32",
-                "bias_ptr": "*fp32",
-                "weights_ptr": "*fp32",
-                "ids_ptr": "*i32",
-                "T": "i32",
-                "stride_logits": "i32",
-                "stride_out": "i32",
-                "routed_scaling_factor": "fp32",
-            },
-            constexprs={
-                "PER_GROUP": 32,
-                "N_GROUP": 8,
-                "TOPK_GROUP": 4,
-                "TOP_K": 8,
-                "NORM": True,
-                "SOFTMAX": False,
-                "BLOCK_T": 1,
-                "BLOCK_E": 256,
-                "BLOCK_G": 8,
-                "BLOCK_K": 8,
-            },
-            divisible_by_16=("stride_logits",),  # E = 256
-        )
-    ]
