@@ -15,9 +15,9 @@ softmax scoring (DeepSeek-V2 greedy / group_limited_greedy; weights = softmax(lo
     y      = com.microsoft.MoE(h, probs, ...; normalize_routing_weights=0)   softmax over all E of probs, at top_k
   group_limited_greedy: that softmax is over the kept experts only; y *= sum of softmax(logits) over the kept
   experts (= Z_kept / Z_all) makes it softmax(logits). Then y *= routed_scaling_factor.
-any mode, when the ONNX Runtime at hand has no MoEGroupRouter (1.30 lacks it, 1.32 has it) or the mode has none (softmax
-with noaux_tc: MoEGroupRouter scores with sigmoid), the router stays `r1c::MoERouter` (its function body, inlined
-later) and feeds MoE through its weights w [T, K] and ids:
+any mode, when the ONNX Runtime at hand has no MoEGroupRouter (1.30 lacks it, 1.32 has it) or the mode has none
+(softmax with noaux_tc: MoEGroupRouter scores with sigmoid), the router stays `r1c::MoERouter` (its function body,
+inlined later) and feeds MoE through its weights w [T, K] and ids:
     probs  = ScatterElements(SENTINEL [T, E], ids, Max(Log(w), -1e29), axis=1)     w's log at the ids
     y      = com.microsoft.MoE(h, probs, ...; normalize_routing_weights=1) * ReduceSum(w, -1)
   MoE's softmax over the k chosen log-weights is w / sum(w) (the clamp keeps an underflowed w = 0 finite).
@@ -46,7 +46,7 @@ from r1c.passes._rewrite import RulesPass
 from r1c.passes._util import ORT_DOMAIN
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
 from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
-from r1c.plugins.moe_router.reference import check_attributes, effective_groups
+from r1c.plugins.moe_router.spec import check_attributes, effective_groups
 
 logger = logging.getLogger(__name__)
 
