@@ -234,10 +234,13 @@ class LowerMoEToOrtPass(RulesPass):
     scoring when the installed ONNX Runtime has it)."""
 
     def rules(self) -> list[RewriteRule]:
+        return [_RouterExpertsToOrtMoE.rule()]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
         for op_type, consequence in (("MoE", "MoE blocks keep their r1c function bodies"),
                                      ("MoEGroupRouter", "sigmoid routers stay r1c::MoERouter, feeding MoE their "
                                                         "weights")):
             why = ort_runs(op_type)
             if why:
                 logger.info("lower_moe_to_ort: not emitting com.microsoft %s (%s): %s", op_type, why, consequence)
-        return [_RouterExpertsToOrtMoE.rule()]
+        return super().call(model)
