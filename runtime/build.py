@@ -39,6 +39,22 @@ def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, du
                dump_dir=dump_dir if dump_after else None, verbose=verbose)
 
 
+def build_tensorrt_target(work: Path, config: ModelConfig, *, target: str, arch: str | None,
+                          options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """work/model.onnx (lowered) -> work/model.engine + work/kernels/ for `tensorrt` or `tensorrt-rtx`: the one
+    TensorRT build of single-rank bundles and of each rank of a sharded bundle. Returns the manifest's
+    (target_options, libraries). `arch`: tensorrt-rtx default sm89 (`DEFAULT_RTX_COMPUTE_CAPABILITY`), tensorrt
+    default the current GPU; `options`: profile and build options (`trt_profiles.PROFILE_OPTIONS`, keep_onnx)."""
+    if target == "tensorrt-rtx":
+        from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
+        from r1c.runtime.trt_rtx import build_tensorrt_rtx
+
+        return build_tensorrt_rtx(work, config, arch=arch or DEFAULT_RTX_COMPUTE_CAPABILITY, **(options or {}))
+    from r1c.runtime.trt_build import build_tensorrt
+
+    return build_tensorrt(work, config, compute_capability=arch, **(options or {}))
+
+
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
                  verbose: bool = False, arch: str | None = None,
@@ -64,7 +80,8 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             from r1c.runtime.distributed.build import build_ranks
 
             target_options, libraries = build_ranks(src, tmp, config, target=target, tensor_parallel=tensor_parallel,
-                                                    expert_parallel=expert_parallel, session=session, verbose=verbose)
+                                                    expert_parallel=expert_parallel, session=session, verbose=verbose,
+                                                    arch=arch, tensorrt_options=tensorrt_options)
         elif target == "onnxruntime":
             import onnxruntime as ort
 
@@ -75,18 +92,10 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             target_options = {"model": "model.onnx", "session": {**DEFAULT_OPTIONS, **(session or {})}}
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
             OrtBackend(tmp / "model.onnx", target_options["session"])
-        elif target == "tensorrt-rtx":
-            from r1c.runtime.trt_rtx import build_tensorrt_rtx
-
-            _lower(src, tmp, target, dump_after, dumps, verbose)
-            target_options, libraries = build_tensorrt_rtx(tmp, config, arch=arch or "sm89",
-                                                           **(tensorrt_options or {}))
         else:
-            from r1c.runtime.trt_build import build_tensorrt
-
             _lower(src, tmp, target, dump_after, dumps, verbose)
-            target_options, libraries = build_tensorrt(tmp, config, compute_capability=arch,
-                                                       **(tensorrt_options or {}))
+            target_options, libraries = build_tensorrt_target(tmp, config, target=target, arch=arch,
+                                                              options=tensorrt_options)
         import onnx
 
         libraries["onnx"] = onnx.__version__
