@@ -135,12 +135,13 @@ def _sample_inputs(hf: Any, with_cache: bool) -> tuple[tuple[torch.Tensor, ...],
 
 
 def export_stock(hf_model_or_checkpoint_dir: torch.nn.Module | str | Path, out_path: str | Path, *,
-                 with_cache: bool = False) -> Path:
+                 with_cache: bool = False, opset: int = OPSET) -> Path:
     """Write the stock ONNX (weights as external data beside it) to `out_path`; returns `out_path`.
 
     `hf_model_or_checkpoint_dir`: a transformers `DeepseekV3ForCausalLM` / `DeepseekV2ForCausalLM` (its experts
     implementation is set to `batched_mm` for the export) or a checkpoint directory (`config.json` + safetensors).
-    The file appears whole or not at all: it is written in a sibling temp dir, then renamed.
+    The file appears whole or not at all: it is written in a sibling temp dir, then renamed. `opset`: the
+    ONNX opset asked of torch.onnx (18 is its native one; it converts to others, or stays at 18 when it cannot).
     """
     model = hf_model_or_checkpoint_dir
     if isinstance(model, (str, Path)):
@@ -160,7 +161,7 @@ def export_stock(hf_model_or_checkpoint_dir: torch.nn.Module | str | Path, out_p
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapper.eval(), args, dynamo=True, opset_version=OPSET,
+            program = torch.onnx.export(wrapper.eval(), args, dynamo=True, opset_version=opset,
                                         input_names=in_names, output_names=out_names,
                                         dynamic_shapes=dynamic_shapes, verbose=False)
         if program is None:

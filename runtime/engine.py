@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from r1c.config import ModelConfig
 from r1c.errors import BundleError, RuntimeInputError
 from r1c.manifest import Manifest, read_manifest
+
+if TYPE_CHECKING:
+    from r1c.runtime.foreign import ForeignEngine
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +164,12 @@ def _check_libraries(m: Manifest) -> None:
 
 
 def load(bundle_dir: str | Path, *, verify_hashes: bool = True, session_options: dict[str, Any] | None = None
-         ) -> Engine:
-    """Open an engine bundle written by `r1c build`; raises `BundleError` on any mismatch."""
+         ) -> Engine | ForeignEngine:
+    """Open an engine bundle written by `r1c build`; raises `BundleError` on any mismatch.
+
+    A bundle of a foreign model (built from `r1c optimize` output) opens as a `ForeignEngine` (runtime/foreign.py)
+    with the same `forward` / `generate`.
+    """
     bundle = Path(bundle_dir)
     m = read_manifest(bundle, verify_hashes=verify_hashes)
     _check_libraries(m)
@@ -180,4 +187,8 @@ def load(bundle_dir: str | Path, *, verify_hashes: bool = True, session_options:
         from r1c.runtime.trt_backend import TensorRTBackend
 
         backend = TensorRTBackend(bundle, m)
+    if m.is_foreign:
+        from r1c.runtime.foreign import ForeignEngine
+
+        return ForeignEngine(bundle, m, backend)
     return Engine(bundle, m, backend)

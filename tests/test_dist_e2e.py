@@ -84,7 +84,8 @@ def test_cli_run_on_a_tensor_parallel_bundle(bundles: dict[str, Path], single: d
     code, out, err = cli("run", str(bundles["tp2"]), "--input-ids", " ".join(map(str, PROMPTS[0])),
                          "--max-new-tokens", str(NEW_TOKENS), "--logits-out", str(tmp_path / "l.npy"))
     assert code == 0, err
-    assert [int(t) for t in out.split()] == single["tokens"][0]  # type: ignore[index]
+    tokens = out.strip().partition(": ")[2]  # `prompt 0 (N tokens) -> M new tokens: ids...`
+    assert [int(t) for t in tokens.split()] == single["tokens"][0]  # type: ignore[index]
     assert rel_err(np.load(tmp_path / "l.npy"), single["logits"][0]) < REL_TOL  # type: ignore[index]
 
 
@@ -150,7 +151,8 @@ def test_torchrun_launch_matches_one_rank(bundles: dict[str, Path], single: dict
            "--max-new-tokens", str(NEW_TOKENS)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [int(t) for t in proc.stdout.split()] == single["tokens"][0]  # type: ignore[index]
+    tokens = proc.stdout.strip().partition(": ")[2]  # `prompt 0 (N tokens) -> M new tokens: ids...`
+    assert [int(t) for t in tokens.split()] == single["tokens"][0]  # type: ignore[index]
 
 
 @pytest.mark.slow

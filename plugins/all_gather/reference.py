@@ -18,15 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from r1c.plugins import OpSpec
-
-SPEC = OpSpec(
-    name="AllGather",
-    inputs=("input",),
-    optional_inputs=(),
-    outputs=("output",),
-    attributes={"group": "tp", "axis": -1, "group_size": 0},
-)
+from r1c.plugins.all_gather.spec import SPEC  # noqa: F401 (the definition lives in spec.py)
 
 
 def all_gather_reference(inputs: Sequence[torch.Tensor], *, axis: int = -1) -> torch.Tensor:

@@ -18,17 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from r1c.plugins import OpSpec
-
-SPEC = OpSpec(
-    name="AllReduce",
-    inputs=("input",),
-    optional_inputs=(),
-    outputs=("output",),
-    attributes={"group": "tp", "reduction": "sum"},
-)
-
-REDUCTIONS = ("sum",)
+from r1c.plugins.all_reduce.spec import REDUCTIONS, SPEC  # noqa: F401 (the definition lives in spec.py)
 
 
 def all_reduce_reference(inputs: Sequence[torch.Tensor], *, reduction: str = "sum") -> torch.Tensor:

@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from r1c.plugins.fp8 import BLOCK
-from r1c.plugins.fp8_linear.reference import SPEC
+from r1c.plugins.fp8_linear.spec import SPEC
 
 OPSET_IMPORTS = [helper.make_opsetid("", 21)]
 

@@ -15,16 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from r1c.plugins import OpSpec
 from r1c.plugins.fp8 import BLOCK, dequantize
-
-SPEC = OpSpec(
-    name="FP8Linear",
-    inputs=("x", "weight", "weight_scale"),
-    optional_inputs=(),
-    outputs=("y",),
-    attributes={"block_size": BLOCK},
-)
+from r1c.plugins.fp8_linear.spec import SPEC  # noqa: F401 (the definition lives in spec.py)
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
