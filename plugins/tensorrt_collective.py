@@ -90,7 +90,7 @@ class CollectiveOp(PluginOp):
         """The scratch buffer `communicate` needs, in elements of the input's dtype; None: none."""
         return None
 
-    def check_group(self, attrs: dict[str, Any], group_size: int) -> None:  # noqa: B027 - optional hook
+    def check_group(self, attrs: dict[str, Any], group_size: int) -> None:
         """Raise BundleError when the process group does not fit the node (another size than it was built for)."""
 
     @abc.abstractmethod
