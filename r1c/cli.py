@@ -273,20 +273,29 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
               help="Split attention, dense MLPs, embedding and LM head over this many ranks (one bundle, T x E ranks).")
 @click.option("--expert-parallel", "ep", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the routed experts into this many partitions (each holds E/EP experts).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
+              help="onnxruntime weights: int8 / int4 weight-only block quantization (MatMulNBits, QMoE); fp32; "
+                   "auto: the export's, FP8 weights as int8 blocks (1 byte a weight).")
 def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: int, dump_after: str | None, tp: int,
-          ep: int) -> None:
+          ep: int, precision: str) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.
 
     The target's pass pipeline (`r1c passes --target T` lists it) runs first. The manifest records the
     target, the model config and its hash, graph I/O, KV-cache layout, library versions and the sha256 of
     every file; `r1c run` and the Python runtime refuse a bundle that does not match.
     """
+    from r1c.manifest import read_manifest
     from r1c.runtime.build import build_bundle
 
     start = time.perf_counter()
     verbose = logging.getLogger("r1c").getEffectiveLevel() <= logging.INFO
     build_bundle(export_dir, out, target=target, session={"intra_op_num_threads": threads}, dump_after=dump_after,
-                 verbose=verbose, arch=arch, tensor_parallel=tp, expert_parallel=ep, progress=_progress())
+                 verbose=verbose, arch=arch, tensor_parallel=tp, expert_parallel=ep, progress=_progress(),
+                 precision=precision)
+    quant = read_manifest(out, verify_hashes=False).target_options.get("quantization")
+    if quant:
+        click.echo(f"int{quant['bits']}: quantized {quant['tensors']} tensors; relative error mean "
+                   f"{quant['mean_relative_error']:.4f}, max {quant['max_relative_error']:.4f}", err=True)
     click.echo(_summary("built", out, start, f" ({target})"))
 
 
