@@ -131,12 +131,18 @@ def _instantiate(factory: PassFactory, options: BuildOptions) -> ir.passes.PassB
     return factory(**kwargs)
 
 
-def save_model(model: ir.Model, path: str | Path) -> Path:
-    """Write `path` and its weights as `<name>.data` beside it (same model -> same bytes).
+def save_model(model: ir.Model, path: str | Path, *, max_file_bytes: int | None = None) -> Path:
+    """Write `path` and its weights beside it (same model -> same bytes).
 
-    Tensors are written one at a time; each memory-mapped source tensor is let go once written, so memory
-    stays about one tensor however large the model.
+    The weights go into `<name>.data` while they fit in `max_file_bytes` (default: the exporter's 16 GiB,
+    exporter/onnx_graph.DEFAULT_MAX_FILE_BYTES), else into several files `<stem>-0000i-of-0000N.onnx.data` that
+    onnx_ir names and fills in initializer order (a tensor larger than the limit gets a file of its own).
+    Tensors of at least ALIGN_THRESHOLD bytes start at ALIGN-byte offsets, as in the export, so that runtimes
+    can memory-map them. Tensors are written one at a time; each memory-mapped source tensor is let go once
+    written, so memory stays about one tensor however large the model.
     """
+    from r1c.exporter.onnx_graph import ALIGN, ALIGN_THRESHOLD, DEFAULT_MAX_FILE_BYTES
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     previous: list[ir.TensorProtocol] = []
@@ -146,7 +152,11 @@ def save_model(model: ir.Model, path: str | Path) -> Path:
             previous[0].release()
         previous[:] = [tensor]
 
-    ir.save(model, path, external_data=f"{path.name}.data", callback=release_previous)
+    limit = max_file_bytes or DEFAULT_MAX_FILE_BYTES
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    ir.save(model, path, external_data=f"{path.name}.data", callback=release_previous,
+            max_shard_size_bytes=limit if total > limit else None, alignment=ALIGN,
+            align_threshold=ALIGN_THRESHOLD - 1)
     return path
 
 
@@ -243,8 +253,9 @@ def _r1c_cause(error: BaseException) -> R1CError | None:
 def lower_file(src: str | Path, dst: str | Path, *, target: str, dump_after: str | None = None,
                dump_dir: str | Path | None = None, verbose: bool = False,
                stats: list[PassStats] | None = None, in_place: bool = False, progress: bool = False,
-               options: BuildOptions | None = None) -> Path:
-    """Loads `src`, runs the target's pipeline and writes `dst` (+ `dst.data`). Used by `r1c build`.
+               options: BuildOptions | None = None, max_file_bytes: int | None = None) -> Path:
+    """Loads `src`, runs the target's pipeline and writes `dst` (+ its data files, see `save_model` for
+    `max_file_bytes`). Used by `r1c build`.
 
     Weights are never all in memory: onnx_ir keeps external tensors memory-mapped and reads one only when a
     pass needs its values. `in_place=True` (with `dst == src`) rewrites the model file and leaves its data
@@ -263,4 +274,4 @@ def lower_file(src: str | Path, dst: str | Path, *, target: str, dump_after: str
                          progress=progress, options=options)
     if in_place:
         return save_model_in_place(model, src)
-    return save_model(model, dst)
+    return save_model(model, dst, max_file_bytes=max_file_bytes)

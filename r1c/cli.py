@@ -215,34 +215,25 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
         tensors = ShapeSource(config, torch_dtype) if tensors is None else tensors
         if precision != "auto":
             raise ExportError("export: --precision needs weights (it cannot be combined with --weights none)")
-    extra: dict[str, str] = {}
-    if precision == "fp8":
-        from r1c.exporter.checkpoint import quantize_checkpoint_fp8
-        from r1c.exporter.quant_report import quantization_report
+    from r1c.exporter.precision_source import with_precision
 
-        original = _materialize(tensors)
-        config, tensors = quantize_checkpoint_fp8(config, original)
-        report = quantization_report(original, tensors)
-        del original
-        extra["quantization.json"] = json.dumps(report, indent=2) + "\n"
-        click.echo(f"fp8: quantized {report['tensors']} tensors; relative error mean "
-                   f"{report['mean_relative_error']:.4f}, max {report['max_relative_error']:.4f}", err=True)
-    elif precision == "fp32":
-        from r1c.exporter.checkpoint import dequantized
-
-        config, tensors = config.replace(quantization_config=None), dequantized(_materialize(tensors))
+    config, tensors, quantizer = with_precision(config, tensors, precision, dtype)  # streamed: per tensor as read
     source.update(precision=precision, dtype=dtype, weights=weights)
     export_onnx(config, tensors, out, dtype=dtype, write_weights=weights == "all", progress=show,
-                extra_files={"source.json": json.dumps(source, indent=2) + "\n", **extra},
-                postprocess=functools.partial(_canonicalize, progress=show))
+                extra_files={"source.json": json.dumps(source, indent=2) + "\n"},
+                postprocess=functools.partial(_finish_export, quantizer, progress=show))
+    if quantizer is not None:
+        summary = quantizer.report()
+        click.echo(f"fp8: quantized {summary['tensors']} tensors; relative error mean "
+                   f"{summary['mean_relative_error']:.4f}, max {summary['max_relative_error']:.4f}", err=True)
     click.echo(_summary("exported", out, start))
 
 
-def _materialize(tensors: Any) -> dict[str, Any]:
-    """Every tensor in memory (what --precision fp8/fp32 transforms need; not a streamed export)."""
-    if isinstance(tensors, dict):
-        return tensors
-    return {name: tensors.get(name) for name in tensors.names}
+def _finish_export(quantizer: Any, export_dir: Path, progress: bool = False) -> None:
+    """quantization.json (with --precision fp8: known once every tensor was quantized), then `_canonicalize`."""
+    if quantizer is not None:
+        (export_dir / "quantization.json").write_text(json.dumps(quantizer.report(), indent=2) + "\n")
+    _canonicalize(export_dir, progress=progress)
 
 
 def _canonicalize(export_dir: Path, progress: bool = False) -> None:

@@ -61,15 +61,17 @@ def _check_session(session: dict[str, Any]) -> None:
 
 
 def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool,
-           progress: bool, threads: int = 0, precision: str = "auto") -> dict[str, Any]:
-    """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data); returns what the
-    passes reported (under "quantize_weights": the bundle's precision and the quantization errors)."""
+           progress: bool, threads: int = 0, precision: str = "auto",
+           max_file_bytes: int | None = None) -> dict[str, Any]:
+    """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ its data files); returns
+    what the passes reported (under "quantize_weights": the bundle's precision and the quantization errors)."""
     from r1c.passes.pipelines import BuildOptions, lower_file
 
     target = "tensorrt" if target == "tensorrt-rtx" else target  # one lowering; the builds differ (library, arch)
     options = BuildOptions(threads=threads, precision=precision)
     lower_file(export_dir / MODEL_FILE, work / MODEL_FILE, target=target, dump_after=dump_after,
-               dump_dir=dump_dir if dump_after else None, verbose=verbose, progress=progress, options=options)
+               dump_dir=dump_dir if dump_after else None, verbose=verbose, progress=progress, options=options,
+               max_file_bytes=max_file_bytes)
     return options.report
 
 
@@ -96,7 +98,8 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
                  verbose: bool = False, arch: str | None = None,
                  tensorrt_options: dict[str, Any] | None = None, tensor_parallel: int = 1,
-                 expert_parallel: int = 1, progress: bool = False, precision: str = "auto") -> Path:
+                 expert_parallel: int = 1, progress: bool = False, precision: str = "auto",
+                 max_file_bytes: int | None = None) -> Path:
     """Build `out_dir` (created whole or not at all) from the export at `export_dir`; BuildError on bad input.
 
     `arch` (TensorRT targets): the compute capability to build for (`sm89`, `sm90`, `sm120`, ...; tensorrt-rtx
@@ -105,6 +108,8 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     rank's files (`r1c.runtime.distributed.build`). `precision` (onnxruntime, one rank): the bundle's weights,
     "auto" | "fp32" | "int8" | "int4" (see `r1c.passes.pipelines.BuildOptions`); a quantized bundle holds
     `quantization.json` with each tensor's relative error and its manifest's `precision` says "int8"/"int4".
+    `max_file_bytes`: the most weight bytes per data file of the lowered model (default 16 GiB; see
+    passes/pipelines.save_model); the manifest records each file.
     """
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
@@ -137,7 +142,8 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
 
             session_opts = {**DEFAULT_OPTIONS, **(session or {})}
             report = _lower(src, tmp, target, dump_after, dumps, verbose, progress,
-                            threads=int(session_opts["intra_op_num_threads"]), precision=precision)
+                            threads=int(session_opts["intra_op_num_threads"]), precision=precision,
+                            max_file_bytes=max_file_bytes)
             libraries["onnxruntime"] = ort.__version__
             target_options = {"model": MODEL_FILE, "session": session_opts}
             quant = report.get("quantize_weights") or {}
@@ -156,7 +162,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                 graph_io = {**graph_io, "vocab_size": probe_vocab_size(backend, graph_io)}
         else:
             assert config is not None
-            _lower(src, tmp, target, dump_after, dumps, verbose, progress)
+            _lower(src, tmp, target, dump_after, dumps, verbose, progress, max_file_bytes=max_file_bytes)
             target_options, libraries = build_tensorrt_target(tmp, config, target=target, arch=arch,
                                                               options=tensorrt_options)
         import onnx
