@@ -1,14 +1,21 @@
-"""ONNX Runtime backend: one session, inputs bound in place (the KV cache is never copied in)."""
+"""ONNX Runtime backend: one session, inputs and outputs bound in place (the KV cache is never copied in).
+
+`OrtBackend.step(io)` is the backend-step interface of `r1c.runtime.step`: every input (token ids, lengths, the
+cache views) and every output (logits, new latents) is bound by pointer into the caller's buffers, so a step
+neither copies the cache nor allocates its outputs. `run(feeds)` is the older dict-in, dict-out call.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from r1c.errors import BundleError
+from r1c.runtime.step import StepIO
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,18 @@ class OrtBackend:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"bundle: ONNX Runtime could not load {model_path.name}: {msg}") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._local = threading.local()  # one IOBinding per calling thread (a binding is not thread-safe)
+
+    def step(self, io: StepIO) -> None:
+        """Run once with every input and output bound by address (see `r1c.runtime.step`)."""
+        binding = getattr(self._local, "binding", None)
+        if binding is None:
+            binding = self._local.binding = self.session.io_binding()
+        for name, arr in io.feeds().items():
+            binding.bind_input(name, "cpu", 0, arr.dtype, arr.shape, _address(name, arr))
+        for name, arr in io.outputs().items():
+            binding.bind_output(name, "cpu", 0, arr.dtype, arr.shape, _address(name, arr))
+        self.session.run_with_iobinding(binding)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; numpy inputs are bound by pointer (ORT reads the caller's buffers in place)."""
@@ -65,3 +84,9 @@ class OrtBackend:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+
+def _address(name: str, arr: np.ndarray) -> int:
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous to be bound in place")
+    return int(arr.ctypes.data)
