@@ -109,6 +109,9 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
 
         config, tensors = config.replace(quantization_config=None), dequantized(tensors)
     source["precision"] = precision
+    from r1c.runtime.serving.text import tokenizer_files
+
+    extra.update(tokenizer_files(src))  # the checkpoint's tokenizer travels with the model
     export_onnx(config, tensors, out, progress=progress and sys.stderr.isatty(),
                 extra_files={"source.json": json.dumps(source, indent=2) + "\n", **extra},
                 postprocess=_canonicalize)

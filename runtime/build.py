@@ -68,6 +68,9 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             target_options, libraries = build_tensorrt(tmp, config)
         import onnx
 
+        from r1c.runtime.serving.text import copy_tokenizer_files
+
+        copy_tokenizer_files(src, tmp)  # tokenizer.json & co. from the export, hashed in the manifest like the rest
         libraries["onnx"] = onnx.__version__
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = Manifest(

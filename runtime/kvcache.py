@@ -190,7 +190,7 @@ class LatentCache:
             return
         n = int(self.lengths[src])
         P = self.bucket
-        for name, ch in zip(TENSORS, self.layout.channels):
+        for name, ch in zip(TENSORS, self.layout.channels) if n else ():
             arena = self.arenas[name]
             for layer in range(self.layout.layers):  # per layer: source and destination never overlap
                 d = arena[layer, dst * ch * P:(dst + 1) * ch * P].reshape(ch, P)
