@@ -242,11 +242,13 @@ def _register_stage_commands() -> None:
     """Commands whose modules live in other stages; registered here so `r1c --help` lists them all."""
     from r1c.cli_passes import inspect_cmd, optimize_cmd, passes_cmd
     from r1c.runtime.bench_cli import bench_cmd
+    from r1c.runtime.server.commands import register as register_serving_commands
 
     main.add_command(passes_cmd, "passes")
     main.add_command(inspect_cmd, "inspect")
     main.add_command(optimize_cmd, "optimize")
     main.add_command(bench_cmd, "bench")
+    register_serving_commands(main)  # serve, capi, bench-serving (r1c.runtime.server.commands)
 
 
 _register_stage_commands()

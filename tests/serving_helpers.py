@@ -5,12 +5,14 @@ greedy references from `Engine.generate`; a server process on 127.0.0.1 with bou
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -105,16 +107,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    import httpx
+def http_call(method: str, url: str, body: bytes | None = None, timeout: float = 30.0) -> tuple[int, str]:
+    """(status, body text) of one request (stdlib http.client: no client library of its own in the way)."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request(method, u.path + (f"?{u.query}" if u.query else ""), body=body,
+                     headers={"Content-Type": "application/json"} if body is not None else {})
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
 
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             out = proc.stdout.read().decode() if proc.stdout else ""
             raise AssertionError(f"server exited with {proc.returncode}: {out[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2.0).status_code == 200:
+        with contextlib.suppress(OSError):
+            if http_call("GET", url, timeout=2.0)[0] == 200:
                 return
         time.sleep(0.2)
     raise AssertionError(f"{url} did not answer within {timeout} s")
