@@ -12,6 +12,6 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==${R1C_TORCH_VERSION:-2.13.0}"
 fi
-if ! python -c "import r1c, pytest, transformers, triton, tensorrt_rtx_bindings" 2>/dev/null || [ "${R1C_REINSTALL:-0}" = 1 ]; then
-  python -m pip install -q -e ".[test,kernels,tensorrt-rtx]"
+if ! python -c "import r1c, pytest, transformers, triton, tensorrt_rtx_bindings, fastapi, uvicorn, prometheus_client, openai" 2>/dev/null || [ "${R1C_REINSTALL:-0}" = 1 ]; then
+  python -m pip install -q -e ".[test,kernels,tensorrt-rtx,serve]"
 fi
