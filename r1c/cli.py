@@ -241,7 +241,7 @@ def _bytes(n: float) -> str:
 def _register_stage_commands() -> None:
     """Commands whose modules live in other stages; registered here so `r1c --help` lists them all."""
     from r1c.cli_passes import inspect_cmd, optimize_cmd, passes_cmd
-    from r1c.runtime.bench_cli import bench_cmd
+    from r1c.runtime.bench.cli import bench_cmd
     from r1c.runtime.server.commands import register as register_serving_commands
 
     main.add_command(passes_cmd, "passes")

@@ -20,20 +20,9 @@ from click.testing import CliRunner
 
 from r1c.cli import main
 from r1c.runtime import load
-from r1c.runtime.bench import (
-    METRICS,
-    SCHEMA,
-    THROUGHPUT,
-    Settings,
-    System,
-    Workload,
-    format_table,
-    gate,
-    grid,
-    make_report,
-    run_bench,
-    time_generate,
-)
+from r1c.runtime.bench.compare import SCHEMA, gate
+from r1c.runtime.bench.report import format_table, make_report
+from r1c.runtime.bench.runner import METRICS, THROUGHPUT, Settings, System, Workload, grid, run_bench, time_generate
 
 ONE_THREAD = {"intra_op_num_threads": 1}
 FAST = ["--warmup", "1", "--threads", "1", "--no-progress"]

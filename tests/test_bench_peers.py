@@ -18,8 +18,8 @@ from r1c.config import preset
 from r1c.errors import ExportError
 from r1c.exporter.checkpoint import load_checkpoint, random_checkpoint, save_checkpoint
 from r1c.manifest import read_manifest
-from r1c.runtime.peers import PeerUnavailable, rebuild_weights
-from r1c.runtime.roofline import (
+from r1c.runtime.bench.peers import PeerUnavailable, rebuild_weights
+from r1c.runtime.bench.roofline import (
     FP32_BYTES,
     decode_floor,
     expected_distinct_experts,

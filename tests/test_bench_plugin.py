@@ -39,9 +39,9 @@ def test_decode(r1c_latency):
 
 def _plugin_args() -> list[str]:
     """`-p` the plugin unless its pytest11 entry point is installed (then pytest loads it already)."""
-    installed = any(ep.value == "r1c.runtime.pytest_plugin"
+    installed = any(ep.value == "r1c.runtime.bench.pytest_plugin"
                     for ep in importlib.metadata.entry_points(group="pytest11"))
-    return [] if installed else ["-p", "r1c.runtime.pytest_plugin"]
+    return [] if installed else ["-p", "r1c.runtime.bench.pytest_plugin"]
 
 
 def test_record_pass_and_catch_a_slowdown(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:

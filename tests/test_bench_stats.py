@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from r1c.errors import BenchError
-from r1c.runtime.bench_stats import (
+from r1c.runtime.bench.stats import (
     Summary,
     is_improvement,
     is_regression,

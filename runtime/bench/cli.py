@@ -110,19 +110,10 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
               peer_cache: Path | None, baseline: Path | None, max_regression: str, json_out: Path | None,
               plot_out: Path | None, roofline: bool, bandwidth: float | None, progress: bool | None) -> None:
     from r1c.runtime import load
-    from r1c.runtime.bench import (
-        Settings,
-        System,
-        format_table,
-        gate,
-        grid,
-        load_report,
-        make_report,
-        plot,
-        run_bench,
-        write_json,
-    )
-    from r1c.runtime.bench_stats import parse_fraction
+    from r1c.runtime.bench.compare import gate, load_report
+    from r1c.runtime.bench.report import format_table, make_report, plot, write_json
+    from r1c.runtime.bench.runner import Settings, System, grid, run_bench
+    from r1c.runtime.bench.stats import parse_fraction
 
     workloads = grid(_int_list("--batch", batch_text), _int_list("--prompt-len", prompt_text),
                      _int_list("--new-tokens", new_text))
@@ -148,7 +139,7 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
         systems.append(System(f"B:{compare.name}", other, info={"bundle": str(compare)}, required=True))
     with contextlib.ExitStack() as stack:
         if peers:
-            from r1c.runtime.peers import make_peers
+            from r1c.runtime.bench.peers import make_peers
 
             bundle_session = {**manifest.target_options.get("session", {}), **(session or {})}
             systems += make_peers(peers, manifest, stack, threads=threads, session=bundle_session,
@@ -158,7 +149,7 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
             if bandwidth is not None:
                 bw = bandwidth * 1e9
             else:
-                from r1c.runtime.roofline import measure_read_bandwidth
+                from r1c.runtime.bench.roofline import measure_read_bandwidth
 
                 say("measuring memory read bandwidth")
                 bw = measure_read_bandwidth(threads=threads or None)
@@ -168,7 +159,7 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
     if base_report is not None:
         assert baseline is not None
         gate_result = gate(series, base_report, tolerance, baseline_name=str(baseline))
-        from r1c.runtime.bench import host_info
+        from r1c.runtime.bench.report import host_info
 
         base_bundle, base_host, host = base_report.get("bundle", {}), base_report.get("host", {}), host_info()
         if base_bundle.get("config_hash") not in (None, manifest.config_hash):
@@ -201,7 +192,7 @@ def _dense_experts(bundle: Path, manifest: Any) -> bool:
 
 
 def _roofline_rows(bundle: Path, manifest: Any, series: Any, bandwidth: float) -> list[dict[str, Any]]:
-    from r1c.runtime.roofline import decode_floor
+    from r1c.runtime.bench.roofline import decode_floor
 
     rows = []
     config = manifest.config

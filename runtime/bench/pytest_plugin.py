@@ -1,7 +1,7 @@
 """pytest plugin `r1c_latency`: latency regression tests against stored baselines.
 
-Enable it with the `pytest11` entry point (`r1c_latency = "r1c.runtime.pytest_plugin"`), or with
-`-p r1c.runtime.pytest_plugin`, or `pytest_plugins = ["r1c.runtime.pytest_plugin"]` in the root conftest.py.
+Enable it with the `pytest11` entry point (`r1c_latency = "r1c.runtime.bench.pytest_plugin"`), or with
+`-p r1c.runtime.bench.pytest_plugin`, or `pytest_plugins = ["r1c.runtime.bench.pytest_plugin"]` in the root conftest.py.
 
     def test_decode_latency(r1c_latency, engine):
         r1c_latency.check_generate("decode", engine, batch=1, prompt_len=32, new_tokens=16)
@@ -10,7 +10,7 @@ Enable it with the `pytest11` entry point (`r1c_latency = "r1c.runtime.pytest_pl
         r1c_latency.check("tokenize", lambda: tokenize(TEXT), repeat=30)
 
 `pytest --r1c-update-baselines` records the samples (raw, every repetition) as the new baseline; a plain run
-compares with them by the benchmark's rule (`r1c.runtime.bench_stats.GATE_RULE`): a check fails only when the
+compares with them by the benchmark's rule (`r1c.runtime.bench.stats.GATE_RULE`): a check fails only when the
 95% bootstrap interval of median(now) / median(baseline) lies wholly above 1 + max_regression. A check with no
 baseline, or a baseline recorded on another host, is skipped with the reason.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from r1c.runtime.bench_stats import GATE_RULE, RatioCI, is_regression, parse_fraction, ratio_of_medians
+from r1c.runtime.bench.stats import GATE_RULE, RatioCI, is_regression, parse_fraction, ratio_of_medians
 
 STORE_SCHEMA = "r1c-latency-baselines/1"
 DEFAULT_MAX_REGRESSION = "10%"
@@ -54,7 +54,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _host() -> dict[str, Any]:
-    from r1c.runtime.bench import host_info
+    from r1c.runtime.bench.report import host_info
 
     h = host_info()
     return {"machine": h["machine"], "processor": h["processor"], "cpus": h["cpus"]}
@@ -173,7 +173,7 @@ class LatencyBaseline:
                        max_regression: float | str | None = None) -> dict[str, RatioCI | None]:
         """Time greedy generation (an `r1c.runtime.Engine` or anything with its `generate`) as `r1c bench`
         does, and gate TTFT, TPOT and end-to-end latency against the baseline."""
-        from r1c.runtime.bench import Settings, System, Workload, run_bench
+        from r1c.runtime.bench.runner import Settings, System, Workload, run_bench
 
         vocab = vocab_size or getattr(generator, "vocab_size", None)
         if vocab is None:

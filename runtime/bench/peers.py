@@ -29,7 +29,7 @@ import numpy as np
 
 from r1c.errors import R1CError, RuntimeInputError
 from r1c.manifest import Manifest
-from r1c.runtime.bench import StepCallback, System
+from r1c.runtime.bench.runner import StepCallback, System
 
 logger = logging.getLogger(__name__)
 
