@@ -121,22 +121,30 @@ def capi_cmd(cflags: bool, libs: bool, show_prefix: bool, force: bool, dest: Pat
               help="Output lengths: min,max (uniform, seeded).")
 @click.option("--long-prompt", type=int, default=2000, show_default=True,
               help="Tokens of the prompt that arrives while a stream runs (0: skip that measurement).")
+@click.option("--chunk-budgets", "budgets_text", default="5,17", show_default=True,
+              help="Step token budgets for the long-prompt measurement (it also runs unchunked).")
 @click.option("--capi-calls", type=int, default=20000, show_default=True,
               help="Calls timed for the C ABI call cost (0: skip; needs CMake and a C compiler).")
+@click.option("--rounds", type=int, default=1, show_default=True, help="Interleaved rounds of all levels.")
+@click.option("--bucket-rows", type=int, default=32, show_default=True,
+              help="Rows of the capacity-bucket measurement (0: skip).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @scheduler_options
 def bench_serving_cmd(bundle: Path, streams_text: str, n_requests: int, prompt_text: str, new_text: str,
-                      long_prompt: int, capi_calls: int, json_out: Path | None, seed: int, max_num_seqs: int,
-                      max_tokens_per_step: int, kv_cache_bytes: str | None, max_model_len: int | None,
-                      max_queue: int, threads: int | None) -> None:
+                      long_prompt: int, budgets_text: str, capi_calls: int, rounds: int, bucket_rows: int,
+                      json_out: Path | None, seed: int, max_num_seqs: int, max_tokens_per_step: int,
+                      kv_cache_bytes: str | None, max_model_len: int | None, max_queue: int,
+                      threads: int | None) -> None:
     """Serving benchmark: tokens/s, TTFT and inter-token latency (p50/p99) at each concurrency against the same
-    requests run one at a time; a running stream's inter-token gap while a long prompt arrives; the cost of one
-    C ABI call over the Python call. Not a test: run it on a quiet machine."""
+    requests run one at a time; a running stream's inter-token gap while a long prompt arrives; the capacity
+    bucket against reading the whole cache; the cost of one C ABI call over the Python call. Not a test: run it
+    on a quiet machine (levels are interleaved by round; ratios are within a round)."""
     from r1c.runtime.serving.bench import BenchSettings, run_bench
 
     config = make_config(max_num_seqs, max_tokens_per_step, kv_cache_bytes, max_model_len, max_queue)
-    settings = BenchSettings.parse(streams_text, n_requests, prompt_text, new_text, long_prompt, capi_calls, seed)
+    settings = BenchSettings.parse(streams_text, n_requests, prompt_text, new_text, long_prompt, budgets_text,
+                                   capi_calls, rounds, bucket_rows, seed)
     report = run_bench(bundle, config, settings, threads=threads, log=lambda s: click.echo(s, err=True))
     click.echo(report.table())
     if json_out is not None:

@@ -144,7 +144,7 @@ static int generate(const char* bundle, int n, int argc, char** argv) {
 
 static int bench(const char* bundle, int n) {
     r1c_engine* e = NULL;
-    if (r1c_open(bundle, "{\"threads\": 1}", &e) != R1C_OK) {
+    if (r1c_open(bundle, "{\"threads\": 1, \"max_num_seqs\": 2}", &e) != R1C_OK) {
         fprintf(stderr, "%s\n", r1c_last_error());
         return 1;
     }
@@ -153,6 +153,8 @@ static int bench(const char* bundle, int n) {
     for (int i = 0; i < n; i++) r1c_engine_info(e, &info);
     double info_us = (now_s() - t0) / n * 1e6;
 
+    /* r1c_next on ready events: two identical greedy requests run in the same steps; when b is done, all of
+     * a's events are queued */
     int32_t ids[4] = {5, 6, 7, 8};
     r1c_sampling p;
     r1c_sampling_init(&p);
@@ -163,13 +165,21 @@ static int bench(const char* bundle, int n) {
     r1c_submit_ids(e, ids, 4, &p, &a);
     r1c_submit_ids(e, ids, 4, &p, &b);
     r1c_result res;
-    r1c_wait(b, -1, &res); /* same batch, same steps: when b is done, all of a's events are queued */
+    r1c_wait(b, -1, &res);
     r1c_token t;
     int k = 0;
     t0 = now_s();
     while (r1c_next(a, -1, &t) == R1C_OK) k++;
     double next_us = (now_s() - t0) / k * 1e6;
+    r1c_request_free(a);
+    r1c_request_free(b);
 
+    /* submit + cancel + free of requests that wait in the queue (two long requests hold both rows) */
+    p.max_tokens = info.max_model_len - 8;
+    r1c_submit_ids(e, ids, 4, &p, &a);
+    r1c_submit_ids(e, ids, 4, &p, &b);
+    r1c_next(a, -1, &t);
+    r1c_next(b, -1, &t);
     int m = n / 20 > 0 ? n / 20 : 1;
     p.max_tokens = 4;
     t0 = now_s();
