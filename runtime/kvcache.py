@@ -76,10 +76,21 @@ class CacheLayout:
     @classmethod
     def from_graph_io(cls, graph_io: dict[str, Any]) -> CacheLayout:
         kv = graph_io["kv_cache"]
-        dtypes = {i["name"]: i["dtype"] for i in graph_io["inputs"]}
-        dtype = np.dtype(dtypes.get("past_c.0", "float32"))
         return cls(layers=int(kv["layers"]), channels=(int(kv["tensors"]["c"]["channels"]),
-                                                       int(kv["tensors"]["pe"]["channels"])), dtype=dtype)
+                                                       int(kv["tensors"]["pe"]["channels"])),
+                   dtype=cache_dtype(graph_io))
+
+
+def cache_dtype(graph_io: dict[str, Any]) -> np.dtype:
+    """The latent cache's numpy dtype from graph_io.json's kv_cache.dtype (float32 | bfloat16 | float16; float32
+    when absent). Raises `RuntimeInputError` for another."""
+    import ml_dtypes
+
+    name = graph_io.get("kv_cache", {}).get("dtype", "float32")
+    dtypes = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+    if name not in dtypes:
+        raise RuntimeInputError(f"unknown latent cache dtype {name!r} in graph_io (float32, bfloat16, float16)")
+    return np.dtype(dtypes[name])
 
 
 def capacity_buckets(min_bucket: int, max_len: int) -> list[int]:

@@ -66,9 +66,9 @@ class OrtBackend:
         if binding is None:
             binding = self._local.binding = self.session.io_binding()
         for name, arr in io.feeds().items():
-            binding.bind_input(name, "cpu", 0, arr.dtype, arr.shape, _address(name, arr))
+            binding.bind_input(name, "cpu", 0, _element_type(arr.dtype), arr.shape, _address(name, arr))
         for name, arr in io.outputs().items():
-            binding.bind_output(name, "cpu", 0, arr.dtype, arr.shape, _address(name, arr))
+            binding.bind_output(name, "cpu", 0, _element_type(arr.dtype), arr.shape, _address(name, arr))
         self.session.run_with_iobinding(binding)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,3 +90,8 @@ def _address(name: str, arr: np.ndarray) -> int:
     if not arr.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous to be bound in place")
     return int(arr.ctypes.data)
+
+
+def _element_type(dtype: np.dtype) -> Any:
+    """What IOBinding takes as an element type: the numpy type, or ONNX's code for bfloat16 (numpy has none)."""
+    return 16 if dtype.name == "bfloat16" else dtype.type  # 16: onnx.TensorProto.BFLOAT16

@@ -121,3 +121,33 @@ def test_parse_bytes() -> None:
     assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes(7) == 7
     with pytest.raises(Exception, match="not a size"):
         parse_bytes("lots")
+
+
+def test_torch_arenas_behave_like_numpy() -> None:
+    """A device backend keeps the same cache on torch tensors (alloc=...): same data after every operation."""
+    torch = pytest.importorskip("torch")
+
+    def torch_alloc(shape: tuple[int, ...], dtype: np.dtype) -> object:
+        return torch.zeros(shape, dtype=getattr(torch, dtype.name))
+
+    rng = np.random.default_rng(2)
+    caches = [LatentCache(LAYOUT, 4 * 256 * LAYOUT.bytes_per_token, max_rows=8, max_len=256, min_bucket=8),
+              LatentCache(LAYOUT, 4 * 256 * LAYOUT.bytes_per_token, max_rows=8, max_len=256, min_bucket=8,
+                          alloc=torch_alloc)]
+    steps = [[3], [8], [5], [1, 1, 1]]
+    for n_new in steps:
+        s = max(n_new)
+        new = {name: rng.standard_normal((LAYOUT.layers, len(n_new), s, ch)).astype(np.float32)
+               for name, ch in zip(("c", "pe"), LAYOUT.channels)}
+        for k, cache in enumerate(caches):
+            r0 = 0 if len(n_new) > 1 else cache.add_row()
+            cache.resize(int(max(cache.lengths[: cache.rows].max(), (cache.lengths[r0:r0 + len(n_new)] + s).max())))
+            cache.write(r0, n_new, new if k == 0 else {a: torch.from_numpy(b) for a, b in new.items()})
+    for cache in caches:
+        cache.resize(70)
+        cache.move_row(2, 0)
+        cache.pop_row()
+        cache.resize(10)
+    for name in ("c", "pe"):
+        np.testing.assert_array_equal(np.asarray(caches[0].view(name, 0, 2)), caches[1].view(name, 0, 2).numpy())
+    assert caches[0].bucket == caches[1].bucket == 16

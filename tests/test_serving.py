@@ -159,6 +159,9 @@ def test_stops_and_max_tokens(engine, bundle: Path) -> None:  # type: ignore[no-
 
 
 def test_text_prompt_streams_text_and_chat_template(engine) -> None:  # type: ignore[no-untyped-def]
+    # export copied the checkpoint's tokenizer files, build copied them into the bundle and hashed them
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(engine.manifest.files)
+    assert (engine.bundle_dir.parent / "export" / "tokenizer.json").is_file()
     with ServingEngine(engine, SchedulerConfig(max_num_seqs=4, min_bucket=16)) as se:
         ids = se.tokenize("the quick brown fox")
         assert ids[0] == 0  # <bos> from the tokenizer's post-processor

@@ -107,9 +107,9 @@ class SamplingParams:
              f"seed must be an integer in [0, 2^64), got {self.seed!r}")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        need(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+        need(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
              "stop must be a string or a list of non-empty strings")
-        need(isinstance(self.stop_token_ids, tuple) and all(is_int(t) for t in self.stop_token_ids),
+        need(isinstance(self.stop_token_ids, (tuple, list)) and all(is_int(t) for t in self.stop_token_ids),
              "stop_token_ids must be a list of integers")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]

@@ -12,11 +12,13 @@ sampled token to feed — then prefill rows [Bd, B) in arrival order. Each itera
    (back-pressure). A request that can never fit is refused at submit;
 3. plan: every decode row feeds one token; prefill gets the rest of the token budget
    (`max_tokens_per_step` - Bd, at least `min_prefill_chunk`): the first prefill row's next chunk, then further
-   prefill rows while each earlier one completes its prompt in this step and the padded chunk [k, S] fits the
-   budget. A long prompt is thus spread over several steps and running streams keep getting tokens (chunked
-   prefill); rows that complete are always a prefix of the prefill range, so they join the decode range in place;
+   prefill rows while each earlier one completes its prompt in this step and the tokens (padding included) fit
+   the budget. Consecutive rows share one padded call [k, S] when that adds at most `prefill_pad_tokens`
+   padding per row, else they get calls of their own. A long prompt is thus spread over several steps and
+   running streams keep getting tokens (chunked prefill); rows that complete are always a prefix of the prefill
+   range, so they join the decode range in place;
 4. resize the cache's capacity bucket to the longest row after this step, run the decode step [Bd, 1] and the
-   prefill step [k, S] (two backend calls, each over a contiguous row range), sample, stream the tokens;
+   prefill calls (each a backend call over a contiguous row range), sample, stream the tokens;
 5. finished rows leave: the last decode rows fill the holes, prefill rows shift down (one row copy per finished
    request, never per step).
 
@@ -54,7 +56,9 @@ class SchedulerConfig:
     of max_model_len tokens, at most 1 GiB); max_model_len: prompt + output limit (None: the model's
     max_position_embeddings); max_queue: waiting requests before new ones are refused as over capacity;
     min_bucket: the smallest cache capacity bucket; min_prefill_chunk: prefill tokens a step runs even when the
-    decode rows use up the budget.
+    decode rows use up the budget; prefill_pad_tokens: how many padding tokens a prompt may add to share a
+    prefill call with the previous one (a call has a fixed cost — on the CPU, one call over the small preset
+    costs about as much as 14 more prefill tokens — so nearly equal prompts share a call and others get their own).
     """
 
     max_num_seqs: int = 64
@@ -63,7 +67,8 @@ class SchedulerConfig:
     max_model_len: int | None = None
     max_queue: int = 4096
     min_bucket: int = 64
-    min_prefill_chunk: int = 16
+    min_prefill_chunk: int = 1
+    prefill_pad_tokens: int = 16
 
 
 class Request:
@@ -223,32 +228,40 @@ class Scheduler:
         """Prompt tokens the prefill rows still have to run."""
         return sum(len(r.prompt) - r.prefilled for r in self._rows[self._n_decode:])
 
-    def _plan_prefill(self) -> list[tuple[int, int]]:
-        """[(row, tokens)] of this step's prefill chunk (see the module docstring, step 3)."""
-        rows, bd = self._rows, self._n_decode
-        budget = max(self.config.max_tokens_per_step - bd, self.config.min_prefill_chunk)
-        plan: list[tuple[int, int]] = []
-        width = 0
+    def _plan_prefill(self) -> list[list[tuple[int, int]]]:
+        """This step's prefill calls, each [(row, tokens)] over consecutive rows (module docstring, step 3)."""
+        rows, bd, cfg = self._rows, self._n_decode, self.config
+        budget = max(cfg.max_tokens_per_step - bd, cfg.min_prefill_chunk)
+        calls: list[list[tuple[int, int]]] = []
+        width = 0  # of the last call
         for r in range(bd, len(rows)):
             left = len(rows[r].prompt) - rows[r].prefilled
-            if not plan:
+            if not calls:
                 take = min(left, budget)
-            elif left <= budget and (len(plan) + 1) * max(width, left) <= budget:
-                take = left
+                calls.append([(r, take)])
+                width = take
             else:
+                joined = (len(calls[-1]) + 1) * max(width, left) - len(calls[-1]) * width  # tokens it would cost
+                if min(joined, left) > budget:
+                    break
+                if joined - left <= cfg.prefill_pad_tokens and joined <= budget:
+                    calls[-1].append((r, left))
+                    width, take = max(width, left), left
+                    budget -= joined
+                    continue
+                calls.append([(r, left)])
+                width = take = left
+            budget -= take
+            if take < left:  # a partial chunk: later rows wait (completed rows must stay a prefix)
                 break
-            plan.append((r, take))
-            width = max(width, take)
-            if take < left:
-                break
-        return plan
+        return calls
 
     def _iterate(self) -> None:
         rows, bd, cache = self._rows, self._n_decode, self.cache
         if not rows:
             return
-        plan = self._plan_prefill()
-        ends = [int(cache.lengths[r]) + n for r, n in plan]
+        calls = self._plan_prefill()
+        ends = [int(cache.lengths[r]) + n for call in calls for r, n in call]
         if bd:
             ends.append(int(cache.lengths[:bd].max()) + 1)
         cache.resize(max([*ends, int(cache.lengths[: cache.rows].max())]))
@@ -262,27 +275,28 @@ class Scheduler:
             for r, ch in enumerate(choices):
                 if self._emit(rows[r], ch, now):
                     finished.append(r)
-        if plan:
-            r0, k = plan[0][0], len(plan)
-            width = max(n for _, n in plan)
-            ids = np.zeros((k, width), dtype=np.int64)
-            for i, (r, n) in enumerate(plan):
+        done: list[int] = []
+        last: list[np.ndarray] = []  # the completed prompts' last logits (copied: the next call reuses the buffer)
+        for call in calls:
+            width = max(n for _, n in call)
+            ids = np.zeros((len(call), width), dtype=np.int64)
+            for i, (r, n) in enumerate(call):
                 req = rows[r]
                 ids[i, :n] = req.prompt[req.prefilled:req.prefilled + n]
-            logits = self.runner.step(ids, r0, np.array([n for _, n in plan], dtype=np.int64))
-            done = []
-            for i, (r, n) in enumerate(plan):
+            logits = self.runner.step(ids, call[0][0], np.array([n for _, n in call], dtype=np.int64))
+            for i, (r, n) in enumerate(call):
                 rows[r].prefilled += n
                 if rows[r].prefilled == len(rows[r].prompt):
-                    done.append((i, r, n))
-            if done:
-                choices = sample(np.stack([logits[i, n - 1] for i, _, n in done]), [rows[r].state for _, r, _ in done])
-                now = time.perf_counter()
-                for (_, r, _), ch in zip(done, choices):
-                    self.counters["prompt_tokens"] += len(rows[r].prompt)
-                    if self._emit(rows[r], ch, now):
-                        finished.append(r)
-                self._n_decode += len(done)  # they are rows [bd, bd + len(done)): a prefix of the prefill range
+                    done.append(r)
+                    last.append(np.array(logits[i, n - 1]))
+        if done:
+            choices = sample(np.stack(last), [rows[r].state for r in done])
+            now = time.perf_counter()
+            for r, ch in zip(done, choices):
+                self.counters["prompt_tokens"] += len(rows[r].prompt)
+                if self._emit(rows[r], ch, now):
+                    finished.append(r)
+            self._n_decode += len(done)  # rows [bd, bd + len(done)): a prefix of the prefill range
         if finished:
             self._remove(set(finished))
 
