@@ -7,8 +7,8 @@ token events. The HTTP server is `r1c.runtime.server`, the C ABI `r1c.runtime.ca
 
 from r1c.runtime.kvcache import OverCapacityError
 from r1c.runtime.serving.engine import RequestHandle, ServingEngine
+from r1c.runtime.serving.request import Observer, SchedulerConfig
 from r1c.runtime.serving.sampling import SamplingParams
-from r1c.runtime.serving.scheduler import Observer, SchedulerConfig
 from r1c.runtime.serving.stream import RequestOutput, TokenEvent
 
 __all__ = ["Observer", "OverCapacityError", "RequestHandle", "RequestOutput", "SamplingParams", "SchedulerConfig",

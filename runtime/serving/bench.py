@@ -38,8 +38,8 @@ from r1c.errors import BenchError
 from r1c.runtime.engine import Engine, load
 from r1c.runtime.kvcache import LatentCache, budget_for
 from r1c.runtime.serving.engine import ServingEngine
+from r1c.runtime.serving.request import SchedulerConfig
 from r1c.runtime.serving.sampling import SamplingParams
-from r1c.runtime.serving.scheduler import SchedulerConfig
 from r1c.runtime.serving.stream import RequestOutput
 from r1c.runtime.step import StepRunner
 

@@ -27,8 +27,9 @@ import numpy as np
 from r1c.errors import RuntimeInputError
 from r1c.runtime.engine import Engine, load
 from r1c.runtime.kvcache import LatentCache, budget_for
+from r1c.runtime.serving.request import Observer, Request, SchedulerConfig, stop_ids_for
 from r1c.runtime.serving.sampling import RowState, SamplingParams
-from r1c.runtime.serving.scheduler import Observer, Request, Scheduler, SchedulerConfig, stop_ids_for
+from r1c.runtime.serving.scheduler import Scheduler
 from r1c.runtime.serving.stream import RequestOutput, TokenEvent
 from r1c.runtime.serving.text import TextCodec, TextStream
 from r1c.runtime.step import StepRunner
