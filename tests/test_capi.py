@@ -184,3 +184,12 @@ def test_cpp_server_models_health_and_errors(servers: dict[str, str]) -> None:
     for body in (b"{not json", b'{"model": "tiny"}'):  # parser messages differ; status and error shape do not
         a, b = (http_call("POST", u + "/v1/completions", body) for u in servers.values())
         assert a[0] == b[0] == 400 and set(json.loads(a[1])["error"]) == set(json.loads(b[1])["error"])
+
+
+def test_call_cost_measurement_runs(capi, bundle: Path) -> None:  # type: ignore[no-untyped-def]
+    """The C ABI call-cost measurement of `r1c bench-serving` (libr1c loaded into this interpreter by ctypes)."""
+    from r1c.runtime.capi.callcost import measure
+
+    got = measure(capi.library, bundle, calls=400, blocks=2)
+    assert set(got) == {"engine_info", "next_ready", "submit_cancel"}
+    assert all(v["c_us"] > 0 and v["python_us"] > 0 for v in got.values())

@@ -172,3 +172,17 @@ def test_text_prompt_streams_text_and_chat_template(engine) -> None:  # type: ig
         assert "".join(pieces) == out.text == se.codec.decode(out.token_ids)
         chat = se.chat_prompt([{"role": "user", "content": "hex the fox"}])
         assert se.codec.decode(chat, skip_special_tokens=False) == "<bos><|user|>hex the fox\n<|assistant|>"
+
+
+def test_bench_serving_runs_and_reports(bundle: Path) -> None:
+    """The benchmark's code paths on a toy size (its numbers come from `r1c bench-serving`, not from tests)."""
+    from r1c.runtime.serving.bench import BenchSettings, run_bench
+
+    settings = BenchSettings.parse("1,2", 4, "4,8", "2,4", 40, "9", 0, 1, 2, 0)
+    report = run_bench(bundle, SchedulerConfig(min_bucket=16), settings, threads=1, log=lambda s: None)
+    assert [lv["streams"] for lv in report.summary["levels"]] == [1, 2]
+    assert all(lv["tokens"] >= 8 and lv["tok_s"] > 0 for lv in report.levels)
+    assert [r["budget"] for r in report.long_prompt] == [9, 41]
+    assert report.long_prompt[0]["steps"] >= 40 // 8 and report.long_prompt[1]["steps"] <= 2
+    assert report.bucket is not None and report.bucket["bucket"] < report.bucket["capacity"]
+    assert "x one-at-a-time" in report.table() and '"schema"' in report.to_json()

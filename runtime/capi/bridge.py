@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Result]:
     return call
 
 
+OPENED: weakref.WeakSet[Any] = weakref.WeakSet()  # engines opened through the C ABI (the benchmark reaches them)
+
 OPTIONS = {"max_num_seqs": int, "max_tokens_per_step": int, "kv_cache_bytes": (int, str), "max_model_len": int,
            "max_queue": int, "threads": int}
 
@@ -70,8 +73,10 @@ def open_engine(bundle: str, options_json: str | None) -> Any:
                                                   "max_queue") if k in opts},
                           cache_bytes=parse_bytes(opts["kv_cache_bytes"]) if "kv_cache_bytes" in opts else None)
     threads = opts.get("threads")
-    return ServingEngine.from_bundle(bundle, cfg, session_options=None if threads is None else
-                                     {"intra_op_num_threads": threads})
+    engine = ServingEngine.from_bundle(bundle, cfg, session_options=None if threads is None else
+                                       {"intra_op_num_threads": threads})
+    OPENED.add(engine)
+    return engine
 
 
 @_guard
@@ -133,8 +138,3 @@ def wait(handle: Any, timeout_s: float | None) -> tuple[int, list[int], bytes, b
 @_guard
 def cancel(handle: Any) -> None:
     handle.cancel()
-
-
-@_guard
-def noop() -> None:
-    """The cheapest round trip (for measuring what a C ABI call costs)."""

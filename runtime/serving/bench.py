@@ -5,13 +5,14 @@
    C = 1 is "one at a time". Per level: output tokens/s (all tokens / wall time), TTFT p50/p99, inter-token latency
    (ITL: every gap between a stream's consecutive tokens) p50/p99 and its mean (TPOT). Levels run interleaved
    round by round (--rounds), so machine drift lands on all of them; ratios are taken within a round.
-2. A long prompt arriving while one stream runs: the stream's usual gap (median before the arrival), its largest
-   and median gap until the long prompt's first token, and the long prompt's TTFT, for each step token budget in
-   --chunk-budgets and without chunking (the whole prompt in one step).
+2. A long prompt arriving while one stream runs: the stream's usual gap (median before the arrival), its gaps
+   until the long prompt's first token (p50, p90, p99, max), and the long prompt's TTFT, for each step token
+   budget in --chunk-budgets and without chunking (the whole prompt in one step).
 3. The capacity bucket: one decode step of --bucket-rows rows holding ~100 tokens, binding a bucket over the
    longest row versus the whole capacity (max_model_len), interleaved.
 4. The C ABI: microseconds per call of r1c_engine_info, r1c_next on a ready event and r1c_submit_ids +
-   r1c_cancel + r1c_request_free (the C probe, built by `r1c capi`) against the same calls from Python.
+   r1c_cancel + r1c_request_free against the Python calls they wrap, in one process, interleaved
+   (`r1c.runtime.capi.callcost`).
 
 Legend: R = requests, C = concurrent streams, TTFT = time to first token, ITL = inter-token latency.
 """
@@ -25,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -149,15 +149,14 @@ def run_level(engine: Engine, config: SchedulerConfig, requests: list[tuple[list
 
 def long_prompt_gap(engine: Engine, config: SchedulerConfig, long_len: int, budget: int, seed: int
                     ) -> dict[str, Any]:
-    """One stream runs; a `long_len`-token prompt arrives; the stream's gaps while that prompt is prefilled."""
+    """One stream runs; a `long_len`-token prompt arrives; the stream's gaps while that prompt is prefilled,
+    against its usual gap (the median of the 24 gaps before the arrival)."""
     rng = np.random.default_rng([seed, long_len])
     long_prompt = rng.integers(2, engine.vocab_size, size=long_len).tolist()
     cfg = dataclasses.replace(config, max_tokens_per_step=budget, max_num_seqs=max(config.max_num_seqs, 2))
     with ServingEngine(engine, cfg) as se:
-        room = se.max_model_len - 16
-        running = se.submit(rng.integers(2, engine.vocab_size, size=16).tolist(),
-                            greedy(room))
-        for _ in range(12):  # its usual pace first
+        running = se.submit(rng.integers(2, engine.vocab_size, size=16).tolist(), greedy(se.max_model_len - 16))
+        for _ in range(26):  # its usual pace first
             running.next(timeout=600)
         late = se.submit(long_prompt, greedy(1))
         steps0 = se.stats()["steps"]
@@ -170,15 +169,16 @@ def long_prompt_gap(engine: Engine, config: SchedulerConfig, long_len: int, budg
     assert lout.ttft_s is not None
     arrival = lout.token_times[0] - lout.ttft_s
     first = lout.token_times[0]
-    t = rout.token_times
-    before = [b - a for a, b in itertools.pairwise(t) if b < arrival][1:]
-    during = [b - a for a, b in itertools.pairwise(t) if b > arrival and a < first]
+    pairs = list(itertools.pairwise(rout.token_times))
+    before = [b - a for a, b in pairs if b < arrival][1:]
+    during = [b - a for a, b in pairs if b > arrival and a < first]
     usual = statistics.median(before)
-    return {"budget": budget, "long_prompt": long_len, "usual_gap_ms": usual * 1e3,
-            "max_gap_ms": max(during) * 1e3 if during else float("nan"),
-            "p50_gap_ms": statistics.median(during) * 1e3 if during else float("nan"),
-            "max_over_usual": max(during) / usual if during else float("nan"),
-            "long_ttft_s": lout.ttft_s, "steps": steps}
+    row: dict[str, Any] = {"budget": budget, "long_prompt": long_len, "usual_gap_ms": usual * 1e3,
+                           "long_ttft_s": lout.ttft_s, "steps": steps, "gaps": len(during)}
+    for q in (50, 90, 99, 100):
+        row[f"p{q}_gap_ms"] = _pct(during, q) * 1e3
+        row[f"p{q}_over_usual"] = _pct(during, q) / usual
+    return row
 
 
 def bucket_effect(engine: Engine, rows: int, filled: int, reps: int = 5) -> dict[str, Any]:
@@ -208,48 +208,15 @@ def bucket_effect(engine: Engine, rows: int, filled: int, reps: int = 5) -> dict
             "bucket_ms": med["bucket"], "capacity_ms": med["capacity"], "speedup": med["capacity"] / med["bucket"]}
 
 
-def python_call_costs(engine: Engine, calls: int) -> dict[str, float]:
-    """The Python calls that the C probe's calls wrap, timed the same way (microseconds per call)."""
-    from r1c.runtime.capi import bridge
-
-    with ServingEngine(engine, SchedulerConfig(max_num_seqs=2)) as se:
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            bridge.info(se)
-        info_us = (time.perf_counter() - t0) / calls * 1e6
-        a, b = se.submit([5, 6, 7, 8], greedy(256)), se.submit([5, 6, 7, 8], greedy(256))
-        b.result()
-        k = 0
-        t0 = time.perf_counter()
-        while a.next() is not None:
-            k += 1
-        next_us = (time.perf_counter() - t0) / k * 1e6
-        a, b = (se.submit([5, 6, 7, 8], greedy(se.max_model_len - 8)) for _ in range(2))
-        a.next(), b.next()  # both rows taken: what follows waits in the queue
-        m = max(calls // 20, 1)
-        t0 = time.perf_counter()
-        for _ in range(m):
-            se.submit([5, 6, 7, 8], greedy(4)).cancel()
-        submit_us = (time.perf_counter() - t0) / m * 1e6
-    return {"info_us": info_us, "next_ready_us": next_us, "submit_cancel_us": submit_us}
-
-
-def capi_costs(bundle: Path, engine: Engine, calls: int, log: Callable[[str], None]) -> dict[str, Any]:
+def capi_costs(bundle: Path, calls: int, log: Callable[[str], None]) -> dict[str, Any]:
     from r1c.runtime.capi.build import build_capi
+    from r1c.runtime.capi.callcost import measure
 
     try:
         inst = build_capi(progress=log)
     except Exception as e:  # no cmake / compiler here: say so in the report
         return {"status": "unavailable", "reason": str(e).splitlines()[0]}
-    proc = subprocess.run([str(inst.probe), "bench", str(bundle), str(calls)], capture_output=True, text=True,
-                          timeout=1800)
-    if proc.returncode != 0:
-        return {"status": "failed", "reason": (proc.stderr or proc.stdout).strip()[-500:]}
-    c = json.loads(proc.stdout.strip().splitlines()[-1])
-    py = python_call_costs(engine, calls)
-    rows = {k: {"c_us": c[k], "python_us": py[k], "added_us": c[k] - py[k]}
-            for k in ("info_us", "next_ready_us", "submit_cancel_us")}
-    return {"status": "ok", "calls": calls, "library": str(inst.library), "per_call": rows}
+    return {"status": "ok", "library": str(inst.library), "per_call": measure(inst.library, bundle, calls, log=log)}
 
 
 @dataclasses.dataclass
@@ -281,12 +248,14 @@ class Report:
             if key in self.summary:
                 lines.append(f"{text}: {self.summary[key]:.2f}")
         if self.long_prompt:
-            lines += ["", f"A {self.long_prompt[0]['long_prompt']}-token prompt arrives while one stream runs:",
-                      "| step token budget | usual gap ms | max gap ms | max / usual | p50 gap ms | long prompt TTFT s "
-                      "| steps |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += ["", f"A {self.long_prompt[0]['long_prompt']}-token prompt arrives while one stream runs "
+                          "(the stream's gaps until that prompt's first token, over its usual gap):",
+                      "| step token budget | usual gap ms | p50 gap | p90 gap | p99 gap | max gap | long prompt TTFT s "
+                      "| steps |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
             for r in self.long_prompt:
-                lines.append(f"| {r['budget']} | {r['usual_gap_ms']:.1f} | {r['max_gap_ms']:.1f} | "
-                             f"{r['max_over_usual']:.2f} | {r['p50_gap_ms']:.1f} | {r['long_ttft_s']:.1f} | "
+                cells = " | ".join(f"{r[f'p{q}_gap_ms']:.1f} ms ({r[f'p{q}_over_usual']:.1f}x)"
+                                   for q in (50, 90, 99, 100))
+                lines.append(f"| {r['budget']} | {r['usual_gap_ms']:.1f} | {cells} | {r['long_ttft_s']:.1f} | "
                              f"{r['steps']} |")
         if self.bucket:
             b = self.bucket
@@ -300,8 +269,8 @@ class Report:
             else:
                 lines += ["C ABI call cost (us per call):", "| call | C ABI | Python | added |",
                           "| --- | ---: | ---: | ---: |"]
-                names = {"info_us": "r1c_engine_info", "next_ready_us": "r1c_next (ready event)",
-                         "submit_cancel_us": "r1c_submit_ids + r1c_cancel + free (queued request)"}
+                names = {"engine_info": "r1c_engine_info", "next_ready": "r1c_next (ready event)",
+                         "submit_cancel": "r1c_submit_ids + r1c_cancel + free (queued request)"}
                 for k, v in self.capi["per_call"].items():
                     lines.append(f"| {names[k]} | {v['c_us']:.1f} | {v['python_us']:.1f} | {v['added_us']:.1f} |")
         return "\n".join(lines)
@@ -359,7 +328,7 @@ def run_bench(bundle: Path, config: SchedulerConfig, settings: BenchSettings, *,
     capi = None
     if settings.capi_calls:
         log("C ABI call cost")
-        capi = capi_costs(bundle, engine, settings.capi_calls, log)
+        capi = capi_costs(bundle, settings.capi_calls, log)
     host = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "load_avg": os.getloadavg(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     cfg = dataclasses.asdict(config)

@@ -2,14 +2,12 @@
  * r1c_capi_probe: exercise the C ABI from C, as a C program would, and print JSON lines.
  *   r1c_capi_probe errors BUNDLE              bad arguments: one {"case", "status", "message"} line per case
  *   r1c_capi_probe generate BUNDLE N ID...    greedy, N tokens: {"streamed": [...], "token_ids": [...], "text": ...}
- *   r1c_capi_probe bench BUNDLE N             microseconds per call: engine_info, next (ready event), submit+cancel
  */
 #include <r1c/r1c.h>
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 static void json_str(const char* s) {
     putchar('"');
@@ -30,12 +28,6 @@ static void report(const char* name, r1c_status st) {
     printf(", \"message\": ");
     json_str(r1c_last_error());
     printf("}\n");
-}
-
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
 static int errors(const char* bundle) {
@@ -142,65 +134,9 @@ static int generate(const char* bundle, int n, int argc, char** argv) {
     return r1c_close(e) == R1C_OK ? 0 : 1;
 }
 
-static int bench(const char* bundle, int n) {
-    r1c_engine* e = NULL;
-    if (r1c_open(bundle, "{\"threads\": 1, \"max_num_seqs\": 2}", &e) != R1C_OK) {
-        fprintf(stderr, "%s\n", r1c_last_error());
-        return 1;
-    }
-    r1c_info info;
-    double t0 = now_s();
-    for (int i = 0; i < n; i++) r1c_engine_info(e, &info);
-    double info_us = (now_s() - t0) / n * 1e6;
-
-    /* r1c_next on ready events: two identical greedy requests run in the same steps; when b is done, all of
-     * a's events are queued */
-    int32_t ids[4] = {5, 6, 7, 8};
-    r1c_sampling p;
-    r1c_sampling_init(&p);
-    p.max_tokens = 256;
-    p.temperature = 0.0;
-    p.ignore_eos = 1;
-    r1c_request *a = NULL, *b = NULL;
-    r1c_submit_ids(e, ids, 4, &p, &a);
-    r1c_submit_ids(e, ids, 4, &p, &b);
-    r1c_result res;
-    r1c_wait(b, -1, &res);
-    r1c_token t;
-    int k = 0;
-    t0 = now_s();
-    while (r1c_next(a, -1, &t) == R1C_OK) k++;
-    double next_us = (now_s() - t0) / k * 1e6;
-    r1c_request_free(a);
-    r1c_request_free(b);
-
-    /* submit + cancel + free of requests that wait in the queue (two long requests hold both rows) */
-    p.max_tokens = info.max_model_len - 8;
-    r1c_submit_ids(e, ids, 4, &p, &a);
-    r1c_submit_ids(e, ids, 4, &p, &b);
-    r1c_next(a, -1, &t);
-    r1c_next(b, -1, &t);
-    int m = n / 20 > 0 ? n / 20 : 1;
-    p.max_tokens = 4;
-    t0 = now_s();
-    for (int i = 0; i < m; i++) {
-        r1c_request* r = NULL;
-        r1c_submit_ids(e, ids, 4, &p, &r);
-        r1c_cancel(r);
-        r1c_request_free(r);
-    }
-    double submit_us = (now_s() - t0) / m * 1e6;
-    printf("{\"info_us\": %.3f, \"next_ready_us\": %.3f, \"next_events\": %d, \"submit_cancel_us\": %.3f, "
-           "\"calls\": %d}\n", info_us, next_us, k, submit_us, n);
-    r1c_request_free(a);
-    r1c_request_free(b);
-    return r1c_close(e) == R1C_OK ? 0 : 1;
-}
-
 int main(int argc, char** argv) {
     if (argc >= 3 && strcmp(argv[1], "errors") == 0) return errors(argv[2]);
     if (argc >= 5 && strcmp(argv[1], "generate") == 0) return generate(argv[2], atoi(argv[3]), argc - 4, argv + 4);
-    if (argc >= 4 && strcmp(argv[1], "bench") == 0) return bench(argv[2], atoi(argv[3]));
-    fprintf(stderr, "usage: %s errors BUNDLE | generate BUNDLE N ID... | bench BUNDLE N\n", argv[0]);
+    fprintf(stderr, "usage: %s errors BUNDLE | generate BUNDLE N ID...\n", argv[0]);
     return 2;
 }
