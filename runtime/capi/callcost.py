@@ -3,8 +3,10 @@
 libr1c is loaded with ctypes into the running interpreter (it joins it instead of starting one) and opens an
 engine; the benchmark reaches that same `ServingEngine` from Python (`bridge.OPENED`), so the C calls and the
 Python calls hit one scheduler under the same load. Blocks of C calls and of Python calls alternate; the figure
-is the median over blocks of (C block time - Python block time) / calls. ctypes' own overhead (~1 us) counts on
-the C side, so the figure is an upper bound of what a C program pays.
+is the median over blocks of (C block time - Python block time) / calls, in CPU time of the calling thread
+(`time.thread_time`: what the call costs, without the time the OS gives other processes on a shared machine;
+wall-clock medians are kept beside it). ctypes' own overhead (~1 us) counts on the C side, so the figure is an
+upper bound of what a C program pays.
 
 Calls: r1c_engine_info; r1c_next on an event that is already there (the tokens a stream reads); and
 r1c_submit_ids + r1c_cancel + r1c_request_free of a request that waits in the queue (both rows are held by two
@@ -79,21 +81,18 @@ def measure(library: Path, bundle: Path, calls: int, blocks: int = 20,
         out: dict[str, dict[str, float]] = {}
 
         def interleave(name: str, c_call: Callable[[], Any], py_call: Callable[[], Any], n: int) -> None:
-            cs, ps, diffs = [], [], []
+            samples: dict[str, list[float]] = {"c_us": [], "python_us": [], "c_wall_us": [], "python_wall_us": []}
             for _ in range(blocks):
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    c_call()
-                t1 = time.perf_counter()
-                for _ in range(n):
-                    py_call()
-                t2 = time.perf_counter()
-                cs.append((t1 - t0) / n)
-                ps.append((t2 - t1) / n)
-                diffs.append(cs[-1] - ps[-1])
-            out[name] = {"c_us": statistics.median(cs) * 1e6, "python_us": statistics.median(ps) * 1e6,
-                         "added_us": statistics.median(diffs) * 1e6, "calls": n * blocks}
-            log(f"  {name}: C {out[name]['c_us']:.1f} us, Python {out[name]['python_us']:.1f} us")
+                for side, call in (("c", c_call), ("python", py_call)):
+                    w0, t0 = time.perf_counter(), time.thread_time()
+                    for _ in range(n):
+                        call()
+                    samples[f"{side}_us"].append((time.thread_time() - t0) / n * 1e6)
+                    samples[f"{side}_wall_us"].append((time.perf_counter() - w0) / n * 1e6)
+            row = {k: statistics.median(v) for k, v in samples.items()}
+            row["added_us"] = statistics.median(c - p for c, p in zip(samples["c_us"], samples["python_us"]))
+            out[name] = {**row, "calls": n * blocks}
+            log(f"  {name}: C {row['c_us']:.1f} us, Python {row['python_us']:.1f} us (CPU time of the calling thread)")
 
         info = Info()
         interleave("engine_info", lambda: lib.r1c_engine_info(eng, ctypes.byref(info)), lambda: bridge.info(se),

@@ -267,12 +267,13 @@ class Report:
             if self.capi["status"] != "ok":
                 lines.append(f"C ABI call cost: {self.capi['status']} ({self.capi.get('reason')})")
             else:
-                lines += ["C ABI call cost (us per call):", "| call | C ABI | Python | added |",
-                          "| --- | ---: | ---: | ---: |"]
+                lines += ["C ABI call cost (us per call, CPU time of the calling thread; wall clock in brackets):",
+                          "| call | C ABI | Python | added |", "| --- | ---: | ---: | ---: |"]
                 names = {"engine_info": "r1c_engine_info", "next_ready": "r1c_next (ready event)",
                          "submit_cancel": "r1c_submit_ids + r1c_cancel + free (queued request)"}
                 for k, v in self.capi["per_call"].items():
-                    lines.append(f"| {names[k]} | {v['c_us']:.1f} | {v['python_us']:.1f} | {v['added_us']:.1f} |")
+                    lines.append(f"| {names[k]} | {v['c_us']:.1f} ({v['c_wall_us']:.1f}) | {v['python_us']:.1f} "
+                                 f"({v['python_wall_us']:.1f}) | {v['added_us']:.1f} |")
         return "\n".join(lines)
 
 
