@@ -2,9 +2,11 @@
 
 1. Concurrency levels: the same R seeded requests (greedy, fixed prompt and output lengths, no EOS stop) run by
    C closed-loop client threads (each submits its next request when the last one ends) for each C in --streams;
-   C = 1 is "one at a time". Per level: output tokens/s (all tokens / wall time), TTFT p50/p99, inter-token latency
-   (ITL: every gap between a stream's consecutive tokens) p50/p99 and its mean (TPOT). Levels run interleaved
-   round by round (--rounds), so machine drift lands on all of them; ratios are taken within a round.
+   C = 1 is "one at a time". Per level: output tokens/s (all tokens / wall time, the tail with fewer than C
+   streams included) and steady tokens/s (tokens until the last request is submitted / that time: C streams
+   busy throughout), TTFT p50/p99, inter-token latency (ITL: every gap between a stream's consecutive tokens)
+   p50/p99 and its mean (TPOT). Levels run interleaved round by round (--rounds), so machine drift lands on all
+   of them; ratios are taken within a round.
 2. A long prompt arriving while one stream runs: the stream's usual gap (median before the arrival), its gaps
    until the long prompt's first token (p50, p90, p99, max), and the long prompt's TTFT, for each step token
    budget in --chunk-budgets and without chunking (the whole prompt in one step).
@@ -117,11 +119,13 @@ def run_level(engine: Engine, config: SchedulerConfig, requests: list[tuple[list
     errors: list[BaseException] = []
     order = itertools.count()
     lock = threading.Lock()
+    submitted: list[float] = []
     with ServingEngine(engine, cfg) as se:
         def client() -> None:
             try:
                 while (i := next(order)) < len(requests):
                     p, m = requests[i]
+                    submitted.append(time.perf_counter())
                     out = se.submit(p, greedy(m)).result()
                     with lock:
                         outs.append(out)
@@ -141,9 +145,13 @@ def run_level(engine: Engine, config: SchedulerConfig, requests: list[tuple[list
     tokens = sum(len(o.token_ids) for o in outs)
     ttft = [o.ttft_s for o in outs if o.ttft_s is not None]
     itl = [g for o in outs for g in o.inter_token_s]
+    # steady state: from the start to the last submission, every client has a request in flight
+    end = max(submitted)
+    in_window = sum(1 for o in outs for t in o.token_times if t <= end)
+    steady = in_window / (end - t0) if len(requests) > streams > 1 else tokens / wall
     return {"streams": streams, "requests": len(outs), "tokens": tokens, "wall_s": wall, "steps": steps,
-            "tok_s": tokens / wall, "ttft_p50_ms": _pct(ttft, 50) * 1e3, "ttft_p99_ms": _pct(ttft, 99) * 1e3,
-            "itl_p50_ms": _pct(itl, 50) * 1e3, "itl_p99_ms": _pct(itl, 99) * 1e3,
+            "tok_s": tokens / wall, "steady_tok_s": steady, "ttft_p50_ms": _pct(ttft, 50) * 1e3,
+            "ttft_p99_ms": _pct(ttft, 99) * 1e3, "itl_p50_ms": _pct(itl, 50) * 1e3, "itl_p99_ms": _pct(itl, 99) * 1e3,
             "tpot_ms": statistics.fmean(itl) * 1e3 if itl else float("nan")}
 
 
@@ -237,11 +245,12 @@ class Report:
         lines = [f"Serving benchmark: {self.bundle}  ({self.settings['n_requests']} requests, prompts "
                  f"{self.settings['prompt_len']}, outputs {self.settings['new_tokens']}, "
                  f"{self.settings['rounds']} round(s); medians over rounds)",
-                 "| streams | tok/s | x one-at-a-time | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-                 "| TPOT ms |",
-                 "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                 "| streams | tok/s | x one-at-a-time | steady tok/s | x | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
+                 "| ITL p99 ms | TPOT ms |",
+                 "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for lv in self.summary["levels"]:
-            lines.append(f"| {lv['streams']} | {lv['tok_s']:.1f} | {lv['ratio']:.2f} | {lv['ttft_p50_ms']:.0f} | "
+            lines.append(f"| {lv['streams']} | {lv['tok_s']:.1f} | {lv['ratio']:.2f} | {lv['steady_tok_s']:.1f} | "
+                         f"{lv['steady_ratio']:.2f} | {lv['ttft_p50_ms']:.0f} | "
                          f"{lv['ttft_p99_ms']:.0f} | {lv['itl_p50_ms']:.1f} | {lv['itl_p99_ms']:.1f} | "
                          f"{lv['tpot_ms']:.1f} |")
         for key, text in (("itl_p99_8_over_tpot_1", "p99 ITL at 8 streams / single-stream TPOT"),):
@@ -279,16 +288,20 @@ class Report:
 
 def _summarize(rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
     by: dict[int, list[dict[str, Any]]] = {}
-    ratios: dict[int, list[float]] = {}
+    ratios: dict[tuple[int, str], list[float]] = {}
     for levels in rounds:
         base = next((lv for lv in levels if lv["streams"] == 1), None)
         for lv in levels:
             by.setdefault(lv["streams"], []).append(lv)
             if base is not None:
-                ratios.setdefault(lv["streams"], []).append(lv["tok_s"] / base["tok_s"])
-    keys = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_ms")
+                for key in ("tok_s", "steady_tok_s"):
+                    ratios.setdefault((lv["streams"], key), []).append(lv[key] / base["tok_s"])
+    keys = ("tok_s", "steady_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_ms")
+    nan = [float("nan")]
     levels = [{"streams": s, **{k: statistics.median(x[k] for x in lvs) for k in keys},
-               "ratio": statistics.median(ratios.get(s, [float("nan")]))} for s, lvs in sorted(by.items())]
+               "ratio": statistics.median(ratios.get((s, "tok_s"), nan)),
+               "steady_ratio": statistics.median(ratios.get((s, "steady_tok_s"), nan))}
+              for s, lvs in sorted(by.items())]
     out: dict[str, Any] = {"levels": levels}
     if 1 in by and 8 in by:
         per_round = [r8["itl_p99_ms"] / r1["tpot_ms"] for r1, r8 in zip(by[1], by[8])]
