@@ -136,6 +136,8 @@ def test_chunked_prefill_keeps_running_streams_going(engine) -> None:  # type: i
     # stream a token, instead of one long step during which it got none
     assert len(meanwhile) >= 300 // 15 - 1
     assert_same_greedy(engine, long_prompt, late.token_ids, engine.generate([long_prompt], 2)[0])
+    # the running stream shared its calls with the chunks (one padded call per step): its tokens are unchanged
+    assert_same_greedy(engine, [7, 8, 9], ran.token_ids, engine.generate([[7, 8, 9]], len(ran.token_ids))[0])
 
 
 def test_stops_and_max_tokens(engine, bundle: Path) -> None:  # type: ignore[no-untyped-def]

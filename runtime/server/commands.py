@@ -21,6 +21,8 @@ SCHEDULER_OPTIONS = [
     click.option("--max-model-len", type=int, default=None, help="Prompt + output limit (default: the model's)."),
     click.option("--max-queue", type=int, default=4096, show_default=True,
                  help="Waiting requests beyond which new ones get an over-capacity error (HTTP 503)."),
+    click.option("--prefill-pad-tokens", type=int, default=16, show_default=True,
+                 help="Padding a prompt chunk may add to share a backend call with the rows before it."),
     click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: the bundle's)."),
 ]
 
@@ -32,13 +34,13 @@ def scheduler_options(f: Any) -> Any:
 
 
 def make_config(max_num_seqs: int, max_tokens_per_step: int, kv_cache_bytes: str | None, max_model_len: int | None,
-                max_queue: int) -> Any:
+                max_queue: int, prefill_pad_tokens: int = 16) -> Any:
     from r1c.runtime.kvcache import parse_bytes
     from r1c.runtime.serving import SchedulerConfig
 
     return SchedulerConfig(max_num_seqs=max_num_seqs, max_tokens_per_step=max_tokens_per_step,
                            cache_bytes=None if kv_cache_bytes is None else parse_bytes(kv_cache_bytes),
-                           max_model_len=max_model_len, max_queue=max_queue)
+                           max_model_len=max_model_len, max_queue=max_queue, prefill_pad_tokens=prefill_pad_tokens)
 
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,7 +50,8 @@ def make_config(max_num_seqs: int, max_tokens_per_step: int, kv_cache_bytes: str
 @click.option("--model-name", default=None, help="The model id clients send (default: the bundle's folder name).")
 @scheduler_options
 def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_num_seqs: int, max_tokens_per_step: int,
-              kv_cache_bytes: str | None, max_model_len: int | None, max_queue: int, threads: int | None) -> None:
+              kv_cache_bytes: str | None, max_model_len: int | None, max_queue: int, prefill_pad_tokens: int,
+              threads: int | None) -> None:
     """Serve a bundle over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions (with a chat
     template), /v1/models, /health, /metrics (Prometheus). Requests are batched continuously; `stream: true`
     answers as server-sent events; a client that disconnects cancels its request.
@@ -64,7 +67,8 @@ def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_nu
     from r1c.runtime.server.metrics import Metrics
     from r1c.runtime.serving import ServingEngine
 
-    config = make_config(max_num_seqs, max_tokens_per_step, kv_cache_bytes, max_model_len, max_queue)
+    config = make_config(max_num_seqs, max_tokens_per_step, kv_cache_bytes, max_model_len, max_queue,
+                         prefill_pad_tokens)
     metrics = Metrics()
     session = {"intra_op_num_threads": threads} if threads is not None else None
     serving = ServingEngine.from_bundle(bundle, config, session_options=session, observers=[metrics])
@@ -135,14 +139,15 @@ def bench_serving_cmd(bundle: Path, streams_text: str, n_requests: int, prompt_t
                       long_prompt: int, budgets_text: str, capi_calls: int, rounds: int, bucket_rows: int,
                       json_out: Path | None, seed: int, max_num_seqs: int, max_tokens_per_step: int,
                       kv_cache_bytes: str | None, max_model_len: int | None, max_queue: int,
-                      threads: int | None) -> None:
+                      prefill_pad_tokens: int, threads: int | None) -> None:
     """Serving benchmark: tokens/s, TTFT and inter-token latency (p50/p99) at each concurrency against the same
     requests run one at a time; a running stream's inter-token gap while a long prompt arrives; the capacity
     bucket against reading the whole cache; the cost of one C ABI call over the Python call. Not a test: run it
     on a quiet machine (levels are interleaved by round; ratios are within a round)."""
     from r1c.runtime.serving.bench import BenchSettings, run_bench
 
-    config = make_config(max_num_seqs, max_tokens_per_step, kv_cache_bytes, max_model_len, max_queue)
+    config = make_config(max_num_seqs, max_tokens_per_step, kv_cache_bytes, max_model_len, max_queue,
+                         prefill_pad_tokens)
     settings = BenchSettings.parse(streams_text, n_requests, prompt_text, new_text, long_prompt, budgets_text,
                                    capi_calls, rounds, bucket_rows, seed)
     report = run_bench(bundle, config, settings, threads=threads, log=lambda s: click.echo(s, err=True))

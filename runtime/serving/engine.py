@@ -93,15 +93,17 @@ class ServingEngine:
         self.config = cfg = config or SchedulerConfig()
         model_max = engine.config.max_position_embeddings
         self.max_model_len = min(cfg.max_model_len or model_max, model_max)
-        if cfg.max_num_seqs < 1 or cfg.max_tokens_per_step < 1 or cfg.min_prefill_chunk < 1:
-            raise RuntimeInputError("max_num_seqs, max_tokens_per_step and min_prefill_chunk must be >= 1")
+        if min(cfg.max_num_seqs, cfg.max_tokens_per_step, cfg.min_prefill_chunk) < 1 or cfg.prefill_pad_tokens < 0:
+            raise RuntimeInputError("max_num_seqs, max_tokens_per_step and min_prefill_chunk must be >= 1, "
+                                    "prefill_pad_tokens >= 0")
         layout = engine.cache_layout
         budget = cfg.cache_bytes
         if budget is None:
             budget = min(budget_for(layout, cfg.max_num_seqs, self.max_model_len), DEFAULT_CACHE_CAP)
         cache = LatentCache(layout, budget, max_rows=cfg.max_num_seqs, max_len=self.max_model_len,
                             min_bucket=cfg.min_bucket)
-        step_tokens = max(cfg.max_tokens_per_step, cfg.min_prefill_chunk, cfg.max_num_seqs)
+        # output buffers for the largest call: the budget, or the decode rows with a chunk riding along
+        step_tokens = max(cfg.max_tokens_per_step, cfg.min_prefill_chunk) + cfg.max_num_seqs + cfg.prefill_pad_tokens
         runner = StepRunner(engine.backend, cache, engine.vocab_size, step_tokens)
         self.codec = TextCodec.from_dir(engine.bundle_dir)
         eos = engine.config.eos_token_id

@@ -14,15 +14,16 @@ from r1c.runtime.serving.text import TextStream
 class SchedulerConfig:
     """Limits of one serving engine.
 
-    max_num_seqs: sequences running at once (cache rows); max_tokens_per_step: tokens one step may run (decode
-    rows + prefill chunk tokens, padded), the knob that bounds how long a step — and so every stream's
-    inter-token gap — can take; cache_bytes: the latent cache's budget (None: enough for max_num_seqs sequences
-    of max_model_len tokens, at most 1 GiB); max_model_len: prompt + output limit (None: the model's
-    max_position_embeddings); max_queue: waiting requests before new ones are refused as over capacity;
+    max_num_seqs: sequences running at once (cache rows); max_tokens_per_step: tokens one step may run (decode rows
+    + prefill chunk tokens; padding from shared calls aside, see prefill_pad_tokens), the knob that bounds how long
+    a step — and so every stream's inter-token gap — can take; cache_bytes: the latent cache's budget (None: enough
+    for max_num_seqs sequences of max_model_len tokens, at most 1 GiB); max_model_len: prompt + output limit (None:
+    the model's max_position_embeddings); max_queue: waiting requests before new ones are refused as over capacity;
     min_bucket: the smallest cache capacity bucket; min_prefill_chunk: prefill tokens a step runs even when the
-    decode rows use up the budget; prefill_pad_tokens: how many padding tokens a prompt may add to share a
-    prefill call with the previous one (a call has a fixed cost — on the CPU, one call over the small preset
-    costs about as much as 14 more prefill tokens — so nearly equal prompts share a call and others get their own).
+    decode rows use up the budget; prefill_pad_tokens: how many padding tokens a prompt chunk may add to share a
+    call with the rows before it (the decode rows or the previous prompt). A call has a fixed cost — on the CPU, one
+    call over the small preset costs about as much as 14 more prefill tokens — so a small chunk rides along with the
+    decode rows, nearly equal prompts share a call, and others get calls of their own.
     """
 
     max_num_seqs: int = 64

@@ -12,13 +12,14 @@ sampled token to feed — then prefill rows [Bd, B) in arrival order. Each itera
    (back-pressure). A request that can never fit is refused at submit;
 3. plan: every decode row feeds one token; prefill gets the rest of the token budget
    (`max_tokens_per_step` - Bd, at least `min_prefill_chunk`): the first prefill row's next chunk, then further
-   prefill rows while each earlier one completes its prompt in this step and the tokens (padding included) fit
-   the budget. Consecutive rows share one padded call [k, S] when that adds at most `prefill_pad_tokens`
-   padding per row, else they get calls of their own. A long prompt is thus spread over several steps and
-   running streams keep getting tokens (chunked prefill); rows that complete are always a prefix of the prefill
-   range, so they join the decode range in place;
-4. resize the cache's capacity bucket to the longest row after this step, run the decode step [Bd, 1] and the
-   prefill calls (each a backend call over a contiguous row range), sample, stream the tokens;
+   prefill rows while each earlier one completes its prompt in this step and their tokens fit the budget.
+   Consecutive rows share one padded call [k, S] when that adds at most `prefill_pad_tokens` padding, else they
+   get calls of their own. A long prompt is thus spread over several steps and running streams keep getting
+   tokens (chunked prefill); rows that complete are always a prefix of the prefill range, so they join the
+   decode range in place;
+4. resize the cache's capacity bucket to the longest row after this step, run the calls (each a backend call
+   over a contiguous row range: the decode rows [Bd, 1], joined by the first prefill chunk when that adds little
+   padding — one pass over the weights instead of two — then the other prefill calls), sample, stream the tokens;
 5. finished rows leave: the last decode rows fill the holes, prefill rows shift down (one row copy per finished
    request, never per step).
 
@@ -157,29 +158,32 @@ class Scheduler:
         """Prompt tokens the prefill rows still have to run."""
         return sum(len(r.prompt) - r.prefilled for r in self._rows[self._n_decode:])
 
-    def _plan_prefill(self) -> list[list[tuple[int, int]]]:
-        """This step's prefill calls, each [(row, tokens)] over consecutive rows (module docstring, step 3)."""
+    def _plan(self) -> list[list[tuple[int, int]]]:
+        """This step's backend calls, each [(row, tokens)] over consecutive rows (module docstring, step 3): the
+        decode rows (1 token each) first, then prefill rows, each joining the previous call when that adds at most
+        `prefill_pad_tokens` padding, else opening a call of its own."""
         rows, bd, cfg = self._rows, self._n_decode, self.config
-        budget = max(cfg.max_tokens_per_step - bd, cfg.min_prefill_chunk)
-        calls: list[list[tuple[int, int]]] = []
-        width = 0  # of the last call
+        budget = max(cfg.max_tokens_per_step - bd, cfg.min_prefill_chunk)  # prefill tokens (padding aside)
+        calls: list[list[tuple[int, int]]] = [[(r, 1) for r in range(bd)]] if bd else []
+        width = 1
         for r in range(bd, len(rows)):
             left = len(rows[r].prompt) - rows[r].prefilled
-            if not calls:
-                take = min(left, budget)
-                calls.append([(r, take)])
-                width = take
-            else:
-                joined = (len(calls[-1]) + 1) * max(width, left) - len(calls[-1]) * width  # tokens it would cost
-                if min(joined, left) > budget:
-                    break
-                if joined - left <= cfg.prefill_pad_tokens and joined <= budget:
-                    calls[-1].append((r, left))
-                    width, take = max(width, left), left
-                    budget -= joined
+            take = min(left, budget) if r == bd else left  # only the first prefill row may run a partial chunk
+            if take < 1 or take > budget:
+                break
+            if calls:
+                k = len(calls[-1])
+                size = (k + 1) * max(width, take)  # the call's tokens if this row joins it
+                padding = size - k * width - take  # what joining adds besides `take`
+                if padding <= cfg.prefill_pad_tokens and size <= self.runner.max_tokens:
+                    calls[-1].append((r, take))
+                    width = max(width, take)
+                    budget -= take
+                    if take < left:
+                        break
                     continue
-                calls.append([(r, left)])
-                width = take = left
+            calls.append([(r, take)])
+            width = take
             budget -= take
             if take < left:  # a partial chunk: later rows wait (completed rows must stay a prefix)
                 break
@@ -189,43 +193,40 @@ class Scheduler:
         rows, bd, cache = self._rows, self._n_decode, self.cache
         if not rows:
             return
-        calls = self._plan_prefill()
-        ends = [int(cache.lengths[r]) + n for call in calls for r, n in call]
-        if bd:
-            ends.append(int(cache.lengths[:bd].max()) + 1)
-        cache.resize(max([*ends, int(cache.lengths[: cache.rows].max())]))
+        calls = self._plan()
+        cache.resize(max([int(cache.lengths[r]) + n for call in calls for r, n in call]
+                         + [int(cache.lengths[: cache.rows].max())]))
         self.counters["steps"] += 1
-        finished: list[int] = []
-        if bd:
-            ids = np.array([[req.output[-1]] for req in rows[:bd]], dtype=np.int64)
-            logits = self.runner.step(ids, 0, np.ones(bd, dtype=np.int64))
-            choices = sample(logits[:, 0], [req.state for req in rows[:bd]])
-            now = time.perf_counter()
-            for r, ch in enumerate(choices):
-                if self._emit(rows[r], ch, now):
-                    finished.append(r)
-        done: list[int] = []
-        last: list[np.ndarray] = []  # the completed prompts' last logits (copied: the next call reuses the buffer)
+        sampled: list[int] = []  # rows that choose a token now: decode rows, and prefill rows whose prompt is done
+        last: list[np.ndarray] = []  # their logits (copied: the next call reuses the buffer)
+        completed = 0
         for call in calls:
             width = max(n for _, n in call)
             ids = np.zeros((len(call), width), dtype=np.int64)
             for i, (r, n) in enumerate(call):
                 req = rows[r]
-                ids[i, :n] = req.prompt[req.prefilled:req.prefilled + n]
+                if r < bd:
+                    ids[i, 0] = req.output[-1]
+                else:
+                    ids[i, :n] = req.prompt[req.prefilled:req.prefilled + n]
             logits = self.runner.step(ids, call[0][0], np.array([n for _, n in call], dtype=np.int64))
             for i, (r, n) in enumerate(call):
-                rows[r].prefilled += n
-                if rows[r].prefilled == len(rows[r].prompt):
-                    done.append(r)
-                    last.append(np.array(logits[i, n - 1]))
-        if done:
-            choices = sample(np.stack(last), [rows[r].state for r in done])
+                if r >= bd:
+                    rows[r].prefilled += n
+                    if rows[r].prefilled < len(rows[r].prompt):
+                        continue
+                    completed += 1
+                    self.counters["prompt_tokens"] += len(rows[r].prompt)
+                sampled.append(r)
+                last.append(np.array(logits[i, n - 1]))
+        finished: list[int] = []
+        if sampled:
+            now_choices = sample(np.stack(last), [rows[r].state for r in sampled])
             now = time.perf_counter()
-            for r, ch in zip(done, choices):
-                self.counters["prompt_tokens"] += len(rows[r].prompt)
+            for r, ch in zip(sampled, now_choices):
                 if self._emit(rows[r], ch, now):
                     finished.append(r)
-            self._n_decode += len(done)  # rows [bd, bd + len(done)): a prefix of the prefill range
+        self._n_decode += completed  # rows [bd, bd + completed): a prefix of the prefill range
         if finished:
             self._remove(set(finished))
 
