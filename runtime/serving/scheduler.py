@@ -18,8 +18,8 @@ sampled token to feed — then prefill rows [Bd, B) in arrival order. Each itera
    tokens (chunked prefill); rows that complete are always a prefix of the prefill range, so they join the
    decode range in place;
 4. resize the cache's capacity bucket to the longest row after this step, run the calls (each a backend call
-   over a contiguous row range: the decode rows [Bd, 1], joined by the first prefill chunk when that adds little
-   padding — one pass over the weights instead of two — then the other prefill calls), sample, stream the tokens;
+   over a contiguous row range: the decode rows [Bd, 1], joined by the first prefill chunk only when that adds at
+   most `prefill_pad_tokens` padding, then the prefill calls), sample, stream the tokens;
 5. finished rows leave: the last decode rows fill the holes, prefill rows shift down (one row copy per finished
    request, never per step).
 
