@@ -7,7 +7,7 @@
    busy throughout), TTFT p50/p99, inter-token latency (ITL: every gap between a stream's consecutive tokens)
    p50/p99 and its mean (TPOT). Levels run interleaved round by round (--rounds), so machine drift lands on all
    of them; ratios are taken within a round.
-2. A long prompt arriving while one stream runs: the stream's usual gap (median before the arrival), its gaps
+2. A long prompt arriving while one stream runs: the stream's usual gap (median before and after), its gaps
    until the long prompt's first token (p50, p90, p99, max), and the long prompt's TTFT, for each step token
    budget in --chunk-budgets and without chunking (the whole prompt in one step).
 3. The capacity bucket: one decode step of --bucket-rows rows holding ~100 tokens, binding a bucket over the
@@ -158,29 +158,30 @@ def run_level(engine: Engine, config: SchedulerConfig, requests: list[tuple[list
 def long_prompt_gap(engine: Engine, config: SchedulerConfig, long_len: int, budget: int, seed: int
                     ) -> dict[str, Any]:
     """One stream runs; a `long_len`-token prompt arrives; the stream's gaps while that prompt is prefilled,
-    against its usual gap (the median of the 24 gaps before the arrival)."""
+    against its usual gap (the median of its gaps in the 0.5 s before the arrival and after the first token)."""
     rng = np.random.default_rng([seed, long_len])
     long_prompt = rng.integers(2, engine.vocab_size, size=long_len).tolist()
     cfg = dataclasses.replace(config, max_tokens_per_step=budget, max_num_seqs=max(config.max_num_seqs, 2))
     with ServingEngine(engine, cfg) as se:
         running = se.submit(rng.integers(2, engine.vocab_size, size=16).tolist(), greedy(se.max_model_len - 16))
-        for _ in range(26):  # its usual pace first
+        for _ in range(14):  # its usual pace before
             running.next(timeout=600)
         late = se.submit(long_prompt, greedy(1))
         steps0 = se.stats()["steps"]
         lout = late.result(timeout=3600)
         steps = se.stats()["steps"] - steps0
-        for _ in range(3):
-            running.next(timeout=600)
+        t_end = time.perf_counter()
+        while running.next(timeout=600) is not None and time.perf_counter() < t_end + 0.5:  # and after
+            pass
         running.cancel()
         rout = running.result(timeout=600)
     assert lout.ttft_s is not None
     arrival = lout.token_times[0] - lout.ttft_s
     first = lout.token_times[0]
     pairs = list(itertools.pairwise(rout.token_times))
-    before = [b - a for a, b in pairs if b < arrival][1:]
+    usual_gaps = [b - a for a, b in pairs[1:] if b < arrival or a > first + 0.1]  # before and after the prefill
     during = [b - a for a, b in pairs if b > arrival and a < first]
-    usual = statistics.median(before)
+    usual = statistics.median(usual_gaps)
     row: dict[str, Any] = {"budget": budget, "long_prompt": long_len, "usual_gap_ms": usual * 1e3,
                            "long_ttft_s": lout.ttft_s, "steps": steps, "gaps": len(during)}
     for q in (50, 90, 99, 100):
@@ -332,9 +333,14 @@ def run_bench(bundle: Path, config: SchedulerConfig, settings: BenchSettings, *,
         if settings.long_prompt + 32 > engine.config.max_position_embeddings:
             raise BenchError(f"benchmark: --long-prompt {settings.long_prompt} does not fit the model's "
                              f"max_position_embeddings ({engine.config.max_position_embeddings})")
-        for budget in [*settings.chunk_budgets, settings.long_prompt + 1]:
-            log(f"long prompt, step budget {budget}")
-            long_rows.append(long_prompt_gap(engine, config, settings.long_prompt, budget, settings.seed))
+        by_budget: dict[int, list[dict[str, Any]]] = {}
+        for r in range(settings.rounds):  # interleaved like the levels
+            for budget in [*settings.chunk_budgets, settings.long_prompt + 1]:
+                log(f"round {r + 1}/{settings.rounds}: long prompt, step budget {budget}")
+                by_budget.setdefault(budget, []).append(
+                    long_prompt_gap(engine, config, settings.long_prompt, budget, settings.seed))
+        long_rows = [{k: (statistics.median(x[k] for x in rows) if isinstance(rows[0][k], float) else rows[0][k])
+                      for k in rows[0]} for rows in by_budget.values()]
     bucket = None
     if settings.bucket_rows:
         log("capacity bucket vs whole capacity")
