@@ -3,7 +3,8 @@
 Canonical tensor names are transformers' v5 fused layout (see `expected_shapes`); DeepSeek's release
 names its routed experts one by one (`mlp.experts.{e}.gate_proj.weight`, ...), which loading fuses.
 FP8 weights stay FP8: the weight's name holds the float8_e4m3fn tensor and `<name>_scale_inv` its
-float32 128x128 block scales.
+float32 128x128 block scales. Which layouts and quantizations are read and which are refused (with the
+reason, in one line) is `checkpoint_layouts`; the lazy reader over the shards is `checkpoint_reader`.
 
 Shape legend: V vocab, H hidden, N heads, D qk_nope_head_dim, R qk_rope_head_dim, Dv v_head_dim,
 C kv_lora_rank, Q q_lora_rank, E routed experts, I expert intermediate size, F dense intermediate size.
@@ -14,35 +15,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from r1c.config import ModelConfig
 from r1c.errors import CheckpointError
+from r1c.exporter.checkpoint_layouts import (
+    FP8_DTYPE,
+    SCALE_SUFFIX,
+    is_padded,
+    layer_index,
+    padded_width,
+    parse_per_expert,
+    unpad_experts,
+)
 from r1c.exporter.model import DeepseekV3ForCausalLM
 from r1c.plugins import fp8
 
 logger = logging.getLogger(__name__)
 
-SCALE_SUFFIX = "_scale_inv"
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_QUANTIZATION_CONFIG = {
-    "activation_scheme": "dynamic",
-    "fmt": "e4m3",
-    "quant_method": "fp8",
-    "weight_block_size": [fp8.BLOCK, fp8.BLOCK],
-}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_PER_EXPERT = re.compile(
-    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight(?:_scale_inv)?)$")
+FP8_QUANTIZATION_CONFIG = fp8.QUANTIZATION_CONFIG
+__all__ = ["FP8_DTYPE", "SCALE_SUFFIX", "layer_index", "parse_per_expert"]
 
 
 @dataclasses.dataclass
@@ -83,7 +81,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             continue
         e, inter = c.n_routed_experts, c.moe_intermediate_size
         shapes[p + "mlp.gate.weight"] = (e, h)
-        shapes[p + "mlp.gate.e_score_correction_bias"] = (e,)
+        if c.has_correction_bias:  # noaux_tc; DeepSeek-V2's routers have none
+            shapes[p + "mlp.gate.e_score_correction_bias"] = (e,)
         shapes[p + "mlp.experts.gate_up_proj"] = (e, 2 * inter, h)
         shapes[p + "mlp.experts.down_proj"] = (e, h, inter)
         if c.n_shared_experts:
@@ -106,197 +105,66 @@ def is_quantizable(name: str, ndim: int) -> bool:
     return ndim == 2 and not name.startswith(("model.embed_tokens", "lm_head"))
 
 
-def _layer_index(name: str) -> int | None:
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
-
-
 # ---- loading ---------------------------------------------------------------------------------------
-def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a checkpoint, and the index's weight_map when there is one."""
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index ({e})") from None
-        files = [root / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"checkpoint: shard {missing[0]} listed in {index.name} is missing from {root} "
-                                  f"({len(missing)} shard(s) missing)")
-        return files, weight_map
-    single = root / "model.safetensors"
-    if single.is_file():
-        return [single], None
-    found = sorted(root.glob("*.safetensors"))
-    if not found:
-        raise CheckpointError(f"checkpoint: no model.safetensors or model.safetensors.index.json in {root}")
-    return found, None
-
-
-def _read_file(path: Path, names: list[str] | None, num_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of one safetensors file, skipping MTP layers (index >= num_layers)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-            if names is not None and not present.issuperset(names):
-                lost = sorted(set(names) - present)
-                raise CheckpointError(f"checkpoint: tensor {lost[0]} is missing from {path} although the index "
-                                      f"lists it there ({len(lost)} missing)")
-            for name in names if names is not None else sorted(present):
-                layer = _layer_index(name)
-                if layer is not None and layer >= num_layers:
-                    continue
-                yield name, f.get_tensor(name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError for I/O)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({reason})") from None
-
-
-class _ExpertFuser:
-    """Collects DeepSeek's per-expert tensors and fuses each layer's group as soon as it is complete."""
-
-    def __init__(self, config: ModelConfig, root: Path) -> None:
-        self.config = config
-        self.where = f"checkpoint {root}"
-        # (prefix, "weight" | "weight_scale_inv") -> proj -> expert -> tensor
-        self.parts: dict[tuple[str, str], dict[str, dict[int, torch.Tensor]]] = {}
-
-    def _want(self, proj: str, kind: str) -> tuple[int, int]:
-        h, inter = self.config.hidden_size, self.config.moe_intermediate_size
-        rows, cols = (h, inter) if proj == "down_proj" else (inter, h)
-        return fp8.block_shape(rows, cols) if kind.endswith(SCALE_SUFFIX) else (rows, cols)
-
-    def add(self, prefix: str, expert: int, proj: str, kind: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """Takes one expert tensor; returns the fused tensors of its group once all E experts are in."""
-        e_count = self.config.n_routed_experts
-        name = f"{prefix}.{expert}.{proj}.{kind}"
-        if expert >= e_count:
-            raise CheckpointError(f"{self.where}: tensor {name} is beyond n_routed_experts ({e_count})")
-        want = self._want(proj, kind)
-        if tuple(t.shape) != want:
-            raise CheckpointError(f"{self.where}: tensor {name} has shape {list(t.shape)}, expected {list(want)}")
-        group = self.parts.setdefault((prefix, kind), {})
-        group.setdefault(proj, {})[expert] = t
-        if sum(len(v) for v in group.values()) < 3 * e_count:
-            return []
-        del self.parts[(prefix, kind)]
-        return self._fuse(prefix, kind, group)
-
-    def _fuse(
-        self, prefix: str, kind: str, group: dict[str, dict[int, torch.Tensor]]
-    ) -> list[tuple[str, torch.Tensor]]:
-        e_count, inter = self.config.n_routed_experts, self.config.moe_intermediate_size
-        is_scale = kind.endswith(SCALE_SUFFIX)
-        suffix = SCALE_SUFFIX if is_scale else ""
-        if is_scale and inter % fp8.BLOCK != 0:
-            raise CheckpointError(
-                f"{self.where}: {prefix}: per-expert FP8 gate/up scales cannot be fused when "
-                f"moe_intermediate_size ({inter}) is not a multiple of {fp8.BLOCK} (not supported yet)")
-        gate, up, down = group["gate_proj"], group["up_proj"], group["down_proj"]
-        split = gate[0].shape[0]
-        w13 = gate[0].new_empty(e_count, 2 * split, gate[0].shape[1])  # [E, 2I, H] (or its block grid)
-        w2 = down[0].new_empty(e_count, *down[0].shape)  # [E, H, I]
-        for e in range(e_count):
-            w13[e, :split], w13[e, split:], w2[e] = gate.pop(e), up.pop(e), down.pop(e)
-        return [(prefix + ".gate_up_proj" + suffix, w13), (prefix + ".down_proj" + suffix, w2)]
-
-    def check_complete(self) -> None:
-        e_count = self.config.n_routed_experts
-        for (prefix, kind), group in self.parts.items():
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                lost = [e for e in range(e_count) if e not in group.get(proj, {})]
-                if lost:
-                    n_lost = sum(e_count - len(group.get(p, {})) for p in ("gate_proj", "up_proj", "down_proj"))
-                    raise CheckpointError(f"{self.where}: tensor {prefix}.{lost[0]}.{proj}.{kind} is missing "
-                                          f"({n_lost} per-expert tensors missing in {prefix})")
-
-
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Reads an HF-layout checkpoint dir into canonical names; raises CheckpointError/ConfigError on bad input."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint: directory {root} not found")
-    if not (root / "config.json").is_file():
-        raise CheckpointError(f"checkpoint: {root} has no config.json")
-    config = ModelConfig.from_json(root / "config.json")
-    files, weight_map = _weight_files(root)
-    names_by_file: dict[str, list[str]] = {}
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            names_by_file.setdefault(file, []).append(name)
+    """Reads an HF-layout checkpoint dir into canonical names; raises CheckpointError/ConfigError on bad input.
 
-    expected = expected_shapes(config)
-    tensors: dict[str, torch.Tensor] = {}
-    fuser = _ExpertFuser(config, root)
-    ignored: list[str] = []
-    bar = tqdm(files, desc="loading shards", unit="file", file=sys.stderr,
-               disable=len(files) < 2 or not sys.stderr.isatty())
-    for file in bar:
-        for name, tensor in _read_file(file, names_by_file.get(file.name), config.num_hidden_layers):
-            m = _PER_EXPERT.match(name)
-            if m:
-                tensors.update(fuser.add(m.group(1), int(m.group(2)), m.group(3), m.group(4), tensor))
-            elif name in expected or name.removesuffix(SCALE_SUFFIX) in expected:
-                tensors[name] = tensor
-            else:
-                ignored.append(name)
-    fuser.check_complete()
-    if ignored:
-        logger.warning("checkpoint %s: ignored %d unknown tensors (first: %s)", root, len(ignored), ignored[0])
-    _check(config, tensors, root)
+    Every tensor is read (see `CheckpointReader` for the lazy view that `r1c export` streams from, and for what
+    is refused before a tensor is read). A `quantization_config` that no FP8 tensor backs (a bf16 copy of an FP8
+    release) is dropped from the config; FP8 tensors without one get DeepSeek's.
+    """
+    from r1c.exporter.checkpoint_reader import CheckpointReader
+
+    reader = CheckpointReader(path)
+    names = reader.names
+    bar = tqdm(names, desc="loading tensors", unit="tensor", file=sys.stderr,
+               disable=len(reader.files) < 2 or not sys.stderr.isatty())
+    tensors = {name: reader.get(name) for name in bar}
     for name in list(tensors):  # the router runs in float32 (transformers keeps these in fp32 too)
         if name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias")):
             tensors[name] = tensors[name].to(torch.float32)
-    return Checkpoint(config=config, tensors=tensors, source=root)
-
-
-def _check(config: ModelConfig, tensors: dict[str, torch.Tensor], root: Path) -> None:
-    expected = expected_shapes(config)
-    missing = [name for name in expected if name not in tensors]
-    for name, tensor in tensors.items():
-        if tensor.dtype == FP8_DTYPE and name + SCALE_SUFFIX not in tensors:
-            missing.append(name + SCALE_SUFFIX)
-    if missing:
-        raise CheckpointError(f"checkpoint {root}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
-    for name, shape in expected.items():
-        got = tuple(tensors[name].shape)
-        if got != shape:
-            raise CheckpointError(f"checkpoint {root}: tensor {name} has shape {list(got)}, expected {list(shape)}")
-        scale = tensors.get(name + SCALE_SUFFIX)
-        if scale is not None:
-            want = (*shape[:-2], *fp8.block_shape(shape[-2], shape[-1]))
-            if tuple(scale.shape) != want:
-                raise CheckpointError(f"checkpoint {root}: tensor {name}{SCALE_SUFFIX} has shape "
-                                      f"{list(scale.shape)}, expected {list(want)}")
+    config = reader.config
+    has_fp8 = any(t.dtype == FP8_DTYPE for t in tensors.values())
+    if config.quantization_config is not None and not has_fp8:
+        logger.info("checkpoint %s: config.json's quantization_config (%s) describes no tensor (the weights are "
+                    "not FP8): dropped", reader.root, config.quantization_config.get("quant_method"))
+        config = config.replace(quantization_config=None)
+    elif config.quantization_config is None and has_fp8:
+        config = config.replace(quantization_config=dict(FP8_QUANTIZATION_CONFIG))
+    return Checkpoint(config=config, tensors=tensors, source=reader.root)
 
 
 # ---- saving ----------------------------------------------------------------------------------------
 def _per_expert(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fused expert tensors -> DeepSeek's per-expert names (other tensors unchanged, order kept)."""
+    """Fused expert tensors -> DeepSeek's per-expert names (other tensors unchanged, order kept).
+
+    Padded FP8 experts (`checkpoint_layouts`) split back exactly; unpadded FP8 ones whose 128-row scale blocks
+    straddle gate and up rows cannot be split (CheckpointError).
+    """
     inter = config.moe_intermediate_size
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        for fused, projs in ((".gate_up_proj", ("gate_proj", "up_proj")), (".down_proj", ("down_proj",))):
-            base = name.removesuffix(SCALE_SUFFIX)
-            if not (base.endswith("mlp.experts" + fused)):
-                continue
-            prefix = base.removesuffix(fused)
-            kind = "weight" + (SCALE_SUFFIX if name.endswith(SCALE_SUFFIX) else "")
-            if len(projs) == 2 and kind != "weight" and inter % fp8.BLOCK != 0:
-                raise CheckpointError(f"checkpoint: cannot split FP8 scales of {name} per expert when "
-                                      f"moe_intermediate_size ({inter}) is not a multiple of {fp8.BLOCK}")
-            split = inter if kind == "weight" else inter // fp8.BLOCK
-            for e in range(t.shape[0]):
-                parts = (t[e, :split], t[e, split:]) if len(projs) == 2 else (t[e],)
-                for proj, part in zip(projs, parts):
-                    out[f"{prefix}.{e}.{proj}.{kind}"] = part
-            break
-        else:
+        base = name.removesuffix(SCALE_SUFFIX)
+        kind = "weight" + (SCALE_SUFFIX if name != base else "")
+        if not base.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             out[name] = t
+            continue
+        padded = is_padded(config, base, tuple(tensors[base].shape))
+        prefix = base.rsplit(".", 1)[0]
+        for e in range(t.shape[0]):
+            if base.endswith("down_proj"):
+                parts = {"down_proj": t[e] if kind != "weight" else t[e][:, :inter]}
+            elif kind != "weight":
+                if inter % fp8.BLOCK and not padded:
+                    raise CheckpointError(f"checkpoint: cannot split FP8 scales of {name} per expert when "
+                                          f"moe_intermediate_size ({inter}) is not a multiple of {fp8.BLOCK}")
+                half = t.shape[1] // 2
+                parts = {"gate_proj": t[e, :half], "up_proj": t[e, half:]}
+            else:
+                width = padded_width(inter) if padded else inter
+                parts = {"gate_proj": t[e, :inter], "up_proj": t[e, width : width + inter]}
+            for proj, part in parts.items():
+                out[f"{prefix}.{e}.{proj}.{kind}"] = part
     return out
 
 
@@ -385,22 +253,28 @@ def quantize_checkpoint_fp8(
     return config.replace(quantization_config=dict(FP8_QUANTIZATION_CONFIG)), out
 
 
-def dequantized(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The canonical tensors in `dtype`, FP8 weights dequantized with their block scales (scales dropped)."""
+def dequantized(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """The canonical tensors in `dtype`, FP8 weights dequantized with their block scales (scales dropped).
+
+    With `config`, padded FP8 experts (per-expert FP8 with a partial last block, `checkpoint_layouts`) are cut
+    back to moe_intermediate_size, so the result loads into a model of that config (r1c's or transformers');
+    without it they keep their zero padding (exact for an export, not loadable into such a model).
+    """
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.endswith(SCALE_SUFFIX):
             continue
         scale = tensors.get(name + SCALE_SUFFIX)
         out[name] = (fp8.dequantize(t, scale) if scale is not None else t).to(dtype)
-    return out
+    return out if config is None else unpad_experts(config, out)
 
 
 def model_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> DeepseekV3ForCausalLM:
     """The PyTorch model on CPU in `dtype` (float32 by default), FP8 weights dequantized; in eval mode."""
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(ckpt.config)
-    state = dequantized(ckpt.tensors, dtype)
+    state = dequantized(ckpt.tensors, dtype, ckpt.config)
     for name, t in state.items():
         if name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias")):
             state[name] = t.to(torch.float32)

@@ -1,5 +1,8 @@
-"""DeepSeek-V3/R1 in plain PyTorch: MLA attention with a latent KV cache, DeepSeekMoE, YaRN RoPE.
+"""DeepSeek-V3/R1 (and V2) in plain PyTorch: MLA attention with a latent KV cache, DeepSeekMoE, YaRN RoPE.
 
+One model serves both architectures: what differs (routing method and scoring, the router's correction bias,
+shared-expert count, q_lora, rope layout) is a config field, and every such field is honoured here and in the
+ONNX lowering alike (tests/test_conformance.py holds both equal to transformers' DeepseekV3/V2ForCausalLM).
 The state_dict uses transformers' v5 fused layout (`mlp.experts.gate_up_proj` [E, 2I, H],
 `mlp.experts.down_proj` [E, H, I]); routing and routed experts call the r1c op references, so this
 model is the reference the ONNX export is compared with.
@@ -21,9 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1c.config import ModelConfig, yarn_get_mscale
-from r1c.errors import ConfigError
 from r1c.plugins.moe_experts import moe_experts_reference
 from r1c.plugins.moe_router import moe_router_reference
+
+# eps of MLA's q_a_layernorm / kv_a_layernorm: the RMSNorm default, whatever rms_norm_eps says (transformers 5's
+# DeepseekV3Attention / DeepseekV2Attention build these two norms without the config's eps). The decoder norms
+# use config.rms_norm_eps.
+MLA_NORM_EPS = 1e-6
+
+
+def router_attributes(config: ModelConfig) -> dict[str, Any]:
+    """The `r1c::MoERouter` attributes of a model's MoE layers (the PyTorch model and the lowering both use these)."""
+    return dict(top_k=config.num_experts_per_tok, n_group=config.n_group, topk_group=config.topk_group,
+                routed_scaling_factor=float(config.routed_scaling_factor), norm_topk_prob=int(config.norm_topk_prob),
+                scoring=config.scoring_func, topk_method=config.topk_method)
 
 
 class LatentCache:
@@ -52,7 +66,7 @@ class LatentCache:
 
 # ---- building blocks ---------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
@@ -71,8 +85,8 @@ def rope_parameters(config: ModelConfig) -> tuple[torch.Tensor, float]:
     rs = config.rope_scaling
     if not rs or rs.get("type", "yarn") == "default":
         return inv_extrapolation, 1.0
-    original = float(rs["original_max_position_embeddings"])
-    factor = float(rs.get("factor") or config.max_position_embeddings / original)
+    original = float(rs["original_max_position_embeddings"])  # filled from max_position_embeddings when absent
+    factor = float(rs["factor"])
     attention_factor = rs.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
@@ -125,36 +139,29 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """noaux_tc routing: the `r1c::MoERouter` op."""
+    """DeepSeek routing (V3 noaux_tc; V2 greedy / group_limited_greedy): the `r1c::MoERouter` op."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         e, h = config.n_routed_experts, config.hidden_size
         self.weight = nn.Parameter(torch.zeros(e, h, dtype=torch.float32))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(e, dtype=torch.float32), requires_grad=False)
-        n_group, topk_group = config.n_group, config.topk_group
-        if config.topk_method == "greedy":
-            n_group, topk_group = 1, 1
-        elif config.topk_method != "noaux_tc":
-            raise ConfigError(f"model: topk_method {config.topk_method!r} is not supported (noaux_tc, greedy)")
-        self.top_k = config.num_experts_per_tok
-        self.n_group, self.topk_group = n_group, topk_group
-        self.routed_scaling_factor = config.routed_scaling_factor
-        self.norm_topk_prob = int(config.norm_topk_prob)
-        self.scoring = config.scoring_func
+        self.e_score_correction_bias: nn.Parameter | None = None
+        if config.has_correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(e, dtype=torch.float32), requires_grad=False)
+        self.attributes = router_attributes(config)
 
     def op_attributes(self) -> dict[str, Any]:
         """The `r1c::MoERouter` attributes of this layer."""
-        return dict(top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
-                    routed_scaling_factor=self.routed_scaling_factor, norm_topk_prob=self.norm_topk_prob,
-                    scoring=self.scoring)
+        return dict(self.attributes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, K] float32, ids [T, K] int32)."""
-        return moe_router_reference(
-            x, self.weight, self.e_score_correction_bias, top_k=self.top_k, n_group=self.n_group,
-            topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
-            norm_topk_prob=self.norm_topk_prob, scoring=self.scoring)
+        bias: torch.Tensor
+        if self.e_score_correction_bias is not None:
+            bias = self.e_score_correction_bias
+        else:  # the V2 methods select on the scores alone
+            bias = torch.zeros(self.weight.shape[0], dtype=torch.float32, device=self.weight.device)
+        return moe_router_reference(x, self.weight, bias, **self.attributes)
 
 
 class Experts(nn.Module):
@@ -207,10 +214,10 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(h, n * c.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(h, c.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, MLA_NORM_EPS)
             self.q_b_proj = nn.Linear(c.q_lora_rank, n * c.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, c.latent_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, MLA_NORM_EPS)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, n * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n * c.v_head_dim, h, bias=False)
 

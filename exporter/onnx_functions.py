@@ -20,12 +20,13 @@ FP8_BLOCK = 128
 
 
 def _ref_const(out: str, attr: str, kind: str) -> onnx.NodeProto:
-    """Constant whose value is the calling node's attribute `attr` (kind: value_int | value_float)."""
+    """Constant whose value is the calling node's attribute `attr` (kind: value_int | value_float | value_string)."""
     node = helper.make_node("Constant", [], [out])
     a = onnx.AttributeProto()
     a.name = kind
     a.ref_attr_name = attr
-    a.type = onnx.AttributeProto.INT if kind == "value_int" else onnx.AttributeProto.FLOAT
+    a.type = {"value_int": onnx.AttributeProto.INT, "value_float": onnx.AttributeProto.FLOAT,
+              "value_string": onnx.AttributeProto.STRING}[kind]
     node.attribute.append(a)
     return node
 
@@ -36,7 +37,12 @@ def _const(out: str, values: list[int] | list[float] | float, dtype: int = Tenso
     return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, dims, vals))
 
 
+def _string(out: str, value: str) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [out], value_string=value)
+
+
 def _function(spec: OpSpec, inputs: list[str], nodes: list[onnx.NodeProto]) -> onnx.FunctionProto:
+    """The body with the SPEC's attributes and their defaults (a node that omits one computes the default)."""
     return helper.make_function(
         spec.domain,
         spec.name,
@@ -44,46 +50,76 @@ def _function(spec: OpSpec, inputs: list[str], nodes: list[onnx.NodeProto]) -> o
         list(spec.outputs),
         nodes,
         OPSET_IMPORTS,
-        attributes=[*spec.attributes, "plugin_namespace"],
+        attributes=["plugin_namespace"],
+        attribute_protos=[helper.make_attribute(name, value) for name, value in spec.attributes.items()],
     )
 
 
-def router_function(scoring: str = "sigmoid") -> onnx.FunctionProto:
-    """`r1c::MoERouter` as standard ops; the scoring function (a string attribute) is fixed per model."""
-    if scoring not in ("sigmoid", "softmax"):
-        raise ValueError(f"MoERouter: unknown scoring {scoring!r}")
+def router_function() -> onnx.FunctionProto:
+    """`r1c::MoERouter` as standard ops, every mode of the op in one body (plugins/moe_router/reference.py).
+
+    Every attribute, the strings included, is read from the calling node (`ref_attr_name`), so one body serves
+    any model and a pass that changes an attribute changes what the body computes. The modes are one dataflow:
+        s = sigmoid | softmax (logits)                      scoring
+        c = s + correction_bias (noaux_tc) | s              selection scores
+        groups G = 1 (greedy) | n_group; kept = 1 | topk_group
+        group score = sum of the top-2 (noaux_tc) | top-1 = max (V2) of c in each group
+        experts of dropped groups: c = -inf (noaux_tc) | 0 (V2); ids = TopK(c, top_k); weights = s at ids
+    (both scorings are computed and one is selected: [T, E] work, folded by a runtime's constant folding when the
+    attribute is a constant). norm_topk_prob with a V2 method is refused before a model is written.
+    """
     n = helper.make_node
     nodes = [
         n("Cast", ["hidden"], ["h32"], to=TensorProto.FLOAT),
         n("Gemm", ["h32", "gate_weight"], ["logits"], transB=1),  # [T, E]; no weight transpose per call
-        n("Sigmoid", ["logits"], ["s"]) if scoring == "sigmoid" else n("Softmax", ["logits"], ["s"], axis=-1),
-        n("Add", ["s", "correction_bias"], ["c"]),  # selection scores
-        # group scores: sum of the two best selection scores of each of G groups
+        _ref_const("scoring", "scoring", "value_string"),
+        _string("softmax_name", "softmax"),
+        n("Equal", ["scoring", "softmax_name"], ["is_softmax"]),
+        n("Sigmoid", ["logits"], ["s_sigmoid"]),
+        n("Softmax", ["logits"], ["s_softmax"], axis=-1),
+        n("Where", ["is_softmax", "s_softmax", "s_sigmoid"], ["s"]),
+        _ref_const("method", "topk_method", "value_string"),
+        _string("noaux_tc_name", "noaux_tc"),
+        _string("greedy_name", "greedy"),
+        n("Equal", ["method", "noaux_tc_name"], ["is_v3"]),
+        n("Equal", ["method", "greedy_name"], ["is_greedy"]),
+        n("Add", ["s", "correction_bias"], ["biased"]),
+        n("Where", ["is_v3", "biased", "s"], ["c"]),  # selection scores [T, E]
+        # groups: G = 1 for greedy, else n_group; group score = sum of the top-2 (V3) or top-1 (V2) of each group
         n("Shape", ["c"], ["c_shape"]),
         n("Shape", ["c"], ["t_dim"], start=0, end=1),
-        _ref_const("g_scalar", "n_group", "value_int"),
-        _const("one_axis", [0]),
-        n("Unsqueeze", ["g_scalar", "one_axis"], ["g_dim"]),
+        _const("one", [1]),
+        _const("axis0", [0]),
+        _ref_const("n_group_attr", "n_group", "value_int"),
+        n("Unsqueeze", ["n_group_attr", "axis0"], ["n_group_1d"]),
+        n("Where", ["is_greedy", "one", "n_group_1d"], ["g_dim"]),
+        _ref_const("topk_group_attr", "topk_group", "value_int"),
+        n("Unsqueeze", ["topk_group_attr", "axis0"], ["topk_group_1d"]),
+        n("Where", ["is_greedy", "one", "topk_group_1d"], ["kg"]),
         _const("minus_one", [-1]),
         n("Concat", ["t_dim", "g_dim", "minus_one"], ["grouped_shape"], axis=0),
         n("Reshape", ["c", "grouped_shape"], ["grouped"]),  # [T, G, E/G]
+        n("Shape", ["grouped"], ["per_group"], start=2, end=3),
         _const("two", [2]),
-        n("TopK", ["grouped", "two"], ["top2", "top2_idx"], axis=-1),
-        n("ReduceSum", ["top2", "minus_one"], ["group_score"], keepdims=0),  # [T, G]
-        _ref_const("kg_scalar", "topk_group", "value_int"),
-        n("Unsqueeze", ["kg_scalar", "one_axis"], ["kg"]),
-        n("TopK", ["group_score", "kg"], ["kept_score", "kept"], axis=-1),  # [T, topk_group]
+        n("Where", ["is_v3", "two", "one"], ["best_n"]),
+        n("Min", ["best_n", "per_group"], ["best_k"]),  # a group of one expert has no second best
+        n("TopK", ["grouped", "best_k"], ["best", "best_idx"], axis=-1),
+        n("ReduceSum", ["best", "minus_one"], ["group_score"], keepdims=0),  # [T, G]
+        n("TopK", ["group_score", "kg"], ["kept_score", "kept"], axis=-1),  # [T, kept groups]
         n("Shape", ["group_score"], ["gs_shape"]),
-        n("ConstantOfShape", ["gs_shape"], ["zeros"], value=helper.make_tensor("z", TensorProto.BOOL, [1], [False])),
+        n("ConstantOfShape", ["gs_shape"], ["no_group"], value=helper.make_tensor("z", TensorProto.BOOL, [1],
+                                                                                  [False])),
         n("Shape", ["kept"], ["kept_shape"]),
         n("ConstantOfShape", ["kept_shape"], ["trues"], value=helper.make_tensor("t", TensorProto.BOOL, [1], [True])),
-        n("ScatterElements", ["zeros", "kept", "trues"], ["group_mask"], axis=1),  # [T, G]
+        n("ScatterElements", ["no_group", "kept", "trues"], ["group_mask"], axis=1),  # [T, G]
         n("Unsqueeze", ["group_mask", "minus_one"], ["group_mask3"]),  # [T, G, 1]
         _const("neg_inf", float("-inf"), TensorProto.FLOAT),
-        n("Where", ["group_mask3", "grouped", "neg_inf"], ["masked3"]),
+        _const("zero", 0.0, TensorProto.FLOAT),
+        n("Where", ["is_v3", "neg_inf", "zero"], ["dropped"]),
+        n("Where", ["group_mask3", "grouped", "dropped"], ["masked3"]),
         n("Reshape", ["masked3", "c_shape"], ["masked"]),  # [T, E]
         _ref_const("k_scalar", "top_k", "value_int"),
-        n("Unsqueeze", ["k_scalar", "one_axis"], ["k"]),
+        n("Unsqueeze", ["k_scalar", "axis0"], ["k"]),
         # ONNX TopK: descending, and equal values keep the lower index first
         n("TopK", ["masked", "k"], ["top_c", "ids64"], axis=-1),
         n("GatherElements", ["s", "ids64"], ["w_raw"], axis=1),  # unbiased scores at the chosen ids
@@ -127,9 +163,10 @@ def _dequant_nodes(w: str, scale: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
-def experts_function(quant: str = "none") -> onnx.FunctionProto:
+def experts_function(quant: str = "none", cast_weights: bool = False) -> onnx.FunctionProto:
     """`r1c::MoEExperts` as standard ops: every expert on every token, weighted by a dense [T, E] routing.
 
+    `cast_weights`: the weights are bfloat16/float16 (a `--dtype` export) and are widened to float32 first.
     This is the portable meaning of the op, not its fast path: targets lower it to a fused kernel
     (ONNX Runtime's MoE, a TensorRT plugin). With ONNX Runtime the fp8 dequantization below depends only
     on initializers, so the session's constant folding does it once at load.
@@ -145,6 +182,10 @@ def experts_function(quant: str = "none") -> onnx.FunctionProto:
         w13, w2 = "w13_f", "w2_f"
     elif quant != "none":
         raise ValueError(f"MoEExperts: unknown quant {quant!r}")
+    elif cast_weights:  # bf16/fp16 weights: the body computes in float32 (a runtime folds the casts at load)
+        nodes += [n("Cast", ["w13"], ["w13_f"], to=TensorProto.FLOAT),
+                  n("Cast", ["w2"], ["w2_f"], to=TensorProto.FLOAT)]
+        w13, w2 = "w13_f", "w2_f"
     nodes += [
         n("Cast", ["hidden"], ["h32"], to=TensorProto.FLOAT),
         n("Transpose", ["h32"], ["hT"], perm=[1, 0]),  # [H, T]

@@ -112,7 +112,7 @@ class _RouterRule(RewriteRuleClassBase):
             return r.fail(f"hidden/bias are {hidden.dtype}/{bias.dtype}, not float32", hidden)
         self._attrs = r1c_attrs(SPEC, top_k=top_k[0], n_group=n_group, topk_group=topk_group[0],
                                 routed_scaling_factor=factor, norm_topk_prob=int(self.norm != "none"),
-                                scoring="sigmoid")
+                                scoring="sigmoid", topk_method="noaux_tc")
         return r
 
     def rewrite(self, op, hidden, gate_w, bias, ids, **_):
@@ -155,7 +155,7 @@ class FuseMoERouterPass(RulesPass):
         return [_RouterRule.rule(gemm, norm, scaled) for gemm, norm, scaled in variants]
 
     def after_rewrites(self, model: ir.Model) -> None:
-        ensure_function(model, router_function("sigmoid"))
+        ensure_function(model, router_function())
 
     def ensures(self, model: ir.Model) -> None:
         check_r1c_bodies("fuse_moe_router", model)

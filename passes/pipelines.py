@@ -3,7 +3,7 @@
 - `r1c`: a foreign ONNX (e.g. the stock torch.onnx export) -> the r1c form that `r1c export` writes:
   standard ONNX plus r1c ops carrying their function bodies. Runnable by ONNX Runtime as it is.
 - `onnxruntime`: the same fusions, then ONNX Runtime's fused kernels (RMSNorm, SwiGLU activation, MoE),
-  the remaining r1c bodies inlined.
+  the remaining r1c bodies inlined; float32 casts around the bfloat16/float16 nodes ORT's CPU cannot run.
 - `tensorrt`: the same MoE fusions, r1c nodes kept as plugin nodes without bodies, every other node
   checked against TensorRT's ONNX support matrix.
 A pass's name is its module's name (`fuse_moe_router`); `r1c passes --target T` prints a pipeline.
@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ClearMetadataAndDocStringPass, CommonSubexpressionEliminationPass
 
 from r1c.errors import PassError, R1CError
+from r1c.passes.cast_for_ort_kernels import CastForOrtKernelsPass
 from r1c.passes.check_tensorrt_ops import CheckTensorRTOpsPass
 from r1c.passes.deduplicate_small_initializers import DeduplicateSmallInitializersPass
 from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
@@ -50,7 +51,7 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
         FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass,
         RemoveDeadCodePass, LowerMoEToOrtPass, InlineR1CFunctionsPass,
         FoldConstantsPass, RemoveDeadCodePass, CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass,
-        InferShapesPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,
+        InferShapesPass, CastForOrtKernelsPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,
     ),
     "tensorrt": (
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
@@ -86,10 +87,50 @@ def pipeline(target: str) -> list[ir.passes.PassBase]:
 
 
 def save_model(model: ir.Model, path: str | Path) -> Path:
-    """Write `path` and its weights as `<name>.data` beside it (same model -> same bytes)."""
+    """Write `path` and its weights as `<name>.data` beside it (same model -> same bytes).
+
+    Tensors are written one at a time; each memory-mapped source tensor is let go once written, so memory
+    stays about one tensor however large the model.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, path, external_data=f"{path.name}.data")
+    previous: list[ir.TensorProtocol] = []
+
+    def release_previous(tensor: ir.TensorProtocol, _: object) -> None:
+        if previous and isinstance(previous[0], ir.ExternalTensor):
+            previous[0].release()
+        previous[:] = [tensor]
+
+    ir.save(model, path, external_data=f"{path.name}.data", callback=release_previous)
+    return path
+
+
+def save_model_in_place(model: ir.Model, path: Path) -> Path:
+    """Write `path` over the model it was loaded from without rewriting its weights.
+
+    Initializers still backed by the data files beside `path` keep their location, offset and length; a tensor
+    a pass created (a folded constant) is appended to the first data file, or kept in the proto when it is
+    smaller than INLINE_LIMIT bytes. The model file is replaced atomically.
+    """
+    from r1c.exporter.onnx_graph import ALIGN, DATA_FILE, INLINE_LIMIT
+
+    data = path.parent / DATA_FILE
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < INLINE_LIMIT:
+            continue
+        with data.open("ab") as f:
+            offset = f.tell()
+            if offset % ALIGN:
+                f.write(b"\0" * (ALIGN - offset % ALIGN))
+                offset = f.tell()
+            f.write(tensor.tobytes())
+        shape = ir.Shape([int(d) for d in tensor.shape.numpy()])
+        value.const_value = ir.ExternalTensor(DATA_FILE, offset, tensor.nbytes, tensor.dtype, shape=shape,
+                                              name=value.name or "", base_dir=path.parent)
+    tmp = path.with_name(path.name + ".partial")
+    ir.save(model, tmp)
+    tmp.replace(path)
     return path
 
 
@@ -149,16 +190,26 @@ def _r1c_cause(error: BaseException) -> R1CError | None:
 
 def lower_file(src: str | Path, dst: str | Path, *, target: str, dump_after: str | None = None,
                dump_dir: str | Path | None = None, verbose: bool = False,
-               stats: list[PassStats] | None = None) -> Path:
-    """Loads `src`, runs the target's pipeline and writes `dst` (+ `dst.data`). Used by `r1c build`."""
+               stats: list[PassStats] | None = None, in_place: bool = False) -> Path:
+    """Loads `src`, runs the target's pipeline and writes `dst` (+ `dst.data`). Used by `r1c build`.
+
+    Weights are never all in memory: onnx_ir keeps external tensors memory-mapped and reads one only when a
+    pass needs its values. `in_place=True` (with `dst == src`) rewrites the model file and leaves its data
+    files as they are (`save_model_in_place`): what `r1c export` does to canonicalize a fresh export.
+    """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise PassError(f"passes: {src} is not a file")
-    if dst.resolve().parent == src.resolve().parent and (dst.name == src.name or dst.name + ".data" == src.name):
+    same_dir = dst.resolve().parent == src.resolve().parent
+    if in_place and dst.resolve() != src.resolve():
+        raise PassError(f"passes: in_place lowering writes {src} itself, not {dst}")
+    if not in_place and same_dir and (dst.name == src.name or dst.name + ".data" == src.name):
         raise PassError(f"passes: writing {dst} would overwrite the model being read")
     try:
         model = ir.load(src)
     except Exception as e:
         raise PassError(f"passes: cannot read {src} as ONNX ({type(e).__name__}: {e})") from e
     model = run_pipeline(model, target, dump_after=dump_after, dump_dir=dump_dir, verbose=verbose, stats=stats)
+    if in_place:
+        return save_model_in_place(model, src)
     return save_model(model, dst)

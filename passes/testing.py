@@ -159,7 +159,7 @@ def r1c_moe_model(rng: np.random.Generator, *, experts: int, hidden: int, inter:
     from r1c.plugins.fp8 import dequantize, quantize
 
     attrs: dict[str, Any] = {"top_k": 4, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
-                             "norm_topk_prob": 1, "scoring": "sigmoid", **router}
+                             "norm_topk_prob": 1, "scoring": "sigmoid", "topk_method": "noaux_tc", **router}
     w: dict[str, object] = {
         "gate_w": (rng.standard_normal((experts, hidden)) * hidden**-0.5).astype(np.float32),
         "bias": (rng.uniform(-0.15, 0.15, experts) if bias is None else bias).astype(np.float32),
@@ -186,7 +186,7 @@ def r1c_moe_model(rng: np.random.Generator, *, experts: int, hidden: int, inter:
                        plugin_namespace="r1c", quant=quant, activation="swiglu")]
     model = make_model(nodes, [info("h", onnx.TensorProto.FLOAT, ["tokens", hidden])],
                        [info("out", onnx.TensorProto.FLOAT, ["tokens", hidden])], inits,
-                       functions=[router_function("sigmoid"), experts_function(quant)])
+                       functions=[router_function(), experts_function(quant)])
     return model, w
 
 

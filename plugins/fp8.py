@@ -6,6 +6,9 @@ import torch
 
 BLOCK = 128
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# `quantization_config` of a checkpoint or export holding such weights (DeepSeek-V3's config.json)
+QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                       "weight_block_size": [BLOCK, BLOCK]}
 
 
 def block_shape(rows: int, cols: int, block: int = BLOCK) -> tuple[int, int]:

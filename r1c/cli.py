@@ -51,23 +51,43 @@ def main(verbose: int) -> None:
     _setup_logging(verbose)
 
 
-def _load_source(src: Path | None, preset_name: str | None, seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """(config, tensors, source description) from a checkpoint dir or a preset with seeded weights."""
+def _load_source(src: Path | None, preset_name: str | None, seed: int, weights: str
+                 ) -> tuple[Any, Any, dict[str, Any]]:
+    """(config, tensor source, source description) from a checkpoint dir (read lazily) or a preset."""
     from r1c.config import preset
-    from r1c.exporter.checkpoint import load_checkpoint, random_checkpoint
 
     if (src is None) == (preset_name is None):
         raise ExportError("export: give either a checkpoint directory or --preset NAME (not both)")
     if preset_name is not None:
+        from r1c.exporter.checkpoint import random_checkpoint
+
         config = preset(preset_name)
+        if weights == "none":
+            return config, None, {"preset": preset_name, "weights": "none"}
         params = config.num_parameters()
         if params * 4 > 64 * 2**30:
             raise ExportError(f"export: preset {preset_name!r} has {params / 1e9:.0f}B parameters; random weights "
-                              "of that size cannot be made here (export a real checkpoint directory instead)")
+                              "of that size cannot be made here (export a real checkpoint directory instead, or "
+                              "--weights none for the graph alone)")
         return config, random_checkpoint(config, seed=seed), {"preset": preset_name, "seed": seed}
     assert src is not None
-    ckpt = load_checkpoint(src)
-    return ckpt.config, ckpt.tensors, {"checkpoint": str(src.resolve())}
+    from r1c.exporter.checkpoint_reader import CheckpointReader
+
+    reader = CheckpointReader(src)
+    return reader.config, reader, {"checkpoint": str(src.resolve())}
+
+
+def _auto_dtype(source: Any) -> str:
+    """--dtype auto: the checkpoint's own dtype (that of its embedding; DeepSeek's FP8 release: bfloat16)."""
+    import torch
+
+    from r1c.exporter.tensor_source import DictSource
+
+    if source is None:
+        return "float32"
+    source = DictSource(source) if isinstance(source, dict) else source
+    t = source.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in source else torch.float32
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(t, "float32")
 
 
 @main.command()
@@ -78,27 +98,47 @@ def _load_source(src: Path | None, preset_name: str | None, seed: int) -> tuple[
               help="Export a built-in config with seeded random weights instead of a checkpoint.")
 @click.option("--seed", default=0, show_default=True, help="Seed of a preset's random weights.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp8"]), default="auto", show_default=True,
-              help="auto: keep the checkpoint's (FP8 stays FP8, bf16 becomes fp32); fp8: quantize weights to "
-                   "e4m3fn with 128x128 block scales; fp32: dequantize everything.")
+              help="auto: keep the checkpoint's weights (FP8 stays FP8); fp8: quantize weights to e4m3fn with "
+                   "128x128 block scales; fp32: dequantize FP8 weights (to --dtype).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True,
+              help="Activations, latent KV cache and non-FP8 weights. auto: the checkpoint's own (bfloat16 for "
+                   "DeepSeek's release; float32 for presets). Router and RMSNorm statistics stay float32.")
+@click.option("--weights", type=click.Choice(["all", "none"]), default="all", show_default=True,
+              help="none: the full graph and its data-file layout with no weight bytes (sparse files), e.g. "
+                   "`--preset r1 --weights none` to check the real model's graph without its 690 GB.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
-def export(src: Path | None, out: Path, preset_name: str | None, seed: int, precision: str, progress: bool) -> None:
+def export(src: Path | None, out: Path, preset_name: str | None, seed: int, precision: str, dtype: str,
+           weights: str, progress: bool) -> None:
     """Export a DeepSeek-V3/R1 checkpoint (HF layout: config.json + safetensors) to ONNX.
 
     The graph holds r1c::MoERouter and r1c::MoEExperts nodes (each with an ONNX function body, so ONNX
-    Runtime runs it as is), weights as external data (model.onnx.data), a latent KV cache (MLA's
-    compressed KV, kv_lora_rank + qk_rope_head_dim values per token per layer) and one graph for both
-    prefill and decode. graph_io.json describes the inputs, outputs and cache layout.
+    Runtime runs it as is), weights as external data (model.onnx.data, then model.onnx.data.1, ... per
+    16 GiB), a latent KV cache (MLA's compressed KV, kv_lora_rank + qk_rope_head_dim values per token per
+    layer) and one graph for both prefill and decode. graph_io.json describes the inputs, outputs and cache
+    layout. Weights stream from the checkpoint's shards layer by layer: memory stays about one layer.
     """
     from r1c.exporter.onnx_export import export_onnx
 
-    config, tensors, source = _load_source(src, preset_name, seed)
+    config, tensors, source = _load_source(src, preset_name, seed, weights)
+    if dtype == "auto":
+        dtype = _auto_dtype(tensors)
+    if tensors is None or weights == "none":
+        import torch
+
+        from r1c.exporter.tensor_source import ShapeSource
+
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        tensors = ShapeSource(config, torch_dtype) if tensors is None else tensors
+        if precision != "auto":
+            raise ExportError("export: --precision needs weights (it cannot be combined with --weights none)")
     extra: dict[str, str] = {}
     if precision == "fp8":
         from r1c.exporter.checkpoint import quantize_checkpoint_fp8
         from r1c.exporter.quant_report import quantization_report
 
-        original = tensors
-        config, tensors = quantize_checkpoint_fp8(config, tensors)
+        original = _materialize(tensors)
+        config, tensors = quantize_checkpoint_fp8(config, original)
         report = quantization_report(original, tensors)
         del original
         extra["quantization.json"] = json.dumps(report, indent=2) + "\n"
@@ -107,29 +147,33 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
     elif precision == "fp32":
         from r1c.exporter.checkpoint import dequantized
 
-        config, tensors = config.replace(quantization_config=None), dequantized(tensors)
-    source["precision"] = precision
+        config, tensors = config.replace(quantization_config=None), dequantized(_materialize(tensors))
+    source.update(precision=precision, dtype=dtype, weights=weights)
     from r1c.runtime.serving.text import tokenizer_files
 
     extra.update(tokenizer_files(src))  # the checkpoint's tokenizer travels with the model
-    export_onnx(config, tensors, out, progress=progress and sys.stderr.isatty(),
+    export_onnx(config, tensors, out, dtype=dtype, write_weights=weights == "all",
+                progress=progress and sys.stderr.isatty(),
                 extra_files={"source.json": json.dumps(source, indent=2) + "\n", **extra},
                 postprocess=_canonicalize)
     click.echo(f"exported {out}")
 
 
-def _canonicalize(export_dir: Path) -> None:
-    """Run the target-independent `r1c` pass pipeline over a fresh export (cleanup, shapes, stable names)."""
-    import shutil
+def _materialize(tensors: Any) -> dict[str, Any]:
+    """Every tensor in memory (what --precision fp8/fp32 transforms need; not a streamed export)."""
+    if isinstance(tensors, dict):
+        return tensors
+    return {name: tensors.get(name) for name in tensors.names}
 
+
+def _canonicalize(export_dir: Path) -> None:
+    """Run the target-independent `r1c` pass pipeline over a fresh export (cleanup, shapes, stable names).
+
+    In place: the model file is rewritten, its weights stay where the exporter wrote them.
+    """
     from r1c.passes.pipelines import lower_file
 
-    raw = export_dir / "raw"
-    raw.mkdir()
-    for name in ("model.onnx", "model.onnx.data"):
-        (export_dir / name).rename(raw / name)
-    lower_file(raw / "model.onnx", export_dir / "model.onnx", target="r1c")
-    shutil.rmtree(raw)
+    lower_file(export_dir / "model.onnx", export_dir / "model.onnx", target="r1c", in_place=True)
 
 
 @main.command()
@@ -241,6 +285,7 @@ def _bytes(n: float) -> str:
 def _register_stage_commands() -> None:
     """Commands whose modules live in other stages; registered here so `r1c --help` lists them all."""
     from r1c.cli_passes import inspect_cmd, optimize_cmd, passes_cmd
+    from r1c.cli_verify import verify_cmd
     from r1c.runtime.bench.cli import bench_cmd
     from r1c.runtime.server.commands import register as register_serving_commands
 
@@ -248,6 +293,7 @@ def _register_stage_commands() -> None:
     main.add_command(inspect_cmd, "inspect")
     main.add_command(optimize_cmd, "optimize")
     main.add_command(bench_cmd, "bench")
+    main.add_command(verify_cmd, "verify")
     register_serving_commands(main)  # serve, capi, bench-serving (r1c.runtime.server.commands)
 
 

@@ -1,6 +1,9 @@
-"""The DeepSeek-V3/R1 model config shared by every stage, read from a HF ``config.json`` or a preset.
+"""The DeepSeek-V2/V3/R1 model config shared by every stage, read from a HF ``config.json`` or a preset.
 
-Field names follow the HF ``DeepseekV3Config`` so that a ``config.json`` maps one to one.
+Field names follow transformers' ``DeepseekV3Config`` / ``DeepseekV2Config`` so that a ``config.json`` maps one
+to one; reading and writing those files (architectures, defaults, refused fields) is `r1c.config_hf`. Every field
+that changes the math is honoured by both the PyTorch model (`r1c.exporter.model`) and the ONNX lowering
+(`r1c.exporter.onnx_export`); tests/test_conformance.py holds the two equal to transformers field by field.
 """
 
 from __future__ import annotations
@@ -13,10 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from r1c.errors import ConfigError
-from r1c.jsonfile import read_json_object
 
-SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
-SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
+V3_ARCHITECTURE = "DeepseekV3ForCausalLM"
+V2_ARCHITECTURE = "DeepseekV2ForCausalLM"
+SUPPORTED_ARCHITECTURES = (V3_ARCHITECTURE, V2_ARCHITECTURE)
+
+# Routing per architecture (`scoring_func`, `topk_method`). transformers' DeepseekV3TopkRouter always computes
+# sigmoid + noaux_tc and DeepSeek's V3 code raises on anything else; DeepseekV2TopkRouter always softmax, with
+# greedy or group_limited_greedy. A pair outside these has no reference to be equal to, so it is refused.
+ROUTING: dict[str, tuple[tuple[str, str], ...]] = {
+    V3_ARCHITECTURE: (("sigmoid", "noaux_tc"),),
+    V2_ARCHITECTURE: (("softmax", "greedy"), ("softmax", "group_limited_greedy")),
+}
+GROUPED_METHODS = ("noaux_tc", "group_limited_greedy")
+# Keys a YaRN block may carry (transformers' `_validate_yarn_rope_parameters`), besides its type and rope_theta.
+YARN_KEYS = ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "truncate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +42,7 @@ class ModelConfig:
     moe_intermediate_size: int  # one routed (or shared) expert
     num_hidden_layers: int
     num_attention_heads: int
-    q_lora_rank: int | None  # None: a plain q_proj (V2-Lite style)
+    q_lora_rank: int | None  # None: a plain q_proj (V2-Lite, Moonlight)
     kv_lora_rank: int
     qk_rope_head_dim: int
     qk_nope_head_dim: int
@@ -40,9 +55,9 @@ class ModelConfig:
     routed_scaling_factor: float
     norm_topk_prob: bool
     first_k_dense_replace: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # the decoder norms; MLA's latent norms use 1e-6 always (model.MLA_NORM_EPS)
     rope_theta: float = 10000.0
-    # YaRN parameters as in the R1 config (`rope_scaling` / `rope_parameters`); None means plain RoPE.
+    # YaRN parameters (`rope_scaling` / `rope_parameters`, type "yarn"); None means plain RoPE.
     rope_scaling: dict[str, Any] | None = None
     rope_interleave: bool = True
     max_position_embeddings: int = 4096
@@ -54,8 +69,15 @@ class ModelConfig:
     eos_token_id: int | None = 1
     # FP8 block quantization of the checkpoint, as in `quantization_config`; None for bf16/fp32.
     quantization_config: dict[str, Any] | None = None
+    architecture: str = V3_ARCHITECTURE
 
     def __post_init__(self) -> None:
+        if self.rope_scaling is not None:  # the form transformers standardizes to (`standardize_rope_params`)
+            rs = dict(self.rope_scaling)
+            rs["type"] = rs.pop("rope_type", rs.get("type", "yarn"))
+            if rs["type"] == "yarn":
+                rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+            object.__setattr__(self, "rope_scaling", rs)
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -76,7 +98,13 @@ class ModelConfig:
         return layer >= self.first_k_dense_replace
 
     @property
+    def has_correction_bias(self) -> bool:
+        """noaux_tc routing selects with `e_score_correction_bias`; the V2 methods have none."""
+        return self.topk_method == "noaux_tc"
+
+    @property
     def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (transformers' yarn_apply_mscale)."""
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
         if rs and rs.get("mscale_all_dim"):
@@ -85,119 +113,115 @@ class ModelConfig:
         return scale
 
     def validate(self) -> None:
+        """Raises ConfigError (one line naming the field and its value) for a config r1c cannot run exactly."""
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ConfigError(msg)
+                raise ConfigError(f"config: {msg}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank"):
-            need(getattr(self, name) > 0, f"config: {name} must be positive, got {getattr(self, name)}")
-        need(self.qk_rope_head_dim % 2 == 0, "config: qk_rope_head_dim must be even")
-        if self.num_moe_layers:
-            need(self.n_routed_experts > 0, "config: n_routed_experts must be positive")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "max_position_embeddings"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0, f"q_lora_rank must be positive or null, got "
+             f"{self.q_lora_rank}")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+             f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}], got "
+             f"{self.first_k_dense_replace}")
+        if self.first_k_dense_replace:
+            need(self.intermediate_size > 0, f"intermediate_size must be positive, got {self.intermediate_size}")
+        need(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0,
+             f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        need(math.isfinite(self.rope_theta) and self.rope_theta > 1, f"rope_theta must be > 1, got {self.rope_theta}")
+        need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (silu only)")
+        need(self.architecture in SUPPORTED_ARCHITECTURES,
+             f"architecture {self.architecture!r} is not supported (r1c reads {', '.join(SUPPORTED_ARCHITECTURES)})")
+        self._validate_routing(need)
+        self._validate_rope(need)
+        from r1c.config_hf import check_quantization_config
+
+        check_quantization_config(self.quantization_config)
+
+    def _validate_routing(self, need: Any) -> None:
+        pair = (self.scoring_func, self.topk_method)
+        allowed = ROUTING[self.architecture]
+        need(pair in allowed, f"scoring_func {self.scoring_func!r} with topk_method {self.topk_method!r} is not "
+             f"{self.architecture} routing: transformers and DeepSeek's code route it with "
+             + " or ".join(f"{s} + {m}" for s, m in allowed) + " whatever the file says, so r1c refuses to guess")
+        if self.topk_method != "noaux_tc":
+            need(not self.norm_topk_prob, f"norm_topk_prob true with topk_method {self.topk_method!r} is refused: "
+                 "DeepSeek's V2 code normalises instead of scaling while transformers ignores the flag")
+        if self.architecture == V2_ARCHITECTURE:
+            need(self.rope_interleave, "rope_interleave false is not DeepseekV2ForCausalLM (its rotary pairs are "
+                 "always interleaved)")
+        need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if not self.num_moe_layers:
+            return
+        need(self.moe_intermediate_size > 0, f"moe_intermediate_size must be positive, got "
+             f"{self.moe_intermediate_size}")
+        need(self.n_routed_experts > 0, f"n_routed_experts must be positive, got {self.n_routed_experts}")
+        need(math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
+             f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}")
+        kept = self.n_routed_experts
+        if self.topk_method in GROUPED_METHODS:
             need(self.n_group > 0 and self.n_routed_experts % self.n_group == 0,
-                 f"config: n_routed_experts ({self.n_routed_experts}) must divide into n_group ({self.n_group})")
-            per_group = self.n_routed_experts // self.n_group
-            need(per_group >= 2 or self.n_group == 1, "config: each expert group needs at least 2 experts")
-            need(1 <= self.topk_group <= self.n_group, "config: topk_group must be in [1, n_group]")
-            need(1 <= self.num_experts_per_tok <= per_group * self.topk_group,
-                 "config: num_experts_per_tok exceeds the experts in the kept groups")
-        need(self.scoring_func in ("sigmoid", "softmax"), f"config: unknown scoring_func {self.scoring_func!r}")
-        need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
-             f"config: unknown topk_method {self.topk_method!r}")
-        need(self.hidden_act == "silu", f"config: hidden_act {self.hidden_act!r} is not supported (silu only)")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            need(kind in ("yarn", "default", None), f"config: rope scaling {kind!r} is not supported (yarn only)")
+                 f"n_routed_experts ({self.n_routed_experts}) must divide into n_group ({self.n_group})")
+            need(1 <= self.topk_group <= self.n_group,
+                 f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            if self.topk_method == "noaux_tc":  # the group score is a top-2 sum (transformers, DeepSeek: topk(2))
+                need(self.n_group == 1 or self.n_routed_experts >= 2 * self.n_group,
+                     f"n_group {self.n_group} leaves one expert per group, but noaux_tc scores a group by its "
+                     "2 best experts")
+            kept = self.n_routed_experts // self.n_group * self.topk_group
+        need(1 <= self.num_experts_per_tok <= kept,
+             f"num_experts_per_tok must be in [1, {kept}] (the experts left after the group mask), got "
+             f"{self.num_experts_per_tok}")
+
+    def _validate_rope(self, need: Any) -> None:
+        rs = self.rope_scaling
+        if rs is None or rs["type"] == "default":
+            return
+        need(rs["type"] == "yarn", f"rope_scaling type {rs['type']!r} is not supported (yarn or none)")
+        unknown = sorted(set(rs) - {"type", *YARN_KEYS})
+        need(not unknown, f"rope_scaling key {unknown[0] if unknown else ''!r} is not supported for yarn "
+             f"(r1c reads {', '.join(YARN_KEYS)})")
+        factor = rs.get("factor")
+        need(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor >= 1,
+             f"rope_scaling.factor must be a number >= 1, got {factor!r}")
+        original = rs["original_max_position_embeddings"]
+        need(isinstance(original, int) and original > 0,
+             f"rope_scaling.original_max_position_embeddings must be a positive integer, got {original!r}")
+        for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            v = rs.get(key)
+            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+                 f"rope_scaling.{key} must be a number, got {v!r}")
+        need(rs.get("attention_factor") is None or rs["attention_factor"] > 0,
+             f"rope_scaling.attention_factor must be positive, got {rs.get('attention_factor')!r}")
+        need(isinstance(rs.get("truncate", True), bool), f"rope_scaling.truncate must be true or false, got "
+             f"{rs.get('truncate')!r}")
 
     # ---- HF config.json ------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        archs = d.get("architectures") or []
-        model_type = d.get("model_type")
-        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-            raise ConfigError(
-                f"config: unsupported architecture {archs[0]!r} (r1c supports {SUPPORTED_ARCHITECTURES[0]})"
-            )
-        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"config: unsupported model_type {model_type!r} (r1c supports deepseek_v3)")
-        if not archs and model_type is None:
-            raise ConfigError("config: neither 'architectures' nor 'model_type' is set")
-        # transformers 5 writes `rope_parameters` (with rope_theta inside); the DeepSeek release `rope_scaling`.
-        rope = d.get("rope_parameters") or d.get("rope_scaling")
-        rope_theta = float(d.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0)
-        rope_scaling = None
-        if rope:
-            kind = rope.get("rope_type", rope.get("type", "default"))
-            if kind != "default":
-                rope_scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
-                rope_scaling["type"] = kind
-        eos = d.get("eos_token_id", 1)
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        try:
-            return cls(
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]),
-                moe_intermediate_size=int(d["moe_intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=int(d["num_attention_heads"]),
-                q_lora_rank=None if d.get("q_lora_rank") is None else int(d["q_lora_rank"]),
-                kv_lora_rank=int(d["kv_lora_rank"]),
-                qk_rope_head_dim=int(d["qk_rope_head_dim"]),
-                qk_nope_head_dim=int(d["qk_nope_head_dim"]),
-                v_head_dim=int(d["v_head_dim"]),
-                n_routed_experts=int(d["n_routed_experts"]),
-                n_shared_experts=int(d.get("n_shared_experts") or 0),
-                num_experts_per_tok=int(d["num_experts_per_tok"]),
-                n_group=int(d.get("n_group") or 1),
-                topk_group=int(d.get("topk_group") or 1),
-                routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-                norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-                first_k_dense_replace=int(d.get("first_k_dense_replace") or 0),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=rope_theta,
-                rope_scaling=rope_scaling,
-                rope_interleave=bool(d.get("rope_interleave", True)),
-                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-                scoring_func=str(d.get("scoring_func", "sigmoid")),
-                topk_method=str(d.get("topk_method", "noaux_tc")),
-                hidden_act=str(d.get("hidden_act", "silu")),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                bos_token_id=d.get("bos_token_id", 0),
-                eos_token_id=eos,
-                quantization_config=d.get("quantization_config"),
-            )
-        except KeyError as e:
-            raise ConfigError(f"config: missing required field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"config: bad value ({e})") from None
+        """The config of a HF `config.json` dict; ConfigError (one line) for anything r1c would not run exactly."""
+        from r1c.config_hf import config_from_hf_dict
+
+        return config_from_hf_dict(cls, d)
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
+        from r1c.jsonfile import read_json_object
+
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config: {p} not found")
         return cls.from_hf_dict(read_json_object(p, ConfigError, "config"))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json that both r1c and transformers' DeepseekV3Config read."""
-        d: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM"],
-            "model_type": "deepseek_v3",
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-        }
-        d.pop("rope_scaling")
-        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
-        if self.rope_scaling:
-            rope.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
-            rope["rope_type"] = self.rope_scaling.get("type", "yarn")
-        d["rope_parameters"] = rope
-        d["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} if self.rope_scaling else None
-        d["num_key_value_heads"] = self.num_attention_heads
-        if d["quantization_config"] is None:
-            d.pop("quantization_config")
-        return d
+        """A config.json that both r1c and transformers' DeepseekV3Config / DeepseekV2Config read."""
+        from r1c.config_hf import config_to_hf_dict
+
+        return config_to_hf_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_hf_dict(), indent=2, sort_keys=True)
@@ -220,7 +244,7 @@ class ModelConfig:
                 + c.num_attention_heads * c.v_head_dim * h)
         dense = 3 * h * c.intermediate_size
         moe = (3 * h * c.moe_intermediate_size * (c.n_routed_experts + c.n_shared_experts)
-               + c.n_routed_experts * h + c.n_routed_experts)
+               + c.n_routed_experts * h + (c.n_routed_experts if c.has_correction_bias else 0))
         per_layer_norms = 2 * h
         layers = c.num_hidden_layers * (attn + per_layer_norms)
         layers += c.first_k_dense_replace * dense + c.num_moe_layers * moe
@@ -244,6 +268,7 @@ class ModelConfig:
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1); DeepSeek-V2 paper, transformers."""
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0

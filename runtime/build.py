@@ -9,7 +9,7 @@ from typing import Any
 
 from r1c.config import ModelConfig
 from r1c.errors import BuildError
-from r1c.manifest import TARGETS, Manifest, host_device, sha256_file
+from r1c.manifest import TARGETS, Manifest, file_records, host_device
 from r1c.outdir import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
 
         copy_tokenizer_files(src, tmp)  # tokenizer.json & co. from the export, hashed in the manifest like the rest
         libraries["onnx"] = onnx.__version__
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files, sizes, fingerprints = file_records(tmp)  # hashed once, here; a load checks sizes + fingerprints
         manifest = Manifest(
             target=target,
             precision=graph_io.get("weights_quant", "none"),
@@ -84,6 +84,8 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             device=host_device(),
             target_options=target_options,
             source=source,
+            file_sizes=sizes,
+            file_fingerprints=fingerprints,
         )
         manifest.write(tmp)
     logger.info("built %s bundle at %s", target, out)

@@ -17,7 +17,7 @@ import numpy as np
 
 from r1c.errors import BundleError, RuntimeInputError
 from r1c.manifest import Manifest, read_manifest
-from r1c.runtime.kvcache import CacheLayout, LatentCache, budget_for
+from r1c.runtime.kvcache import CacheLayout, LatentCache, budget_for, cache_dtype
 from r1c.runtime.step import StepRunner
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Engine:
         self.manifest = manifest
         self.config = manifest.config
         self.backend = backend
+        self.cache_dtype = cache_dtype(manifest.graph_io)
 
     @property
     def vocab_size(self) -> int:

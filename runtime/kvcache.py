@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from r1c.errors import RuntimeInputError
+from r1c.errors import BundleError, RuntimeInputError
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +83,13 @@ class CacheLayout:
 
 def cache_dtype(graph_io: dict[str, Any]) -> np.dtype:
     """The latent cache's numpy dtype from graph_io.json's kv_cache.dtype (float32 | bfloat16 | float16; float32
-    when absent). Raises `RuntimeInputError` for another."""
+    when absent). Raises `BundleError` for another."""
     import ml_dtypes
 
     name = graph_io.get("kv_cache", {}).get("dtype", "float32")
     dtypes = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
     if name not in dtypes:
-        raise RuntimeInputError(f"unknown latent cache dtype {name!r} in graph_io (float32, bfloat16, float16)")
+        raise BundleError(f"bundle: unknown latent cache dtype {name!r} in the manifest's graph_io")
     return np.dtype(dtypes[name])
 
 

@@ -12,12 +12,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from r1c.errors import BundleError
 from r1c.runtime.step import StepIO
 
 logger = logging.getLogger(__name__)
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -79,11 +82,30 @@ class OrtBackend:
         for name, arr in feeds.items():
             if not arr.flags.c_contiguous:
                 raise ValueError(f"input {name} must be C-contiguous to be bound in place")
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+            if arr.dtype == _BF16:  # numpy has no bfloat16: bound as its bits, typed for ORT
+                value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(np.uint16), _ONNX_BFLOAT16)
+            else:
+                value = ort.OrtValue.ortvalue_from_numpy(arr)
+            binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+        return {name: _to_numpy(v) for name, v in zip(self.output_names, binding.get_outputs(), strict=True)}
+
+
+_ONNX_BFLOAT16 = 16
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """An output OrtValue as numpy; bfloat16 (which ORT cannot hand to numpy) copied out as ml_dtypes.bfloat16."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    import ctypes
+
+    shape = tuple(value.shape())
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(value.data_ptr())) if n else np.empty(0, np.uint16)
+    return raw.copy().view(_BF16).reshape(shape)
 
 
 def _address(name: str, arr: np.ndarray) -> int:
@@ -94,4 +116,4 @@ def _address(name: str, arr: np.ndarray) -> int:
 
 def _element_type(dtype: np.dtype) -> Any:
     """What IOBinding takes as an element type: the numpy type, or ONNX's code for bfloat16 (numpy has none)."""
-    return 16 if dtype.name == "bfloat16" else dtype.type  # 16: onnx.TensorProto.BFLOAT16
+    return _ONNX_BFLOAT16 if dtype == _BF16 else dtype.type

@@ -24,7 +24,7 @@ from r1c.exporter.checkpoint import (
     save_checkpoint,
 )
 from r1c.exporter.model import DeepseekV3ForCausalLM
-from r1c.plugins.fp8 import quantize
+from r1c.plugins.fp8 import dequantize, quantize
 
 FP8 = torch.float8_e4m3fn
 
@@ -84,15 +84,6 @@ def test_sharded_equals_single_file(tmp_path: Path, config: ModelConfig, tensors
     assert len(shards) >= 4 and all((tmp_path / "shards" / s).is_file() for s in shards)
     assert not (tmp_path / "shards" / "model.safetensors").exists()
     assert_same_tensors(load_checkpoint(tmp_path / "shards").tensors, load_checkpoint(tmp_path / "one").tensors)
-
-
-def test_mtp_layers_are_ignored(tmp_path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
-    mtp = config.num_hidden_layers  # DeepSeek ships its multi-token-prediction module as one more layer
-    extra = {f"model.layers.{mtp}.eh_proj.weight": torch.zeros(64, 128),
-             f"model.layers.{mtp}.mlp.experts.0.gate_proj.weight": torch.zeros(3, 3),  # bad shape: never read
-             f"model.layers.{mtp}.self_attn.o_proj.weight": torch.zeros(64, 64)}
-    save_checkpoint(tmp_path, config, {**tensors, **extra}, layout="per_expert")
-    assert_same_tensors(load_checkpoint(tmp_path).tensors, tensors)
 
 
 def test_tied_embeddings_need_no_lm_head(tmp_path: Path) -> None:
@@ -165,25 +156,55 @@ def test_model_from_fp8_checkpoint_is_the_dequantized_model(tmp_path: Path) -> N
     assert cos > 0.9
 
 
-def test_per_expert_fp8_scales_with_unaligned_intermediate_raise(tmp_path: Path) -> None:
-    config = tiny(num_hidden_layers=2)  # moe_intermediate_size 32: a 128-row block would straddle gate and up
+def release_style_fp8(config: ModelConfig, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DeepSeek's release form: FP8 linear weights, and every routed expert's gate/up/down quantized on its own."""
+    _, q = quantize_checkpoint_fp8(config, base)
+    out = {n: t for n, t in q.items() if ".mlp.experts." not in n}
+    inter = config.moe_intermediate_size
+    for i in range(config.first_k_dense_replace, config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts"
+        for e in range(config.n_routed_experts):
+            w13, w2 = base[f"{p}.gate_up_proj"][e], base[f"{p}.down_proj"][e]
+            for proj, w in (("gate_proj", w13[:inter]), ("up_proj", w13[inter:]), ("down_proj", w2)):
+                wq, scale = quantize(w)
+                out[f"{p}.{e}.{proj}.weight"] = wq.contiguous()
+                out[f"{p}.{e}.{proj}.weight{SCALE_SUFFIX}"] = scale.contiguous()
+    return out
+
+
+def test_per_expert_fp8_with_partial_blocks_loads_padded_and_exactly(tmp_path: Path) -> None:
+    """moe_intermediate_size 96: each expert's gate and up have their own partial 128-row scale block. Loading pads
+    each to 128 rows (zero FP8 rows); dequantized with the config, the experts equal the per-expert dequantization
+    bitwise; saved per expert again, the files hold the same tensors."""
+    config = tiny(num_hidden_layers=2, moe_intermediate_size=96)
+    per_expert = release_style_fp8(config, random_checkpoint(config, seed=4))
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "config.json").write_text(config.replace(quantization_config=None).to_json())
+    save_file(per_expert, str(tmp_path / "y" / "model.safetensors"))
+    ckpt = load_checkpoint(tmp_path / "y")
+    assert ckpt.config.quantization_config is not None  # FP8 tensors without one: described
+    w13 = ckpt.tensors["model.layers.1.mlp.experts.gate_up_proj"]
+    assert w13.dtype == FP8 and w13.shape == (16, 256, 64)
+    assert ckpt.tensors["model.layers.1.mlp.experts.gate_up_proj_scale_inv"].shape == (16, 2, 1)
+    assert ckpt.tensors["model.layers.1.mlp.experts.down_proj"].shape == (16, 64, 128)
+    deq = dequantized(ckpt.tensors, config=ckpt.config)
+    got13, got2 = deq["model.layers.1.mlp.experts.gate_up_proj"], deq["model.layers.1.mlp.experts.down_proj"]
+    assert got13.shape == (16, 192, 64) and got2.shape == (16, 64, 96)
+    p = "model.layers.1.mlp.experts"
+    for e in (0, 15):
+        for proj, got in (("gate_proj", got13[e, :96]), ("up_proj", got13[e, 96:]), ("down_proj", got2[e])):
+            w, scale = per_expert[f"{p}.{e}.{proj}.weight"], per_expert[f"{p}.{e}.{proj}.weight{SCALE_SUFFIX}"]
+            assert torch.equal(got, dequantize(w, scale)), (e, proj)
+    model_from_checkpoint(ckpt)  # loads into the config's shapes
+    save_checkpoint(tmp_path / "again", ckpt.config, ckpt.tensors, layout="per_expert")
+    assert_same_tensors(load_checkpoint(tmp_path / "again").tensors, ckpt.tensors)
+
+
+def test_fused_fp8_with_straddling_blocks_cannot_be_split_per_expert(tmp_path: Path) -> None:
+    config = tiny(num_hidden_layers=2)  # moe_intermediate_size 32: a fused 128-row block holds gate and up rows
     qconfig, q = quantize_checkpoint_fp8(config, random_checkpoint(config))
     with pytest.raises(CheckpointError, match="multiple of 128"):
         save_checkpoint(tmp_path / "x", qconfig, q, layout="per_expert")
-    # a release-style file: every expert quantized on its own
-    per_expert = {n: t for n, t in q.items() if ".mlp.experts." not in n}
-    base = random_checkpoint(config)
-    for e in range(config.n_routed_experts):
-        w13, w2 = base["model.layers.1.mlp.experts.gate_up_proj"][e], base["model.layers.1.mlp.experts.down_proj"][e]
-        for proj, w in (("gate_proj", w13[:32]), ("up_proj", w13[32:]), ("down_proj", w2)):
-            wq, s = quantize(w)
-            per_expert[f"model.layers.1.mlp.experts.{e}.{proj}.weight"] = wq.contiguous()
-            per_expert[f"model.layers.1.mlp.experts.{e}.{proj}.weight{SCALE_SUFFIX}"] = s.contiguous()
-    (tmp_path / "y").mkdir()
-    (tmp_path / "y" / "config.json").write_text(qconfig.to_json())
-    save_file(per_expert, str(tmp_path / "y" / "model.safetensors"))
-    err = expect_error(tmp_path / "y", CheckpointError, "multiple of 128")
-    assert "model.layers.1.mlp.experts" in err
 
 
 # ---- errors: the right class, one readable line -----------------------------------------------------------

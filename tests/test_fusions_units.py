@@ -149,7 +149,8 @@ def test_fuse_moe_router(gemm: bool, norm: str, scale: float | None) -> None:
     router = next(n for n in model.graph if n.op_type == "MoERouter")
     attrs = {k: a.value for k, a in router.attributes.items()}
     assert attrs == {"top_k": K, "n_group": G, "topk_group": TG, "routed_scaling_factor": scale or 1.0,
-                     "norm_topk_prob": int(norm != "none"), "scoring": "sigmoid", "plugin_namespace": "r1c"}
+                     "norm_topk_prob": int(norm != "none"), "scoring": "sigmoid", "topk_method": "noaux_tc",
+                     "plugin_namespace": "r1c"}
     assert ("r1c", "MoERouter", "") in model.functions
     feeds = {"h": f32(T, H)}
     (w_a, ids_a), (w_b, ids_b) = (by_id(*run(m, feeds)) for m in (model, before))

@@ -159,15 +159,22 @@ def _nan(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Te
 # router
 
 ROUTER_CASES = {
-    # name: (T, H, E, n_group, topk_group, top_k, norm, scoring, bias, hidden dtype, block_t)
-    "r1-like": (33, 64, 64, 8, 4, 8, 1, "sigmoid", "mixed", torch.float32, 4),
-    "n_group-1": (9, 32, 16, 1, 1, 4, 1, "sigmoid", "mixed", torch.float32, 1),
-    "top_k-fills-kept-groups": (9, 32, 16, 4, 2, 8, 1, "sigmoid", "mixed", torch.float32, 2),
-    "negative-bias-no-norm": (17, 32, 32, 4, 2, 6, 0, "sigmoid", "negative", torch.float32, 4),
-    "group-size-6-E-24": (7, 24, 24, 4, 3, 5, 1, "sigmoid", "mixed", torch.float32, 1),
-    "one-expert-per-group": (7, 16, 8, 8, 4, 3, 1, "sigmoid", "mixed", torch.float32, 1),
-    "softmax": (9, 32, 16, 1, 1, 6, 0, "softmax", "zero", torch.float32, 2),
-    "bf16-hidden": (9, 64, 32, 4, 2, 4, 1, "sigmoid", "mixed", torch.bfloat16, 4),
+    # name: (T, H, E, n_group, topk_group, top_k, norm, scoring, bias, hidden dtype, block_t, topk_method)
+    "r1-like": (33, 64, 64, 8, 4, 8, 1, "sigmoid", "mixed", torch.float32, 4, "noaux_tc"),
+    "n_group-1": (9, 32, 16, 1, 1, 4, 1, "sigmoid", "mixed", torch.float32, 1, "noaux_tc"),
+    "top_k-fills-kept-groups": (9, 32, 16, 4, 2, 8, 1, "sigmoid", "mixed", torch.float32, 2, "noaux_tc"),
+    "negative-bias-no-norm": (17, 32, 32, 4, 2, 6, 0, "sigmoid", "negative", torch.float32, 4, "noaux_tc"),
+    "group-size-6-E-24": (7, 24, 24, 4, 3, 5, 1, "sigmoid", "mixed", torch.float32, 1, "noaux_tc"),
+    "one-expert-per-group": (7, 16, 8, 8, 4, 3, 1, "sigmoid", "mixed", torch.float32, 1, "noaux_tc"),
+    "softmax": (9, 32, 16, 1, 1, 6, 0, "softmax", "zero", torch.float32, 2, "noaux_tc"),
+    "bf16-hidden": (9, 64, 32, 4, 2, 4, 1, "sigmoid", "mixed", torch.bfloat16, 4, "noaux_tc"),
+    "kimi-k2-384-experts": (5, 32, 384, 1, 1, 8, 1, "sigmoid", "mixed", torch.float32, 1, "noaux_tc"),
+    # DeepSeek-V2 modes: no bias read (a mixed one is passed), max group score, dropped experts' s = 0
+    "v2-greedy": (9, 32, 16, 4, 2, 6, 0, "softmax", "mixed", torch.float32, 2, "greedy"),
+    "v2-group-limited-greedy": (17, 32, 32, 8, 3, 6, 0, "softmax", "mixed", torch.float32, 4, "group_limited_greedy"),
+    "v2-glg-top_k-fills-kept": (9, 32, 16, 4, 2, 8, 0, "softmax", "zero", torch.float32, 1, "group_limited_greedy"),
+    "v2-glg-group-size-6": (7, 24, 24, 4, 3, 5, 0, "softmax", "mixed", torch.float32, 1, "group_limited_greedy"),
+    "sigmoid-greedy": (9, 32, 16, 4, 2, 4, 0, "sigmoid", "mixed", torch.float32, 1, "greedy"),
 }
 _TIE_GAP = 1e-5
 
@@ -197,10 +204,13 @@ def _router_inputs(t: int, h: int, e: int, n_group: int, bias_kind: str) -> tupl
 
 def _fragile_rows(hidden: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, cfg: tuple[Any, ...]) -> list[int]:
     """Rows whose routing could change if the scores moved by a few ulps (see the module docstring)."""
-    _, _, e, n_group, topk_group, top_k, _, scoring, _, _, _ = cfg
+    _, _, e, n_group, topk_group, top_k, _, scoring, _, _, _, method = cfg
+    v3 = method == "noaux_tc"
+    if method == "greedy":
+        n_group, topk_group = 1, 1
     logits = hidden.float() @ gate.float().t()
     s = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(dim=-1)
-    c = s + bias
+    c = s + bias if v3 else s
     per_group = e // n_group
     fragile = []
 
@@ -216,18 +226,19 @@ def _fragile_rows(hidden: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, 
             scores, tops = [], []
             for g in range(n_group):
                 members = sorted(range(g * per_group, (g + 1) * per_group), key=lambda i: (-cr[i], i))
-                top = members[:2]
+                top = members[:2] if v3 else members[:1]
                 tops.append(sorted(key[i] for i in top))
                 scores.append(
                     float(torch.tensor(cr[top[0]]) + torch.tensor(cr[top[-1]])) if len(top) == 2 else cr[top[0]]
                 )
-                if len(members) > 2:
-                    bad |= unstable(cr[members[1]] - cr[members[2]], key[members[1]] == key[members[2]])
+                if len(members) > len(top):
+                    n = len(top)
+                    bad |= unstable(cr[members[n - 1]] - cr[members[n]], key[members[n - 1]] == key[members[n]])
             order = sorted(range(n_group), key=lambda g: (-scores[g], g))
             for a, b in itertools.pairwise(order[: topk_group + 1]):
                 bad |= unstable(scores[a] - scores[b], tops[a] == tops[b])
             kept = set(order[:topk_group])
-            masked = [v if i // per_group in kept else -math.inf for i, v in enumerate(cr)]
+            masked = [v if i // per_group in kept else -math.inf if v3 else 0.0 for i, v in enumerate(cr)]
         order_e = sorted(range(e), key=lambda i: (-masked[i], i))
         for a, b in itertools.pairwise(order_e[: top_k + 1]):
             if masked[b] != -math.inf:
@@ -242,7 +253,7 @@ def _fragile_rows(hidden: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, 
 def test_router_matches_reference(case: str, seed: int) -> None:
     assert router_tk is not None
     cfg = ROUTER_CASES[case]
-    t, h, e, n_group, topk_group, top_k, norm, scoring, bias_kind, dtype, block_t = cfg
+    t, h, e, n_group, topk_group, top_k, norm, scoring, bias_kind, dtype, block_t, method = cfg
     hidden, gate, bias = _router_inputs(t, h, e, n_group, bias_kind)
     for _ in range(200):
         rows = _fragile_rows(hidden, gate, bias, cfg)
@@ -252,7 +263,8 @@ def test_router_matches_reference(case: str, seed: int) -> None:
     else:
         pytest.fail(f"[seed {seed}] could not draw tie-robust router inputs")
     attrs: dict[str, Any] = dict(
-        top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5, norm_topk_prob=norm
+        top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5, norm_topk_prob=norm,
+        topk_method=method,
     )
     hidden = hidden.to(dtype)
     w_ref, ids_ref = moe_router_reference(hidden, gate, bias, **attrs, scoring=scoring)
@@ -278,6 +290,10 @@ def test_router_rejects_bad_attributes() -> None:
             router_tk.moe_router_triton(hidden, gate, bias, **(good | bad))
     with pytest.raises(ValueError):
         router_tk.moe_router_triton(hidden, gate, bias, **good, scoring="tanh")
+    with pytest.raises(ValueError, match="topk_method 'top_p'"):
+        router_tk.moe_router_triton(hidden, gate, bias, **good, topk_method="top_p")
+    with pytest.raises(ValueError, match="norm_topk_prob=1 with topk_method 'greedy'"):  # the V2 ambiguity
+        router_tk.moe_router_triton(hidden, gate, bias, **good, topk_method="greedy", scoring="softmax")
 
 
 # ==============================================================================================================

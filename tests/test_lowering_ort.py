@@ -1,8 +1,9 @@
-"""ONNX Runtime lowering: `r1c::MoERouter` -> `r1c::MoEExperts` becomes com.microsoft MoEGroupRouter + MoE, and
-the remaining r1c function bodies are inlined. The proof that ORT's kernels compute the r1c ops: the
-lowered block equals the function-body model under ONNX Runtime and the PyTorch references in r1c.plugins,
-on the routing edge cases of ARCHITECTURE.md (negative bias, n_group == 1, top_k == E/G*topk_group) and
-without normalization. Tolerance: 1e-5 relative (float32; ORT's MoE accumulates in another order).
+"""ONNX Runtime lowering: `r1c::MoERouter` -> `r1c::MoEExperts` becomes com.microsoft MoE (+ MoEGroupRouter for
+sigmoid scoring), and the remaining r1c function bodies are inlined. The proof that ORT's kernels compute the r1c
+ops: the lowered block equals the function-body model under ONNX Runtime and the PyTorch references in r1c.plugins,
+on the routing edge cases of ARCHITECTURE.md (negative bias, n_group == 1, top_k == E/G*topk_group), without
+normalization, and in every topk_method / scoring mode the op defines (DeepSeek-V2's softmax greedy and
+group_limited_greedy included). Tolerance: 1e-5 relative (float32; ORT's MoE accumulates in another order).
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ CASES = {
     "one_group": dict(e=16, n_group=1, topk_group=1),
     "all_kept_experts": dict(e=16, top_k=8),  # top_k == E / n_group * topk_group
     "no_normalization": dict(e=16, norm_topk_prob=0, routed_scaling_factor=1.5),
+    "kimi_k2_384_experts": dict(e=384, n_group=1, topk_group=1, top_k=8, routed_scaling_factor=2.827),
+    # DeepSeek-V2 routing (no bias, no normalization): softmax scores, as the V2 checkpoints ship it
+    "v2_greedy": dict(e=16, scoring="softmax", topk_method="greedy", norm_topk_prob=0, routed_scaling_factor=1.0,
+                      n_group=3, topk_group=5),  # greedy ignores the group attributes
+    "v2_group_limited_greedy": dict(e=16, scoring="softmax", topk_method="group_limited_greedy", norm_topk_prob=0,
+                                    routed_scaling_factor=16.0, n_group=4, topk_group=2, logit_scale=4.0),
+    "v2_group_limited_greedy_all_kept": dict(e=16, scoring="softmax", topk_method="group_limited_greedy",
+                                             norm_topk_prob=0, n_group=8, topk_group=2, top_k=4),
+    # the same methods on sigmoid scores (the op defines them; MoEGroupRouter with group_topk 1 and no bias)
+    "sigmoid_greedy": dict(e=16, topk_method="greedy", norm_topk_prob=0, routed_scaling_factor=2.0),
+    "sigmoid_group_limited_greedy": dict(e=16, topk_method="group_limited_greedy", norm_topk_prob=0,
+                                         bias=np.linspace(3, -3, 16)),  # a bias the V2 methods must not read
 }
 
 
@@ -37,18 +50,37 @@ CASES = {
 def test_lower_moe_to_ort_equals_function_bodies_and_reference(case: str) -> None:
     rng = np.random.default_rng(len(case))
     kwargs = dict(CASES[case])
+    logit_scale = float(kwargs.pop("logit_scale", 1.0))  # sharper softmax: groups differ clearly
     model, w = r1c_moe_model(rng, experts=kwargs.pop("e"), hidden=H, inter=INTER, **kwargs)  # type: ignore[arg-type]
     before = copy(model)
     assert LowerMoEToOrtPass()(model).modified
     RemoveDeadCodePass()(model)
     counts = op_counts(model)
-    assert counts["com.microsoft::MoEGroupRouter"] == 1 and counts["com.microsoft::MoE"] == 1
+    sigmoid = w["attrs"]["scoring"] == "sigmoid"  # type: ignore[index]
+    assert counts.get("com.microsoft::MoEGroupRouter", 0) == int(sigmoid) and counts["com.microsoft::MoE"] == 1
     assert not any(k.startswith("r1c::") for k in counts) and not model.functions
     assert "w13.interleaved" in model.graph.initializers and "w13" not in model.graph.initializers
-    h = rng.standard_normal((T, H)).astype(np.float32)
+    h = (rng.standard_normal((T, H)) * logit_scale).astype(np.float32)
     lowered, bodies = run(model, {"h": h})[0], run(before, {"h": h})[0]
     assert max_rel_err(lowered, bodies) < TOL
     assert max_rel_err(lowered, moe_reference(h, w)) < TOL
+    if w["attrs"].get("topk_method") == "group_limited_greedy":  # type: ignore[attr-defined]
+        # the group mask matters here: plain top-k would choose other experts for some token
+        greedy = {**w, "attrs": {**w["attrs"], "topk_method": "greedy"}}  # type: ignore[dict-item]
+        assert max_rel_err(moe_reference(h, greedy), lowered) > 100 * TOL
+
+
+def test_softmax_noaux_tc_keeps_its_body(caplog: pytest.LogCaptureFixture) -> None:
+    """MoEGroupRouter scores with sigmoid only: a softmax noaux_tc block is left (reason logged, by name), then
+    inlined, and still computes the op (1e-5 against the reference)."""
+    rng = np.random.default_rng(11)
+    model, w = r1c_moe_model(rng, experts=16, hidden=H, inter=INTER, scoring="softmax")
+    with caplog.at_level(logging.INFO, logger="r1c.passes"):
+        assert not LowerMoEToOrtPass()(model).modified
+    assert "scoring 'softmax' with topk_method 'noaux_tc'" in caplog.text
+    model = run_pipeline(model, "onnxruntime")
+    h = rng.standard_normal((T, H)).astype(np.float32)
+    assert max_rel_err(run(model, {"h": h})[0], moe_reference(h, w)) < TOL
 
 
 def test_fp8_experts_keep_their_body_and_their_fp8_weights(caplog: pytest.LogCaptureFixture) -> None:

@@ -267,6 +267,75 @@ def test_router_several_tokens_independently() -> None:
     check_route(got, [[0.9, 0.7], [0.9, 0.8]], [[3, 1], [0, 1]])
 
 
+def route_logits(logits: list[list[float]], **attrs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router inputs whose logits are `logits` exactly (gate = identity); no bias."""
+    hidden = torch.tensor(logits, dtype=torch.float32)
+    e = hidden.shape[1]
+    kw: dict = dict(top_k=2, n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=0,
+                    scoring="softmax", topk_method="greedy")
+    kw.update(attrs)
+    return moe_router_reference(hidden, torch.eye(e), torch.zeros(e), **kw)
+
+
+def test_router_v2_greedy_is_softmax_top_k_scaled_not_normalised() -> None:
+    logits = [[0.0, 1.0, 2.0, 3.0]]
+    s = torch.tensor(logits).softmax(-1)[0]
+    got = route_logits(logits, routed_scaling_factor=16.0, n_group=3, topk_group=2)  # greedy ignores the groups
+    check_route(got, [[float(s[3]) * 16, float(s[2]) * 16]], [[3, 2]])
+
+
+def test_router_v2_group_limited_greedy_scores_groups_by_their_max() -> None:
+    # 4 groups of 2. Group maxima 3.0, 2.5, 2.45, 0.0 -> keep groups 0 and 1; the top-2 sums of the softmax scores
+    # (V3's rule: e^3 + e^-5 = 20.1, e^2.5 + e^2.4 = 23.2, e^2.45 + e^2.44 = 23.1, 2, over Z) would keep groups 1
+    # and 2. Expert 4 (2.45) beats expert 3 (2.4) overall, but its group is dropped.
+    logits = [[3.0, -5.0, 2.5, 2.4, 2.45, 2.44, 0.0, 0.0]]
+    s = torch.tensor(logits).softmax(-1)[0]  # the weights: softmax over all 8 experts, not over the kept ones
+    got = route_logits(logits, top_k=3, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                       routed_scaling_factor=2.0)
+    check_route(got, [[float(s[0]) * 2, float(s[2]) * 2, float(s[3]) * 2]], [[0, 2, 3]])
+    check_route(route_logits(logits, top_k=3), [[float(s[0]), float(s[2]), float(s[4])]], [[0, 2, 4]])  # greedy
+    v3 = route_logits(logits, top_k=3, n_group=4, topk_group=2, topk_method="noaux_tc")  # top-2 sums, zero bias
+    assert v3[1].tolist() == [[2, 4, 5]]
+
+
+def test_router_v2_methods_refuse_norm_topk_prob() -> None:
+    for method in ("greedy", "group_limited_greedy"):
+        with pytest.raises(ValueError, match=f"norm_topk_prob=1 with topk_method '{method}'"):
+            route_logits([[0.0, 1.0]], norm_topk_prob=1, topk_method=method)
+
+
+def test_router_plugin_covers_the_modes_and_refuses_by_name() -> None:
+    """The TensorRT plugin's checks (no TensorRT needed): every mode accepted with its own group rule, the undefined
+    ones refused naming the attribute."""
+    from r1c.plugins.moe_router import SPEC
+    from r1c.plugins.moe_router.tensorrt import MoERouterOp
+
+    op = MoERouterOp()
+    for method in ("noaux_tc", "greedy", "group_limited_greedy"):
+        attrs = SPEC.attrs(scoring="softmax", topk_method=method, norm_topk_prob=int(method == "noaux_tc"),
+                           top_k=6, n_group=4, topk_group=2)
+        op.validate(attrs)
+        op.check_shapes(attrs, [(-1, 32), (16, 32), (16,)])
+    op.check_shapes(SPEC.attrs(topk_method="greedy", norm_topk_prob=0, top_k=12, n_group=3), [(5, 32), (16, 32), (16,)])
+    with pytest.raises(ValueError, match="top_k=12 exceeds"):  # 16 experts / 4 groups * 2 kept = 8
+        op.check_shapes(SPEC.attrs(top_k=12, n_group=4, topk_group=2), [(5, 32), (16, 32), (16,)])
+    for bad, fragment in ((dict(topk_method="greedy"), "norm_topk_prob=1 with topk_method 'greedy'"),
+                          (dict(topk_method="top_p"), "unknown topk_method 'top_p'"),
+                          (dict(scoring="tanh"), "unknown scoring 'tanh'")):
+        with pytest.raises(ValueError, match=fragment):
+            op.validate(SPEC.attrs(**bad))
+
+
+def test_v2_router_has_no_correction_bias() -> None:
+    config = tiny(architecture="DeepseekV2ForCausalLM", scoring_func="softmax", topk_method="greedy",
+                  norm_topk_prob=False, rope_scaling=None)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    names = set(model.state_dict())
+    assert not any("e_score_correction_bias" in n for n in names) and "model.layers.1.mlp.gate.weight" in names
+    assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
+
+
 # ---- r1c::MoEExperts against a dense float64 computation -------------------------------------------------
 def dequant64(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """[E, R, C] fp8 and [E, ceil(R/128), ceil(C/128)] scales -> float64, one element's block at a time."""

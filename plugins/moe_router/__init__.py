@@ -1,4 +1,5 @@
-"""`r1c::MoERouter`: DeepSeek-V3 noaux_tc routing (see shared ARCHITECTURE.md for the contract)."""
+"""`r1c::MoERouter`: DeepSeek routing, one op for every mode (see shared ARCHITECTURE.md for the contract):
+V3 noaux_tc and V2 greedy / group_limited_greedy (`topk_method`), sigmoid or softmax scores (`scoring`)."""
 
 from r1c.plugins.moe_router.reference import SPEC, moe_router_reference
 

@@ -1,6 +1,15 @@
 """The op's definition and its PyTorch reference (float32 throughout).
 
 Shapes: T = tokens, H = hidden, E = routed experts, G = n_group, K = top_k.
+
+Modes (attribute `topk_method`; shared ARCHITECTURE.md, `r1c::MoERouter`):
+* `noaux_tc` (DeepSeek-V3): select on c = s + correction_bias; group score = sum of the 2 largest c; masked
+  experts' c = -inf; weights = s at the ids, optionally / (sum + 1e-20), times routed_scaling_factor.
+* `group_limited_greedy` (DeepSeek-V2): select on s (no bias); group score = max of s; masked experts' s = 0;
+  weights = s at the ids times routed_scaling_factor (no normalisation: `norm_topk_prob` must be 0).
+* `greedy` (DeepSeek-V2-Lite): `group_limited_greedy` with one group (top_k over s).
+`scoring` (sigmoid | softmax) computes s in every mode. Ties go to the lower expert index; a row's ids are in
+descending selection score.
 """
 
 from __future__ import annotations
@@ -21,8 +30,38 @@ SPEC = OpSpec(
         "routed_scaling_factor": 2.5,
         "norm_topk_prob": 1,
         "scoring": "sigmoid",
+        "topk_method": "noaux_tc",
     },
 )
+
+SCORINGS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+
+
+def check_attributes(*, top_k: int, n_group: int, topk_group: int, norm_topk_prob: int | bool, scoring: str,
+                     topk_method: str, experts: int | None = None, **_: object) -> None:
+    """ValueError naming the attribute for a combination the op does not define (every implementation calls this)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"MoERouter: unknown scoring {scoring!r} (expected one of {SCORINGS})")
+    if topk_method not in TOPK_METHODS:
+        raise ValueError(f"MoERouter: unknown topk_method {topk_method!r} (expected one of {TOPK_METHODS})")
+    if topk_method != "noaux_tc" and norm_topk_prob:
+        raise ValueError(f"MoERouter: norm_topk_prob=1 with topk_method {topk_method!r} is undefined (DeepSeek's V2 "
+                         "code normalises instead of scaling, transformers ignores the flag)")
+    groups, kept_groups = effective_groups(topk_method, n_group, topk_group)
+    if groups < 1 or not 1 <= kept_groups <= groups:
+        raise ValueError(f"MoERouter: need 1 <= topk_group <= n_group, got n_group={n_group}, topk_group={topk_group}")
+    if experts is not None:
+        if experts % groups:
+            raise ValueError(f"MoERouter: {experts} experts do not split into n_group={groups} equal groups")
+        kept = experts // groups * kept_groups
+        if not 1 <= top_k <= kept:
+            raise ValueError(f"MoERouter: top_k={top_k} must be in [1, {kept}] (experts left after the group mask)")
+
+
+def effective_groups(topk_method: str, n_group: int, topk_group: int) -> tuple[int, int]:
+    """(groups, kept groups) the method routes with: greedy is one group, kept."""
+    return (1, 1) if topk_method == "greedy" else (n_group, topk_group)
 
 
 def _topk_lower_index_first(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +73,7 @@ def _topk_lower_index_first(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 def moe_router_reference(
     hidden: torch.Tensor,  # [T, H]
     gate_weight: torch.Tensor,  # [E, H]
-    correction_bias: torch.Tensor,  # [E]
+    correction_bias: torch.Tensor,  # [E] (read by noaux_tc only)
     *,
     top_k: int,
     n_group: int,
@@ -42,24 +81,28 @@ def moe_router_reference(
     routed_scaling_factor: float,
     norm_topk_prob: int | bool,
     scoring: str = "sigmoid",
+    topk_method: str = "noaux_tc",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (topk_weights [T, K] float32, topk_ids [T, K] int32)."""
+    """Returns (topk_weights [T, K] float32, topk_ids [T, K] int32); ValueError for an undefined mode."""
+    e = gate_weight.shape[0]
+    check_attributes(top_k=top_k, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm_topk_prob,
+                     scoring=scoring, topk_method=topk_method, experts=e)
     logits = hidden.to(torch.float32) @ gate_weight.to(torch.float32).t()  # [T, E]
-    if scoring == "sigmoid":
-        s = logits.sigmoid()
-    elif scoring == "softmax":
-        s = logits.softmax(dim=-1)
-    else:
-        raise ValueError(f"MoERouter: unknown scoring {scoring!r}")
-    c = s + correction_bias.to(torch.float32)  # selection scores
-    t, e = c.shape
-    per_group = e // n_group
-    if n_group > 1:
-        grouped = c.view(t, n_group, per_group)
-        group_score = _topk_lower_index_first(grouped, min(2, per_group))[0].sum(dim=-1)  # [T, G]
-        _, keep = _topk_lower_index_first(group_score, topk_group)  # [T, topk_group]
-        group_mask = torch.zeros(t, n_group, dtype=torch.bool, device=c.device).scatter_(1, keep, True)
-        c = c.masked_fill(~group_mask.repeat_interleave(per_group, dim=1), float("-inf"))
+    s = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(dim=-1)
+    v3 = topk_method == "noaux_tc"
+    c = s + correction_bias.to(torch.float32) if v3 else s  # selection scores
+    t = c.shape[0]
+    groups, kept_groups = effective_groups(topk_method, n_group, topk_group)
+    if groups > 1:
+        per_group = e // groups
+        grouped = c.view(t, groups, per_group)
+        if v3:
+            group_score = _topk_lower_index_first(grouped, min(2, per_group))[0].sum(dim=-1)  # [T, G]
+        else:
+            group_score = grouped.amax(dim=-1)
+        _, keep = _topk_lower_index_first(group_score, kept_groups)  # [T, topk_group]
+        group_mask = torch.zeros(t, groups, dtype=torch.bool, device=c.device).scatter_(1, keep, True)
+        c = c.masked_fill(~group_mask.repeat_interleave(per_group, dim=1), float("-inf") if v3 else 0.0)
     _, ids = _topk_lower_index_first(c, top_k)  # [T, K]
     w = s.gather(1, ids)
     if norm_topk_prob:

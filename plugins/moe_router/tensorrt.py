@@ -14,12 +14,11 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from r1c.plugins.moe_router.reference import SPEC, moe_router_reference
+from r1c.plugins.moe_router.reference import SPEC, check_attributes, effective_groups, moe_router_reference
 from r1c.plugins.tensorrt_common import PluginOp
 
 logger = logging.getLogger(__name__)
 
-SCORINGS = ("sigmoid", "softmax")
 _HIDDEN_TYPES = ("FLOAT", "HALF", "BF16")
 
 
@@ -51,16 +50,16 @@ class MoERouterOp(PluginOp):
     spec = SPEC
 
     def validate(self, attrs: dict[str, Any]) -> None:
-        top_k, n_group, topk_group = attrs["top_k"], attrs["n_group"], attrs["topk_group"]
-        if top_k < 1 or n_group < 1 or not 1 <= topk_group <= n_group:
-            raise ValueError(
-                f"{SPEC.plugin_id}: need top_k >= 1 and 1 <= topk_group <= n_group, got top_k={top_k}, "
-                f"n_group={n_group}, topk_group={topk_group}"
-            )
-        if attrs["scoring"] not in SCORINGS:
-            raise ValueError(f"{SPEC.plugin_id}: unknown scoring {attrs['scoring']!r} (expected one of {SCORINGS})")
+        """Every mode of the op (scoring sigmoid | softmax, topk_method noaux_tc | greedy | group_limited_greedy);
+        a combination the op does not define is refused by name (`check_attributes`)."""
+        if attrs["top_k"] < 1:
+            raise ValueError(f"{SPEC.plugin_id}: need top_k >= 1, got top_k={attrs['top_k']}")
         if attrs["norm_topk_prob"] not in (0, 1):
             raise ValueError(f"{SPEC.plugin_id}: norm_topk_prob must be 0 or 1, got {attrs['norm_topk_prob']}")
+        try:
+            check_attributes(**attrs)
+        except ValueError as e:
+            raise ValueError(f"{SPEC.plugin_id}: {str(e).removeprefix('MoERouter: ')}") from None
 
     def output_dtypes(self, trt: types.ModuleType, attrs: dict[str, Any], input_types: Sequence[Any]) -> list[Any]:
         return [trt.DataType.FLOAT, trt.DataType.INT32]
@@ -95,7 +94,8 @@ class MoERouterOp(PluginOp):
             return
         if bias[0] not in (-1, experts):
             raise ValueError(f"{SPEC.plugin_id}: correction_bias has {bias[0]} entries for {experts} experts")
-        n_group, topk_group, top_k = attrs["n_group"], attrs["topk_group"], attrs["top_k"]
+        n_group, topk_group = effective_groups(attrs["topk_method"], attrs["n_group"], attrs["topk_group"])
+        top_k = attrs["top_k"]
         if experts % n_group:
             raise ValueError(f"{SPEC.plugin_id}: {experts} experts do not split into n_group={n_group} groups")
         if top_k > experts // n_group * topk_group:

@@ -1,4 +1,4 @@
-"""`r1c::MoERouter` in Triton: DeepSeek-V3 noaux_tc routing in one kernel.
+"""`r1c::MoERouter` in Triton: DeepSeek-V3 noaux_tc and DeepSeek-V2 greedy / group_limited_greedy routing in one kernel.
 
 Design
 ------
@@ -8,13 +8,14 @@ Design
   cuBLAS' GEMV; with the GEMM apart the routing kernel only touches [T, E] logits.
 * `_noaux_tc_router_kernel` does all the routing in one launch: one program per BLOCK_T rows, each row held whole
   (E padded to a power of two) in registers:
-    1. s = sigmoid(logit) (or softmax over the row), c = s + correction_bias;
-    2. group score = the two largest c of each group (a [rows, groups, experts] masked view, so the group size
-       need not be a power of two); each group's rank = number of groups with a higher score, or an equal score and
-       a lower index; groups of rank < topk_group are kept, the others' c set to -inf;
+    1. s = sigmoid(logit) (or softmax over the row); c = s + correction_bias (noaux_tc) or c = s (V2 methods);
+    2. group score = the two largest c of each group (noaux_tc) or the largest (group_limited_greedy), from a
+       [rows, groups, experts] masked view, so the group size need not be a power of two; each group's rank =
+       number of groups with a higher score, or an equal score and a lower index; groups of rank < topk_group are
+       kept, the others' c set to -inf (noaux_tc) or 0 (group_limited_greedy); greedy is one group;
     3. top_k rounds of (row max, lowest expert index holding it, take it, set it to -inf): ties go to the lower
        expert index and the output order is descending c, as in the reference;
-    4. weights: s (unbiased) at the ids, optionally / (sum + 1e-20), times routed_scaling_factor.
+    4. weights: s (unbiased) at the ids, optionally / (sum + 1e-20) (noaux_tc only), times routed_scaling_factor.
 
 Interpreter or native: as any `@triton.jit` kernel, this one is an interpreter function when `TRITON_INTERPRET=1`
 was set before `triton` was first imported in the process (Triton 3.9 fixes the kind of its own `tl.max`/`tl.sum`/
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 
 from r1c.plugins._triton import AotSpec, compile_aot, is_interpreted
+from r1c.plugins.moe_router.reference import check_attributes, effective_groups
 
 __all__ = ["AotSpec", "aot_specs", "compile_aot", "moe_router_triton"]
 
@@ -55,6 +57,7 @@ def _noaux_tc_router_kernel(
     TOP_K: tl.constexpr,
     NORM: tl.constexpr,  # divide the weights by their sum
     SOFTMAX: tl.constexpr,  # scoring: softmax over the row instead of sigmoid
+    V3: tl.constexpr,  # noaux_tc: biased selection, top-2-sum group score, dropped experts -inf (else V2 rules)
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,  # next power of two >= E
     BLOCK_G: tl.constexpr,  # next power of two >= N_GROUP
@@ -80,15 +83,18 @@ def _noaux_tc_router_kernel(
         s = num / tl.sum(num, axis=1)[:, None]
     else:
         s = tl.sigmoid(logit)
-    bias = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-    c = tl.where(e_ok[None, :], s + bias[None, :], neg_inf)  # selection scores [BLOCK_T, BLOCK_E]
+    if V3:
+        bias = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+        c = tl.where(e_ok[None, :], s + bias[None, :], neg_inf)  # selection scores [BLOCK_T, BLOCK_E]
+    else:
+        c = tl.where(e_ok[None, :], s, neg_inf)
 
     if N_GROUP > 1:
         offs_g = tl.arange(0, BLOCK_G)
         in_group = ((offs_e[None, :] // PER_GROUP) == offs_g[:, None]) & e_ok[None, :]  # [BLOCK_G, BLOCK_E]
         c3 = tl.where(in_group[None, :, :], c[:, None, :], neg_inf)  # [BLOCK_T, BLOCK_G, BLOCK_E]
         top1 = tl.max(c3, axis=2)  # [BLOCK_T, BLOCK_G]
-        if PER_GROUP > 1:
+        if V3 and PER_GROUP > 1:
             first = tl.min(tl.where(c3 == top1[:, :, None], offs_e[None, None, :], BLOCK_E), axis=2)
             top2 = tl.max(tl.where(offs_e[None, None, :] == first[:, :, None], neg_inf, c3), axis=2)
             group_score = top1 + top2
@@ -103,7 +109,10 @@ def _noaux_tc_router_kernel(
         keep_group = (rank < TOPK_GROUP) & (offs_g[None, :] < N_GROUP)
         keep3 = in_group[None, :, :] & keep_group[:, :, None]
         keep = tl.max(keep3.to(tl.int32), axis=1) > 0  # [BLOCK_T, BLOCK_E]
-        c = tl.where(keep, c, neg_inf)
+        if V3:
+            c = tl.where(keep, c, neg_inf)
+        else:  # V2: dropped experts' s = 0 (padding lanes stay -inf)
+            c = tl.where(keep | ~e_ok[None, :], c, 0.0)
 
     offs_k = tl.arange(0, BLOCK_K)
     out_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
@@ -130,22 +139,10 @@ def _noaux_tc_router_kernel(
 # wrapper
 
 
-def _validate(e: int, top_k: int, n_group: int, topk_group: int, scoring: str) -> None:
-    if scoring not in ("sigmoid", "softmax"):
-        raise ValueError(f"MoERouter: unknown scoring {scoring!r}")
-    if n_group < 1 or e % n_group:
-        raise ValueError(f"MoERouter: {e} experts do not split into n_group={n_group} equal groups")
-    if not 1 <= topk_group <= n_group:
-        raise ValueError(f"MoERouter: topk_group={topk_group} must be in [1, n_group={n_group}]")
-    kept = e // n_group * (topk_group if n_group > 1 else 1)
-    if not 1 <= top_k <= kept:
-        raise ValueError(f"MoERouter: top_k={top_k} must be in [1, {kept}] (experts left after the group mask)")
-
-
 def moe_router_triton(
     hidden: torch.Tensor,  # [T, H] float/bf16
     gate_weight: torch.Tensor,  # [E, H] float32
-    correction_bias: torch.Tensor,  # [E] float32
+    correction_bias: torch.Tensor,  # [E] float32 (read by noaux_tc only)
     *,
     top_k: int,
     n_group: int,
@@ -153,17 +150,22 @@ def moe_router_triton(
     routed_scaling_factor: float,
     norm_topk_prob: int | bool,
     scoring: str = "sigmoid",
+    topk_method: str = "noaux_tc",
     block_t: int = 1,
     num_warps: int = 4,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (topk_weights [T, top_k] float32, topk_ids [T, top_k] int32), as `moe_router_reference`.
 
+    Every mode of the op (`topk_method` noaux_tc | greedy | group_limited_greedy, `scoring` sigmoid | softmax);
+    ValueError naming the attribute for a combination the op does not define.
     `out`: optional preallocated (weights, ids) to write into (contiguous, of those shapes and dtypes).
     """
     t = hidden.shape[0]
     e = gate_weight.shape[0]
-    _validate(e, top_k, n_group, topk_group, scoring)
+    check_attributes(top_k=top_k, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm_topk_prob,
+                     scoring=scoring, topk_method=topk_method, experts=e)
+    n_group, topk_group = effective_groups(topk_method, n_group, topk_group)
     if correction_bias.shape != (e,):
         raise ValueError(f"MoERouter: correction_bias has shape {tuple(correction_bias.shape)}, expected ({e},)")
     device = hidden.device
@@ -199,6 +201,7 @@ def moe_router_triton(
         TOP_K=top_k,
         NORM=bool(norm_topk_prob),
         SOFTMAX=scoring == "softmax",
+        V3=topk_method == "noaux_tc",
         BLOCK_T=block_t,
         BLOCK_E=triton.next_power_of_2(e),
         BLOCK_G=triton.next_power_of_2(n_group),
@@ -244,6 +247,7 @@ def aot_specs() -> list[AotSpec]:
                 "TOP_K": 8,
                 "NORM": True,
                 "SOFTMAX": False,
+                "V3": True,
                 "BLOCK_T": 1,
                 "BLOCK_E": 256,
                 "BLOCK_G": 8,
