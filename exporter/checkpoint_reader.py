@@ -39,6 +39,7 @@ from r1c.exporter.checkpoint_layouts import (
     refuse_unknown_tensors,
     skippable,
 )
+from r1c.exporter.weight_check import check_weight
 from r1c.plugins import fp8
 
 logger = logging.getLogger(__name__)
@@ -240,9 +241,10 @@ class CheckpointReader:
             if handle is None:
                 handle = self._handles[path] = safe_open(str(path), framework="pt")
             tensor = handle.get_tensor(name)
-            return tensor.to(torch.float32) if name.endswith(SCALE_SUFFIX) else tensor
         except Exception as e:
             raise _corrupt(path, e) from None
+        check_weight(name, tensor, f"checkpoint {path}")  # every tensor read passes here, once per read
+        return tensor.to(torch.float32) if name.endswith(SCALE_SUFFIX) else tensor
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name` (canonical); fused expert tensors are assembled here, their layer at a time."""

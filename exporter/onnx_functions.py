@@ -201,7 +201,9 @@ def experts_function(quant: str = "none", cast_weights: bool = False) -> onnx.Fu
         n("Concat", ["t_dim", "e_dim"], ["te_shape"], axis=0),
         n("ConstantOfShape", ["te_shape"], ["zeros"], value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])),
         n("Cast", ["topk_ids"], ["ids64"], to=TensorProto.INT64),
-        n("ScatterElements", ["zeros", "ids64", "topk_weights"], ["dense_w"], axis=1),
+        # reduction=add: a repeated id sums its slots, as the reference does (sharding routes the slots of other
+        # ranks' experts to a local id with weight 0)
+        n("ScatterElements", ["zeros", "ids64", "topk_weights"], ["dense_w"], axis=1, reduction="add"),
         n("Transpose", ["dense_w"], ["dense_wT"], perm=[1, 0]),  # [E, T]
         _const("axis1", [1]),
         n("Unsqueeze", ["dense_wT", "axis1"], ["dense_w3"]),  # [E, 1, T]

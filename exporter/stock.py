@@ -1,5 +1,5 @@
-"""The "stock" ONNX of a DeepSeek-V3 model: what `torch.onnx.export(..., dynamo=True)` writes for transformers'
-`DeepseekV3ForCausalLM`, with no r1c op in it.
+"""The "stock" ONNX of a DeepSeek-V3 (or V2) model: what `torch.onnx.export(..., dynamo=True)` writes for
+transformers' `DeepseekV3ForCausalLM` (`DeepseekV2ForCausalLM` for a V2 config), with no r1c op in it.
 
 It is the foreign input that `r1c optimize` must fuse (RMSNorm, SwiGLU, MoE routing and experts) and the
 peer that the benchmark compares r1c against. The experts run transformers' `batched_mm` implementation,
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from r1c.config import ModelConfig
+from r1c.config import V2_ARCHITECTURE, V3_ARCHITECTURE, ModelConfig
 from r1c.errors import ExportError
 
 logger = logging.getLogger(__name__)
@@ -72,31 +72,45 @@ class _WithCache(torch.nn.Module):
         return (out.logits, *flat)
 
 
-def load_hf_model(checkpoint_dir: str | Path) -> torch.nn.Module:
-    """transformers' DeepseekV3ForCausalLM in float32 from an r1c/HF checkpoint dir (FP8 weights dequantized)."""
+# the transformers classes of each architecture r1c reads (`ModelConfig.architecture` is the model class's name)
+_HF_CONFIG_CLASSES = {V3_ARCHITECTURE: "DeepseekV3Config", V2_ARCHITECTURE: "DeepseekV2Config"}
+
+
+def hf_model_class(config: ModelConfig) -> Any:
+    """transformers' model class of the config's architecture (DeepseekV3ForCausalLM or DeepseekV2ForCausalLM)."""
     import transformers
 
+    if config.architecture not in _HF_CONFIG_CLASSES:
+        raise ExportError(f"stock export: no transformers class for architecture {config.architecture!r}")
+    return getattr(transformers, config.architecture)
+
+
+def load_hf_model(checkpoint_dir: str | Path) -> torch.nn.Module:
+    """transformers' model of the checkpoint's architecture (`hf_model_class`) in float32 from an r1c/HF checkpoint
+    dir (FP8 weights dequantized; padded per-expert FP8 cut back to moe_intermediate_size)."""
     from r1c.exporter.checkpoint import dequantized, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint_dir)
-    model = transformers.DeepseekV3ForCausalLM(hf_config(ckpt.config))
-    state = dequantized(ckpt.tensors, torch.float32)
+    model = hf_model_class(ckpt.config)(hf_config(ckpt.config))
+    state = dequantized(ckpt.tensors, torch.float32, ckpt.config)
     if ckpt.config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
+    own = model.state_dict()  # transformers builds a zero-width shared expert for n_shared_experts 0
+    if unexpected or [m for m in missing if not m.endswith("inv_freq") and own[m].numel() != 0]:
         raise ExportError(f"stock export: checkpoint does not fit transformers' model "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
 
 
 def hf_config(config: ModelConfig) -> Any:
-    """transformers' DeepseekV3Config for an r1c config, set up for the stock exporter."""
+    """transformers' config (DeepseekV3Config / DeepseekV2Config, by architecture) for an r1c config, set up for
+    the stock exporter."""
     import transformers
 
     d = config.to_hf_dict()
     d.pop("quantization_config", None)  # the stock model runs dequantized float32 weights
-    hf = transformers.DeepseekV3Config(**d)
+    hf = getattr(transformers, _HF_CONFIG_CLASSES[config.architecture])(**d)
     hf._experts_implementation = EXPERTS_IMPLEMENTATION
     hf._attn_implementation = "sdpa"
     return hf
@@ -121,18 +135,19 @@ def _sample_inputs(hf: Any, with_cache: bool) -> tuple[tuple[torch.Tensor, ...],
 
 
 def export_stock(hf_model_or_checkpoint_dir: torch.nn.Module | str | Path, out_path: str | Path, *,
-                 with_cache: bool = False) -> Path:
+                 with_cache: bool = False, opset: int = OPSET) -> Path:
     """Write the stock ONNX (weights as external data beside it) to `out_path`; returns `out_path`.
 
-    `hf_model_or_checkpoint_dir`: a transformers `DeepseekV3ForCausalLM` (its experts implementation is
-    set to `batched_mm` for the export) or a checkpoint directory (`config.json` + safetensors).
-    The file appears whole or not at all: it is written in a sibling temp dir, then renamed.
+    `hf_model_or_checkpoint_dir`: a transformers `DeepseekV3ForCausalLM` / `DeepseekV2ForCausalLM` (its experts
+    implementation is set to `batched_mm` for the export) or a checkpoint directory (`config.json` + safetensors).
+    The file appears whole or not at all: it is written in a sibling temp dir, then renamed. `opset`: the
+    ONNX opset asked of torch.onnx (18 is its native one; it converts to others, or stays at 18 when it cannot).
     """
     model = hf_model_or_checkpoint_dir
     if isinstance(model, (str, Path)):
         model = load_hf_model(model)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise ExportError("stock export: expected a transformers DeepseekV3ForCausalLM or a checkpoint directory")
+        raise ExportError("stock export: expected a transformers DeepseekV3/V2ForCausalLM or a checkpoint directory")
     hf_config: Any = model.config
     hf_config._experts_implementation = EXPERTS_IMPLEMENTATION
     model.eval()
@@ -146,7 +161,7 @@ def export_stock(hf_model_or_checkpoint_dir: torch.nn.Module | str | Path, out_p
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapper.eval(), args, dynamo=True, opset_version=OPSET,
+            program = torch.onnx.export(wrapper.eval(), args, dynamo=True, opset_version=opset,
                                         input_names=in_names, output_names=out_names,
                                         dynamic_shapes=dynamic_shapes, verbose=False)
         if program is None:

@@ -11,8 +11,21 @@ CLI commands (registered by r1c.cli): r1c.cli_passes.inspect_cmd, passes_cmd, op
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from r1c.passes.inspect_model import inspect_model
 from r1c.passes.optimize import optimize
-from r1c.passes.pipelines import PIPELINES, TARGETS, lower_file, pass_name, pipeline, run_pipeline
+
+if TYPE_CHECKING:
+    from r1c.passes.pipelines import PIPELINES, TARGETS, lower_file, pass_name, pipeline, run_pipeline
 
 __all__ = ["PIPELINES", "TARGETS", "inspect_model", "lower_file", "optimize", "pass_name", "pipeline", "run_pipeline"]
+
+
+def __getattr__(name: str) -> Any:
+    """The pipelines (and with them every pass, onnxscript's rewriter, the plugins) load on first use, so that
+    `r1c inspect` starts without them."""
+    if name in __all__:
+        return getattr(importlib.import_module("r1c.passes.pipelines"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ from onnxscript.rewriter import MatchingTracer, MatchStatus, RewriteRule, Rewrit
 
 logger = logging.getLogger(__name__)
 MIN_REPORTED_NODES = 4
+_RULE_SETS: dict[type, RewriteRuleSet] = {}
 
 
 class RulesPass(ir.passes.InPlacePass):
@@ -33,8 +34,15 @@ class RulesPass(ir.passes.InPlacePass):
     def after_rewrites(self, model: ir.Model) -> None:
         """Called when at least one rule fired (e.g. to attach function bodies)."""
 
+    def rule_set(self) -> RewriteRuleSet:
+        """`rules()` as a rule set, built once per pass class (building the patterns costs more than matching)."""
+        cls = type(self)
+        if cls not in _RULE_SETS:
+            _RULE_SETS[cls] = RewriteRuleSet(list(self.rules()))
+        return _RULE_SETS[cls]
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        rule_set = RewriteRuleSet(list(self.rules()))
+        rule_set = self.rule_set()
         functions = dict(model.functions)
         model.functions.clear()  # rules see the main graph only
         try:

@@ -9,11 +9,13 @@ import onnx
 import onnx_ir as ir
 
 from r1c.errors import PassError
+from r1c.passes.upgrade_opset import ONNX_DOMAINS, onnx_opset, upgrade_opset
 from r1c.plugins import PLUGIN_NAMESPACE, R1C_DOMAIN, R1C_OPSET_VERSION, OpSpec
+from r1c.plugins.fp8_linear import SPEC as FP8_LINEAR_SPEC
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
 from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
 
-R1C_SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (ROUTER_SPEC, EXPERTS_SPEC)}
+R1C_SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (ROUTER_SPEC, EXPERTS_SPEC, FP8_LINEAR_SPEC)}
 ORT_DOMAIN = "com.microsoft"
 
 
@@ -72,12 +74,17 @@ def r1c_attrs(spec: OpSpec, **given: object) -> dict[str, object]:
 
 
 def ensure_function(model: ir.Model, body: onnx.FunctionProto | ir.Function) -> ir.Function:
-    """Adds the model-local function body of an r1c op (and the opset imports it needs) if it is missing."""
+    """Adds the model-local function body of an r1c op (and the opset imports it needs) if it is missing.
+
+    A model below the body's ONNX opset is converted up first (upgrade_opset); one above it is refused.
+    """
     function = body if isinstance(body, ir.Function) else ir.serde.deserialize_function(body)
     existing = model.functions.get(function.identifier())
     if existing is not None:
         return existing
     for domain, version in function.opset_imports.items():
+        if domain in ONNX_DOMAINS and (onnx_opset(model) or version) < version:  # a foreign model at, e.g., 18
+            upgrade_opset(model, version, f"{function.domain}::{function.name}'s body")
         have = model.opset_imports.setdefault(domain, version)
         if have != version:
             raise PassError(f"{function.domain}::{function.name}: its body needs opset {domain or 'ai.onnx'} "

@@ -1,6 +1,6 @@
 """TensorRT lowering check: every node is a plugin node (r1c) or an op TensorRT's ONNX parser supports.
 
-Reads the support matrix in `tensorrt_ops` (op names, inputs that must be constant, attribute values the
+Reads `tensorrt_ops` (the ops the targeted parser supports, inputs that must be constant, attribute values the
 parser requires). It changes nothing; on the first unsupported node it raises a PassError that names the
 node, and lists how many others fail, so `r1c build --target tensorrt` stops before TensorRT does.
 """
@@ -25,7 +25,7 @@ def tensorrt_problem(node: ir.Node) -> str | None:
     if node.domain not in ("", "ai.onnx"):
         return f"domain {node.domain!r} has no TensorRT importer"
     if node.op_type not in tensorrt_ops.SUPPORTED_OPS:
-        return f"{node.op_type} is not in the TensorRT ONNX support matrix ({tensorrt_ops.PARSER_MATRIX})"
+        return f"{node.op_type} is not supported by TensorRT's ONNX parser ({tensorrt_ops.PARSER})"
     for index in tensorrt_ops.CONSTANT_INPUTS.get(node.op_type, ()):
         value = node.inputs[index] if index < len(node.inputs) else None
         if value is not None and ir.convenience.get_const_tensor(value) is None:

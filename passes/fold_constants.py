@@ -5,11 +5,14 @@ adds r1c's guards: a node is never folded when one of its constant inputs is FP8
 type (an FP8 weight must not become float32 on disk), when it widens a large constant (Cast, CastLike,
 DequantizeLinear), when it belongs to a custom domain, or when a large Transpose would be materialised
 (onnxscript folds those regardless of size). Large results are never stored: see OUTPUT_SIZE_LIMIT.
+A node that one of onnxscript's evaluators cannot handle (e.g. `SplitToSequence` with a computed `split`) is
+left untouched instead of failing the pass.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import onnx_ir as ir
 from onnxscript.optimizer._constant_folding import FoldConstantsPass as _OnnxscriptFoldConstants
@@ -42,8 +45,17 @@ def _keep_weights_folded(node: ir.Node) -> bool | None:
 
 
 class FoldConstantsPass(_OnnxscriptFoldConstants):
-    """onnxscript's constant folding with r1c's weight guards and size limits."""
+    """onnxscript's constant folding with r1c's weight guards and size limits; nodes it fails on stay as they are."""
 
     def __init__(self) -> None:
         super().__init__(shape_inference=True, input_size_limit=INPUT_SIZE_LIMIT,
                          output_size_limit=OUTPUT_SIZE_LIMIT, should_fold=_keep_weights_folded)
+
+    def process_node(self, node: ir.Node, is_function: bool) -> Any:
+        try:
+            return super().process_node(node, is_function)
+        except RuntimeError as e:  # onnxscript wraps an evaluator's failure in a RuntimeError naming the node
+            cause = e.__cause__ if e.__cause__ is not None else e
+            logger.debug("fold_constants: left %s (%s) untouched: %s: %s", node.name, node.op_type,
+                         type(cause).__name__, cause, extra={"untouched": True})
+            return None

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from r1c.errors import PassError
+from r1c.passes.model_file import read_model
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -66,12 +66,7 @@ def _parameters(model: ir.Model) -> dict[str, Any]:
 def inspect_model(path: str | Path) -> dict[str, Any]:
     """A JSON-able summary of the model at `path` (its external data is never read)."""
     path = Path(path)
-    if not path.is_file():
-        raise PassError(f"inspect: {path} is not a file")
-    try:
-        model = ir.load(path)
-    except Exception as e:
-        raise PassError(f"inspect: cannot read {path} as ONNX ({type(e).__name__}: {e})") from e
+    model = read_model(path, "inspect", weights=False)
     histogram = collections.Counter(_op_key(n) for n in model.graph.all_nodes())
     data_files = sorted({str(t.const_value.location) for t in model.graph.initializers.values()
                          if isinstance(t.const_value, ir.ExternalTensor)})

@@ -35,7 +35,7 @@ from r1c.passes._rewrite import RulesPass
 from r1c.passes._util import ORT_DOMAIN
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
 from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
-from r1c.plugins.moe_router.reference import check_attributes, effective_groups
+from r1c.plugins.moe_router.spec import check_attributes, effective_groups
 
 SENTINEL = -1e30  # router_probs of experts a token did not choose; exp() of it is 0
 

@@ -4,8 +4,9 @@
   standard ONNX plus r1c ops carrying their function bodies. Runnable by ONNX Runtime as it is.
 - `onnxruntime`: the same fusions, then ONNX Runtime's fused kernels (RMSNorm, SwiGLU activation, MoE),
   the remaining r1c bodies inlined; float32 casts around the bfloat16/float16 nodes ORT's CPU cannot run.
-- `tensorrt`: the same MoE fusions, r1c nodes kept as plugin nodes without bodies, every other node
-  checked against TensorRT's ONNX support matrix.
+- `tensorrt` (and `tensorrt-rtx`): the same MoE fusions, FP8 linear layers (blocked DequantizeLinear + MatMul) into
+  `r1c::FP8Linear`, r1c nodes kept as plugin nodes without bodies, every other node checked against TensorRT's
+  ONNX parser.
 A pass's name is its module's name (`fuse_moe_router`); `r1c passes --target T` prints a pipeline.
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ClearMetadataAndDocStringPass, CommonSubexpressionEliminationPass
+from tqdm import tqdm
 
 from r1c.errors import PassError, R1CError
 from r1c.passes.cast_for_ort_kernels import CastForOrtKernelsPass
@@ -25,6 +28,7 @@ from r1c.passes.check_tensorrt_ops import CheckTensorRTOpsPass
 from r1c.passes.deduplicate_small_initializers import DeduplicateSmallInitializersPass
 from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
 from r1c.passes.fold_constants import FoldConstantsPass
+from r1c.passes.fuse_fp8_linear import FuseFP8LinearPass
 from r1c.passes.fuse_moe_experts import FuseMoEExpertsPass
 from r1c.passes.fuse_moe_router import FuseMoERouterPass
 from r1c.passes.fuse_rmsnorm import FuseRMSNormPass
@@ -32,6 +36,7 @@ from r1c.passes.fuse_swiglu import FuseSwiGLUPass
 from r1c.passes.infer_shapes import InferShapesPass
 from r1c.passes.inline_r1c_functions import InlineR1CFunctionsPass
 from r1c.passes.lower_moe_to_ort import LowerMoEToOrtPass
+from r1c.passes.model_file import read_model
 from r1c.passes.name_deterministically import NameDeterministicallyPass
 from r1c.passes.remove_dead_code import RemoveDeadCodePass
 
@@ -55,7 +60,7 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
     ),
     "tensorrt": (
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
-        FuseMoERouterPass, FuseMoEExpertsPass,
+        FuseMoERouterPass, FuseMoEExpertsPass, FuseFP8LinearPass,
         RemoveDeadCodePass, CommonSubexpressionEliminationPass, InferShapesPass,
         DropR1CFunctionBodiesPass, CheckTensorRTOpsPass,
         ClearMetadataAndDocStringPass, NameDeterministicallyPass,
@@ -135,12 +140,13 @@ def save_model_in_place(model: ir.Model, path: Path) -> Path:
 
 
 def run_pipeline(model: ir.Model, target: str, *, dump_after: str | None = None, dump_dir: str | Path | None = None,
-                 verbose: bool = False, stats: list[PassStats] | None = None) -> ir.Model:
+                 verbose: bool = False, stats: list[PassStats] | None = None, progress: bool = False) -> ir.Model:
     """Runs the target's pipeline on `model` (in place where the passes allow) and returns the result.
 
     `dump_after`: a pass name; the model after each run of that pass is written to
     `dump_dir/<index>_<name>.onnx`. A failing pass raises PassError naming itself (and, when a pass
-    knows it, the node). `stats`, when given, receives one PassStats per pass.
+    knows it, the node). `stats`, when given, receives one PassStats per pass. `progress`: a bar on stderr
+    naming the pass that runs.
     """
     passes = pipeline(target)
     names = [pass_name(p) for p in passes]
@@ -151,7 +157,10 @@ def run_pipeline(model: ir.Model, target: str, *, dump_after: str | None = None,
         if dump_dir is None:
             raise PassError("passes: --dump-after needs a dump directory")
     level = logging.INFO if verbose else logging.DEBUG
+    bar = tqdm(total=len(passes), desc=f"{target} passes", unit="pass", file=sys.stderr, leave=False,
+               disable=not progress)
     for index, (name, pass_) in enumerate(zip(names, passes)):
+        bar.set_postfix_str(name, refresh=True)
         start = time.perf_counter()
         try:
             result = pass_(model)
@@ -167,12 +176,14 @@ def run_pipeline(model: ir.Model, target: str, *, dump_after: str | None = None,
         seconds = time.perf_counter() - start
         logger.log(level, "%2d %-34s %6.2fs %5d nodes%s", index, name, seconds, len(model.graph),
                    "" if result.modified else " (unchanged)")
+        bar.update()
         if stats is not None:
             stats.append(PassStats(name, seconds, result.modified, len(model.graph)))
         if name == dump_after:
             assert dump_dir is not None
             path = save_model(model, Path(dump_dir) / f"{index:02d}_{name}.onnx")
             logger.info("wrote %s", path)
+    bar.close()
     return model
 
 
@@ -190,26 +201,23 @@ def _r1c_cause(error: BaseException) -> R1CError | None:
 
 def lower_file(src: str | Path, dst: str | Path, *, target: str, dump_after: str | None = None,
                dump_dir: str | Path | None = None, verbose: bool = False,
-               stats: list[PassStats] | None = None, in_place: bool = False) -> Path:
+               stats: list[PassStats] | None = None, in_place: bool = False, progress: bool = False) -> Path:
     """Loads `src`, runs the target's pipeline and writes `dst` (+ `dst.data`). Used by `r1c build`.
 
     Weights are never all in memory: onnx_ir keeps external tensors memory-mapped and reads one only when a
     pass needs its values. `in_place=True` (with `dst == src`) rewrites the model file and leaves its data
     files as they are (`save_model_in_place`): what `r1c export` does to canonicalize a fresh export.
+    `progress`: a bar on stderr naming the pass that runs. A file that is no usable model is one PassError.
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise PassError(f"passes: {src} is not a file")
     same_dir = dst.resolve().parent == src.resolve().parent
     if in_place and dst.resolve() != src.resolve():
         raise PassError(f"passes: in_place lowering writes {src} itself, not {dst}")
     if not in_place and same_dir and (dst.name == src.name or dst.name + ".data" == src.name):
         raise PassError(f"passes: writing {dst} would overwrite the model being read")
-    try:
-        model = ir.load(src)
-    except Exception as e:
-        raise PassError(f"passes: cannot read {src} as ONNX ({type(e).__name__}: {e})") from e
-    model = run_pipeline(model, target, dump_after=dump_after, dump_dir=dump_dir, verbose=verbose, stats=stats)
+    model = read_model(src, "passes")
+    model = run_pipeline(model, target, dump_after=dump_after, dump_dir=dump_dir, verbose=verbose, stats=stats,
+                         progress=progress)
     if in_place:
         return save_model_in_place(model, src)
     return save_model(model, dst)

@@ -1,29 +1,31 @@
 """What TensorRT's ONNX parser accepts, as data: the `check_tensorrt_ops` pass reads it.
 
-Source: onnx-tensorrt `docs/operators.md` at the 10.1-GA release (commit 96e7811, June 2024), the newest
-support matrix available here; every op marked "Y" is listed, with the restrictions the check can verify
-on the graph. Newer parsers support more (e.g. opset-23 ops); widen the list when the matrix is updated.
+SUPPORTED_OPS is the answer of the parser r1c targets, `IParser.supports_operator(op)` for every op of ONNX's
+default domain, taken from PARSER (TensorRT for RTX's parser: the one that installs and runs here; full TensorRT's
+10.x parser comes from the same onnx-tensorrt sources). Regenerate it with
+    python -c "from r1c.runtime.trt_rtx import supported_onnx_ops as s; r = s(); print(r['parser'], r['ops'])"
+`tests/test_tensorrt.py` asks the installed parser again and fails when the two differ, so this list cannot go
+stale silently. The restrictions below (inputs that must be constant, attribute values) are not reported by
+`supports_operator`; they come from onnx-tensorrt's `docs/operators.md` and stay checked by hand.
 """
 
 from __future__ import annotations
 
-PARSER_MATRIX = "onnx-tensorrt docs/operators.md, TensorRT 10.1 GA"
-# That matrix says "opset 9 to opset 20"; r1c models import opset 21 and target parsers >= 10.15 (see
-# ARCHITECTURE.md), which read it. The op list is the part this check relies on.
+PARSER = "tensorrt_rtx 1.7.1.116 (nv_onnx_parser 200)"
 
 SUPPORTED_OPS: frozenset[str] = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil
-Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace
-DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements
-GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample
-GroupNormalization GRU HardSigmoid HardSwish Hardmax Identity If ImageScaler InstanceNormalization IsInf IsNaN
-LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max
-MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
-ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range
-Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
-ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization BlackmanWindow
+Cast CastLike CausalConvWithState Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum
+DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor GRU Gather
+GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample
+GroupNormalization HammingWindow HannWindow HardSigmoid HardSwish Hardmax Identity If InstanceNormalization IsInf
+IsNaN LRN LSTM LayerNormalization LeakyRelu Less LessOrEqual LinearAttention Log LogSoftmax Loop LpNormalization
+LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot
+Or PRelu Pad Pow QuantizeLinear RMSNormalization RNN RandomNormal RandomNormalLike RandomUniform RandomUniformLike
+Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+ReduceSumSquare Relu Reshape Resize ReverseSequence RoiAlign RotaryEmbedding Round STFT Scan Scatter ScatterElements
 ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt
-Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+Squeeze Sub Sum Swish Tan Tanh TensorScatter ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
 """.split())
 
 # op -> input positions that must be constant ("must be an initializer" in the matrix)

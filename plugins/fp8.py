@@ -1,8 +1,14 @@
-"""FP8 e4m3fn block quantization as DeepSeek ships it: `weight_scale_inv` per 128x128 block."""
+"""FP8 e4m3fn block quantization as DeepSeek ships it: `weight_scale_inv` per 128x128 block.
+
+The constants and `block_shape` need no torch (the passes read them); the tensor functions import it.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = 128
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -22,12 +28,16 @@ def expand_scale(scale: torch.Tensor, rows: int, cols: int, block: int = BLOCK) 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """float32 weights from FP8 `w` [..., R, C] and its `weight_scale_inv` [..., ceil(R/b), ceil(C/b)]."""
+    import torch
+
     rows, cols = w.shape[-2], w.shape[-1]
     return w.to(torch.float32) * expand_scale(scale.to(torch.float32), rows, cols, block)
 
 
 def quantize(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest e4m3fn with one float32 scale per block (amax / 448); returns (w_fp8, scale_inv)."""
+    import torch
+
     w = w.to(torch.float32)
     rows, cols = w.shape[-2], w.shape[-1]
     br, bc = block_shape(rows, cols, block)

@@ -1,10 +1,19 @@
-"""What the r1c TensorRT plugins share: attribute fields, the IPluginV3 / IPluginCreatorV3One classes, registration.
+"""What the r1c TensorRT plugins share: attribute fields, the IPluginV3 / IPluginCreatorV3One classes, registration,
+and the one place where a plugin finds its kernels.
 
-Each op module (`moe_router/tensorrt.py`, `moe_experts/tensorrt.py`) describes its plugin as a `PluginOp`:
-dtypes, output shapes, accepted formats, shape checks and a torch implementation. This module turns a
-`PluginOp` into Python plugin and creator classes of whichever TensorRT module it is given (full `tensorrt`
-or TensorRT-RTX's `tensorrt_rtx_bindings`), so one code path serves both. The plugin's name, namespace,
-version and attribute names and types all come from the op's `OpSpec`.
+Each op module (`moe_router/tensorrt.py`, `moe_experts/tensorrt.py`, `fp8_linear/tensorrt.py`) describes its plugin
+as a `PluginOp`: dtypes, output shapes, accepted formats, shape checks, and its kernels as a launch plan
+(`r1c.plugins.launch`) for given shapes, with the workspace that plan needs. This module turns a `PluginOp` into
+Python plugin and creator classes of whichever TensorRT module it is given (full `tensorrt` or TensorRT-RTX's
+`tensorrt_rtx_bindings`), so one code path serves both. The plugin's name, namespace, version and attribute names
+and types all come from the op's `OpSpec`.
+
+Production path: `get_workspace_size` declares the plan's scratch memory for the profile's largest shapes (TensorRT
+plans it with the rest of the engine's memory); `on_shape_change` computes the plan for the new shapes and resolves
+its kernels in the bundle's ahead-of-time kernel library (`kernel_runner()`, set by `use_kernel_library`);
+`enqueue` only fills device pointers into the prepared launches and launches them on TensorRT's stream: no
+allocation, no synchronization, no shape logic, no Triton. Without a kernel library a plugin cannot run: the error
+says so; there is no fallback to a slow reference.
 
 TensorRT's ONNX parser binds an `r1c` node to a plugin when the node carries `plugin_namespace="r1c"` and a
 creator with the node's op type, that namespace and version "1" is registered; it passes the node's other
@@ -17,13 +26,16 @@ from __future__ import annotations
 import abc
 import logging
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from r1c.errors import BuildError
+from r1c.errors import BuildError, BundleError
 from r1c.plugins import PLUGIN_NAMESPACE, OpSpec
+from r1c.plugins._triton import KernelSpec
+from r1c.plugins.launch import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +53,6 @@ _TORCH_DTYPES = {
     "INT64": "int64",
     "BOOL": "bool",
     "FP8": "float8_e4m3fn",
-}
-# torch dtype name -> __cuda_array_interface__ typestr of the same width (bf16 and fp8 are reinterpreted after)
-_TYPESTRS = {
-    "float32": "<f4",
-    "float16": "<f2",
-    "bfloat16": "<u2",
-    "int8": "|i1",
-    "uint8": "|u1",
-    "int32": "<i4",
-    "int64": "<i8",
-    "bool": "|b1",
-    "float8_e4m3fn": "|u1",
 }
 _INT_FIELDS = ("INT32", "INT64", "INT16", "INT8")
 _FLOAT_FIELDS = ("FLOAT32", "FLOAT64", "FLOAT16")
@@ -140,46 +140,44 @@ def attrs_from_fields(spec: OpSpec, fields: Any) -> dict[str, Any]:
     return spec.attrs(**given)
 
 
-# ---- torch views of TensorRT device buffers -------------------------------------------------------------------
-def torch_dtype(trt_dtype: Any) -> Any:
-    import torch
-
+# ---- the kernels: one factory for every plugin ------------------------------------------------------------------
+def dtype_name(trt_dtype: Any) -> str:
+    """The torch dtype name of a TensorRT DataType (by name, so that any TensorRT module works)."""
     try:
-        return getattr(torch, _TORCH_DTYPES[trt_dtype.name])
+        return _TORCH_DTYPES[trt_dtype.name]
     except KeyError:
         raise ValueError(f"no torch dtype for TensorRT {trt_dtype}") from None
 
 
-class _CudaBuffer:
-    """A raw device pointer dressed as `__cuda_array_interface__` (v3), for `torch.as_tensor`."""
-
-    def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str) -> None:
-        self.__cuda_array_interface__ = {
-            "data": (int(ptr), False),
-            "shape": shape,
-            "typestr": typestr,
-            "strides": None,
-            "version": 3,
-            "stream": None,
-        }
+_LIBRARY: list[Any] = []  # the active KernelLibrary's DriverRunner (at most one)
 
 
-def device_tensor(desc: Any, ptr: int) -> Any:
-    """A torch CUDA tensor over TensorRT's linear buffer at `ptr` described by `desc` (no copy)."""
-    import torch
+def use_kernel_library(directory: str | Path | None) -> None:
+    """Make the kernel library at `directory` (a bundle's `kernels/`) the one every r1c plugin launches from;
+    None clears it. Raises BundleError when the directory holds no library."""
+    from r1c.plugins.kernel_library import DriverRunner, KernelLibrary
 
-    dtype = torch_dtype(desc.type)
-    shape = tuple(int(d) for d in desc.dims)
-    if int(np.prod(shape, dtype=np.int64)) == 0 or not ptr:
-        return torch.empty(shape, dtype=dtype, device="cuda")
-    name = str(dtype).removeprefix("torch.")
-    t = torch.as_tensor(_CudaBuffer(ptr, shape, _TYPESTRS[name]), device="cuda")
-    return t if t.dtype == dtype else t.view(dtype)
+    _LIBRARY.clear()
+    if directory is not None:
+        _LIBRARY.append(DriverRunner(KernelLibrary(directory)))
+
+
+def kernel_runner() -> Any:
+    """The runner of the active kernel library; a BundleError when none is loaded (never a fallback)."""
+    if not _LIBRARY:
+        raise BundleError("kernels: no r1c kernel library is loaded, so the r1c plugins cannot run: load the bundle "
+                          "with r1c.runtime.load (its kernels/ directory holds them) or call "
+                          "r1c.plugins.tensorrt_common.use_kernel_library(dir)")
+    return _LIBRARY[0]
 
 
 # ---- the op description the plugin classes are made from -------------------------------------------------------
 class PluginOp(abc.ABC):
-    """One r1c op as a TensorRT plugin; subclasses hold no per-instance state (attributes are passed in)."""
+    """One r1c op as a TensorRT plugin; subclasses hold no per-instance state (attributes are passed in).
+
+    `shapes` below are concrete dims (at run time, or the profile's maxima at build time), `dtypes` torch dtype
+    names, both for every input in order.
+    """
 
     spec: ClassVar[OpSpec]
 
@@ -210,8 +208,42 @@ class PluginOp(abc.ABC):
         """Raise ValueError for input shapes (-1: dynamic) that the op cannot take."""
 
     @abc.abstractmethod
+    def problem(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> Any:
+        """The kernels' problem description (sizes and dtypes) for these input shapes."""
+
+    @abc.abstractmethod
+    def plan(self, attrs: dict[str, Any], problem: Any) -> Plan:
+        """The launch plan for `problem` (inputs and outputs in the op's order)."""
+
+    @abc.abstractmethod
+    def workspace_size(self, attrs: dict[str, Any], problem: Any) -> int:
+        """Bytes of workspace for every token count up to the problem's."""
+
+    @abc.abstractmethod
+    def kernel_specs(self, attrs: dict[str, Any], problem: Any) -> list[KernelSpec]:
+        """Every kernel a plan may launch for token counts up to the problem's (what `r1c build` compiles)."""
+
     def execute(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-        """Compute the outputs (torch CUDA tensors, written in place) on the current torch stream."""
+        """The enqueue body on torch tensors through Triton (JIT on CUDA, the interpreter on CPU): the same plan the
+        plugin launches from the kernel library. For tests and the GPU check; the plugin itself never uses it."""
+        from r1c.plugins.launch import TritonRunner
+
+        shapes = [tuple(t.shape) for t in inputs]
+        dtypes = [str(t.dtype).removeprefix("torch.") for t in inputs]
+        self.check_shapes(attrs, shapes)
+        TritonRunner().run(self.plan(attrs, self.problem(attrs, shapes, dtypes)), list(inputs), list(outputs))
+
+
+def specs_up_to(plan_at: Callable[[int], Plan], max_tokens: int, boundaries: Sequence[int]) -> list[KernelSpec]:
+    """The specs of the plans at every config bucket's edges up to `max_tokens` (a bucket's plans share specs)."""
+    counts = {1, max_tokens}
+    for b in boundaries:
+        counts |= {b, b + 1}
+    specs: dict[str, KernelSpec] = {}
+    for t in sorted(c for c in counts if 1 <= c <= max_tokens):
+        for s in plan_at(t).specs():
+            specs.setdefault(s.key, s)
+    return list(specs.values())
 
 
 def _static_shape(desc: Any) -> tuple[int, ...]:
@@ -240,6 +272,7 @@ class _PluginLogic:
         self.plugin_version = version_string(spec)
         self.timing_cache_id = ""  # one tactic: nothing to time per instance
         self.input_shapes: list[tuple[int, ...]] = []
+        self._prepared: Any = None
 
     # core / lifetime
     def get_capability_interface(self, type: Any) -> Any:
@@ -248,6 +281,7 @@ class _PluginLogic:
     def clone(self) -> Any:
         twin = type(self)(self.attrs, self.phase)
         twin.input_shapes = list(self.input_shapes)
+        twin._prepared = self._prepared
         return twin
 
     # build
@@ -270,9 +304,18 @@ class _PluginLogic:
         self.input_shapes = [_static_shape(d.desc) for d in inp]
         self._op.check_shapes(self.attrs, self.input_shapes)
 
+    def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
+        """The plan's scratch bytes at the profile's largest shapes (TensorRT allocates it, once)."""
+        shapes = [tuple(int(d) for d in t.max) for t in inputs]
+        dtypes = [dtype_name(t.desc.type) for t in inputs]
+        return int(self._op.workspace_size(self.attrs, self._op.problem(self.attrs, shapes, dtypes)))
+
     # runtime
     def on_shape_change(self, inp: Sequence[Any], out: Sequence[Any]) -> None:
+        """New shapes: plan the kernels and resolve them in the kernel library (not in enqueue)."""
         self.input_shapes = [_static_shape(d) for d in inp]
+        problem = self._op.problem(self.attrs, self.input_shapes, [dtype_name(d.type) for d in inp])
+        self._prepared = kernel_runner().prepare(self._op.plan(self.attrs, problem))
 
     def attach_to_context(self, resource_context: Any) -> Any:
         return self.clone()
@@ -291,12 +334,7 @@ class _PluginLogic:
         workspace: int,
         stream: int,
     ) -> None:
-        import torch
-
-        with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
-            ins = [device_tensor(d, p) for d, p in zip(input_desc, inputs)]
-            outs = [device_tensor(d, p) for d, p in zip(output_desc, outputs)]
-            self._op.execute(self.attrs, ins, outs)
+        kernel_runner().run(self._prepared, inputs, outputs, workspace, stream)
 
 
 class _CreatorLogic:
@@ -317,6 +355,8 @@ class _CreatorLogic:
     def create_plugin(self, name: str, field_collection: Any, phase: Any) -> Any:
         attrs = attrs_from_fields(self._op.spec, field_collection)
         self._op.validate(attrs)
+        if phase == self._trt.TensorRTPhase.RUNTIME:
+            kernel_runner()  # a plugin that cannot launch its kernels fails when the engine loads, not later
         return self._plugin_class(attrs, phase)
 
 
@@ -335,10 +375,11 @@ def plugin_classes(trt: types.ModuleType, op: PluginOp) -> tuple[type, type]:
 
 def plugin_ops() -> list[PluginOp]:
     """Every r1c op that has a TensorRT plugin."""
+    from r1c.plugins.fp8_linear.tensorrt import FP8LinearOp
     from r1c.plugins.moe_experts.tensorrt import MoEExpertsOp
     from r1c.plugins.moe_router.tensorrt import MoERouterOp
 
-    return [MoERouterOp(), MoEExpertsOp()]
+    return [MoERouterOp(), MoEExpertsOp(), FP8LinearOp()]
 
 
 # Creators stay referenced here for the life of the process: TensorRT holds only a pointer to each.

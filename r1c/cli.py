@@ -1,13 +1,18 @@
 """The `r1c` command line: export, build, run, and the tools around them.
 
-Every r1c error becomes one line on stderr (`r1c: error: ...`) and a non-zero exit code.
+Every r1c error becomes one line on stderr (`r1c: error: ...`) and a non-zero exit code: 1 for bad input or
+a failed stage, 2 for a command line that does not parse, 3 only for `r1c bench`'s regression gate, 130 on
+SIGINT and 143 on SIGTERM (both remove what the command had half-written).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +22,99 @@ from r1c.errors import ExportError, R1CError, RuntimeInputError
 
 logger = logging.getLogger("r1c")
 
+INT64_MAX = 2**63 - 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so that every cleanup on the way out runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
 
 class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            _fail(ctx, e.format_message(), e.exit_code)
+            raise  # not reached: ctx.exit raises
+
     def invoke(self, ctx: click.Context) -> Any:
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
         try:
             return super().invoke(ctx)
         except R1CError as e:
-            click.echo(f"r1c: error: {e}", err=True)
-            ctx.exit(e.exit_code)
+            _fail(ctx, str(e), e.exit_code)
+        except click.ClickException as e:  # a subcommand's options that do not parse: one line too
+            _fail(ctx, e.format_message(), e.exit_code)
+        except Terminated:
+            click.echo("r1c: terminated (SIGTERM); nothing half-written was left", err=True)
+            ctx.exit(143)
         except KeyboardInterrupt:
-            click.echo("r1c: interrupted", err=True)
+            click.echo("r1c: interrupted; nothing half-written was left", err=True)
             ctx.exit(130)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(ctx: click.Context, message: str, code: int) -> None:
+    text = " ".join(message.split())  # one line, whatever the message
+    click.echo(f"r1c: error: {text}", err=True)
+    ctx.exit(code)
+
+
+class _Formatter(logging.Formatter):
+    """`r1c: level: message`; a library's exception as its last line, not a stack dump (unless -vv)."""
+
+    def __init__(self, tracebacks: bool) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+    def formatException(self, ei: Any) -> str:
+        if self.tracebacks:
+            return super().formatException(ei)
+        return f"  ({ei[0].__name__}: {str(ei[1]).strip().splitlines()[-1] if str(ei[1]).strip() else ''})"
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """No flag: r1c's warnings only. -v: r1c's info, libraries' warnings, one line each. -vv: everything."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "r1c_cli", False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)  # the current stderr (a test runner swaps it per call)
+    handler.setFormatter(_Formatter(tracebacks=verbose >= 2))
+    handler.r1c_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING if verbose == 1 else logging.ERROR)
+    logging.getLogger("r1c").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+
+
+def _progress() -> bool:
+    """Progress bars: on a terminal only (never in logs or pipes)."""
+    return sys.stderr.isatty()
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _summary(verb: str, out: Path, start: float, extra: str = "") -> str:
+    """One line: what was written, its files and size, and the time it took."""
+    files = sorted(p.name for p in out.iterdir() if p.is_file()) if out.is_dir() else [out.name]
+    return (f"{verb} {out}{extra}: {', '.join(files)} ({_bytes(_size(out))}) in {time.perf_counter() - start:.1f} s")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="r1c")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug), on stderr.")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr: -v r1c's steps, -vv everything.")
 def main(verbose: int) -> None:
     """r1c: export DeepSeek-V3/R1-class MoE models to ONNX with r1c custom ops, optimize them with graph
     passes, build engine bundles (ONNX Runtime on CPU; TensorRT on NVIDIA GPUs) and run or benchmark them.
@@ -118,8 +195,14 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
     layer) and one graph for both prefill and decode. graph_io.json describes the inputs, outputs and cache
     layout. Weights stream from the checkpoint's shards layer by layer: memory stays about one layer.
     """
-    from r1c.exporter.onnx_export import export_onnx
+    import functools
 
+    from r1c.exporter.onnx_export import export_onnx
+    from r1c.outdir import check_output_dir
+
+    start = time.perf_counter()
+    check_output_dir(out, ExportError, "export")  # before the long part
+    show = progress and _progress()
     config, tensors, source = _load_source(src, preset_name, seed, weights)
     if dtype == "auto":
         dtype = _auto_dtype(tensors)
@@ -152,11 +235,10 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
     from r1c.runtime.serving.text import tokenizer_files
 
     extra.update(tokenizer_files(src))  # the checkpoint's tokenizer travels with the model
-    export_onnx(config, tensors, out, dtype=dtype, write_weights=weights == "all",
-                progress=progress and sys.stderr.isatty(),
+    export_onnx(config, tensors, out, dtype=dtype, write_weights=weights == "all", progress=show,
                 extra_files={"source.json": json.dumps(source, indent=2) + "\n", **extra},
-                postprocess=_canonicalize)
-    click.echo(f"exported {out}")
+                postprocess=functools.partial(_canonicalize, progress=show))
+    click.echo(_summary("exported", out, start))
 
 
 def _materialize(tensors: Any) -> dict[str, Any]:
@@ -166,27 +248,36 @@ def _materialize(tensors: Any) -> dict[str, Any]:
     return {name: tensors.get(name) for name in tensors.names}
 
 
-def _canonicalize(export_dir: Path) -> None:
+def _canonicalize(export_dir: Path, progress: bool = False) -> None:
     """Run the target-independent `r1c` pass pipeline over a fresh export (cleanup, shapes, stable names).
 
     In place: the model file is rewritten, its weights stay where the exporter wrote them.
     """
     from r1c.passes.pipelines import lower_file
 
-    lower_file(export_dir / "model.onnx", export_dir / "model.onnx", target="r1c", in_place=True)
+    lower_file(export_dir / "model.onnx", export_dir / "model.onnx", target="r1c", in_place=True, progress=progress)
 
 
 @main.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to create (written whole or not at all).")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="onnxruntime: a CPU bundle; tensorrt: a TensorRT engine with the r1c plugins (needs TensorRT).")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
+              show_default=True, help="onnxruntime: a CPU bundle; tensorrt: a TensorRT engine with the r1c plugins "
+              "(needs TensorRT and the GPU); tensorrt-rtx: the same through TensorRT for RTX, for --arch (any "
+              "machine).")
+@click.option("--arch", default=None, metavar="SM",
+              help="TensorRT targets: the compute capability to build for (sm89, sm90, sm120, ...).")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: one per physical core).")
 @click.option("--dump-after", metavar="PASS",
               help="Also write the model as it is after this pass (into OUTPUT.dumps/; `r1c passes` lists them).")
-def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: str | None) -> None:
+@click.option("--tensor-parallel", "tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split attention, dense MLPs, embedding and LM head over this many ranks (one bundle, T x E ranks).")
+@click.option("--expert-parallel", "ep", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the routed experts into this many partitions (each holds E/EP experts).")
+def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: int, dump_after: str | None, tp: int,
+          ep: int) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.
 
     The target's pass pipeline (`r1c passes --target T` lists it) runs first. The manifest records the
@@ -195,10 +286,11 @@ def build(export_dir: Path, out: Path, target: str, threads: int, dump_after: st
     """
     from r1c.runtime.build import build_bundle
 
-    verbose = logging.getLogger().level <= logging.INFO
+    start = time.perf_counter()
+    verbose = logging.getLogger("r1c").getEffectiveLevel() <= logging.INFO
     build_bundle(export_dir, out, target=target, session={"intra_op_num_threads": threads}, dump_after=dump_after,
-                 verbose=verbose)
-    click.echo(f"built {out} ({target})")
+                 verbose=verbose, arch=arch, tensor_parallel=tp, expert_parallel=ep, progress=_progress())
+    click.echo(_summary("built", out, start, f" ({target})"))
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -208,6 +300,9 @@ def _parse_ids(text: str) -> list[int]:
         raise RuntimeInputError(f"--input-ids must be integers separated by spaces, got {text!r}") from None
     if not ids:
         raise RuntimeInputError("--input-ids is empty")
+    bad = next((i for i in ids if not 0 <= i <= INT64_MAX), None)
+    if bad is not None:
+        raise RuntimeInputError(f"--input-ids: token id {bad} is not a token id (they are >= 0 and < the vocabulary)")
     return ids
 
 
@@ -218,23 +313,37 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--max-new-tokens", default=8, show_default=True, help="Tokens to generate (greedy).")
 @click.option("--eos", "eos_token_id", type=int, default=None, help="Stop a row at this token id.")
 @click.option("--logits-out", type=click.Path(path_type=Path),
-              help="Save the first prompt's logits [S, V] (float32 .npy).")
+              help="Save the first prompt's logits [S, V] (float32 .npy); written whole or not at all.")
+@click.option("--json", "as_json", is_flag=True, help="Print the prompts and new tokens as JSON (for scripts).")
 def run(bundle: Path, input_ids: tuple[str, ...], max_new_tokens: int, eos_token_id: int | None,
-        logits_out: Path | None) -> None:
-    """Generate tokens greedily from a bundle; prints one line of new token ids per prompt."""
+        logits_out: Path | None, as_json: bool) -> None:
+    """Generate tokens greedily from a bundle; prints each prompt's new token ids, one labelled line per prompt."""
     import numpy as np
 
+    from r1c.outdir import atomic_output_file, check_output_file
     from r1c.runtime import load
 
     prompts = [_parse_ids(t) for t in input_ids]
+    if max_new_tokens < 0:
+        raise RuntimeInputError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if logits_out is not None:
+        check_output_file(logits_out, RuntimeInputError, "--logits-out")  # before the model runs
     engine = load(bundle)
+    if eos_token_id is not None and not 0 <= eos_token_id < engine.vocab_size:
+        raise RuntimeInputError(f"--eos {eos_token_id} is not a token of this model (vocabulary: 0 to "
+                                f"{engine.vocab_size - 1})")
+    rows = engine.generate(prompts, max_new_tokens, eos_token_id=eos_token_id)
     if logits_out is not None:
         logits = engine.forward(np.array([prompts[0]], dtype=np.int64))[0]
-        tmp = logits_out.with_name(logits_out.name + ".partial.npy")
-        np.save(tmp, logits)
-        tmp.replace(logits_out)
-    for row in engine.generate(prompts, max_new_tokens, eos_token_id=eos_token_id):
-        click.echo(" ".join(map(str, row)))
+        with atomic_output_file(logits_out, RuntimeInputError, "--logits-out") as tmp, tmp.open("wb") as f:
+            np.save(f, logits)
+        click.echo(f"r1c run: wrote the first prompt's logits, float32 {list(logits.shape)}, to {logits_out}",
+                   err=True)
+    if as_json:
+        click.echo(json.dumps([{"input_ids": p, "new_tokens": r} for p, r in zip(prompts, rows)]))
+        return
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        click.echo(f"prompt {i} ({len(prompt)} tokens) -> {len(row)} new tokens: {' '.join(map(str, row))}")
 
 
 @main.command()

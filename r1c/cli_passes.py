@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
@@ -54,15 +53,22 @@ def passes_cmd(target: str | None) -> None:
 @click.option("--dump-after", metavar="PASS", default=None, help="Also write the model after PASS (into DIR/dumps).")
 @click.option("-v", "--verbose", is_flag=True, help="Log each pass and why fusions did not fire.")
 def optimize_cmd(foreign: Path, out: Path, target: str, dump_after: str | None, verbose: bool) -> None:
-    """Fuse and lower a foreign ONNX model (e.g. the stock torch.onnx export of DeepseekV3)."""
+    """Fuse and lower a foreign ONNX model (e.g. the stock torch.onnx export of DeepseekV3).
+
+    A model below ONNX opset 21 is converted up (ONNX's version converter) when a fusion puts an r1c op
+    into it. The output directory also gets graph_io.json (the model's inputs and outputs as `r1c build`
+    and the runtime need them, described from the graph) and passes.json (what each pass did).
+    """
+    import time
+
+    from r1c.cli import _progress, _summary
     from r1c.passes.optimize import optimize
 
+    start = time.perf_counter()
     if verbose:
-        log = logging.getLogger("r1c.passes")
-        log.setLevel(logging.INFO)
-        if not logging.getLogger().handlers and not log.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-            log.addHandler(handler)
-    path = optimize(foreign, out, target=target, dump_after=dump_after, verbose=verbose)
-    click.echo(str(path))
+        logging.getLogger("r1c").setLevel(logging.INFO)
+    verbose = logging.getLogger("r1c").getEffectiveLevel() <= logging.INFO  # this -v or `r1c -v`
+    path = optimize(foreign, out, target=target, dump_after=dump_after, verbose=verbose, progress=_progress())
+    report = json.loads((path.parent / "passes.json").read_text())["graph_io"]
+    kind = report["kind"] or f"none ({report['reason']})"
+    click.echo(_summary("optimized", path.parent, start, f" ({target}; graph I/O: {kind})"))

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 class R1CError(Exception):
-    """Base of every error r1c raises on bad input or a failed stage."""
+    """Base of every error r1c raises on bad input or a failed stage.
+
+    Exit codes of the CLI: 1 for every R1CError but RegressionError (3); 2 for a command line click
+    cannot parse; 130 on SIGINT, 143 on SIGTERM.
+    """
 
     exit_code = 1
 
@@ -38,6 +42,13 @@ class RuntimeInputError(R1CError):
 
 
 class BenchError(R1CError):
-    """A benchmark could not run, or a regression gate failed."""
+    """A benchmark could not run (bad options, a baseline file that cannot be read, ...)."""
+
+
+class RegressionError(BenchError):
+    """The regression gate failed: slower than the baseline beyond the tolerance and the noise.
+
+    The only error with exit code 3, so that a CI gate can tell a regression from a typo.
+    """
 
     exit_code = 3

@@ -1,11 +1,14 @@
 """The engine bundle's `manifest.json`: what was built, for which target, from what, with which libraries.
 
-A runtime refuses a bundle whose schema, target, file hashes, library versions or device do not match,
-with a `BundleError` that says which. Files are hashed once, at build (sha256 of every byte); a load checks
-each file's size and a cheap fingerprint (sha256 of its size and FINGERPRINT_SAMPLES blocks of
-FINGERPRINT_BLOCK bytes at fixed, evenly spaced offsets, first and last block included: ~1 MiB read per
-file whatever its size), so that a 690 GB bundle opens in milliseconds; `verify_bundle` (`r1c verify`)
-re-hashes every byte. Bundles written before fingerprints existed get the full check at load.
+A runtime refuses a bundle whose schema, r1c release, target, file hashes, library versions or device do not
+match, or whose manifest holds a field of the wrong type, with a `BundleError` that says which. Files are
+hashed once, at build (sha256 of every byte); a load checks each file's size and a cheap fingerprint (sha256
+of its size and FINGERPRINT_SAMPLES blocks of FINGERPRINT_BLOCK bytes at fixed, evenly spaced offsets, first
+and last block included: ~1 MiB read per file whatever its size), so that a 690 GB bundle opens in
+milliseconds; `verify_bundle` (`r1c verify`) re-hashes every byte. Bundles written before fingerprints
+existed get the full check at load.
+A bundle built from a foreign model (`r1c optimize` output) has no r1c model config (`model_config` null); its
+`config_hash` is then the hash of its graph I/O description (r1c/graph_io.py).
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ import dataclasses
 import hashlib
 import json
 import platform
+import types
+import typing
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import r1c
+from r1c import graph_io as gio
 from r1c.config import ModelConfig
-from r1c.errors import BundleError
+from r1c.errors import BundleError, R1CError
 from r1c.jsonfile import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 FINGERPRINT_SAMPLES = 16
@@ -56,18 +62,26 @@ def fingerprint_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_records(directory: Path) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
-    """(sha256, size, fingerprint) of every file in `directory`, by name: what `r1c build` records, once."""
-    files = sorted(p for p in directory.iterdir() if p.is_file())
-    return ({p.name: sha256_file(p) for p in files}, {p.name: p.stat().st_size for p in files},
-            {p.name: fingerprint_file(p) for p in files})
+def file_records(directory: Path, progress: bool = False) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
+    """(sha256, size, fingerprint) of every file under `directory` (subdirectories too, e.g. a TensorRT bundle's
+    kernels/), by relative path: what `r1c build` records, once. Hidden files (r1c/outdir.py's mark of a
+    directory being written) are not part of a bundle. `progress`: a bar over the bytes hashed, on stderr."""
+    from tqdm import tqdm
+
+    files = {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
+             if p.is_file() and not p.name.startswith(".")}
+    sizes = {n: p.stat().st_size for n, p in files.items()}
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024, desc="build: hashing",
+              leave=False, disable=not progress) as bar:
+        hashes = {n: sha256_file(p, progress=bar.update) for n, p in files.items()}
+    return hashes, sizes, {n: fingerprint_file(p) for n, p in files.items()}
 
 
 @dataclasses.dataclass
 class Manifest:
     target: str
     precision: str
-    model_config: dict[str, Any]
+    model_config: dict[str, Any] | None  # None: a foreign model
     config_hash: str
     graph_io: dict[str, Any]
     files: dict[str, str]  # relative path -> sha256
@@ -83,7 +97,17 @@ class Manifest:
 
     @property
     def config(self) -> ModelConfig:
-        return ModelConfig.from_hf_dict(self.model_config)
+        """r1c's model config; BundleError for a bundle of a foreign model, which has none."""
+        if self.model_config is None:
+            raise BundleError("bundle: built from a foreign model, it has no r1c model config")
+        try:
+            return ModelConfig.from_hf_dict(self.model_config)
+        except R1CError as e:
+            raise BundleError(f"bundle: the manifest's model config is not valid: {e}") from None
+
+    @property
+    def is_foreign(self) -> bool:
+        return self.model_config is None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -94,6 +118,33 @@ class Manifest:
 
 def host_device() -> dict[str, Any]:
     return {"kind": "cpu", "machine": platform.machine(), "system": platform.system()}
+
+
+def _allowed(annotation: Any) -> tuple[type, ...]:
+    """The runtime types a field's annotation allows (dict[str, Any] -> dict; X | None -> X, NoneType)."""
+    if isinstance(annotation, (types.UnionType,)) or typing.get_origin(annotation) is typing.Union:
+        return tuple(t for arg in typing.get_args(annotation) for t in _allowed(arg))
+    origin = typing.get_origin(annotation)
+    return (origin if origin is not None else annotation,)
+
+
+def _check_types(raw: dict[str, Any]) -> None:
+    """Every manifest field holds the type its annotation says, and every file is a plain relative path."""
+    hints = typing.get_type_hints(Manifest)
+    for name, annotation in hints.items():
+        if name not in raw:
+            continue
+        allowed = _allowed(annotation)
+        value = raw[name]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise BundleError(f"bundle: manifest field {name!r} must be {names}, got {type(value).__name__} "
+                              f"{json.dumps(value)[:60]}")
+    for rel, digest in raw.get("files", {}).items():
+        parts = PurePosixPath(rel).parts
+        if not isinstance(digest, str) or not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+            raise BundleError(f"bundle: manifest lists file {rel!r} with {digest!r}; expected a relative path and "
+                              "its sha256")
 
 
 def read_manifest(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Manifest:
@@ -117,11 +168,24 @@ def read_manifest(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Mani
                if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise BundleError(f"bundle: manifest lacks {', '.join(missing)}")
+    _check_types(raw)
     m = Manifest(**{k: v for k, v in raw.items() if k in names})
+    if m.r1c_version.split("+")[0] != r1c.__version__.split("+")[0]:
+        raise BundleError(f"bundle: built by r1c {m.r1c_version}, this is r1c {r1c.__version__} (rebuild it with "
+                          "`r1c build`)")
     if m.target not in TARGETS:
         raise BundleError(f"bundle: unknown target {m.target!r}")
-    if m.config.hash() != m.config_hash:
+    gio.check_graph_io(m.graph_io, BundleError, "bundle: manifest")
+    if m.is_foreign != gio.is_foreign(m.graph_io):
+        raise BundleError("bundle: the manifest's model_config and graph_io disagree on whether the model is foreign")
+    want = gio.foreign_hash(m.graph_io) if m.is_foreign else m.config.hash()
+    if want != m.config_hash:
         raise BundleError("bundle: model config does not match its hash in the manifest")
+    model_file = m.target_options.get("model", "")  # one-rank onnxruntime bundles; sharded ones name files per rank
+    if not isinstance(model_file, str) or (model_file and model_file not in m.files) \
+            or not isinstance(m.target_options.get("session", {}), dict):
+        raise BundleError("bundle: target_options must name the model (one of the manifest's files) and a session "
+                          "object")
     if verify_hashes:
         for rel, digest in m.files.items():
             f = bundle / rel

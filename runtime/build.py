@@ -1,83 +1,145 @@
-"""`r1c build`: turn an exported model directory into an engine bundle for one target."""
+"""`r1c build`: turn an exported model directory into an engine bundle for one target.
+
+Input: the output of `r1c export` (model.onnx, graph_io.json, config.json, source.json) or of `r1c optimize`
+on a foreign model (model.onnx and the graph_io.json described from its graph; no config.json). A directory
+with a model.onnx alone is described from its graph here (r1c/graph_io.py). Foreign models build for
+ONNX Runtime only.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from r1c import graph_io as gio
 from r1c.config import ModelConfig
 from r1c.errors import BuildError
+from r1c.jsonfile import read_json_object
 from r1c.manifest import TARGETS, Manifest, file_records, host_device
 from r1c.outdir import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FILES = ("model.onnx", "graph_io.json", "config.json")
+MODEL_FILE = "model.onnx"
 
 
-def _read_export(export_dir: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+def _read_export(export_dir: Path) -> tuple[ModelConfig | None, dict[str, Any], dict[str, Any]]:
+    """(config or None for a foreign model, graph I/O, source) of an export directory; BuildError on bad input."""
     if not export_dir.is_dir():
-        raise BuildError(f"build: {export_dir} is not a directory (expected the output of `r1c export`)")
-    for name in EXPORT_FILES:
-        if not (export_dir / name).is_file():
-            raise BuildError(f"build: {export_dir} has no {name} (expected the output of `r1c export`)")
-    config = ModelConfig.from_json(export_dir / "config.json")
-    graph_io = json.loads((export_dir / "graph_io.json").read_text())
+        raise BuildError(f"build: {export_dir} is not a directory (expected the output of `r1c export` or "
+                         "`r1c optimize`)")
+    model = export_dir / MODEL_FILE
+    if not model.is_file():
+        raise BuildError(f"build: {export_dir} has no {MODEL_FILE} (expected the output of `r1c export` or "
+                         "`r1c optimize`)")
+    config_path, io_path = export_dir / "config.json", export_dir / gio.FILE
+    if io_path.is_file():
+        graph_io = gio.check_graph_io(read_json_object(io_path, BuildError, "build"), BuildError, f"build: {io_path}")
+    else:
+        from r1c.passes.model_file import read_model
+
+        try:
+            graph_io = gio.describe_foreign(read_model(model, "build"), BuildError)
+        except BuildError as e:
+            raise BuildError(f"build: {export_dir} has no {gio.FILE}, and its graph cannot be described: {e}") from None
+    config = None
+    if not gio.is_foreign(graph_io):
+        if not config_path.is_file():
+            raise BuildError(f"build: {export_dir} has no config.json (expected the output of `r1c export`)")
+        config = ModelConfig.from_json(config_path)
     source_path = export_dir / "source.json"
-    source = json.loads(source_path.read_text()) if source_path.is_file() else {}
+    source = read_json_object(source_path, BuildError, "build") if source_path.is_file() else {}
     return config, graph_io, source
 
 
-def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool) -> None:
+def _check_session(session: dict[str, Any]) -> None:
+    threads = session.get("intra_op_num_threads", 0)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise BuildError(f"build: --threads must be an integer >= 0 (0: one per physical core), got {threads!r}")
+
+
+def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool,
+           progress: bool) -> None:
     """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data)."""
     from r1c.passes.pipelines import lower_file
 
-    lower_file(export_dir / "model.onnx", work / "model.onnx", target=target, dump_after=dump_after,
-               dump_dir=dump_dir if dump_after else None, verbose=verbose)
+    target = "tensorrt" if target == "tensorrt-rtx" else target  # one lowering; the builds differ (library, arch)
+    lower_file(export_dir / MODEL_FILE, work / MODEL_FILE, target=target, dump_after=dump_after,
+               dump_dir=dump_dir if dump_after else None, verbose=verbose, progress=progress)
 
 
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
-                 verbose: bool = False) -> Path:
-    """Build `out_dir` (created whole or not at all) from the export at `export_dir`."""
+                 verbose: bool = False, arch: str | None = None,
+                 tensorrt_options: dict[str, Any] | None = None, tensor_parallel: int = 1,
+                 expert_parallel: int = 1, progress: bool = False) -> Path:
+    """Build `out_dir` (created whole or not at all) from the export at `export_dir`; BuildError on bad input.
+
+    `arch` (TensorRT targets): the compute capability to build for (`sm89`, `sm90`, `sm120`, ...; tensorrt-rtx
+    default sm89, tensorrt default the current GPU); `tensorrt_options`: profile options (see
+    `r1c.runtime.trt_profiles.PROFILE_OPTIONS`). tensor_parallel x expert_parallel > 1: one bundle with every
+    rank's files (`r1c.runtime.distributed.build`).
+    """
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"build: unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    _check_session(session or {})
     check_output_dir(out, BuildError, "build")
     config, graph_io, source = _read_export(src)
+    if config is None and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
+        raise BuildError(f"build: {src} holds a foreign model (no config.json); it builds for onnxruntime on one "
+                         "rank only (TensorRT and sharding need r1c's model config)")
     dumps = out.with_name(out.name + ".dumps")  # --dump-after writes here, beside the bundle
     with atomic_output_dir(out, BuildError, "build") as tmp:
         libraries: dict[str, str] = {}
         target_options: dict[str, Any]
-        if target == "onnxruntime":
+        if tensor_parallel * expert_parallel > 1:
+            from r1c.runtime.distributed.build import build_ranks
+
+            assert config is not None  # refused above for a foreign model
+            target_options, libraries = build_ranks(src, tmp, config, target=target, tensor_parallel=tensor_parallel,
+                                                    expert_parallel=expert_parallel, session=session, verbose=verbose)
+        elif target == "onnxruntime":
             import onnxruntime as ort
 
             from r1c.runtime.ort_backend import DEFAULT_OPTIONS, OrtBackend
 
-            _lower(src, tmp, target, dump_after, dumps, verbose)
+            _lower(src, tmp, target, dump_after, dumps, verbose, progress)
             libraries["onnxruntime"] = ort.__version__
-            target_options = {"model": "model.onnx", "session": {**DEFAULT_OPTIONS, **(session or {})}}
+            target_options = {"model": MODEL_FILE, "session": {**DEFAULT_OPTIONS, **(session or {})}}
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
-            OrtBackend(tmp / "model.onnx", target_options["session"])
+            backend = OrtBackend(tmp / MODEL_FILE, target_options["session"])
+            if gio.is_foreign(graph_io) and graph_io.get("vocab_size") is None:
+                from r1c.runtime.foreign import probe_vocab_size
+
+                graph_io = {**graph_io, "vocab_size": probe_vocab_size(backend, graph_io)}
+        elif target == "tensorrt-rtx":
+            from r1c.runtime.trt_rtx import build_tensorrt_rtx
+
+            assert config is not None
+            _lower(src, tmp, target, dump_after, dumps, verbose, progress)
+            target_options, libraries = build_tensorrt_rtx(tmp, config, arch=arch or "sm89",
+                                                           **(tensorrt_options or {}))
         else:
             from r1c.runtime.trt_build import build_tensorrt
 
-            _lower(src, tmp, target, dump_after, dumps, verbose)
-            target_options, libraries = build_tensorrt(tmp, config)
+            assert config is not None
+            _lower(src, tmp, target, dump_after, dumps, verbose, progress)
+            target_options, libraries = build_tensorrt(tmp, config, compute_capability=arch,
+                                                       **(tensorrt_options or {}))
         import onnx
 
         from r1c.runtime.serving.text import copy_tokenizer_files
 
         copy_tokenizer_files(src, tmp)  # tokenizer.json & co. from the export, hashed in the manifest like the rest
         libraries["onnx"] = onnx.__version__
-        files, sizes, fingerprints = file_records(tmp)  # hashed once, here; a load checks sizes + fingerprints
+        files, sizes, fingerprints = file_records(tmp, progress)  # hashed once; a load checks sizes + fingerprints
         manifest = Manifest(
             target=target,
             precision=graph_io.get("weights_quant", "none"),
-            model_config=config.to_hf_dict(),
-            config_hash=config.hash(),
+            model_config=None if config is None else config.to_hf_dict(),
+            config_hash=gio.foreign_hash(graph_io) if config is None else config.hash(),
             graph_io=graph_io,
             files=files,
             libraries=libraries,

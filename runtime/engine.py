@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from r1c.errors import BundleError, RuntimeInputError
 from r1c.manifest import Manifest, read_manifest
 from r1c.runtime.kvcache import CacheLayout, LatentCache, budget_for, cache_dtype
-from r1c.runtime.step import StepRunner
+from r1c.runtime.step import StepRunner, backend_alloc, to_host
+
+if TYPE_CHECKING:
+    from r1c.runtime.foreign import ForeignEngine
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +54,10 @@ class Engine:
 
     def _runner(self, batch: int, max_len: int, step_tokens: int, min_bucket: int) -> StepRunner:
         layout = self.cache_layout
+        alloc = backend_alloc(self.backend)
         cache = LatentCache(layout, budget_for(layout, batch, max_len), max_rows=batch, max_len=max_len,
-                            min_bucket=min_bucket)
-        return StepRunner(self.backend, cache, self.vocab_size, step_tokens)
+                            min_bucket=min_bucket, alloc=alloc)
+        return StepRunner(self.backend, cache, self.vocab_size, step_tokens, alloc=alloc)
 
     def forward(self, input_ids: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
         """Logits float32 [B, S, V] of a batch of equal-length sequences, with no cache."""
@@ -64,7 +68,7 @@ class Engine:
         runner = self._runner(ids.shape[0], 1, ids.size, 1)  # one masked slot per row: no past
         for _ in range(ids.shape[0]):
             runner.cache.add_row()
-        return np.array(runner.step(ids, 0, None))
+        return to_host(runner.step(ids, 0, None))
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, eos_token_id: int | None = None,
                  on_step: StepCallback | None = None) -> list[list[int]]:
@@ -95,7 +99,7 @@ class Engine:
             cache.add_row()
         cache.resize(longest)
         logits = runner.step(ids, 0, lengths)  # padded tail tokens are not stored
-        token = logits[np.arange(batch), lengths - 1].argmax(-1).astype(np.int64)
+        token = to_host(logits[np.arange(batch), lengths - 1]).argmax(-1).astype(np.int64)
         out = [[int(t)] for t in token]
         done = np.zeros(batch, dtype=bool) if eos_token_id is None else token == eos_token_id
         if on_step is not None:
@@ -105,7 +109,7 @@ class Engine:
             if done.all():
                 break
             cache.resize(int(cache.lengths[:batch].max()) + 1)
-            token = runner.step(token[:, None], 0, ones)[:, 0].argmax(-1).astype(np.int64)
+            token = to_host(runner.step(token[:, None], 0, ones)[:, 0]).argmax(-1).astype(np.int64)
             for row in np.flatnonzero(~done):
                 out[row].append(int(token[row]))
             if eos_token_id is not None:
@@ -126,13 +130,21 @@ def _check_libraries(m: Manifest) -> None:
 
 
 def load(bundle_dir: str | Path, *, verify_hashes: bool = True, session_options: dict[str, Any] | None = None
-         ) -> Engine:
-    """Open an engine bundle written by `r1c build`; raises `BundleError` on any mismatch."""
+         ) -> Engine | ForeignEngine:
+    """Open an engine bundle written by `r1c build`; raises `BundleError` on any mismatch.
+
+    A bundle of a foreign model (built from `r1c optimize` output) opens as a `ForeignEngine` (runtime/foreign.py)
+    with the same `forward` / `generate`.
+    """
     bundle = Path(bundle_dir)
     m = read_manifest(bundle, verify_hashes=verify_hashes)
     _check_libraries(m)
     backend: Any
-    if m.target == "onnxruntime":
+    if "distributed" in m.target_options:  # one bundle, several ranks: rank 0 is this process
+        from r1c.runtime.distributed.launch import sharded_backend
+
+        backend = sharded_backend(bundle, m, session_options)
+    elif m.target == "onnxruntime":
         from r1c.runtime.ort_backend import OrtBackend
 
         backend = OrtBackend(bundle / m.target_options["model"], {**m.target_options.get("session", {}),
@@ -141,4 +153,8 @@ def load(bundle_dir: str | Path, *, verify_hashes: bool = True, session_options:
         from r1c.runtime.trt_backend import TensorRTBackend
 
         backend = TensorRTBackend(bundle, m)
+    if m.is_foreign:
+        from r1c.runtime.foreign import ForeignEngine
+
+        return ForeignEngine(bundle, m, backend)
     return Engine(bundle, m, backend)

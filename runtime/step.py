@@ -25,6 +25,8 @@ its bindings keyed by (r0, n, S, P).
 
 A backend that only has `run(feeds) -> outputs` (the older interface, kept by `TensorRTBackend` until its
 device-resident rewrite) is wrapped by `FeedsStepBackend`, which copies the (small) outputs into the buffers.
+A backend whose buffers live on a device says so with an `alloc(shape, dtype)` attribute (`backend_alloc`): the
+cache manager and the runner then allocate their arenas and output buffers with it, once.
 
 Legend: n = rows in the step, S = tokens per row, P = capacity bucket, L = layers, C = kv_lora_rank,
 R = qk_rope_head_dim, V = vocab size.
@@ -81,6 +83,20 @@ class FeedsStepBackend:
 
 def as_step_backend(backend: Any) -> StepBackend:
     return backend if isinstance(backend, StepBackend) else FeedsStepBackend(backend)
+
+
+def backend_alloc(backend: Any) -> Alloc:
+    """The allocator a backend wants its cache and step buffers in (`backend.alloc`, e.g. CUDA tensors for the
+    device-resident TensorRT backend); host numpy for a backend without one."""
+    alloc = getattr(backend, "alloc", None)
+    return alloc if callable(alloc) and isinstance(backend, StepBackend) else numpy_alloc
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A step's output (a view into a backend buffer: numpy, or a torch tensor on a device) as a host numpy copy."""
+    if isinstance(x, np.ndarray):
+        return np.array(x)
+    return np.asarray(x.detach().float().cpu().numpy())
 
 
 class StepRunner:

@@ -1,28 +1,20 @@
 """Build a TensorRT engine from the lowered r1c model, with the r1c ops bound to the r1c plugins.
 
-`build_tensorrt(work_dir, config)` is what `r1c build --target tensorrt` calls: it parses
-work_dir/model.onnx (weights as external data), requires every `r1c` node to have become a plugin layer,
-sets one optimization profile over batch, new tokens and cache capacity, and writes work_dir/model.engine.
+`build_tensorrt(work_dir, config, module=...)` is what `r1c build --target tensorrt | tensorrt-rtx` runs (for
+TensorRT for RTX in a child process, `r1c.runtime.trt_rtx`): it compiles the r1c kernel library for the target
+compute capability into work_dir/kernels/ (`r1c.runtime.trt_kernels`), parses work_dir/model.onnx (weights as
+external data), requires every `r1c` node to have become a plugin layer, sets one optimization profile over batch,
+new tokens and cache capacity, and streams the serialized plan into work_dir/model.engine
+(`build_serialized_network_to_stream`: R1-size plans are hundreds of GB, never held whole in Python bytes).
 
-`check_with_tensorrt_rtx(model_path, config)` parses and builds the same model with TensorRT for RTX, whose
-builder runs without a GPU when given an explicit compute capability: proof, on any machine, that what r1c
-feeds TensorRT imports with every r1c op as a plugin and builds. Its ONNX parser dlopen()s
-`libtensorrt_rtx.so`, which the wheel ships only as `libtensorrt_rtx.so.1` (and aborts the process when the
-name is missing), so unless that name is already reachable the check runs in a child process whose
-LD_LIBRARY_PATH holds a temporary directory with the symlink (the loader reads LD_LIBRARY_PATH only at
-process start). Nothing is written into site-packages.
+`parse_and_build` is the shared core; `NetworkReport` is what it saw (layers, plugin layers and their attributes,
+I/O, timings), which the tests and `scripts/trt_rtx_check.py` read.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import os
-import subprocess
-import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -30,137 +22,53 @@ from typing import Any
 
 from r1c.config import ModelConfig
 from r1c.errors import BuildError
+from r1c.runtime.trt_lib import (
+    RTX_LIBRARY,
+    is_rtx,
+    library_key,
+    make_logger,
+    module_version,
+    parser_version,
+    rtx_library_dir,
+    rtx_parser_library_reachable,
+)
+from r1c.runtime.trt_profiles import (
+    PROFILE_OPTIONS,
+    arch_name,
+    has_fp8,
+    max_tokens,
+    parse_compute_capability,
+    profile_shapes,
+)
 
 logger = logging.getLogger(__name__)
 
 ENGINE_FILE = "model.engine"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-RTX_MODULE = "tensorrt_rtx_bindings"
-RTX_LIBS_MODULE = "tensorrt_rtx_libs"
-RTX_LIBRARY = "libtensorrt_rtx.so"
-DEFAULT_RTX_COMPUTE_CAPABILITY = "SM89"  # Ada: the oldest architecture with FP8
-FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+KERNELS_DIR = "kernels"
 FLOAT8E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN
-
-# Optimization profile: every dimension runs from 1 up to max_*; TensorRT tunes for opt_* (default: decode,
-# one new token per row at full batch and capacity). None means "derived from the model config".
-PROFILE_OPTIONS: dict[str, int | None] = {
-    "max_batch": 8,
-    "max_seq": None,  # min(1024, max_position_embeddings)
-    "max_capacity": None,  # min(4096, max_position_embeddings)
-    "opt_batch": None,  # max_batch
-    "opt_seq": 1,
-    "opt_capacity": None,  # max_capacity
-}
 BUILD_OPTIONS = {"keep_onnx": False}
 
 
-# ---- TensorRT modules ----------------------------------------------------------------------------------------
-def import_tensorrt() -> types.ModuleType:
-    """The full TensorRT Python module, or a BuildError that says what to do."""
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise BuildError(f"TensorRT is not installed: `import tensorrt` failed ({e}); install TensorRT 10.x for "
-                         "Hopper (pip install tensorrt-cu12), or use --target onnxruntime") from None
-    return tensorrt
-
-
-def import_tensorrt_rtx() -> types.ModuleType:
-    """TensorRT for RTX's Python module (`pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings`)."""
-    try:
-        import tensorrt_rtx_bindings
-    except ImportError as e:
-        raise BuildError(f"TensorRT for RTX is not installed: `import {RTX_MODULE}` failed ({e}); "
-                         "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings") from None
-    return tensorrt_rtx_bindings
-
-
-def rtx_library_dir() -> Path:
-    """The directory of the TensorRT-RTX wheel's shared libraries (libtensorrt_rtx.so.1, the ONNX parser)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(RTX_LIBS_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BuildError(f"TensorRT for RTX's libraries are not installed (no module {RTX_LIBS_MODULE}): "
-                         "pip install tensorrt-rtx-cu13-libs")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _rtx_parser_library_reachable(lib_dir: Path) -> bool:
-    """Whether dlopen("libtensorrt_rtx.so") can succeed in this process (beside the parser or on LD_LIBRARY_PATH)."""
-    dirs = [lib_dir, *(Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p)]
-    return any((d / RTX_LIBRARY).exists() for d in dirs)
-
-
-def link_rtx_library(lib_dir: Path, into: Path) -> None:
-    """Symlink the RTX libraries into `into` under the names the ONNX parser dlopen()s."""
-    for real in sorted(lib_dir.glob("libtensorrt_rtx.so.*")):
-        for name in (real.name, RTX_LIBRARY):
-            link = into / name
-            if not link.exists():
-                link.symlink_to(real)
-
-
-def make_logger(trt: types.ModuleType) -> Any:
-    """A TensorRT ILogger that forwards to Python logging and keeps the error messages (for BuildError)."""
-
-    def __init__(self: Any) -> None:
-        trt.ILogger.__init__(self)
-        self.errors = []
-
-    def log(self: Any, severity: Any, msg: str) -> None:
-        if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-            self.errors.append(msg)
-            logger.error("TensorRT: %s", msg)
-        elif severity == trt.ILogger.Severity.WARNING:
-            logger.info("TensorRT warning: %s", msg)  # advisory (e.g. int64 bindings); shown with -v
-        else:
-            logger.debug("TensorRT: %s", msg)
-
-    cls = type("R1CTensorRTLogger", (trt.ILogger,), {"__init__": __init__, "log": log})
-    return cls()
-
-
-def module_version(trt: types.ModuleType) -> str:
-    return str(trt.__version__)
-
-
-def library_key(trt: types.ModuleType) -> str:
-    """The manifest's `libraries` key for this TensorRT module."""
-    return "tensorrt_rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt"
-
-
 # ---- the model ---------------------------------------------------------------------------------------------------
-def r1c_plugin_specs() -> dict[str, Any]:
-    from r1c.plugins.tensorrt_common import plugin_ops
-
-    return {op.spec.name: op.spec for op in plugin_ops()}
-
-
 def drop_function_bodies(model_path: Path) -> list[str]:
-    """Remove the model-local function bodies of the r1c plugin ops from `model_path` (in place); returns them.
+    """Run `DropR1CFunctionBodiesPass` on `model_path` (in place; the weights stay where they are); returns the
+    dropped bodies. Parsers before TensorRT 10.15 inline a local function instead of looking for a plugin; the
+    `tensorrt` pipeline already drops them, this is the same pass for a model that still has them."""
+    import onnx_ir as ir
 
-    Parsers before TensorRT 10.15 inline a local function instead of looking for a plugin; without the
-    bodies every parser version binds the plugin. The `tensorrt` lowering already drops them; this is the
-    same step for a model that still has them. External data files are untouched.
-    """
-    import onnx
-
+    from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
     from r1c.plugins import R1C_DOMAIN
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    names = set(r1c_plugin_specs())
-    keep = [f for f in model.functions if not (f.domain == R1C_DOMAIN and f.name in names)]
-    dropped = sorted(f"{f.domain}::{f.name}" for f in model.functions if f not in keep)
-    if dropped:
-        del model.functions[:]
-        model.functions.extend(keep)
-        tmp = model_path.with_name(model_path.name + ".partial")
-        onnx.save(model, str(tmp))
-        tmp.replace(model_path)
-        logger.info("dropped the function bodies of %s from %s", ", ".join(dropped), model_path)
+    model = ir.load(model_path)
+    dropped = sorted(f"{d}::{n}" for d, n, _ in model.functions if d == R1C_DOMAIN)
+    if not DropR1CFunctionBodiesPass()(model).modified:
+        return []
+    tmp = model_path.with_name(model_path.name + ".partial")
+    ir.save(model, tmp)  # external tensors keep pointing at the data file beside it
+    tmp.replace(model_path)
+    logger.info("dropped the function bodies of %s from %s", ", ".join(dropped), model_path)
     return dropped
 
 
@@ -176,61 +84,6 @@ def _model_facts(model_path: Path) -> tuple[list[tuple[str, str]], int, bool]:
     return r1c_nodes, len(model.graph.node), fp8
 
 
-def profile_shapes(config: ModelConfig, input_names: list[str], options: dict[str, Any] | None = None
-                   ) -> dict[str, dict[str, list[int]]]:
-    """The optimization profile: input name -> {"min", "opt", "max"} shapes.
-
-    input_ids [batch, seq]; past_lengths [batch]; past_c.{l} [batch, kv_lora_rank, capacity];
-    past_pe.{l} [batch, qk_rope_head_dim, capacity]. Capacity 1 is the "no cache" call (`Engine.forward`).
-    """
-    opts = {**PROFILE_OPTIONS, **(options or {})}
-    unknown = set(opts) - set(PROFILE_OPTIONS)
-    if unknown:
-        raise BuildError(f"build: unknown TensorRT profile options {sorted(unknown)} "
-                         f"(known: {sorted(PROFILE_OPTIONS)})")
-    mpe = config.max_position_embeddings
-    max_batch = int(opts["max_batch"] or 1)
-    max_seq = int(opts["max_seq"] or min(1024, mpe))
-    max_cap = int(opts["max_capacity"] or min(4096, mpe))
-    opt_batch = int(opts["opt_batch"] or max_batch)
-    opt_seq = int(opts["opt_seq"] or 1)
-    opt_cap = int(opts["opt_capacity"] or max_cap)
-    for name, v, top in (("batch", opt_batch, max_batch), ("seq", opt_seq, max_seq), ("capacity", opt_cap, max_cap)):
-        if not 1 <= v <= top:
-            raise BuildError(f"build: TensorRT profile needs 1 <= opt_{name} ({v}) <= max_{name} ({top})")
-    if max_seq > mpe or max_cap > mpe:
-        raise BuildError(f"build: max_seq ({max_seq}) and max_capacity ({max_cap}) must not exceed the model's "
-                         f"max_position_embeddings ({mpe})")
-
-    def dims(batch: int, seq: int, cap: int) -> dict[str, list[int]]:
-        d = {"input_ids": [batch, seq], "past_lengths": [batch]}
-        for layer in range(config.num_hidden_layers):
-            d[f"past_c.{layer}"] = [batch, config.kv_lora_rank, cap]
-            d[f"past_pe.{layer}"] = [batch, config.qk_rope_head_dim, cap]
-        return d
-
-    low, opt, high = dims(1, 1, 1), dims(opt_batch, opt_seq, opt_cap), dims(max_batch, max_seq, max_cap)
-    missing = [n for n in input_names if n not in low]
-    if missing:
-        raise BuildError(f"build: no optimization profile rule for graph inputs {missing}")
-    return {n: {"min": low[n], "opt": opt[n], "max": high[n]} for n in input_names}
-
-
-def parse_compute_capability(value: str | int | tuple[int, int]) -> tuple[int, int]:
-    """(major, minor) from "SM89", "sm_89", "8.9", 89 or (8, 9)."""
-    if isinstance(value, tuple):
-        return int(value[0]), int(value[1])
-    text = str(value).strip().lower().removeprefix("sm").lstrip("_")
-    try:
-        if "." in text:
-            major, minor = text.split(".", 1)
-            return int(major), int(minor)
-        n = int(text)
-    except ValueError:
-        raise BuildError(f"build: cannot read compute capability {value!r} (write e.g. SM89 or 8.9)") from None
-    return n // 10, n % 10
-
-
 # ---- parse, check, build -------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class NetworkReport:
@@ -239,10 +92,11 @@ class NetworkReport:
     tensorrt: str  # module and version, e.g. "tensorrt_rtx_bindings 1.7.1.116"
     onnx_nodes: int
     layers: int
-    plugin_layers: list[dict[str, Any]]  # name, plugin id, output shapes and dtypes
+    plugin_layers: list[dict[str, Any]]  # name, plugin id, output shapes and dtypes, attributes
     inputs: dict[str, dict[str, Any]]  # name -> {"shape", "dtype"} (-1: dynamic)
     outputs: dict[str, dict[str, Any]]
     dropped_function_bodies: list[str]
+    parser: str = ""
     compute_capability: str | None = None
     fp8: bool = False
     profile: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
@@ -250,6 +104,7 @@ class NetworkReport:
     parse_seconds: float = 0.0
     build_seconds: float | None = None
     build_error: str | None = None
+    strongly_typed: bool = True
 
 
 class _Parsed:
@@ -309,22 +164,24 @@ def require_plugin_layers(r1c_nodes: list[tuple[str, str]], plugin_layers: list[
                          "function bodies dropped?)")
 
 
-def _set_compute_capability(trt: types.ModuleType, cfg: Any, cc: tuple[int, int]) -> str:
-    if not hasattr(cfg, "set_compute_capability"):
+def _set_compute_capability(trt: types.ModuleType, cfg: Any, cc: tuple[int, int]) -> None:
+    """Target `cc` in builder config `cfg` (None: only check that this TensorRT can target it)."""
+    if not hasattr(trt, "ComputeCapability"):
         raise BuildError(f"build: {trt.__name__} builds for the GPU it runs on; an explicit compute capability "
-                         "needs TensorRT for RTX")
+                         "needs TensorRT for RTX (--target tensorrt-rtx)")
     name = f"SM{cc[0]}{cc[1]}"
     member = getattr(trt.ComputeCapability, name, None)
     if member is None:
         known = [m for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
-        raise BuildError(f"build: {trt.__name__} cannot target {name} (it knows {', '.join(known)})")
+        raise BuildError(f"build: {trt.__name__} cannot target {arch_name(cc)} (it knows {', '.join(known)})")
+    if cfg is None:
+        return
     cfg.num_compute_capabilities = 1
     if not cfg.set_compute_capability(member, 0):
         raise BuildError(f"build: {trt.__name__} refused compute capability {name}")
-    return name
 
 
-def _current_compute_capability() -> tuple[int, int] | None:
+def current_compute_capability() -> tuple[int, int] | None:
     try:
         import torch
     except ImportError:
@@ -335,21 +192,64 @@ def _current_compute_capability() -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
+def _file_writer(trt: types.ModuleType, path: Path) -> Any:
+    """An IStreamWriter that appends what TensorRT serializes to `path`, chunk by chunk; `.bytes` counts them."""
+
+    def __init__(self: Any) -> None:
+        trt.IStreamWriter.__init__(self)
+        self.file = path.open("wb")
+        self.bytes = 0
+
+    def write(self: Any, data: Any) -> int:
+        n = self.file.write(data)
+        self.bytes += n
+        return n
+
+    return type("R1CEngineFileWriter", (trt.IStreamWriter,), {"__init__": __init__, "write": write})()
+
+
+def _serialize(trt: types.ModuleType, parsed: _Parsed, cfg: Any, engine_path: Path) -> int | None:
+    """Build and stream the plan into `engine_path`; its size, or None when the build failed."""
+    tmp = engine_path.with_name(engine_path.name + ".partial")
+    if hasattr(parsed.builder, "build_serialized_network_to_stream"):
+        writer = _file_writer(trt, tmp)
+        try:
+            ok = parsed.builder.build_serialized_network_to_stream(parsed.network, cfg, writer)
+        finally:
+            writer.file.close()
+        size = writer.bytes if ok else None
+    else:  # TensorRT before 10.x's stream writer: the plan is in TensorRT's host memory, written out in chunks
+        host = parsed.builder.build_serialized_network(parsed.network, cfg)
+        size = None
+        if host is not None:
+            view = memoryview(host)
+            with tmp.open("wb") as f:
+                for start in range(0, len(view), 1 << 26):
+                    f.write(view[start:start + (1 << 26)])
+            size = len(view)
+    if size is None:
+        tmp.unlink(missing_ok=True)
+        return None
+    tmp.replace(engine_path)
+    return size
+
+
 def parse_and_build(trt: types.ModuleType, model_path: Path, config: ModelConfig, *,
                     compute_capability: str | int | tuple[int, int] | None = None, fp8: bool | None = None,
-                    profile_options: dict[str, Any] | None = None, build: bool = True,
-                    strongly_typed: bool = True) -> tuple[NetworkReport, bytes | None]:
-    """Register the plugins, drop r1c function bodies, parse, check the plugin layers, build (if `build`).
+                    profile_options: dict[str, Any] | None = None, engine_path: Path | None = None,
+                    strongly_typed: bool = True) -> NetworkReport:
+    """Register the plugins, drop r1c function bodies, parse, check the plugin layers, and build into `engine_path`
+    (when given; else parse only).
 
-    `compute_capability`: the target (TensorRT for RTX only); None builds for the current GPU.
-    `fp8`: None follows the model (FP8 weights or not); the target must be SM89 or newer when FP8 is used.
+    `compute_capability`: the target (TensorRT for RTX only); None builds for the current GPU. `fp8`: None follows
+    the model (FP8 weights or not); FP8 needs a target of SM89 or newer.
     """
     from r1c.plugins.tensorrt_common import register_plugins
 
-    if trt.__name__.startswith(RTX_MODULE) and not _rtx_parser_library_reachable(rtx_library_dir()):
+    if is_rtx(trt) and not rtx_parser_library_reachable(rtx_library_dir()):
         # checked here because the parser aborts the whole process when the library is missing
         raise BuildError(f"build: TensorRT for RTX's ONNX parser needs {RTX_LIBRARY} on LD_LIBRARY_PATH when the "
-                         "process starts (check_with_tensorrt_rtx arranges that in a child process)")
+                         "process starts (r1c.runtime.trt_rtx arranges that in a child process)")
     register_plugins(trt)
     dropped = drop_function_bodies(model_path)
     r1c_nodes, n_nodes, model_fp8 = _model_facts(model_path)
@@ -357,10 +257,10 @@ def parse_and_build(trt: types.ModuleType, model_path: Path, config: ModelConfig
     if model_fp8 and not use_fp8:
         raise BuildError("build: the model has FP8 weights; fp8=False cannot build it (export with --precision fp32)")
     cc = parse_compute_capability(compute_capability) if compute_capability is not None else None
-    target_cc = cc or _current_compute_capability()
-    if use_fp8 and target_cc is not None and target_cc < FP8_MIN_COMPUTE_CAPABILITY:
-        raise BuildError(f"build: FP8 needs compute capability 8.9 or newer (Ada, Hopper); the target is "
-                         f"{target_cc[0]}.{target_cc[1]}")
+    target_cc = cc or current_compute_capability()
+    if use_fp8 and target_cc is not None and not has_fp8(target_cc):
+        raise BuildError(f"build: the model has FP8 weights and {arch_name(target_cc)} has no FP8 tensor cores "
+                         "(FP8 needs sm89 or newer: Ada, Hopper, Blackwell); export with --precision fp32 for it")
 
     t0 = time.perf_counter()
     parsed = _Parsed(trt, model_path, strongly_typed)
@@ -371,12 +271,12 @@ def parse_and_build(trt: types.ModuleType, model_path: Path, config: ModelConfig
     report = NetworkReport(
         tensorrt=f"{trt.__name__} {module_version(trt)}", onnx_nodes=n_nodes, layers=parsed.network.num_layers,
         plugin_layers=plugin_layers, inputs=inputs, outputs=parsed.io(inputs=False), dropped_function_bodies=dropped,
-        compute_capability=f"{target_cc[0]}.{target_cc[1]}" if target_cc else None, fp8=use_fp8, profile=profile,
-        parse_seconds=round(time.perf_counter() - t0, 3))
+        parser=parser_version(trt), compute_capability=f"{target_cc[0]}.{target_cc[1]}" if target_cc else None,
+        fp8=use_fp8, profile=profile, parse_seconds=round(time.perf_counter() - t0, 3), strongly_typed=strongly_typed)
     logger.info("TensorRT parsed %d ONNX nodes into %d layers (%d r1c plugin layers)", n_nodes, report.layers,
                 len(plugin_layers))
-    if not build:
-        return report, None
+    if engine_path is None:
+        return report
 
     cfg = parsed.builder.create_builder_config()
     if cc is not None:
@@ -387,25 +287,30 @@ def parse_and_build(trt: types.ModuleType, model_path: Path, config: ModelConfig
     if cfg.add_optimization_profile(prof) < 0:
         raise BuildError(f"build: TensorRT rejected the optimization profile: {'; '.join(parsed.logger.errors)}")
     t0 = time.perf_counter()
-    serialized = parsed.builder.build_serialized_network(parsed.network, cfg)
+    report.engine_bytes = _serialize(trt, parsed, cfg, engine_path)
     report.build_seconds = round(time.perf_counter() - t0, 3)
-    if serialized is None:
+    if report.engine_bytes is None:
         report.build_error = "; ".join(parsed.logger.errors) or "no detail"
-        return report, None
-    engine = bytes(memoryview(serialized))
-    report.engine_bytes = len(engine)
-    return report, engine
+    return report
 
 
 def build_tensorrt(work_dir: str | Path, config: ModelConfig, *, module: types.ModuleType | None = None,
                    compute_capability: str | int | tuple[int, int] | None = None, fp8: bool | None = None,
                    **options: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    """Build work_dir/model.engine from work_dir/model.onnx; returns (target_options, libraries).
+    """Build work_dir/model.engine and work_dir/kernels/ from work_dir/model.onnx; returns (target_options,
+    libraries) for the manifest.
 
-    `module`: the TensorRT module (default: `import tensorrt`, a BuildError when absent). Options: the
-    profile's max_batch, max_seq, max_capacity, opt_batch, opt_seq, opt_capacity (see PROFILE_OPTIONS), and
-    keep_onnx (default False: the bundle keeps only the engine; the ONNX files are removed from work_dir).
+    `module`: the TensorRT module (default: `import tensorrt`, a BuildError when absent). `compute_capability`:
+    the target (required with TensorRT for RTX, which builds without a GPU; default: the current GPU). Options:
+    the profile's max_batch, max_seq, max_capacity, opt_batch, opt_seq, opt_capacity (see PROFILE_OPTIONS), and
+    keep_onnx (default False: the bundle keeps only the engine and kernels; the ONNX files are removed).
     """
+    import triton
+
+    from r1c.plugins.tensorrt_common import use_kernel_library
+    from r1c.runtime.trt_kernels import build_kernel_library
+    from r1c.runtime.trt_lib import import_tensorrt
+
     trt = module if module is not None else import_tensorrt()
     work = Path(work_dir)
     model_path = work / MODEL_FILE
@@ -416,138 +321,49 @@ def build_tensorrt(work_dir: str | Path, config: ModelConfig, *, module: types.M
         raise BuildError(f"build: unknown TensorRT options {sorted(unknown)} "
                          f"(known: {sorted([*PROFILE_OPTIONS, *BUILD_OPTIONS])})")
     keep_onnx = bool(options.pop("keep_onnx", BUILD_OPTIONS["keep_onnx"]))
-    report, engine = parse_and_build(trt, model_path, config, compute_capability=compute_capability, fp8=fp8,
-                                     profile_options=options)
-    if engine is None:
+    cc = parse_compute_capability(compute_capability) if compute_capability is not None else \
+        current_compute_capability()
+    if cc is None:
+        raise BuildError("build: no GPU here to build for: name the target with --arch (TensorRT for RTX)")
+    if compute_capability is not None:  # before compiling anything: does this TensorRT know the target?
+        _set_compute_capability(trt, None, cc)
+    if _model_facts(model_path)[2] and not has_fp8(cc) and fp8 is not False:
+        raise BuildError(f"build: the model has FP8 weights and {arch_name(cc)} has no FP8 tensor cores (FP8 needs "
+                         "sm89 or newer: Ada, Hopper, Blackwell); export with --precision fp32 for it")
+    # the kernels first: a builder that times the plugins on a GPU launches them
+    tokens = max_tokens(profile_shapes(config, ["input_ids"], options))
+    t0 = time.perf_counter()
+    index = build_kernel_library(model_path, work / KERNELS_DIR, cc, tokens)
+    kernel_seconds = round(time.perf_counter() - t0, 3)
+    use_kernel_library(work / KERNELS_DIR)
+    try:
+        report = parse_and_build(trt, model_path, config, compute_capability=compute_capability, fp8=fp8,
+                                 profile_options=options, engine_path=work / ENGINE_FILE)
+    finally:
+        use_kernel_library(None)
+    if report.build_error is not None:
         raise BuildError(f"build: TensorRT could not build the engine: {report.build_error}")
-    tmp = work / (ENGINE_FILE + ".partial")
-    tmp.write_bytes(engine)
-    tmp.replace(work / ENGINE_FILE)
     if not keep_onnx:
         for name in (MODEL_FILE, DATA_FILE):
             (work / name).unlink(missing_ok=True)
-    logger.info("built %s (%d bytes) in %.1f s", work / ENGINE_FILE, len(engine), report.build_seconds or 0.0)
-    from r1c.plugins.tensorrt_common import plugin_ops
-
+    logger.info("built %s (%d bytes) in %.1f s", work / ENGINE_FILE, report.engine_bytes or 0,
+                report.build_seconds or 0.0)
     target_options = {
         "engine": ENGINE_FILE,
+        "kernels": KERNELS_DIR,
+        "arch": arch_name(cc),
+        "compute_capability": f"{cc[0]}.{cc[1]}",
         "profiles": [report.profile],
-        "compute_capability": report.compute_capability,
         "fp8": report.fp8,
-        "plugins": sorted(op.spec.plugin_id for op in plugin_ops()),
+        "strongly_typed": report.strongly_typed,
+        "network_dtypes": {name: io["dtype"] for name, io in {**report.inputs, **report.outputs}.items()},
+        "plugin_output_dtypes": {p["plugin"]: p["output_dtypes"] for p in report.plugin_layers},
+        "plugins": sorted({p["plugin"] for p in report.plugin_layers}),
         "layers": report.layers,
         "plugin_layers": len(report.plugin_layers),
+        "kernels_compiled": len(index["kernels"]),
         "dropped_function_bodies": report.dropped_function_bodies,
+        "parser": report.parser,
+        "seconds": {"kernels": kernel_seconds, "parse": report.parse_seconds, "build": report.build_seconds},
     }
-    return target_options, {library_key(trt): module_version(trt)}
-
-
-# ---- TensorRT for RTX: prove that the model parses and builds, on a machine with no GPU ---------------------------
-def check_with_tensorrt_rtx(model_path: str | Path, config: ModelConfig, *,
-                            compute_capability: str | int | tuple[int, int] = DEFAULT_RTX_COMPUTE_CAPABILITY,
-                            build: bool = True, timeout_s: float = 600.0, **profile_options: Any) -> NetworkReport:
-    """Parse (and build, unless build=False) `model_path` with TensorRT for RTX for `compute_capability`.
-
-    Works on a copy of the model file (the external data is read in place), so `model_path` is not changed.
-    Raises BuildError when the model does not parse or an r1c node did not become a plugin layer; a failed
-    build is reported in `build_error` (the caller decides).
-    """
-    src = Path(model_path)
-    if not src.is_file():
-        raise BuildError(f"build: {src} not found")
-    import importlib.util
-
-    if importlib.util.find_spec(RTX_MODULE) is None:  # a clear error before anything else
-        raise BuildError(f"TensorRT for RTX is not installed (no module {RTX_MODULE}): "
-                         "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
-    lib_dir = rtx_library_dir()
-    with tempfile.TemporaryDirectory(prefix="r1c-trt-rtx-") as tmp_name:
-        tmp = Path(tmp_name)
-        model_copy = _copy_model(src, tmp)
-        if _rtx_parser_library_reachable(lib_dir):
-            return _check_in_process(model_copy, config, compute_capability, build, profile_options)
-        libs = tmp / "lib"
-        libs.mkdir()
-        link_rtx_library(lib_dir, libs)
-        (tmp / "config.json").write_text(config.to_json())
-        report_path = tmp / "report.json"
-        env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
-        import r1c  # the child imports this same r1c, installed or not
-
-        root = str(Path(r1c.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        cmd = [sys.executable, "-m", "r1c.runtime.trt_build", "rtx-check", str(model_copy),
-               "--config", str(tmp / "config.json"), "--compute-capability", str(_cc_arg(compute_capability)),
-               "--profile", json.dumps(profile_options), "--report", str(report_path)]
-        if not build:
-            cmd.append("--no-build")
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise BuildError(f"build: the TensorRT for RTX check took more than {timeout_s:.0f} s") from None
-        if not report_path.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise BuildError(f"build: the TensorRT for RTX check exited with code {proc.returncode}: "
-                             f"{' | '.join(tail) or 'no output'}")
-        raw = json.loads(report_path.read_text())
-        if "error" in raw:
-            raise BuildError(raw["error"])
-        return NetworkReport(**raw)
-
-
-def _cc_arg(cc: str | int | tuple[int, int]) -> str:
-    major, minor = parse_compute_capability(cc)
-    return f"SM{major}{minor}"
-
-
-def _copy_model(src: Path, into: Path) -> Path:
-    """Copy the model file into `into`, with symlinks to its external data files (the weights are not copied)."""
-    import onnx
-
-    model = onnx.load(str(src), load_external_data=False)
-    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    for rel in sorted(locations):
-        target, link = (src.parent / rel).resolve(), into / rel
-        if not target.is_file() or not link.resolve().is_relative_to(into.resolve()):
-            raise BuildError(f"build: external data {rel!r} of {src.name} is missing or outside its folder")
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(target)
-    dst = into / src.name
-    dst.write_bytes(src.read_bytes())
-    return dst
-
-
-def _check_in_process(model_path: Path, config: ModelConfig, compute_capability: str | int | tuple[int, int],
-                      build: bool, profile_options: dict[str, Any]) -> NetworkReport:
-    trt = import_tensorrt_rtx()
-    report, _ = parse_and_build(trt, model_path, config, compute_capability=compute_capability,
-                                profile_options=profile_options, build=build)
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m r1c.runtime.trt_build rtx-check MODEL --config CONFIG --report OUT`: the child process."""
-    ap = argparse.ArgumentParser(prog="python -m r1c.runtime.trt_build")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    rc = sub.add_parser("rtx-check", help="parse and build MODEL with TensorRT for RTX; write a JSON report")
-    rc.add_argument("model", type=Path)
-    rc.add_argument("--config", type=Path, required=True)
-    rc.add_argument("--compute-capability", default=DEFAULT_RTX_COMPUTE_CAPABILITY)
-    rc.add_argument("--profile", default="{}", help="profile options as JSON")
-    rc.add_argument("--no-build", action="store_true")
-    rc.add_argument("--report", type=Path, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = _check_in_process(args.model, ModelConfig.from_json(args.config), args.compute_capability,
-                                   not args.no_build, json.loads(args.profile))
-        args.report.write_text(json.dumps(dataclasses.asdict(report)))
-    except BuildError as e:
-        args.report.write_text(json.dumps({"error": str(e)}))
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return target_options, {library_key(trt): module_version(trt), "triton": triton.__version__}

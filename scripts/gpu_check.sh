@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of the r1c Triton kernels: native kernel tests, then the timing table (see scripts/gpu_check.py).
+# The GPU check of r1c's GPU path (see scripts/gpu_check.py): native kernel tests, AOT kernels launched through the
+# CUDA driver as the plugins launch them, timings at DeepSeek-R1 shapes against the H200's peaks, the tiny model on
+# the GPU against the CPU bundle. One table; log and table in $OUT when set; exit 1 on any failure.
 # Run from anywhere; needs python with torch and triton (no r1c install: the script puts the checkout on sys.path).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -43,8 +43,9 @@ def child(model_path: str, cc: str, build: bool, profile: dict[str, int]) -> dic
     from r1c.config import ModelConfig
     from r1c.plugins.tensorrt_common import register_plugins
     from r1c.runtime import trt_build as tb
+    from r1c.runtime import trt_lib
 
-    trt = tb.import_tensorrt_rtx()
+    trt = trt_lib.import_tensorrt_rtx()
     register_plugins(trt)
     path = Path(model_path)
     config = ModelConfig.from_json(path.parent / "config.json")
@@ -71,7 +72,7 @@ def child(model_path: str, cc: str, build: bool, profile: dict[str, int]) -> dic
         offsets[name] = int(ones.ctypes.data) + at - base
         at += sizes[name]
     t0 = time.perf_counter()
-    log = tb.make_logger(trt)
+    log = trt_lib.make_logger(trt)
     builder = trt.Builder(log)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, log)
@@ -95,7 +96,7 @@ def child(model_path: str, cc: str, build: bool, profile: dict[str, int]) -> dic
     io = {network.get_input(i).name: network.get_input(i).dtype.name for i in range(network.num_inputs)}
     io.update({network.get_output(i).name: network.get_output(i).dtype.name for i in range(network.num_outputs)})
     report: dict[str, Any] = {
-        "tensorrt": f"{trt.__name__} {tb.module_version(trt)}", "onnx_nodes": len(model.graph.node),
+        "tensorrt": f"{trt.__name__} {trt_lib.module_version(trt)}", "onnx_nodes": len(model.graph.node),
         "network_layers": network.num_layers, "plugin_layers": len(layers), "r1c_nodes": len(r1c_nodes),
         "initializers_user_provided": len(sizes), "weight_bytes_not_read": int(np.sum(list(sizes.values()))),
         "dequantize_scales_provided_as_ones_bytes": int(ones.nbytes),
@@ -150,7 +151,7 @@ def main() -> int:
             report = {"error": f"{type(e).__name__}: {e}"}
         print("REPORT " + json.dumps(report), flush=True)
         return 0
-    from r1c.runtime import trt_build as tb
+    from r1c.runtime import trt_lib
 
     work: Path = args.workdir
     shutil.rmtree(work, ignore_errors=True)
@@ -174,7 +175,7 @@ def main() -> int:
         }
         libs = work / "lib"
         libs.mkdir()
-        tb.link_rtx_library(tb.rtx_library_dir(), libs)
+        trt_lib.link_rtx_library(trt_lib.rtx_library_dir(), libs)
         env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(libs),
                                                                             os.environ.get("LD_LIBRARY_PATH")) if p)}
         build = args.build_layers >= 0

@@ -4,6 +4,7 @@ gpu / tensorrt / kernels tiers skip themselves with a reason when what they need
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -20,3 +21,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def stock_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The stock torch.onnx export of transformers' DeepseekV3, tiny preset, opset 18 (tests/stock_models.py)."""
+    from stock_models import export_tiny_stock
+
+    return export_tiny_stock(tmp_path_factory.mktemp("stock_tiny"))

@@ -126,11 +126,11 @@ def test_bad_options_are_one_line_errors(bundle: Path, tmp_path: Path) -> None:
     for args, needle in ((["--batch", "1,x"], "--batch"), (["--max-regression", "10"], "ambiguous"),
                          (["--repeat", "1"], "--repeat"), (["--baseline", str(tmp_path / "nope.json")], "not found")):
         code, out, err = cli("bench", str(bundle), *args, *FAST)
-        assert code == 3 and out == "", (args, err)
+        assert code == 1 and out == "", (args, err)  # input errors: 1; 3 is for regressions only
         assert err.strip().count("\n") == 0 and err.startswith("r1c: error: ") and needle in err, err
     (tmp_path / "other.json").write_text('{"schema": "something else"}')
     code, _, err = cli("bench", str(bundle), "--baseline", str(tmp_path / "other.json"), *FAST)
-    assert code == 3 and "not an `r1c bench --json` report" in err
+    assert code == 1 and "not an `r1c bench --json` report" in err
 
 
 # ---- the regression gate ----------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_gate_without_common_workloads_is_an_error(bundle: Path, report_json: di
     (tmp_path / "base.json").write_text(json.dumps(report_json["json"]))
     code, _, err = cli("bench", str(bundle), "--prompt-len", "3", "--new-tokens", "2", "--repeat", "3",
                        "--no-roofline", "--baseline", str(tmp_path / "base.json"), *FAST)
-    assert code == 3 and "no workload and metric in common" in err
+    assert code == 1 and "no workload and metric in common" in err
 
 
 def test_compare_reports_ratios_with_intervals(bundle: Path, tmp_path: Path) -> None:

@@ -162,3 +162,36 @@ def test_executed_bytes_follow_the_bundle() -> None:
     q_active, q_ort = weight_bytes(c, 1, fp8=True, dense_experts=False, executed_fp8=False)
     assert q_ort == pytest.approx(active)  # ONNX Runtime reads FP8 weights as float32 (dequantized at load)
     assert q_active < q_ort / 2
+
+
+def test_peers_build_the_bundles_architecture_from_a_padded_fp8_checkpoint(built: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """A DeepSeek-V2 bundle's peers are transformers' DeepseekV2ForCausalLM (not V3), from its source checkpoint in
+    DeepSeek's release form with partial FP8 blocks (moe_intermediate_size 96: loaded padded, cut back for
+    transformers): the transformers peer's greedy tokens and the stock exporter's model's logits equal transformers'
+    own V2 model built from the same config.json on the per-expert dequantized weights (1e-5)."""
+    import conformance as cf
+
+    from r1c.exporter.stock import load_hf_model
+    from r1c.runtime.bench.peers import TransformersPeer
+
+    config_json = cf.BASE_V2_LITE | {"moe_intermediate_size": 96}
+    file_tensors, reference = cf.release_fp8(cf.parse(config_json), cf.weights(cf.parse(config_json), seed=7))
+    ckpt_dir = cf.write_checkpoint(tmp_path / "v2", config_json, file_tensors)
+    assert load_checkpoint(ckpt_dir).tensors["model.layers.1.mlp.experts.down_proj"].shape[-1] == 128  # padded
+    m = read_manifest(built["bundle"], verify_hashes=False)
+    m.model_config = load_checkpoint(ckpt_dir).config.to_hf_dict()
+    m.source = {"checkpoint": str(ckpt_dir), "precision": "auto"}
+    config, tensors = rebuild_weights(m)
+    want = cf.transformers_model(config_json, reference)
+    prompt = [5, 9, 2, 7]
+
+    peer = TransformersPeer(save_checkpoint(tmp_path / "peer", config, tensors), config, threads=1)
+    assert type(peer.model).__name__ == peer.info["model_class"] == "DeepseekV2ForCausalLM"
+    assert peer.generate([prompt], 4) == [cf.transformers_greedy(want, prompt, 4)]
+
+    stock = load_hf_model(ckpt_dir)
+    assert type(stock).__name__ == "DeepseekV2ForCausalLM"
+    with torch.no_grad():
+        got, ref = stock(torch.tensor([prompt])).logits, want(torch.tensor([prompt])).logits
+    assert cf.rel_err(got, ref) <= 1e-5

@@ -106,8 +106,9 @@ def test_cli_run_prints_tokens_and_saves_logits(tiny: dict[str, Path], tmp_path:
     code, out, err = cli("run", str(tiny["bundle"]), "--input-ids", "1 2 3", "--max-new-tokens", "4",
                          "--logits-out", str(logits_path))
     assert code == 0, err
-    tokens = [int(t) for t in out.split()]
-    assert len(tokens) == 4
+    label, _, ids = out.strip().partition(": ")
+    assert label == "prompt 0 (3 tokens) -> 4 new tokens"
+    tokens = [int(t) for t in ids.split()]
     engine = load(tiny["bundle"])
     assert tokens == engine.generate([[1, 2, 3]], 4)[0]
     np.testing.assert_array_equal(np.load(logits_path), engine.forward([[1, 2, 3]])[0])

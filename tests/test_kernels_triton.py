@@ -1,21 +1,9 @@
-"""kernels tier: the Triton kernels of `r1c::MoERouter` and `r1c::MoEExperts` against their PyTorch references,
-and their ahead-of-time compilation for sm_90.
+"""kernels tier: the Triton kernels of `r1c::MoERouter` and `r1c::MoEExperts` against their PyTorch references.
 
-Where they run: natively on CUDA tensors when a GPU is present (and TRITON_INTERPRET is not set), otherwise in
-Triton's interpreter on the CPU. Triton 3.9 decides interpreter-or-compiler when a function is decorated with
-`@triton.jit`, reading TRITON_INTERPRET through `triton.knobs.runtime.interpret` — and its own `tl.max`, `tl.sum`,
-`tl.sigmoid`, ... are `@triton.jit` functions decorated when `triton` is first imported. So this module sets
-TRITON_INTERPRET=1 around its first import of triton and of the kernel modules and, through a fixture, while each
-of its tests runs (the interpreter reads it again at launch), and restores it otherwise: nothing leaks into the
-environment of other tests or of subprocesses. If triton was already imported compiled in this process (`import
-torch.onnx` imports it through torch._dynamo, so an earlier test module may have), the kernels cannot be interpreted
-here: the tests below skip, and `test_kernels_in_a_fresh_interpreter_process` reruns this file in a child pytest
-with TRITON_INTERPRET=1. The ahead-of-time compilation for sm_90 runs in child processes without the interpreter
-(Triton's LLVM and its bundled ptxas: no GPU or driver needed) and checks the PTX for the FP8 instructions.
-
-Inputs are fresh random every run; the seed is printed and quoted in failures, and R1C_TEST_SEED=<n> replays it.
-Outputs and every scratch buffer of the kernels (through `triton_kernel._empty`) start as NaN (float and fp8) or
-2**30 (int32), so an element that a kernel does not write fails.
+Where they run (natively on CUDA tensors when a GPU is present, otherwise in Triton's interpreter), seeds and scratch
+poisoning: see `kernels_support.py`. Every scratch buffer (the plan's workspace regions, through
+`triton_kernel.scratch_init`, and stage outputs, through `triton_kernel._empty`) starts poisoned, so an element
+that a kernel does not write fails.
 
 Tolerances, and why:
 * Router: the logits come from the same float32 matmul as the reference's, so ids must match exactly. Only the
@@ -45,25 +33,15 @@ Tolerances, and why:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import itertools
-import json
 import math
-import os
-import random
-import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernels_support import draw_seed, import_kernels, native_requested, poisoned, poisoned_empty, rerun_in_interpreter
 
 from r1c.plugins.fp8 import dequantize, quantize
 from r1c.plugins.moe_experts.reference import moe_experts_reference
@@ -76,48 +54,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
-_CHILD_ENV = "R1C_KERNEL_TESTS_CHILD"
-
-
-def _native_requested() -> bool:
-    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-
-
-def _import_kernels() -> tuple[ModuleType | None, ModuleType | None, str | None]:
-    """(router module, experts module, why the kernels cannot run in this process or None)."""
-    if importlib.util.find_spec("triton") is None:
-        return None, None, "triton is not installed"
-    native = _native_requested()
-    already = "triton" in sys.modules
-    previous = os.environ.get("TRITON_INTERPRET")
-    if not native and not already:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        router = importlib.import_module("r1c.plugins.moe_router.triton_kernel")
-        experts = importlib.import_module("r1c.plugins.moe_experts.triton_kernel")
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    interpreted = experts.is_interpreted(experts._moe_gemm2_kernel)
-    if native and interpreted:
-        return router, experts, "the kernels were imported for the interpreter but CUDA tensors are wanted"
-    if not native and not interpreted:
-        return (
-            router,
-            experts,
-            (
-                "triton was imported without TRITON_INTERPRET=1 earlier in this process, so its kernels cannot run in "
-                "the interpreter here (see test_kernels_in_a_fresh_interpreter_process)"
-            ),
-        )
-    return router, experts, None
-
-
-router_tk, experts_tk, _PROBLEM = _import_kernels()
-NATIVE = _native_requested() and _PROBLEM is None
+(router_tk, experts_tk), _PROBLEM = import_kernels("r1c.plugins.moe_router.triton_kernel",
+                                                   "r1c.plugins.moe_experts.triton_kernel")
+NATIVE = native_requested() and _PROBLEM is None
 DEVICE = torch.device("cuda" if NATIVE else "cpu")
 needs_kernels = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
@@ -132,23 +71,15 @@ def _interpreter_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def seed() -> int:
-    value = int(os.environ.get("R1C_TEST_SEED") or random.SystemRandom().randrange(2**31))
-    torch.manual_seed(value)
-    print(f"[kernels] seed={value} (replay: R1C_TEST_SEED={value})")
-    return value
-
-
-def _poisoned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.full(shape, 2**30, dtype=dtype, device=device)
+    return draw_seed()
 
 
 @pytest.fixture
 def poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every scratch buffer of the experts kernels starts poisoned."""
+    """Every scratch buffer and stage output of the experts kernels starts poisoned."""
     assert experts_tk is not None
-    monkeypatch.setattr(experts_tk, "_empty", _poisoned_empty)
+    monkeypatch.setattr(experts_tk, "_empty", poisoned_empty)
+    monkeypatch.setattr(experts_tk, "scratch_init", poisoned)
 
 
 def _nan(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -465,7 +396,7 @@ def _expected_alignment(ids: torch.Tensor, e: int, block_m: int, max_rows: int) 
 def test_align(t: int, k: int, e: int, pattern: str, block_m: int, seed: int) -> None:
     assert experts_tk is not None
     ids = _experts_inputs(t, k, e, 128, 128, pattern)["topk_ids"]
-    align = experts_tk.moe_align(ids.to(DEVICE), e, block_m, chunk=16)
+    align = experts_tk.moe_align(ids.to(DEVICE), e, block_m, chunk=16, sub=8)
     max_rows = experts_tk.max_sorted_rows(t * k, e, block_m)
     want_sorted, want_blocks = _expected_alignment(ids, e, block_m, max_rows)
     assert torch.equal(align.sorted_ids.cpu(), want_sorted), f"[seed {seed}] sorted_ids"
@@ -615,8 +546,8 @@ def test_experts_unquantized(case: str, seed: int) -> None:
 @needs_kernels
 def test_experts_rejects_bad_inputs() -> None:
     assert experts_tk is not None
-    x = _experts_inputs(2, 2, 3, 128, 128, "uniform")
-    w = _fp8_weights(x)
+    x = _to(_experts_inputs(2, 2, 3, 128, 128, "uniform"))  # on the kernels' device: only the inputs are wrong
+    w = _to(_fp8_weights({k: v.cpu() for k, v in x.items()}))
     with pytest.raises(ValueError):
         experts_tk.moe_experts_fp8_triton(x["hidden"], x["topk_weights"], x["topk_ids"], x["w13"], x["w2"],
                                           w["w13_scale"], w["w2_scale"])  # fmt: skip
@@ -630,149 +561,8 @@ def test_experts_rejects_bad_inputs() -> None:
 
 
 # ==============================================================================================================
-# ahead-of-time compilation for sm_90 (in a child process: it needs triton imported without the interpreter)
-
-_AOT_DRIVER = r"""
-import json, re, sys, time
-shard, shards = int(sys.argv[1]), int(sys.argv[2])
-out = {}
-try:
-    from r1c.plugins.moe_router import triton_kernel as router
-    from r1c.plugins.moe_experts import triton_kernel as experts
-except Exception as e:
-    print(json.dumps({"__import__": repr(e)})); sys.exit(0)
-specs = [(module, spec) for module in (router, experts) for spec in module.aot_specs()]
-for module, spec in specs[shard::shards]:
-    start = time.perf_counter()
-    try:
-        compiled = module.compile_aot(spec, capability=90)
-    except Exception as e:
-        out[spec.name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
-        continue
-    ptx = compiled.asm["ptx"]
-    target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
-    out[spec.name] = {
-        "target": target.group(1) if target else None,
-        "mma": sorted(set(re.findall(r"((?:wgmma\.mma_async|mma\.sync)\.\S+?)(?=\s)", ptx))),
-        "cvt_fp8": sorted(set(re.findall(r"(cvt\.\S*e4m3\S*?)(?=\s)", ptx))),
-        "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\.shared\.global", ptx)),
-        "cubin_bytes": len(compiled.asm["cubin"]),
-        "shared_bytes": compiled.metadata.shared,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-print(json.dumps(out))
-"""
-
-_FP8_WGMMA = r"^wgmma\.mma_async\.sync\.aligned\.m64n{n}k32\.f32\.e4m3\.e4m3$"
-AOT_EXPECT: dict[str, tuple[list[str], list[str]]] = {
-    # spec name: (regexes that must match an MMA instruction, regexes that must match an FP8 cvt instruction)
-    "router_r1": ([], []),
-    "align": ([], []),
-    "combine": ([], []),
-    "quant_act_1x128": ([], [r"^cvt\.rn\.satfinite\.e4m3x2\.f32$"]),
-    "gemm1_swiglu_fp8_m64": ([_FP8_WGMMA.format(n=128)], [r"^cvt\.rn\.satfinite\.e4m3x2\.f32$"]),
-    "gemm2_fp8_m64": ([_FP8_WGMMA.format(n=128)], []),
-    "gemm1_swiglu_fp8_m16": ([_FP8_WGMMA.format(n=16)], [r"^cvt\.rn\.satfinite\.e4m3x2\.f32$"]),
-    "gemm2_fp8_m16": ([_FP8_WGMMA.format(n=16)], []),
-    "gemm1_swiglu_bf16_m64": ([r"^wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.bf16\.bf16$"], []),
-    "decode_gemm1_fp8": ([], [r"^cvt\.rn\.f16x2\.e4m3x2$"]),
-    "decode_gemm2_combine_fp8": ([], [r"^cvt\.rn\.f16x2\.e4m3x2$"]),
-}
-
-
-@pytest.fixture(scope="module")
-def aot_results() -> dict[str, Any]:
-    env = {name: v for name, v in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    start = time.perf_counter()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    shards = max(1, min(4, cpus))  # one compiling process per core
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _AOT_DRIVER, str(shard), str(shards)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for shard in range(shards)
-    ]
-    results: dict[str, Any] = {}
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        if proc.returncode != 0 or not stdout.strip():
-            pytest.fail(f"AOT driver failed ({proc.returncode}): {stderr[-3000:]}")
-        results |= json.loads(stdout.strip().splitlines()[-1])
-    print(f"[aot] compiled {len(results)} kernels for sm_90 in {time.perf_counter() - start:.1f}s")
-    for name, r in results.items():
-        print(f"[aot] {name}: {r}")
-    if "__import__" in results:
-        pytest.skip(f"the kernel modules do not import without the interpreter: {results['__import__']}")
-    return results
-
-
-def test_aot_specs_are_all_checked(aot_results: dict[str, Any]) -> None:
-    assert set(aot_results) == set(AOT_EXPECT), "every aot_specs() entry needs an AOT_EXPECT entry"
-
-
-@pytest.mark.parametrize("name", list(AOT_EXPECT))
-def test_aot_compiles_for_sm90(name: str, aot_results: dict[str, Any]) -> None:
-    result = aot_results.get(name)
-    assert result is not None, f"{name} is not in aot_specs()"
-    error = result.get("error")
-    if error and ("ptxas" in error and ("No such file" in error or "not found" in error)):
-        pytest.skip(f"{name}: no ptxas for sm_90 on this machine: {error}")
-    assert not error, f"{name}: {error}"
-    assert result["target"] == "sm_90a", result
-    assert result["cubin_bytes"] > 0
-    mma_patterns, cvt_patterns = AOT_EXPECT[name]
-    for pattern in mma_patterns:
-        assert any(re.match(pattern, m) for m in result["mma"]), f"{name}: no {pattern} in {result}"
-    for pattern in cvt_patterns:
-        assert any(re.match(pattern, c) for c in result["cvt_fp8"]), f"{name}: no {pattern} in {result}"
-    if name.startswith("decode"):
-        assert not result["mma"], f"{name}: the decode GEMVs are meant to run on CUDA cores: {result['mma']}"
-    if name.startswith("gemm"):  # the K loop is software-pipelined: its loads are cp.async copies to shared memory
-        assert result["cp_async"] > 0, f"{name}: no cp.async in the PTX: {result}"
-
-
-# ==============================================================================================================
-# scripts/gpu_check.py: its CPU-side logic on tiny shapes
-
-
-def _load_gpu_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("r1c_gpu_check", REPO / "scripts" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-@needs_kernels
-def test_gpu_check_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
-    gpu_check = _load_gpu_check()
-    assert gpu_check.main(["--dry-run"]) == 0
-    text = capsys.readouterr().out
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    assert lines and "kernel" in lines[0] and "% floor" in lines[0]
-    for kernel in ("router", "experts_fp8", "bf16_loop"):
-        for tokens in gpu_check.TINY.tokens:
-            assert any(f"| {kernel} " in line and f"| {tokens} " in line for line in lines), (kernel, tokens, text)
-
-
-# ==============================================================================================================
 # fallback: this file in a child process with the interpreter
 
 
 def test_kernels_in_a_fresh_interpreter_process() -> None:
-    if _PROBLEM is None:
-        pytest.skip("the kernels ran in this process")
-    if os.environ.get(_CHILD_ENV) or importlib.util.find_spec("triton") is None:
-        pytest.skip(str(_PROBLEM))
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_ENV: "1"})
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "pytest", __file__, "-m", "kernels", "-q", "-p", "no:cacheprovider"]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"child pytest failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    rerun_in_interpreter(__file__, _PROBLEM)

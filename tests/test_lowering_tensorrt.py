@@ -1,7 +1,8 @@
-"""TensorRT lowering: r1c nodes become bodiless plugin nodes, and every other node is checked against the
-TensorRT ONNX support matrix (passes/tensorrt_ops.py). No TensorRT here: the numerical side is that the
-check changes nothing (ORT outputs identical before/after), and that without their bodies the r1c nodes
-are exactly what ORT (no plugin) can no longer run, while every attribute the plugin reads is kept.
+"""TensorRT lowering: r1c nodes become bodiless plugin nodes, FP8 linear layers become r1c::FP8Linear, and every
+other node is checked against what TensorRT's ONNX parser supports (passes/tensorrt_ops.py). No TensorRT here: the
+numerical side is that the check changes nothing (ORT outputs identical before/after), that without their bodies
+the r1c nodes are exactly what ORT (no plugin) can no longer run, while every attribute the plugin reads is kept,
+and that the FP8 linear fusion computes what the layer did.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def one_node_model(node: object, inits: list[object]) -> ir.Model:
 @pytest.mark.parametrize(("node", "inits", "why"), [
     (oh.make_node("QuickGelu", ["x"], ["y"], domain="com.microsoft", name="q"), [], "domain 'com.microsoft'"),
     (oh.make_node("Hardmax", ["x"], ["y"], name="h"), [], None),
-    (oh.make_node("Col2Im", ["x", "a", "b"], ["y"], name="c"), [], "Col2Im is not in the TensorRT"),
+    (oh.make_node("Col2Im", ["x", "a", "b"], ["y"], name="c"), [], "Col2Im is not supported by TensorRT's ONNX parser"),
     (oh.make_node("TopK", ["x", "k"], ["y", "i"], sorted=0, name="t"), [nh.from_array(np.array([2]), "k")],
      "sorted=0"),
     (oh.make_node("TopK", ["x", "k"], ["y", "i"], name="t"), [nh.from_array(np.array([4000]), "k")], "k=4000"),
@@ -104,3 +105,83 @@ def test_check_tensorrt_ops_changes_no_output() -> None:
     CheckTensorRTOpsPass()(model)
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     np.testing.assert_array_equal(run(model, {"x": x})[0], run(before, {"x": x})[0])
+
+
+# ---- FP8 linear layers -> r1c::FP8Linear ----------------------------------------------------------------------------
+def fp8_linear_model(k: int, n: int, *, scale_kind: str = "block", readers: int = 1) -> ir.Model:
+    """y_i = x @ DequantizeLinear(Wt, scale, axis=0, block_size=128) as the exporter writes an FP8 linear layer."""
+    import torch
+
+    from r1c.plugins.fp8 import quantize
+
+    w = torch.randn(n, k) / k**0.5
+    q, s = quantize(w)  # q [N, K] e4m3, s [ceil(N/128), ceil(K/128)]
+    scale = s.t().repeat_interleave(128, dim=1)[:, :n].contiguous().numpy()  # [kb, N], constant per 128 columns
+    if scale_kind == "per-column":
+        scale = scale * (1 + np.arange(n, dtype=np.float32) / n)
+    wt = oh.make_tensor("wt", TP.FLOAT8E4M3FN, [k, n], q.t().contiguous().view(torch.uint8).numpy().tobytes(),
+                        raw=True)
+    nodes = [oh.make_node("DequantizeLinear", ["wt", "scale"], ["w"], axis=0, block_size=128)]
+    nodes += [oh.make_node("MatMul", ["x", "w"], [f"y{i}"]) for i in range(readers)]
+    return make_model(nodes, [oh.make_tensor_value_info("x", TP.FLOAT, ["b", "s", k])],
+                      [oh.make_tensor_value_info(f"y{i}", TP.FLOAT, None) for i in range(readers)],
+                      [wt, nh.from_array(scale, "scale")])
+
+
+def test_fuse_fp8_linear_keeps_the_math_and_makes_dequantization_plus_matmul_one_op() -> None:
+    """The fused model (run through the op's function body under ORT) equals the original, and the op's own reference
+    (FP8 weight [N, K] x DeepSeek block scales) equals it too: the pass transposed the weight and recovered the
+    128x128 block scale exactly."""
+    import torch
+
+    from r1c.passes.fuse_fp8_linear import FuseFP8LinearPass
+    from r1c.plugins.fp8_linear import fp8_linear_reference
+
+    k, n = 300, 200  # partial blocks on both axes
+    model = fp8_linear_model(k, n)
+    before = copy(model)
+    assert FuseFP8LinearPass()(model).modified
+    assert op_counts(model) == {"r1c::FP8Linear": 1}
+    node = next(iter(model.graph))
+    assert node.attributes["plugin_namespace"].as_string() == "r1c" and node.attributes["block_size"].value == 128
+    w, s = (node.inputs[i].const_value.numpy() for i in (1, 2))
+    assert w.shape == (n, k) and s.shape == (2, 3)
+    x = RNG.standard_normal((2, 3, k)).astype(np.float32)
+    want = run(before, {"x": x})[0]
+    np.testing.assert_allclose(run(model, {"x": x})[0], want, rtol=1e-6, atol=1e-6)
+    ref = fp8_linear_reference(torch.from_numpy(x), torch.from_numpy(w.view(np.uint8)).view(torch.float8_e4m3fn),
+                               torch.from_numpy(s)).numpy()
+    np.testing.assert_allclose(ref, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "readers"), [("per-column", 1), ("block", 2)])
+def test_fuse_fp8_linear_leaves_what_it_cannot_take(kind: str, readers: int) -> None:
+    from r1c.passes.fuse_fp8_linear import FuseFP8LinearPass
+
+    model = fp8_linear_model(256, 256, scale_kind=kind, readers=readers)
+    assert not FuseFP8LinearPass()(model).modified
+    assert "r1c::FP8Linear" not in op_counts(model)
+
+
+def test_tensorrt_pipeline_turns_every_fp8_projection_of_the_tiny_export_into_fp8_linear(tmp_path: object) -> None:
+    """Attention (q_a, q_b, kv_a, o), the dense MLP and the shared experts: every FP8 MatMul weight; kv_b (absorbed
+    into per-head matrices, not a MatMul operand) keeps its DequantizeLinear."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from r1c.cli import main
+    from r1c.config import preset
+
+    out = Path(str(tmp_path)) / "export"
+    r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--precision", "fp8", "--no-progress", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    lowered = run_pipeline(ir.load(out / "model.onnx"), "tensorrt")
+    c = preset("tiny")
+    per_layer = 4 if c.q_lora_rank else 3
+    mlp = 3 * c.first_k_dense_replace + 3 * (c.num_hidden_layers - c.first_k_dense_replace) * int(bool(
+        c.n_shared_experts))
+    counts = op_counts(lowered)
+    assert counts["r1c::FP8Linear"] == per_layer * c.num_hidden_layers + mlp, counts
+    assert counts.get("DequantizeLinear", 0) == c.num_hidden_layers  # kv_b of each layer
+    assert not lowered.functions

@@ -1,17 +1,17 @@
-"""tensorrt tier: the r1c TensorRT plugins, the TensorRT build and the TensorRT backend.
+"""tensorrt tier: the r1c TensorRT plugins, the TensorRT builds and the TensorRT backend.
 
-With TensorRT for RTX installed (`pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings`), its
-builder runs on a CPU for an explicit compute capability (SM89): the plugin creators register, the tiny
-export parses with every r1c node bound to an r1c plugin, and the engine builds with an optimization
-profile. Running an engine needs full TensorRT and a CUDA GPU (the last test, skipped elsewhere).
+With TensorRT for RTX installed (`pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings`), its builder runs
+on a CPU for an explicit compute capability: the plugin creators register, the plugins declare their workspace
+through TensorRT's own descriptors, the tiny export parses with every r1c node bound to an r1c plugin, and
+`r1c build --target tensorrt-rtx --arch sm89` writes a bundle (engine streamed to disk, kernel library for sm_89,
+manifest naming the arch and library). Running an engine needs a CUDA GPU (the last test, skipped elsewhere).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import os
-import shutil
-import subprocess
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,20 +25,24 @@ from r1c.cli import main
 from r1c.config import ModelConfig, preset
 from r1c.errors import BuildError, BundleError
 from r1c.plugins import PLUGIN_NAMESPACE
+from r1c.plugins.fp8_linear import SPEC as LINEAR_SPEC
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
 from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
-from r1c.runtime import trt_build
-from r1c.runtime.trt_build import build_tensorrt, check_with_tensorrt_rtx, drop_function_bodies, profile_shapes
+from r1c.runtime import trt_build, trt_lib
+from r1c.runtime.trt_build import build_tensorrt, drop_function_bodies
+from r1c.runtime.trt_profiles import parse_compute_capability, profile_shapes
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="TensorRT for RTX is not installed (module tensorrt_rtx_bindings; "
                                "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings)")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernels are Triton)")
 PROFILE: dict[str, Any] = {"max_batch": 4, "max_seq": 32, "max_capacity": 64}
 
 
-def export_tiny(out: Path, precision: str = "auto") -> Path:
-    r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--precision", precision, "--no-progress",
-                                  "-o", str(out)], catch_exceptions=False)
+def export_tiny(out: Path, precision: str = "auto", dtype: str = "auto") -> Path:
+    r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--precision", precision, "--dtype", dtype,
+                                  "--no-progress", "-o", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     return out
 
@@ -46,6 +50,12 @@ def export_tiny(out: Path, precision: str = "auto") -> Path:
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_tiny(tmp_path_factory.mktemp("trt") / "export")
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FP8 weights, bfloat16 activations and cache (`r1c export --precision fp8 --dtype bfloat16`)."""
+    return export_tiny(tmp_path_factory.mktemp("trt8") / "export", "fp8", "bfloat16")
 
 
 def r1c_nodes(model_path: Path) -> list[onnx.NodeProto]:
@@ -65,11 +75,14 @@ def test_build_tensorrt_without_tensorrt_raises_clear_build_error(tmp_path: Path
 
 @pytest.mark.tensorrt
 def test_backend_without_tensorrt_raises_bundle_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from r1c.manifest import Manifest
     from r1c.runtime.trt_backend import TensorRTBackend
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
+    m = Manifest(target="tensorrt", precision="none", model_config={}, config_hash="", graph_io={}, files={},
+                 libraries={}, device={})
     with pytest.raises(BundleError, match="TensorRT is not installed"):
-        TensorRTBackend(Path("."), None)  # type: ignore[arg-type]
+        TensorRTBackend(Path("."), m)
 
 
 def test_profile_covers_decode_prefill_and_no_cache_calls() -> None:
@@ -92,14 +105,16 @@ def test_profile_covers_decode_prefill_and_no_cache_calls() -> None:
 
 
 def test_compute_capability_spellings() -> None:
-    for v in ("SM89", "sm_89", "8.9", 89, (8, 9)):
-        assert trt_build.parse_compute_capability(v) == (8, 9)
-    assert trt_build.parse_compute_capability("SM120") == (12, 0)
+    for v in ("SM89", "sm_89", "sm89", "8.9", 89, (8, 9)):
+        assert parse_compute_capability(v) == (8, 9)
+    assert parse_compute_capability("sm120") == (12, 0)
     with pytest.raises(BuildError, match="compute capability"):
-        trt_build.parse_compute_capability("hopper")
+        parse_compute_capability("hopper")
 
 
-def test_drop_function_bodies_keeps_nodes_and_weights(tiny_export: Path, tmp_path: Path) -> None:
+def test_drop_function_bodies_uses_the_pass_and_keeps_nodes_and_weights(tiny_export: Path, tmp_path: Path) -> None:
+    import shutil
+
     shutil.copytree(tiny_export, tmp_path / "m")
     path = tmp_path / "m" / "model.onnx"
     assert drop_function_bodies(path) == ["r1c::MoEExperts", "r1c::MoERouter"]
@@ -107,6 +122,7 @@ def test_drop_function_bodies_keeps_nodes_and_weights(tiny_export: Path, tmp_pat
     assert not model.functions
     assert len(r1c_nodes(path)) == len(r1c_nodes(tiny_export / "model.onnx"))
     assert drop_function_bodies(path) == []  # idempotent
+    assert (tmp_path / "m" / "model.onnx.data").stat().st_size == (tiny_export / "model.onnx.data").stat().st_size
     onnx.load(str(path))  # the external data still resolves
 
 
@@ -117,73 +133,66 @@ def test_require_plugin_layers_names_the_unbound_node() -> None:
         trt_build.require_plugin_layers([("a", "MoERouter"), ("b", "MoEExperts")], layers)
 
 
-_KERNEL_SCRIPT = """
-import torch
-from r1c.plugins.fp8 import quantize
-from r1c.plugins.moe_experts import tensorrt as experts_trt
-from r1c.plugins.moe_experts.reference import moe_experts_reference
-from r1c.plugins.moe_router import tensorrt as router_trt
-from r1c.plugins.moe_router.reference import moe_router_reference
+class _FakeTrt:
+    """Just enough of a TensorRT module for `_serialize`: a stream-writer base class."""
 
-assert router_trt.router_kernel().__name__ == "triton_router", router_trt.router_kernel()
-assert experts_trt.experts_kernel().__name__ == "triton_experts", experts_trt.experts_kernel()
-g = torch.Generator().manual_seed(0)
-T, H, E, I, K = 5, 64, 16, 32, 4
-h, gate, bias = torch.randn(T, H, generator=g), torch.randn(E, H, generator=g), torch.randn(E, generator=g) / 10
-attrs = router_trt.SPEC.attrs(top_k=K, n_group=4, topk_group=2, routed_scaling_factor=2.5)
-want_w, want_ids = moe_router_reference(h, gate, bias, **attrs)
-for run in (router_trt.MoERouterOp().execute, router_trt._reference):
-    w, ids = torch.full((T, K), float("nan")), torch.full((T, K), -1, dtype=torch.int32)
-    run(attrs, [h, gate, bias], [w, ids])  # writes into the given (TensorRT) buffers
-    assert torch.equal(ids, want_ids) and (w - want_w).abs().max() < 1e-6, (ids, want_ids)
-w13, w2 = torch.randn(E, 2 * I, H, generator=g) / 10, torch.randn(E, H, I, generator=g) / 10
-for quant, tol in (("none", 1e-5), ("fp8_block128", 1e-2)):
-    ins = [h, want_w, want_ids, w13, w2]
-    if quant == "fp8_block128":
-        (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
-        ins = [h, want_w, want_ids, q13, q2, s13, s2]
-    a = experts_trt.SPEC.attrs(quant=quant)
-    want = moe_experts_reference(*ins, **a)
-    for run in (experts_trt.MoEExpertsOp().execute, experts_trt._reference):
-        out = torch.full((T, H), float("nan"))
-        run(a, ins, [out])
-        err = float((out - want).abs().max() / want.abs().max())
-        assert err < tol, (quant, err)
-print("ok")
-"""
+    class IStreamWriter:
+        def __init__(self) -> None:
+            pass
 
 
+def test_plan_is_streamed_to_the_engine_file(tmp_path: Path) -> None:
+    """The builder's stream writer receives the plan in chunks; `build_serialized_network` (the whole plan as one
+    host buffer) is never called, and a failed build leaves no file."""
+
+    class Builder:
+        def build_serialized_network_to_stream(self, network: Any, cfg: Any, writer: Any) -> bool:
+            for i in range(5):
+                assert writer.write(bytes([i]) * 1000) == 1000
+            return True
+
+        def build_serialized_network(self, *a: Any) -> Any:
+            raise AssertionError("the plan must be streamed")
+
+    parsed: Any = type("P", (), {"builder": Builder(), "network": None})()
+    engine = tmp_path / "model.engine"
+    assert trt_build._serialize(_FakeTrt, parsed, None, engine) == 5000
+    assert engine.read_bytes() == b"".join(bytes([i]) * 1000 for i in range(5))
+    parsed.builder.build_serialized_network_to_stream = lambda n, c, w: w.write(b"x") and False
+    assert trt_build._serialize(_FakeTrt, parsed, None, tmp_path / "failed.engine") is None
+    assert not list(tmp_path.glob("failed.engine*"))
+
+
+# ---- the plugins without a GPU ------------------------------------------------------------------------------------
 @pytest.mark.tensorrt
-@pytest.mark.kernels
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_plugin_execute_writes_kernel_results_into_given_buffers() -> None:
-    """The plugins' enqueue body on CPU tensors: Triton kernels (TRITON_INTERPRET=1) and the reference fallback.
+@needs_triton
+def test_plugins_without_a_kernel_library_refuse_to_run() -> None:
+    """No fallback: with no kernel library loaded, a plugin cannot be created for running or enqueued."""
+    from r1c.plugins.tensorrt_common import kernel_runner, use_kernel_library
 
-    Tolerances: router fp32 1e-6 absolute, ids exact; experts fp32 1e-5 relative; fp8 1e-2 relative (the
-    Triton kernel may quantize activations 1x128). A child process, since TRITON_INTERPRET is read at import.
-    """
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+    use_kernel_library(None)
+    with pytest.raises(BundleError, match="no r1c kernel library is loaded"):
+        kernel_runner()
 
 
-# ---- TensorRT for RTX on the CPU ----------------------------------------------------------------------------------
 def _spec_cases() -> list[tuple[Any, dict[str, Any]]]:
     return [
         (ROUTER_SPEC, ROUTER_SPEC.attrs(top_k=6, n_group=4, topk_group=3, routed_scaling_factor=1.75,
                                         norm_topk_prob=0, scoring="softmax")),
         (EXPERTS_SPEC, EXPERTS_SPEC.attrs(quant="fp8_block128")),
+        (LINEAR_SPEC, LINEAR_SPEC.attrs()),
     ]
 
 
 @pytest.mark.tensorrt
 @needs_rtx
+@needs_triton
 def test_plugin_creators_register_and_round_trip_fields() -> None:
     from r1c.plugins.tensorrt_common import attrs_from_fields, field_collection, register_plugins
 
-    trt = trt_build.import_tensorrt_rtx()
+    trt = trt_lib.import_tensorrt_rtx()
     creators = register_plugins(trt)
-    assert set(creators) == {ROUTER_SPEC.plugin_id, EXPERTS_SPEC.plugin_id}
+    assert set(creators) == {ROUTER_SPEC.plugin_id, EXPERTS_SPEC.plugin_id, LINEAR_SPEC.plugin_id}
     assert register_plugins(trt) == creators  # idempotent
     registry = trt.get_plugin_registry()
     for spec, attrs in _spec_cases():
@@ -199,8 +208,8 @@ def test_plugin_creators_register_and_round_trip_fields() -> None:
         assert plugin.num_outputs == len(spec.outputs)
         serialized = plugin.get_fields_to_serialize()
         assert attrs_from_fields(spec, serialized) == attrs
-        runtime_plugin = creator.create_plugin(spec.name, serialized, trt.TensorRTPhase.RUNTIME)
-        assert runtime_plugin.attrs == attrs
+        with pytest.raises(BundleError, match="no r1c kernel library"):  # running needs the kernels
+            creator.create_plugin(spec.name, serialized, trt.TensorRTPhase.RUNTIME)
         twin = plugin.clone()
         assert twin is not plugin and twin.attrs == attrs and type(twin) is type(plugin)
 
@@ -213,52 +222,85 @@ def test_plugin_creators_register_and_round_trip_fields() -> None:
         router.create_plugin("r", extra, trt.TensorRTPhase.BUILD)
 
 
+def _dyn_desc(trt: Any, dtype: Any, lo: list[int], hi: list[int]) -> Any:
+    d = trt.DynamicPluginTensorDesc()
+    d.min, d.max = trt.Dims(lo), trt.Dims(hi)
+    pd = trt.PluginTensorDesc()
+    pd.type = dtype
+    pd.dims = trt.Dims([a if a == b else -1 for a, b in zip(lo, hi)])
+    d.desc = pd
+    return d
+
+
 @pytest.mark.tensorrt
 @needs_rtx
+@needs_triton
+def test_plugins_declare_their_workspace_from_the_profile_maxima() -> None:
+    """`get_workspace_size` (called by TensorRT's builder with the profile's min/max shapes) returns what the launch
+    plan of the largest token count needs, and grows with the profile."""
+    from r1c.plugins.moe_experts.plan import ExpertsProblem, experts_plan
+    from r1c.plugins.moe_experts.plan import workspace_size as experts_ws
+    from r1c.plugins.tensorrt_common import field_collection, register_plugins
+
+    trt = trt_lib.import_tensorrt_rtx()
+    creators = register_plugins(trt)
+    f32, i32, fp8 = trt.DataType.FLOAT, trt.DataType.INT32, trt.DataType.FP8
+    e, h, i, k = 16, 256, 128, 4
+    sizes = []
+    for t_max in (8, 64, 512):
+        fields, _keep = field_collection(trt, EXPERTS_SPEC, EXPERTS_SPEC.attrs(quant="fp8_block128"))
+        plugin = creators[EXPERTS_SPEC.plugin_id].create_plugin("e", fields, trt.TensorRTPhase.BUILD)
+        ins = [_dyn_desc(trt, f32, [1, h], [t_max, h]), _dyn_desc(trt, f32, [1, k], [t_max, k]),
+               _dyn_desc(trt, i32, [1, k], [t_max, k]), _dyn_desc(trt, fp8, [e, 2 * i, h], [e, 2 * i, h]),
+               _dyn_desc(trt, fp8, [e, h, i], [e, h, i]), _dyn_desc(trt, f32, [e, 2, 2], [e, 2, 2]),
+               _dyn_desc(trt, f32, [e, 2, 1], [e, 2, 1])]
+        declared = plugin.get_workspace_size(ins, [_dyn_desc(trt, f32, [1, h], [t_max, h])])
+        problem = ExpertsProblem(t_max, k, e, h, i, "float32", "float8_e4m3fn")
+        assert declared == experts_ws(problem) >= experts_plan(problem).workspace_size > 0
+        sizes.append(declared)
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_op_list_is_the_targeted_parsers_answer() -> None:
+    """passes/tensorrt_ops.py is tied to the parser: the installed one must report the same ops and version."""
+    from r1c.passes import tensorrt_ops
+    from r1c.runtime.trt_rtx import supported_onnx_ops
+
+    found = supported_onnx_ops()
+    assert found["parser"] == tensorrt_ops.PARSER, "another parser: regenerate passes/tensorrt_ops.py"
+    assert sorted(tensorrt_ops.SUPPORTED_OPS) == found["ops"]
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+@needs_triton
 def test_build_tensorrt_refuses_rtx_in_process_without_parser_library(tiny_export: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # In this process the parser would abort() on dlopen("libtensorrt_rtx.so"); the build must say so instead.
-    monkeypatch.setattr(trt_build, "_rtx_parser_library_reachable", lambda lib_dir: False)
+    import shutil
+
+    monkeypatch.setattr(trt_build, "rtx_parser_library_reachable", lambda lib_dir: False)
     shutil.copytree(tiny_export, tmp_path / "m")
     with pytest.raises(BuildError, match="LD_LIBRARY_PATH"):
-        build_tensorrt(tmp_path / "m", preset("tiny"), module=trt_build.import_tensorrt_rtx(),
-                       compute_capability="SM89")
+        trt_build.parse_and_build(trt_lib.import_tensorrt_rtx(), tmp_path / "m" / "model.onnx", preset("tiny"),
+                                  compute_capability="sm89")
 
 
 @pytest.mark.tensorrt
 @needs_rtx
-@pytest.mark.parametrize("variant", ["export", "export-fp8", "lowered"])
-def test_tiny_export_parses_and_builds_with_tensorrt_rtx(variant: str, tiny_export: Path, tmp_path: Path,
-                                                         record_property: Any) -> None:
-    """export: `r1c export --preset tiny` as is (bodies dropped here); export-fp8: with FP8 expert weights;
-    lowered: after the `tensorrt` pass pipeline (what `r1c build --target tensorrt` hands to TensorRT)."""
-    export = export_tiny(tmp_path / "export", "fp8") if variant == "export-fp8" else tiny_export
-    config = ModelConfig.from_json(export / "config.json")
-    model_path = export / "model.onnx"
-    if variant == "lowered":
-        pipelines = pytest.importorskip("r1c.passes.pipelines", reason="the pass pipelines are not available")
-        model_path = pipelines.lower_file(model_path, tmp_path / "lowered" / "model.onnx", target="tensorrt")
+def test_tensorrt_rtx_refuses_fp8_and_unknown_targets_before_compiling(tiny_fp8_export: Path, tmp_path: Path) -> None:
+    for arch, why in (("sm86", "no FP8 tensor cores"), ("sm90", "cannot target sm90")):
+        r = CliRunner().invoke(main, ["build", str(tiny_fp8_export), "-o", str(tmp_path / arch), "--target",
+                                      "tensorrt-rtx", "--arch", arch])
+        assert r.exit_code == 1 and why in r.stderr, r.stderr
+        assert not (tmp_path / arch).exists()
+
+
+# ---- TensorRT for RTX on the CPU: the tiny preset, parsed and built -----------------------------------------------
+def _check_plugin_layers(report: Any, model_path: Path, config: ModelConfig) -> None:
     nodes = r1c_nodes(model_path)
-    assert len(nodes) == 2 * config.num_moe_layers
-
-    report = check_with_tensorrt_rtx(model_path, config, compute_capability="SM89", **PROFILE)
-    record_property("tensorrt_rtx_layers", report.layers)
-    print(f"\n{variant}: {report.onnx_nodes} ONNX nodes -> {report.layers} TensorRT layers, "
-          f"{len(report.plugin_layers)} r1c plugin layers; engine {report.engine_bytes} bytes "
-          f"in {report.build_seconds} s")
-
-    # the export keeps its bodies (dropped from a copy); the lowering already dropped them
-    model = onnx.load(str(model_path), load_external_data=False)
-    if variant == "lowered":
-        assert report.dropped_function_bodies == [] and not model.functions
-    else:
-        assert report.dropped_function_bodies == ["r1c::MoEExperts", "r1c::MoERouter"]
-        assert len(model.functions) == 2
-    assert report.onnx_nodes == len(model.graph.node)
-    assert report.layers > report.onnx_nodes  # every node parsed (parse fails otherwise), some into several layers
-    assert report.fp8 == (variant == "export-fp8")
-
-    # every r1c node is an r1c plugin layer, with the node's attributes and the plugin's output shapes
     by_name = {p["name"]: p for p in report.plugin_layers}
     assert sorted(by_name) == sorted(n.name for n in nodes)
     for node in nodes:
@@ -270,10 +312,31 @@ def test_tiny_export_parses_and_builds_with_tensorrt_rtx(variant: str, tiny_expo
         if node.op_type == "MoERouter":  # T stays symbolic; K is the top_k attribute
             assert layer["output_shapes"] == [[-1, config.num_experts_per_tok]] * 2
             assert layer["output_dtypes"] == ["FLOAT", "INT32"]
-        else:
-            assert layer["output_shapes"] == [[-1, config.hidden_size]]
-            assert layer["output_dtypes"] == ["FLOAT"]
+        elif node.op_type == "MoEExperts":
+            assert layer["output_shapes"] == [[-1, config.hidden_size]] and layer["output_dtypes"] == ["FLOAT"]
+        else:  # FP8Linear: x's leading dims, then N
+            assert layer["output_shapes"][0][-1] > 0 and layer["output_dtypes"] == ["FLOAT"]
 
+
+@pytest.mark.tensorrt
+@needs_rtx
+@needs_triton
+def test_tiny_export_parses_and_builds_with_tensorrt_rtx(tiny_export: Path, record_property: Any) -> None:
+    """The export as `r1c export` writes it (function bodies dropped from a copy), parsed and built for SM89."""
+    from r1c.runtime.trt_rtx import check_with_tensorrt_rtx
+
+    config = ModelConfig.from_json(tiny_export / "config.json")
+    model_path = tiny_export / "model.onnx"
+    report = check_with_tensorrt_rtx(model_path, config, compute_capability="sm89", **PROFILE)
+    record_property("tensorrt_rtx_layers", report.layers)
+    print(f"\nexport: {report.onnx_nodes} ONNX nodes -> {report.layers} TensorRT layers, "
+          f"{len(report.plugin_layers)} r1c plugin layers; engine {report.engine_bytes} bytes in "
+          f"{report.build_seconds} s")
+    assert report.dropped_function_bodies == ["r1c::MoEExperts", "r1c::MoERouter"]
+    assert len(onnx.load(str(model_path), load_external_data=False).functions) == 2  # the export is untouched
+    assert report.layers > report.onnx_nodes and not report.fp8
+    assert report.parser.startswith("tensorrt_rtx ")
+    _check_plugin_layers(report, model_path, config)
     L, V = config.num_hidden_layers, config.vocab_size
     assert report.outputs == {
         "logits": {"shape": [-1, -1, V], "dtype": "FLOAT"},
@@ -281,28 +344,62 @@ def test_tiny_export_parses_and_builds_with_tensorrt_rtx(variant: str, tiny_expo
         "new_pe": {"shape": [L, -1, -1, config.qk_rope_head_dim], "dtype": "FLOAT"},
     }
     assert report.inputs["input_ids"] == {"shape": [-1, -1], "dtype": "INT64"}
-    assert report.inputs["past_c.0"] == {"shape": [-1, config.kv_lora_rank, -1], "dtype": "FLOAT"}
     assert report.profile["past_pe.1"]["max"] == [4, config.qk_rope_head_dim, 64]
-
-    # the engine builds and serializes on the CPU for SM89 (TensorRT for RTX compiles kernels at load time)
-    assert report.build_error is None
-    assert report.compute_capability == "8.9"
-    assert report.engine_bytes is not None and report.engine_bytes > 0
+    assert report.build_error is None and report.compute_capability == "8.9" and report.engine_bytes
 
 
 @pytest.mark.tensorrt
 @needs_rtx
-def test_tensorrt_rtx_parse_failure_is_a_build_error_naming_the_node(tmp_path: Path) -> None:
-    from onnx import TensorProto, helper
+@needs_triton
+def test_fp16_fp8_export_lowers_to_a_strongly_typed_fp16_network(tmp_path: Path) -> None:
+    """`--dtype float16`: the lowered model parses into an fp16 network with every r1c node (FP8Linear included)
+    bound to its plugin, fp16 in and out."""
+    from r1c.passes.pipelines import lower_file
+    from r1c.runtime.trt_rtx import check_with_tensorrt_rtx
 
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
-    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"], name="mystery", domain="elsewhere")],
-                              "g", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("elsewhere", 1)])
-    onnx.save(model, str(tmp_path / "model.onnx"))
-    with pytest.raises(BuildError, match=r"could not parse model\.onnx: .*mystery"):
-        check_with_tensorrt_rtx(tmp_path / "model.onnx", preset("tiny"), build=False)
+    export = export_tiny(tmp_path / "export", "fp8", "float16")
+    lowered = lower_file(export / "model.onnx", tmp_path / "lowered" / "model.onnx", target="tensorrt")
+    report = check_with_tensorrt_rtx(lowered, ModelConfig.from_json(export / "config.json"), build=False, **PROFILE)
+    assert report.strongly_typed and report.inputs["past_c.0"]["dtype"] == "HALF"
+    dtypes = {p["plugin"]: p["output_dtypes"] for p in report.plugin_layers}
+    assert dtypes == {"r1c::FP8Linear": ["HALF"], "r1c::MoEExperts": ["HALF"], "r1c::MoERouter": ["FLOAT", "INT32"]}
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+@needs_triton
+def test_r1c_build_tensorrt_rtx_writes_a_bundle_for_sm89(tiny_fp8_export: Path, tmp_path: Path,
+                                                         record_property: Any) -> None:
+    """`r1c build --target tensorrt-rtx --arch sm89` on the FP8 bf16 tiny export: the tensorrt lowering (FP8
+    projections become r1c::FP8Linear), a strongly typed bf16 network (plugins, cache and activations bf16), the
+    kernel library compiled for sm_89, the engine streamed into the bundle, and a manifest that names the arch and
+    the library; every file hashed."""
+    from r1c.manifest import read_manifest
+    from r1c.plugins.kernel_library import KernelLibrary
+
+    bundle = tmp_path / "rtx.bundle"
+    r = CliRunner().invoke(main, ["build", str(tiny_fp8_export), "-o", str(bundle), "--target", "tensorrt-rtx",
+                                  "--arch", "sm89"])
+    assert r.exit_code == 0, r.stderr
+    m = read_manifest(bundle)
+    opts = m.target_options
+    shown = {k: opts[k] for k in ("layers", "plugin_layers", "kernels_compiled", "seconds")}
+    print(f"\nrtx bundle: {json.dumps(shown)}")
+    record_property("tensorrt_rtx_bundle", json.dumps(opts["seconds"]))
+    assert m.target == "tensorrt-rtx" and set(m.libraries) >= {"tensorrt_rtx", "triton", "onnx"}
+    assert (opts["arch"], opts["compute_capability"], opts["fp8"]) == ("sm89", "8.9", True)
+    assert opts["strongly_typed"] and opts["network_dtypes"]["past_c.0"] == "BF16"
+    assert opts["plugin_output_dtypes"] == {"r1c::FP8Linear": ["BF16"], "r1c::MoEExperts": ["BF16"],
+                                            "r1c::MoERouter": ["FLOAT", "INT32"]}
+    assert opts["plugins"] == ["r1c::FP8Linear", "r1c::MoEExperts", "r1c::MoERouter"]
+    c = m.config
+    assert opts["plugin_layers"] > 2 * (c.num_hidden_layers - c.first_k_dense_replace)  # FP8Linear layers bound too
+    assert (bundle / opts["engine"]).stat().st_size > 0
+    assert not (bundle / "model.onnx").exists()  # the bundle holds the engine, not the ONNX
+    lib = KernelLibrary(bundle / opts["kernels"])
+    assert lib.compute_capability == "8.9" and len(lib.entries) == opts["kernels_compiled"] > 0
+    assert {f"{opts['kernels']}/index.json", opts["engine"]} <= set(m.files)
+    assert any(name.endswith(".cubin") for name in m.files)
 
 
 # ---- full TensorRT on a GPU ---------------------------------------------------------------------------------------
@@ -320,24 +417,14 @@ def _has_cuda() -> bool:
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="full TensorRT is not installed")
 def test_tensorrt_bundle_matches_onnxruntime(tiny_export: Path, tmp_path: Path) -> None:
     """Tolerance: 1e-2 relative on logits (TensorRT may run the float32 GEMMs in TF32)."""
-    from r1c.manifest import Manifest, sha256_file
     from r1c.runtime import load
     from r1c.runtime.build import build_bundle
 
     config = ModelConfig.from_json(tiny_export / "config.json")
-    bundle = tmp_path / "trt"
-    bundle.mkdir()
-    for name in ("model.onnx", "model.onnx.data"):
-        shutil.copyfile(tiny_export / name, bundle / name)
-    target_options, libraries = build_tensorrt(bundle, config, **PROFILE)
-    assert sorted(p.name for p in bundle.iterdir()) == ["model.engine"]
-    Manifest(target="tensorrt", precision="none", model_config=config.to_hf_dict(), config_hash=config.hash(),
-             graph_io={}, files={"model.engine": sha256_file(bundle / "model.engine")}, libraries=libraries,
-             device={}, target_options=target_options).write(bundle)
-
+    trt_engine = load(build_bundle(tiny_export, tmp_path / "trt", target="tensorrt", tensorrt_options=PROFILE))
     ort = load(build_bundle(tiny_export, tmp_path / "ort"))
-    trt_engine = load(bundle)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(2, 7))
     got, want = trt_engine.forward(ids), ort.forward(ids)
     assert float(np.abs(got - want).max() / np.abs(want).max()) < 1e-2
     assert len(trt_engine.generate([[1, 2, 3], [4, 5]], 4)[1]) == 4
+    assert dataclasses.is_dataclass(trt_engine.manifest)

@@ -8,18 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from r1c.plugins import OpSpec
 from r1c.plugins.fp8 import dequantize
-
-SPEC = OpSpec(
-    name="MoEExperts",
-    inputs=("hidden", "topk_weights", "topk_ids", "w13", "w2"),
-    optional_inputs=("w13_scale", "w2_scale"),
-    outputs=("output",),
-    attributes={"quant": "none", "activation": "swiglu"},
-)
-
-QUANT_MODES = ("none", "fp8_block128")
+from r1c.plugins.moe_experts.spec import QUANT_MODES, SPEC  # noqa: F401 (the definition lives in spec.py)
 
 
 def moe_experts_reference(

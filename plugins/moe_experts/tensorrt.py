@@ -3,48 +3,25 @@
 Inputs: hidden [T, H] float/half/bf16; topk_weights [T, K] float32; topk_ids [T, K] int32; w13 [E, 2I, H];
 w2 [E, H, I] (float/half/bf16 for quant=none, FP8 e4m3 for quant=fp8_block128, then also the float32 block
 scales w13_scale, w2_scale). Output: [T, H] in hidden's dtype.
-The kernel is `moe_experts_triton` (FP8 and unquantized weights) when the Triton kernel module is importable,
-else the PyTorch reference, on TensorRT's stream.
+Kernels: the launch plans of `plan.py` (decode GEMVs, or align + FP8 grouped GEMMs + combine), launched from the
+bundle's kernel library; scratch in TensorRT's workspace.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from r1c.plugins._triton import KernelSpec
 from r1c.plugins.fp8 import block_shape
-from r1c.plugins.moe_experts.reference import QUANT_MODES, SPEC, moe_experts_reference
-from r1c.plugins.tensorrt_common import PluginOp
-
-logger = logging.getLogger(__name__)
+from r1c.plugins.launch import Plan
+from r1c.plugins.moe_experts.plan import ExpertsProblem, config_boundaries, experts_plan, workspace_size
+from r1c.plugins.moe_experts.reference import QUANT_MODES, SPEC
+from r1c.plugins.tensorrt_common import PluginOp, specs_up_to
 
 ACTIVATIONS = ("swiglu",)
 _FLOAT_TYPES = ("FLOAT", "HALF", "BF16")
-
-
-Kernel = Callable[[dict[str, Any], Sequence[Any], Sequence[Any]], None]  # (attrs, inputs, outputs)
-
-
-def _reference(attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-    outputs[0].copy_(moe_experts_reference(*inputs, **attrs))
-
-
-@functools.cache
-def experts_kernel() -> Kernel:
-    """`moe_experts_triton` (FP8 or not) writing into TensorRT's output buffer, or the reference when unavailable."""
-    try:
-        from r1c.plugins.moe_experts.triton_kernel import moe_experts_triton
-    except Exception as e:  # no triton, or a triton that cannot load here
-        logger.warning("MoEExperts plugin: Triton kernel unavailable (%s); using the PyTorch reference", e)
-        return _reference
-
-    def triton_experts(attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-        moe_experts_triton(*inputs, quant=attrs["quant"], out=outputs[0])  # activation: swiglu (validated)
-
-    return triton_experts
 
 
 class MoEExpertsOp(PluginOp):
@@ -109,5 +86,19 @@ class MoEExpertsOp(PluginOp):
                     f"expected {[list(s) for s in want]}"
                 )
 
-    def execute(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-        experts_kernel()(attrs, inputs, outputs)
+    def problem(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str]) -> ExpertsProblem:
+        (t, h), (_, k), (e, two_i, _) = shapes[0], shapes[1], shapes[3]
+        return ExpertsProblem(t, k, e, h, two_i // 2, dtypes[0], dtypes[3])
+
+    def plan(self, attrs: dict[str, Any], problem: ExpertsProblem) -> Plan:
+        return experts_plan(problem)
+
+    def workspace_size(self, attrs: dict[str, Any], problem: ExpertsProblem) -> int:
+        return workspace_size(problem)
+
+    def kernel_specs(self, attrs: dict[str, Any], problem: ExpertsProblem) -> list[KernelSpec]:
+        import dataclasses
+
+        return specs_up_to(lambda t: experts_plan(dataclasses.replace(problem, tokens=t)), problem.tokens,
+                           config_boundaries(problem.top_k, problem.experts))

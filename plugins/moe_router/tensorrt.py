@@ -2,48 +2,24 @@
 
 Inputs: hidden [T, H] float/half/bf16; gate_weight [E, H] float32; correction_bias [E] float32.
 Outputs: topk_weights [T, K] float32; topk_ids [T, K] int32 (K = top_k; T stays symbolic).
-The kernel is `moe_router_triton` (writing into the output buffers) when the Triton kernel module is importable,
-else the PyTorch reference, both on TensorRT's stream.
+Kernels: the launch plan of `plan.py` (gate GEMM, routing), launched from the bundle's kernel library; the logits
+live in TensorRT's workspace.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
+import dataclasses
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from r1c.plugins.moe_router.reference import SPEC, check_attributes, effective_groups, moe_router_reference
-from r1c.plugins.tensorrt_common import PluginOp
-
-logger = logging.getLogger(__name__)
+from r1c.plugins._triton import KernelSpec
+from r1c.plugins.launch import Plan
+from r1c.plugins.moe_router.plan import RouterProblem, config_boundaries, router_plan, workspace_size
+from r1c.plugins.moe_router.reference import SPEC, check_attributes, effective_groups
+from r1c.plugins.tensorrt_common import PluginOp, specs_up_to
 
 _HIDDEN_TYPES = ("FLOAT", "HALF", "BF16")
-
-
-Kernel = Callable[[dict[str, Any], Sequence[Any], Sequence[Any]], None]  # (attrs, inputs, outputs)
-
-
-def _reference(attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-    weights, ids = moe_router_reference(*inputs, **attrs)
-    outputs[0].copy_(weights)
-    outputs[1].copy_(ids)
-
-
-@functools.cache
-def router_kernel() -> Kernel:
-    """`moe_router_triton` writing straight into TensorRT's output buffers, or the reference when unavailable."""
-    try:
-        from r1c.plugins.moe_router.triton_kernel import moe_router_triton
-    except Exception as e:  # no triton, or a triton that cannot load here
-        logger.warning("MoERouter plugin: Triton kernel unavailable (%s); using the PyTorch reference", e)
-        return _reference
-
-    def triton_router(attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-        moe_router_triton(*inputs, **attrs, out=(outputs[0], outputs[1]))
-
-    return triton_router
 
 
 class MoERouterOp(PluginOp):
@@ -104,5 +80,16 @@ class MoERouterOp(PluginOp):
                 f"in topk_group={topk_group} groups"
             )
 
-    def execute(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-        router_kernel()(attrs, inputs, outputs)
+    def problem(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> RouterProblem:
+        (t, h), (e, _) = shapes[0], shapes[1]
+        return RouterProblem(t, h, e, dtypes[0], tuple(sorted(attrs.items())))
+
+    def plan(self, attrs: dict[str, Any], problem: RouterProblem) -> Plan:
+        return router_plan(problem)
+
+    def workspace_size(self, attrs: dict[str, Any], problem: RouterProblem) -> int:
+        return workspace_size(problem)
+
+    def kernel_specs(self, attrs: dict[str, Any], problem: RouterProblem) -> list[KernelSpec]:
+        return specs_up_to(lambda t: router_plan(dataclasses.replace(problem, tokens=t)), problem.tokens,
+                           config_boundaries())

@@ -2,10 +2,8 @@
 
 Design
 ------
-* The gate GEMM `hidden @ gate_weight^T` is a separate float32 `torch.matmul`, written exactly as the reference
-  writes it (so on a given device both see bitwise the same logits). Fusing it would make every program read the
-  whole [E, H] gate weight (7.3 MB at R1 shapes): at decode (T=1) one program would stream it alone, far slower than
-  cuBLAS' GEMV; with the GEMM apart the routing kernel only touches [T, E] logits.
+* The gate GEMM `hidden @ gate_weight^T` is a separate float32 kernel (`plan.py`; fusing it would make every
+  program read the whole [E, H] gate weight, 7.3 MB at R1 shapes); the routing kernel only touches [T, E] logits.
 * `_noaux_tc_router_kernel` does all the routing in one launch: one program per BLOCK_T rows, each row held whole
   (E padded to a power of two) in registers:
     1. s = sigmoid(logit) (or softmax over the row); c = s + correction_bias (noaux_tc) or c = s (V2 methods);
@@ -20,7 +18,7 @@ Design
 Interpreter or native: as any `@triton.jit` kernel, this one is an interpreter function when `TRITON_INTERPRET=1`
 was set before `triton` was first imported in the process (Triton 3.9 fixes the kind of its own `tl.max`/`tl.sum`/
 `tl.sigmoid`, themselves `@triton.jit` functions, at that import), and a compiled one otherwise; the wrapper then
-runs on CPU tensors, respectively CUDA tensors. `compile_aot` compiles it for sm_90 without a GPU.
+runs on CPU tensors, respectively CUDA tensors. `r1c.plugins._triton.compile_aot` compiles it without a GPU.
 """
 
 from __future__ import annotations
@@ -31,10 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from r1c.plugins._triton import AotSpec, compile_aot, is_interpreted
+from r1c.plugins._triton import is_interpreted
+from r1c.plugins.launch import Buf, Launch, TritonRunner, launch
+from r1c.plugins.moe_router.plan import RouterProblem, router_plan
 from r1c.plugins.moe_router.reference import check_attributes, effective_groups
 
-__all__ = ["AotSpec", "aot_specs", "compile_aot", "moe_router_triton"]
+__all__ = ["moe_router_triton", "routing_launch"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,6 +139,29 @@ def _noaux_tc_router_kernel(
 # wrapper
 
 
+def routing_launch(logits: Buf, bias: Buf, weights: Buf, ids: Buf, t: int, e: int, attrs: dict[str, Any], *,
+                   block_t: int = 1, num_warps: int = 4) -> Launch:
+    """The routing kernel's launch over logits [t, e] float32 (a plan's buffer) for the op's attributes.
+
+    Every `topk_method` (noaux_tc | greedy | group_limited_greedy) and `scoring` (sigmoid | softmax) of the SPEC;
+    ValueError naming the attribute for a combination the op does not define (`check_attributes`).
+    """
+    check_attributes(**attrs, experts=e)
+    top_k, method = int(attrs["top_k"]), str(attrs["topk_method"])
+    n_group, topk_group = effective_groups(method, int(attrs["n_group"]), int(attrs["topk_group"]))
+    block_t = min(block_t, triton.next_power_of_2(t))
+    return launch(
+        "moe_router", _noaux_tc_router_kernel, (triton.cdiv(t, block_t),),
+        {"logits_ptr": logits, "bias_ptr": bias, "weights_ptr": weights, "ids_ptr": ids, "T": t,
+         "stride_logits": e, "stride_out": top_k, "routed_scaling_factor": float(attrs["routed_scaling_factor"])},
+        {"PER_GROUP": e // n_group, "N_GROUP": n_group, "TOPK_GROUP": topk_group, "TOP_K": top_k,
+         "NORM": bool(attrs["norm_topk_prob"]), "SOFTMAX": attrs["scoring"] == "softmax",
+         "V3": method == "noaux_tc", "BLOCK_T": block_t, "BLOCK_E": triton.next_power_of_2(e),
+         "BLOCK_G": triton.next_power_of_2(n_group), "BLOCK_K": triton.next_power_of_2(top_k)},
+        dynamic=["T"], num_warps=num_warps,
+    )
+
+
 def moe_router_triton(
     hidden: torch.Tensor,  # [T, H] float/bf16
     gate_weight: torch.Tensor,  # [E, H] float32
@@ -157,15 +180,15 @@ def moe_router_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (topk_weights [T, top_k] float32, topk_ids [T, top_k] int32), as `moe_router_reference`.
 
-    Every mode of the op (`topk_method` noaux_tc | greedy | group_limited_greedy, `scoring` sigmoid | softmax);
-    ValueError naming the attribute for a combination the op does not define.
+    Runs the op's launch plan (`plan.py`: the float32 gate GEMM kernel, then the routing kernel) in every mode of
+    the op (`topk_method` noaux_tc | greedy | group_limited_greedy, `scoring` sigmoid | softmax); ValueError naming
+    the attribute for a combination the op does not define.
     `out`: optional preallocated (weights, ids) to write into (contiguous, of those shapes and dtypes).
     """
     t = hidden.shape[0]
     e = gate_weight.shape[0]
     check_attributes(top_k=top_k, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm_topk_prob,
                      scoring=scoring, topk_method=topk_method, experts=e)
-    n_group, topk_group = effective_groups(topk_method, n_group, topk_group)
     if correction_bias.shape != (e,):
         raise ValueError(f"MoERouter: correction_bias has shape {tuple(correction_bias.shape)}, expected ({e},)")
     device = hidden.device
@@ -180,40 +203,18 @@ def moe_router_triton(
             raise ValueError("MoERouter: out ids must be a contiguous int32 [T, top_k] tensor")
     if t == 0:
         return weights, ids
-    # the gate GEMM, exactly as the reference computes it (float32, no TF32)
-    logits = (hidden.to(torch.float32) @ gate_weight.to(torch.float32).t()).contiguous()
-    bias = correction_bias.to(torch.float32).contiguous()
-    block_t = min(block_t, triton.next_power_of_2(t))
-    grid = (triton.cdiv(t, block_t),)
     _check_device(_noaux_tc_router_kernel, device)
-    _noaux_tc_router_kernel[grid](
-        logits,
-        bias,
-        weights,
-        ids,
-        t,
-        logits.stride(0),
-        top_k,
-        float(routed_scaling_factor),
-        PER_GROUP=e // n_group,
-        N_GROUP=n_group,
-        TOPK_GROUP=topk_group,
-        TOP_K=top_k,
-        NORM=bool(norm_topk_prob),
-        SOFTMAX=scoring == "softmax",
-        V3=topk_method == "noaux_tc",
-        BLOCK_T=block_t,
-        BLOCK_E=triton.next_power_of_2(e),
-        BLOCK_G=triton.next_power_of_2(n_group),
-        BLOCK_K=triton.next_power_of_2(top_k),
-        num_warps=num_warps,
-    )
+    attrs = dict(top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+                 norm_topk_prob=int(norm_topk_prob), scoring=scoring, topk_method=topk_method)
+    plan = router_plan(RouterProblem(t, hidden.shape[1], e, str(hidden.dtype).removeprefix("torch."),
+                                     tuple(sorted(attrs.items()))), block_t=block_t, num_warps=num_warps)
+    TritonRunner().run(plan, [hidden.contiguous(), gate_weight.to(torch.float32).contiguous(),
+                              correction_bias.to(torch.float32).contiguous()], [weights, ids])
     return weights, ids
 
 
 # --------------------------------------------------------------------------------------------------------------
-# interpreter / native and ahead-of-time compilation
-
+# interpreter / native
 
 
 def _check_device(kernel: Any, device: torch.device) -> None:
@@ -222,37 +223,3 @@ def _check_device(kernel: Any, device: torch.device) -> None:
             "MoERouter (triton): tensors are on the CPU but triton was imported without TRITON_INTERPRET=1; "
             "set it before the first `import triton` to run the kernels in Triton's interpreter"
         )
-
-
-def aot_specs() -> list[AotSpec]:
-    """The router kernel at DeepSeek-R1 shapes (E=256, 8 groups, top-4 groups, top-8)."""
-    return [
-        AotSpec(
-            name="router_r1",
-            kernel=_noaux_tc_router_kernel,
-            signature={
-                "logits_ptr": "*fp32",
-                "bias_ptr": "*fp32",
-                "weights_ptr": "*fp32",
-                "ids_ptr": "*i32",
-                "T": "i32",
-                "stride_logits": "i32",
-                "stride_out": "i32",
-                "routed_scaling_factor": "fp32",
-            },
-            constexprs={
-                "PER_GROUP": 32,
-                "N_GROUP": 8,
-                "TOPK_GROUP": 4,
-                "TOP_K": 8,
-                "NORM": True,
-                "SOFTMAX": False,
-                "V3": True,
-                "BLOCK_T": 1,
-                "BLOCK_E": 256,
-                "BLOCK_G": 8,
-                "BLOCK_K": 8,
-            },
-            divisible_by_16=("stride_logits",),  # E = 256
-        )
-    ]

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from r1c.errors import BenchError
+from r1c.errors import BenchError, RegressionError
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,12 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
     tolerance = parse_fraction(max_regression)
     base_report = load_report(baseline) if baseline is not None else None  # fail before the long part
     if threads is not None and threads < 0:
-        raise BenchError("--threads must be >= 0")
+        raise BenchError(f"--threads must be >= 0, got {threads}")
+    from r1c.outdir import check_output_file
+
+    for option, path in (("--json", json_out), ("--plot", plot_out)):
+        if path is not None:
+            check_output_file(path, BenchError, option, create_parent=True)
     show = sys.stderr.isatty() if progress is None else progress
     session = {"intra_op_num_threads": threads} if threads is not None else None
 
@@ -133,9 +138,9 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
     systems = [System("r1c", engine, info={"bundle": str(bundle)}, required=True)]
     if compare is not None:
         other = load(compare, session_options=session)
-        if other.config.vocab_size != engine.config.vocab_size:
-            raise BenchError(f"--compare: {compare} has another vocabulary ({other.config.vocab_size} tokens, "
-                             f"{bundle} has {engine.config.vocab_size})")
+        if other.vocab_size != engine.vocab_size:
+            raise BenchError(f"--compare: {compare} has another vocabulary ({other.vocab_size} tokens, "
+                             f"{bundle} has {engine.vocab_size})")
         systems.append(System(f"B:{compare.name}", other, info={"bundle": str(compare)}, required=True))
     with contextlib.ExitStack() as stack:
         if peers:
@@ -145,7 +150,7 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
             systems += make_peers(peers, manifest, stack, threads=threads, session=bundle_session,
                                   cache_dir=peer_cache, log=say)
         bw = None
-        if roofline:
+        if roofline and not manifest.is_foreign:  # the roofline needs r1c's model config
             if bandwidth is not None:
                 bw = bandwidth * 1e9
             else:
@@ -177,7 +182,7 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
         plot(report, plot_out)
         say(f"wrote {plot_out}")
     if gate_result is not None and not gate_result.passed:
-        raise BenchError(gate_result.message())
+        raise RegressionError(gate_result.message())
 
 
 def _dense_experts(bundle: Path, manifest: Any) -> bool:

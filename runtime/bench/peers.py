@@ -1,6 +1,7 @@
 """Peers for `r1c bench --peer`: the bundle's own weights and requests through other stacks.
 
-- `transformers`: transformers' `DeepseekV3ForCausalLM` in eager PyTorch (eager attention, eager experts),
+- `transformers`: transformers' model of the bundle's architecture (`DeepseekV3ForCausalLM`, or
+  `DeepseekV2ForCausalLM` for a V2 bundle) in eager PyTorch (eager attention, eager experts),
   float32, its own KV cache (`DynamicCache`), greedy `generate`;
 - `stock-onnx`: the stock `torch.onnx` (dynamo) export of that model with a KV cache
   (`r1c.exporter.stock.export_stock(..., with_cache=True)`) under ONNX Runtime with the bundle's session
@@ -113,28 +114,32 @@ def rebuild_weights(manifest: Manifest) -> tuple[Any, dict[str, Any]]:
     else:
         raise PeerUnavailable("the bundle's manifest records no source (preset or checkpoint) to rebuild its "
                               "weights from")
-    return config.replace(quantization_config=None), dequantized(tensors)
+    return config.replace(quantization_config=None), dequantized(tensors, config=config)  # padded FP8 cut back
 
 
 # ---- transformers -----------------------------------------------------------------------------------
 class TransformersPeer:
-    """transformers' DeepseekV3ForCausalLM, eager, float32, greedy `generate` with its KV cache."""
+    """transformers' model of the bundle's architecture (DeepseekV3ForCausalLM or DeepseekV2ForCausalLM), eager,
+    float32, greedy `generate` with its KV cache."""
 
-    def __init__(self, checkpoint_dir: Path, *, threads: int | None = None) -> None:
+    def __init__(self, checkpoint_dir: Path, config: Any, *, threads: int | None = None) -> None:
         import torch
         import transformers
+
+        from r1c.exporter.stock import hf_model_class
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.model = transformers.DeepseekV3ForCausalLM.from_pretrained(
+        self.model = hf_model_class(config).from_pretrained(
             str(checkpoint_dir), dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
         ).eval()
         gc = self.model.generation_config
         gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
         self.info = {"transformers": transformers.__version__, "torch": torch.__version__,
                      "attn_implementation": "eager", "experts_implementation": "eager",
-                     "torch_threads": torch.get_num_threads(), "dtype": "float32"}
+                     "torch_threads": torch.get_num_threads(), "dtype": "float32",
+                     "model_class": type(self.model).__name__}
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, eos_token_id: int | None = None,
                  on_step: StepCallback | None = None) -> list[list[int]]:
@@ -251,8 +256,8 @@ def make_peers(names: Sequence[str], manifest: Manifest, stack: contextlib.ExitS
     for name in dict.fromkeys(names):
         try:
             if name == "transformers":
-                log("peer transformers: rebuilding the weights and loading DeepseekV3ForCausalLM")
-                hf = TransformersPeer(weights.checkpoint_dir(), threads=threads)
+                log(f"peer transformers: rebuilding the weights and loading {manifest.config.architecture}")
+                hf = TransformersPeer(weights.checkpoint_dir(), manifest.config, threads=threads)
                 systems.append(System(name, hf, info=hf.info))
             elif name == "stock-onnx":
                 log("peer stock-onnx: exporting with torch.onnx (cached after the first run)")

@@ -313,6 +313,8 @@ def _summarize(rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
 def run_bench(bundle: Path, config: SchedulerConfig, settings: BenchSettings, *, threads: int | None = None,
               log: Callable[[str], None] = print) -> Report:
     engine = load(bundle, session_options=None if threads is None else {"intra_op_num_threads": threads})
+    if not isinstance(engine, Engine):
+        raise BenchError("benchmark: serving needs an r1c bundle with a latent cache (not a foreign model's)")
     requests = settings.requests(engine.vocab_size)
     longest = settings.prompt_len[1] + settings.new_tokens[1]
     if longest > engine.config.max_position_embeddings:

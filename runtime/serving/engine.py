@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from r1c.errors import RuntimeInputError
+from r1c.errors import BundleError, RuntimeInputError
 from r1c.runtime.engine import Engine, load
 from r1c.runtime.kvcache import LatentCache, budget_for
 from r1c.runtime.serving.request import Observer, Request, SchedulerConfig, stop_ids_for
@@ -32,7 +32,7 @@ from r1c.runtime.serving.sampling import RowState, SamplingParams
 from r1c.runtime.serving.scheduler import Scheduler
 from r1c.runtime.serving.stream import RequestOutput, TokenEvent
 from r1c.runtime.serving.text import TextCodec, TextStream
-from r1c.runtime.step import StepRunner
+from r1c.runtime.step import StepRunner, backend_alloc
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ class ServingEngine:
 
     def __init__(self, engine: Engine, config: SchedulerConfig | None = None,
                  observers: Sequence[Observer] = ()) -> None:
+        if not isinstance(engine, Engine):
+            raise BundleError("serving needs an r1c bundle with a latent cache; a foreign model's bundle "
+                              "(r1c optimize) runs only through Engine.forward / generate")
         self.engine = engine
         self.config = cfg = config or SchedulerConfig()
         model_max = engine.config.max_position_embeddings
@@ -100,11 +103,12 @@ class ServingEngine:
         budget = cfg.cache_bytes
         if budget is None:
             budget = min(budget_for(layout, cfg.max_num_seqs, self.max_model_len), DEFAULT_CACHE_CAP)
+        alloc = backend_alloc(engine.backend)  # device tensors for a device-resident backend
         cache = LatentCache(layout, budget, max_rows=cfg.max_num_seqs, max_len=self.max_model_len,
-                            min_bucket=cfg.min_bucket)
+                            min_bucket=cfg.min_bucket, alloc=alloc)
         # output buffers for the largest call: the budget, or the decode rows with a chunk riding along
         step_tokens = max(cfg.max_tokens_per_step, cfg.min_prefill_chunk) + cfg.max_num_seqs + cfg.prefill_pad_tokens
-        runner = StepRunner(engine.backend, cache, engine.vocab_size, step_tokens)
+        runner = StepRunner(engine.backend, cache, engine.vocab_size, step_tokens, alloc=alloc)
         self.codec = TextCodec.from_dir(engine.bundle_dir)
         eos = engine.config.eos_token_id
         self.eos_token_ids = [eos] if eos is not None else []
@@ -120,7 +124,7 @@ class ServingEngine:
     def from_bundle(cls, bundle: str | Path, config: SchedulerConfig | None = None, *,
                     session_options: dict[str, Any] | None = None, observers: Sequence[Observer] = ()
                     ) -> ServingEngine:
-        return cls(load(bundle, session_options=session_options), config, observers)
+        return cls(load(bundle, session_options=session_options), config, observers)  # type: ignore[arg-type]
 
     @property
     def vocab_size(self) -> int:

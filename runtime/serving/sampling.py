@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from r1c.errors import RuntimeInputError
+from r1c.runtime.step import to_host
 
 MAX_LOGPROBS = 20
 
@@ -190,7 +191,7 @@ def draw(x: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
 
 def sample(logits: np.ndarray, states: Sequence[RowState]) -> list[Choice]:
     """Choose one token per row of `logits` [n, V] for the n requests in `states` (same order)."""
-    x = np.array(logits, dtype=np.float32)  # own copy: the step's buffer is reused
+    x = to_host(logits).astype(np.float32, copy=False)  # own host copy: the step's buffer is reused
     out: list[Choice] = []
     greedy_rows = [i for i, st in enumerate(states) if st.params.greedy]
     raw: dict[int, np.ndarray] = {}

@@ -41,7 +41,7 @@ from r1c.runtime.serving.request import Observer, Request, SchedulerConfig
 from r1c.runtime.serving.sampling import Choice, sample
 from r1c.runtime.serving.stream import TokenEvent
 from r1c.runtime.serving.text import TextCodec
-from r1c.runtime.step import StepRunner
+from r1c.runtime.step import StepRunner, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class Scheduler:
                     completed += 1
                     self.counters["prompt_tokens"] += len(rows[r].prompt)
                 sampled.append(r)
-                last.append(np.array(logits[i, n - 1]))
+                last.append(to_host(logits[i, n - 1]))
         finished: list[int] = []
         if sampled:
             now_choices = sample(np.stack(last), [rows[r].state for r in sampled])

@@ -1,0 +1,35 @@
+"""The collectives on numpy arrays, through torch.distributed (no communication code of r1c's own).
+
+`all_reduce` and `all_gather` are what `r1c::AllReduce` / `r1c::AllGather` mean (their SPECs in
+`r1c.plugins.all_reduce` / `all_gather`), on the group the node's `group` attribute names (`groups.GROUPS`).
+Arrays are handed to torch without a copy (`torch.from_numpy`); all-reduce works in place on a private copy
+when the caller's buffer is read-only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from r1c.plugins.all_reduce.reference import REDUCTIONS
+from r1c.runtime.distributed.groups import group
+
+
+def all_reduce(x: np.ndarray, group_name: str, reduction: str = "sum") -> np.ndarray:
+    """Sum of `x` over the group's ranks (same shape and dtype)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"AllReduce: unknown reduction {reduction!r}")
+    if not (x.flags.c_contiguous and x.flags.writeable):
+        x = np.array(x, order="C", copy=True)
+    dist.all_reduce(torch.from_numpy(x), group=group(group_name))
+    return x
+
+
+def all_gather(x: np.ndarray, group_name: str, axis: int = -1) -> np.ndarray:
+    """The group's `x` concatenated along `axis` in group-rank order."""
+    g = group(group_name)
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(g))]
+    dist.all_gather(parts, t, group=g)
+    return np.concatenate([p.numpy() for p in parts], axis=axis)

@@ -1,0 +1,74 @@
+"""The two ways an ONNX Runtime rank runs its collectives, side by side in one process, without a peer.
+
+    python scripts/dist_mechanisms.py BUNDLE [--rank 0] [--steps 200]
+
+Loads rank `--rank` of a sharded bundle twice in this process — `split` (sub-graphs between the collectives,
+collectives in Python) and `custom_op` (one session, collectives as onnxruntime-extensions Python ops) — in a
+torch.distributed world of ONE process (gloo), where every group is this process alone: the collectives return
+their input at once, so what is timed is each mechanism's own cost (session runs, marshaling), not the network
+or the other ranks. Decode steps (batch 1, one new token over a cache of --context) alternate between the two,
+and a prefill of --prefill tokens shows the cost that grows with the tensors (the logits all-gather).
+The outputs are not the model's (the reductions see one rank's share) and are not checked here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=64)
+    args = ap.parse_args()
+
+    import torch
+
+    from r1c.manifest import read_manifest
+    from r1c.runtime.distributed.groups import close_groups, init_groups, open_store
+    from r1c.runtime.distributed.rank import MECHANISMS, rank_runner
+
+    torch.set_num_threads(1)
+    m = read_manifest(args.bundle)
+    entry = m.target_options["distributed"]["ranks"][args.rank]
+    init_groups(0, 1, {"tp": [[0]], "world": [[0]]}, store=open_store(1))
+    options = {**m.target_options["session"], "intra_op_num_threads": 1}
+    runners = {mech: rank_runner(args.bundle / entry["model"], options, mech) for mech in MECHANISMS}
+    c = m.config
+
+    def feeds(new: int) -> dict[str, np.ndarray]:
+        f = {"input_ids": np.full((1, new), 5, np.int64), "past_lengths": np.array([args.context - new], np.int64)}
+        for layer in range(c.num_hidden_layers):
+            f[f"past_c.{layer}"] = np.zeros((1, c.kv_lora_rank, args.context), np.float32)
+            f[f"past_pe.{layer}"] = np.zeros((1, c.qk_rope_head_dim, args.context), np.float32)
+        return f
+
+    times: dict[str, dict[str, list[float]]] = {mech: {"decode": [], "prefill": []} for mech in runners}
+    for kind, new, reps in (("decode", 1, args.steps), ("prefill", args.prefill, max(5, args.steps // 20))):
+        f = feeds(new)
+        for runner in runners.values():
+            runner.run(f)  # warm-up
+        for _ in range(reps):
+            for mech, runner in runners.items():
+                start = time.perf_counter()
+                runner.run(f)
+                times[mech][kind].append(time.perf_counter() - start)
+    close_groups()
+    print(f"{args.bundle.name} rank {args.rank}: median ms per run (interleaved; one process, no peer)")
+    for kind in ("decode", "prefill"):
+        split, custom = (statistics.median(times[m][kind]) * 1e3 for m in ("split", "custom_op"))
+        print(f"  {kind:7} split {split:8.3f}   custom_op {custom:8.3f}   custom_op / split {custom / split:5.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
