@@ -161,7 +161,8 @@ def long_prompt_gap(engine: Engine, config: SchedulerConfig, long_len: int, budg
     against its usual gap (the median of its gaps in the 0.5 s before the arrival and after the first token)."""
     rng = np.random.default_rng([seed, long_len])
     long_prompt = rng.integers(2, engine.vocab_size, size=long_len).tolist()
-    cfg = dataclasses.replace(config, max_tokens_per_step=budget, max_num_seqs=max(config.max_num_seqs, 2))
+    cfg = dataclasses.replace(config, max_tokens_per_step=budget, min_prefill_chunk=1,  # exactly `budget` tokens
+                              max_num_seqs=max(config.max_num_seqs, 2))
     with ServingEngine(engine, cfg) as se:
         running = se.submit(rng.integers(2, engine.vocab_size, size=16).tolist(), greedy(se.max_model_len - 16))
         for _ in range(14):  # its usual pace before

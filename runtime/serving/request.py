@@ -20,11 +20,11 @@ class SchedulerConfig:
     for max_num_seqs sequences of max_model_len tokens, at most 1 GiB); max_model_len: prompt + output limit (None:
     the model's max_position_embeddings); max_queue: waiting requests before new ones are refused as over capacity;
     min_bucket: the smallest cache capacity bucket; min_prefill_chunk: prefill tokens a step runs even when the
-    decode rows use up the budget; prefill_pad_tokens: how many padding tokens a prompt chunk may add to share a
-    call with the rows before it (the decode rows or the previous prompt). 0 on the CPU: there a padded token costs
-    more than a call's fixed cost (r1c bench-serving, small preset: a running stream's gap while a 2,000-token
-    prompt arrives in 16-token chunks was 168 ms with separate calls and 245 ms with the chunk in the decode call);
-    a backend whose calls cost more than their tokens (a GPU) may set it higher.
+    decode rows use up the budget (so waiting prompts always progress); prefill_pad_tokens: how many padding tokens
+    a prompt chunk may add to share a call with the rows before it (the decode rows or the previous prompt). 0 on
+    the CPU: there a padded token costs more than a call's fixed cost (r1c bench-serving, small preset: a running
+    stream's gap while a 2,000-token prompt arrives in 16-token chunks was 168 ms with separate calls and 245 ms
+    with the chunk in the decode call); a backend whose calls cost more than their tokens (a GPU) may set it higher.
     """
 
     max_num_seqs: int = 64
@@ -33,7 +33,7 @@ class SchedulerConfig:
     max_model_len: int | None = None
     max_queue: int = 4096
     min_bucket: int = 64
-    min_prefill_chunk: int = 1
+    min_prefill_chunk: int = 16
     prefill_pad_tokens: int = 0
 
 
