@@ -22,6 +22,12 @@ def quantization_report(original: dict[str, torch.Tensor], quantized: dict[str, 
         w = before.to(torch.float32)
         err = (dequantize(q, scale) - w).norm() / w.norm().clamp_min(1e-30)
         per_tensor[name] = float(err)
+    return summary(per_tensor)
+
+
+def summary(per_tensor: dict[str, float]) -> dict[str, Any]:
+    """quantization.json from the relative error of each quantized tensor (also what the streamed
+    `precision_source.Fp8Quantizer` reports)."""
     errs = list(per_tensor.values())
     return {
         "format": "float8_e4m3fn, 128x128 block scales (weight_scale_inv)",

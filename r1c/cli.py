@@ -215,37 +215,28 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
         tensors = ShapeSource(config, torch_dtype) if tensors is None else tensors
         if precision != "auto":
             raise ExportError("export: --precision needs weights (it cannot be combined with --weights none)")
-    extra: dict[str, str] = {}
-    if precision == "fp8":
-        from r1c.exporter.checkpoint import quantize_checkpoint_fp8
-        from r1c.exporter.quant_report import quantization_report
+    from r1c.exporter.precision_source import with_precision
 
-        original = _materialize(tensors)
-        config, tensors = quantize_checkpoint_fp8(config, original)
-        report = quantization_report(original, tensors)
-        del original
-        extra["quantization.json"] = json.dumps(report, indent=2) + "\n"
-        click.echo(f"fp8: quantized {report['tensors']} tensors; relative error mean "
-                   f"{report['mean_relative_error']:.4f}, max {report['max_relative_error']:.4f}", err=True)
-    elif precision == "fp32":
-        from r1c.exporter.checkpoint import dequantized
-
-        config, tensors = config.replace(quantization_config=None), dequantized(_materialize(tensors))
+    config, tensors, quantizer = with_precision(config, tensors, precision, dtype)  # streamed: per tensor as read
     source.update(precision=precision, dtype=dtype, weights=weights)
     from r1c.runtime.serving.text import tokenizer_files
 
     extra.update(tokenizer_files(src))  # the checkpoint's tokenizer travels with the model
     export_onnx(config, tensors, out, dtype=dtype, write_weights=weights == "all", progress=show,
-                extra_files={"source.json": json.dumps(source, indent=2) + "\n", **extra},
-                postprocess=functools.partial(_canonicalize, progress=show))
+                extra_files={"source.json": json.dumps(source, indent=2) + "\n"},
+                postprocess=functools.partial(_finish_export, quantizer, progress=show))
+    if quantizer is not None:
+        summary = quantizer.report()
+        click.echo(f"fp8: quantized {summary['tensors']} tensors; relative error mean "
+                   f"{summary['mean_relative_error']:.4f}, max {summary['max_relative_error']:.4f}", err=True)
     click.echo(_summary("exported", out, start))
 
 
-def _materialize(tensors: Any) -> dict[str, Any]:
-    """Every tensor in memory (what --precision fp8/fp32 transforms need; not a streamed export)."""
-    if isinstance(tensors, dict):
-        return tensors
-    return {name: tensors.get(name) for name in tensors.names}
+def _finish_export(quantizer: Any, export_dir: Path, progress: bool = False) -> None:
+    """quantization.json (with --precision fp8: known once every tensor was quantized), then `_canonicalize`."""
+    if quantizer is not None:
+        (export_dir / "quantization.json").write_text(json.dumps(quantizer.report(), indent=2) + "\n")
+    _canonicalize(export_dir, progress=progress)
 
 
 def _canonicalize(export_dir: Path, progress: bool = False) -> None:
@@ -276,20 +267,29 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
               help="Split attention, dense MLPs, embedding and LM head over this many ranks (one bundle, T x E ranks).")
 @click.option("--expert-parallel", "ep", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the routed experts into this many partitions (each holds E/EP experts).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
+              help="onnxruntime weights: int8 / int4 weight-only block quantization (MatMulNBits, QMoE); fp32; "
+                   "auto: the export's, FP8 weights as int8 blocks (1 byte a weight).")
 def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: int, dump_after: str | None, tp: int,
-          ep: int) -> None:
+          ep: int, precision: str) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.
 
     The target's pass pipeline (`r1c passes --target T` lists it) runs first. The manifest records the
     target, the model config and its hash, graph I/O, KV-cache layout, library versions and the sha256 of
     every file; `r1c run` and the Python runtime refuse a bundle that does not match.
     """
+    from r1c.manifest import read_manifest
     from r1c.runtime.build import build_bundle
 
     start = time.perf_counter()
     verbose = logging.getLogger("r1c").getEffectiveLevel() <= logging.INFO
     build_bundle(export_dir, out, target=target, session={"intra_op_num_threads": threads}, dump_after=dump_after,
-                 verbose=verbose, arch=arch, tensor_parallel=tp, expert_parallel=ep, progress=_progress())
+                 verbose=verbose, arch=arch, tensor_parallel=tp, expert_parallel=ep, progress=_progress(),
+                 precision=precision)
+    quant = read_manifest(out, verify_hashes=False).target_options.get("quantization")
+    if quant:
+        click.echo(f"int{quant['bits']}: quantized {quant['tensors']} tensors; relative error mean "
+                   f"{quant['mean_relative_error']:.4f}, max {quant['max_relative_error']:.4f}", err=True)
     click.echo(_summary("built", out, start, f" ({target})"))
 
 

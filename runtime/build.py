@@ -8,6 +8,7 @@ ONNX Runtime only.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -60,31 +61,47 @@ def _check_session(session: dict[str, Any]) -> None:
 
 
 def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool,
-           progress: bool) -> None:
-    """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ data)."""
-    from r1c.passes.pipelines import lower_file
+           progress: bool, threads: int = 0, precision: str = "auto",
+           max_file_bytes: int | None = None) -> dict[str, Any]:
+    """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ its data files); returns
+    what the passes reported (under "quantize_weights": the bundle's precision and the quantization errors)."""
+    from r1c.passes.pipelines import BuildOptions, lower_file
 
     target = "tensorrt" if target == "tensorrt-rtx" else target  # one lowering; the builds differ (library, arch)
+    options = BuildOptions(threads=threads, precision=precision)
     lower_file(export_dir / MODEL_FILE, work / MODEL_FILE, target=target, dump_after=dump_after,
-               dump_dir=dump_dir if dump_after else None, verbose=verbose, progress=progress)
+               dump_dir=dump_dir if dump_after else None, verbose=verbose, progress=progress, options=options,
+               max_file_bytes=max_file_bytes)
+    return options.report
+
+
+QUANTIZATION_FILE = "quantization.json"
 
 
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
                  verbose: bool = False, arch: str | None = None,
                  tensorrt_options: dict[str, Any] | None = None, tensor_parallel: int = 1,
-                 expert_parallel: int = 1, progress: bool = False) -> Path:
+                 expert_parallel: int = 1, progress: bool = False, precision: str = "auto",
+                 max_file_bytes: int | None = None) -> Path:
     """Build `out_dir` (created whole or not at all) from the export at `export_dir`; BuildError on bad input.
 
     `arch` (TensorRT targets): the compute capability to build for (`sm89`, `sm90`, `sm120`, ...; tensorrt-rtx
     default sm89, tensorrt default the current GPU); `tensorrt_options`: profile options (see
     `r1c.runtime.trt_profiles.PROFILE_OPTIONS`). tensor_parallel x expert_parallel > 1: one bundle with every
-    rank's files (`r1c.runtime.distributed.build`).
+    rank's files (`r1c.runtime.distributed.build`). `precision` (onnxruntime, one rank): the bundle's weights,
+    "auto" | "fp32" | "int8" | "int4" (see `r1c.passes.pipelines.BuildOptions`); a quantized bundle holds
+    `quantization.json` with each tensor's relative error and its manifest's `precision` says "int8"/"int4".
+    `max_file_bytes`: the most weight bytes per data file of the lowered model (default 16 GiB; see
+    passes/pipelines.save_model); the manifest records each file.
     """
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"build: unknown target {target!r} (choose from {', '.join(TARGETS)})")
     _check_session(session or {})
+    if precision != "auto" and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
+        raise BuildError(f"build: --precision {precision} is for a one-rank onnxruntime bundle (this one keeps the "
+                         "export's weights)")
     check_output_dir(out, BuildError, "build")
     config, graph_io, source = _read_export(src)
     if config is None and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
@@ -94,6 +111,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     with atomic_output_dir(out, BuildError, "build") as tmp:
         libraries: dict[str, str] = {}
         target_options: dict[str, Any]
+        bundle_precision = graph_io.get("weights_quant", "none")
         if tensor_parallel * expert_parallel > 1:
             from r1c.runtime.distributed.build import build_ranks
 
@@ -105,9 +123,20 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
 
             from r1c.runtime.ort_backend import DEFAULT_OPTIONS, OrtBackend
 
-            _lower(src, tmp, target, dump_after, dumps, verbose, progress)
+            session_opts = {**DEFAULT_OPTIONS, **(session or {})}
+            report = _lower(src, tmp, target, dump_after, dumps, verbose, progress,
+                            threads=int(session_opts["intra_op_num_threads"]), precision=precision,
+                            max_file_bytes=max_file_bytes)
             libraries["onnxruntime"] = ort.__version__
-            target_options = {"model": MODEL_FILE, "session": {**DEFAULT_OPTIONS, **(session or {})}}
+            target_options = {"model": MODEL_FILE, "session": session_opts}
+            quant = report.get("quantize_weights") or {}
+            if quant.get("tensors"):
+                bundle_precision = str(quant["precision"])
+                (tmp / QUANTIZATION_FILE).write_text(json.dumps(quant, indent=2) + "\n")
+                target_options["quantization"] = {k: quant[k] for k in ("format", "bits", "block_size", "tensors",
+                                                                        "mean_relative_error", "max_relative_error")}
+            elif quant.get("precision") == "fp32":
+                bundle_precision = "none"
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
             backend = OrtBackend(tmp / MODEL_FILE, target_options["session"])
             if gio.is_foreign(graph_io) and graph_io.get("vocab_size") is None:
@@ -118,14 +147,14 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             from r1c.runtime.trt_rtx import build_tensorrt_rtx
 
             assert config is not None
-            _lower(src, tmp, target, dump_after, dumps, verbose, progress)
+            _lower(src, tmp, target, dump_after, dumps, verbose, progress, max_file_bytes=max_file_bytes)
             target_options, libraries = build_tensorrt_rtx(tmp, config, arch=arch or "sm89",
                                                            **(tensorrt_options or {}))
         else:
             from r1c.runtime.trt_build import build_tensorrt
 
             assert config is not None
-            _lower(src, tmp, target, dump_after, dumps, verbose, progress)
+            _lower(src, tmp, target, dump_after, dumps, verbose, progress, max_file_bytes=max_file_bytes)
             target_options, libraries = build_tensorrt(tmp, config, compute_capability=arch,
                                                        **(tensorrt_options or {}))
         import onnx
@@ -137,7 +166,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
         files, sizes, fingerprints = file_records(tmp, progress)  # hashed once; a load checks sizes + fingerprints
         manifest = Manifest(
             target=target,
-            precision=graph_io.get("weights_quant", "none"),
+            precision=bundle_precision,
             model_config=None if config is None else config.to_hf_dict(),
             config_hash=gio.foreign_hash(graph_io) if config is None else config.hash(),
             graph_io=graph_io,

@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 ENGINE_FILE = "model.engine"
 MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 KERNELS_DIR = "kernels"
 FLOAT8E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN
 BUILD_OPTIONS = {"keep_onnx": False}
@@ -344,8 +343,8 @@ def build_tensorrt(work_dir: str | Path, config: ModelConfig, *, module: types.M
     if report.build_error is not None:
         raise BuildError(f"build: TensorRT could not build the engine: {report.build_error}")
     if not keep_onnx:
-        for name in (MODEL_FILE, DATA_FILE):
-            (work / name).unlink(missing_ok=True)
+        for path in [work / MODEL_FILE, *work.glob("*.onnx.data")]:  # one data file or several
+            path.unlink(missing_ok=True)
     logger.info("built %s (%d bytes) in %.1f s", work / ENGINE_FILE, report.engine_bytes or 0,
                 report.build_seconds or 0.0)
     target_options = {

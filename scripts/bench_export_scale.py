@@ -14,7 +14,15 @@ moe_intermediate 2048, dense intermediate 18432) but fewer layers, experts and v
 Prints one JSON object (also written to --json) and exits 1 if a bound fails:
   peak RSS <= base + 2 x largest layer's bytes; export time <= 3 x copy time; every FP8 weight FP8.
 Everything lives under --workdir (default /tmp/scale-bench) and is deleted at the end unless --keep.
+
+With `--precision fp8|fp32`: the streamed (de)quantization instead. For each of two layer counts
+(--precision-layers, default 2 and 4; the first layer dense, the rest MoE, so the largest layer is the same),
+a checkpoint with R1's per-layer shapes (bfloat16 weights for fp8, FP8 for fp32) is made, exported with
+`r1c export CKPT --precision P --dtype bfloat16` (peak RSS and time as above) and deleted. Bound: the peak RSS
+does not grow with the model (bigger model's peak - smaller's <= 10% of the bytes the model grew by); the peak
+against base + 2 x largest layer is reported too.
 Usage: python scripts/bench_export_scale.py [--layers 6] [--experts 16] [--workdir DIR] [--json FILE] [--keep]
+       python scripts/bench_export_scale.py --precision fp8 [--precision-layers 2,4] [--experts 8]
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -38,19 +47,28 @@ from r1c.plugins import fp8
 SCALE = "_scale_inv"
 
 
-def synthetic_config(layers: int, experts: int) -> object:
+def synthetic_config(layers: int, experts: int, fp8_weights: bool = True, dense: int = 3) -> object:
     return preset("r1").replace(num_hidden_layers=layers, n_routed_experts=experts, n_group=4, topk_group=2,
-                                vocab_size=16384, quantization_config=dict(FP8_QUANTIZATION_CONFIG))
+                                vocab_size=16384, first_k_dense_replace=dense,
+                                quantization_config=dict(FP8_QUANTIZATION_CONFIG) if fp8_weights else None)
 
 
-def make_checkpoint(root: Path, config: object, seed: int = 0) -> dict[str, int]:
-    """Writes the checkpoint (one shard per layer, plus one for embeddings/head); returns bytes per layer."""
+def make_checkpoint(root: Path, config: object, seed: int = 0, fp8_weights: bool = True) -> dict[str, int]:
+    """Writes the checkpoint (one shard per layer, plus one for embeddings/head); returns bytes per layer.
+    `fp8_weights=False`: the linear and expert weights in bfloat16 (what `--precision fp8` quantizes)."""
     g = torch.Generator().manual_seed(seed)
     root.mkdir(parents=True)
     (root / "config.json").write_text(config.to_json() + "\n")  # type: ignore[attr-defined]
 
     def fp8_tensor(shape: tuple[int, ...]) -> torch.Tensor:  # finite e4m3fn bit patterns (no NaN)
         return torch.randint(0, 0x70, shape, dtype=torch.uint8, generator=g).view(torch.float8_e4m3fn)
+
+    def add(group: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], scale: float) -> None:
+        if fp8_weights:
+            group[name] = fp8_tensor(shape)
+            group[name + SCALE] = torch.rand(fp8.block_shape(*shape), generator=g) * scale
+        else:
+            group[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, shape in expected_shapes(config).items():  # type: ignore[arg-type]
@@ -63,11 +81,9 @@ def make_checkpoint(root: Path, config: object, seed: int = 0) -> dict[str, int]
                 (("down_proj", rows),)
             for ex in range(e):
                 for proj, r in projs:
-                    group[f"{prefix}.{ex}.{proj}.weight"] = fp8_tensor((r, cols))
-                    group[f"{prefix}.{ex}.{proj}.weight{SCALE}"] = torch.rand(fp8.block_shape(r, cols), generator=g)
+                    add(group, f"{prefix}.{ex}.{proj}.weight", (r, cols), 1.0)
         elif is_quantizable(name, len(shape)):
-            group[name] = fp8_tensor(shape)
-            group[name + SCALE] = torch.rand(fp8.block_shape(*shape), generator=g) * 1e-3
+            add(group, name, shape, 1e-3)
         elif name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
             group[name] = torch.randn(shape, generator=g) * 0.01
         else:
@@ -124,10 +140,41 @@ def fp8_check(ckpt: Path, export: Path) -> dict[str, int]:
             "checkpoint_fp8_bytes": want_bytes, "export_fp8_bytes": got_bytes}
 
 
+def precision_bench(args: argparse.Namespace, r1c: list[str]) -> dict[str, Any]:
+    """--precision fp8|fp32: peak RSS of the streamed (de)quantizing export at two model sizes."""
+    work: Path = args.workdir
+    work.mkdir(parents=True)
+    _, base_rss = timed_child([*r1c, "export", "--preset", "tiny", "--no-progress", "-o", str(work / "tiny")], work)
+    runs: list[dict[str, Any]] = []
+    for layers in args.precision_layers:
+        config = synthetic_config(layers, args.experts, fp8_weights=args.precision == "fp32", dense=1)
+        print(f"making a {layers}-layer checkpoint in {work}/ckpt", file=sys.stderr, flush=True)
+        sizes = make_checkpoint(work / "ckpt", config, fp8_weights=args.precision == "fp32")
+        seconds, rss = timed_child([*r1c, "export", str(work / "ckpt"), "--precision", args.precision, "--dtype",
+                                    "bfloat16", "--no-progress", "-o", str(work / "export")], work)
+        out_bytes = sum(p.stat().st_size for p in (work / "export").iterdir())
+        report = work / "export" / "quantization.json"
+        runs.append({"layers": layers, "checkpoint_bytes": sum(sizes.values()), "largest_layer_bytes":
+                     max(sizes.values()), "export_bytes": out_bytes, "export_seconds": round(seconds, 2),
+                     "peak_rss_bytes": rss, "rss_above_base_over_largest_layer":
+                     round((rss - base_rss) / max(sizes.values()), 3),
+                     "quantized_tensors": json.loads(report.read_text())["tensors"] if report.exists() else None})
+        shutil.rmtree(work / "ckpt")
+        shutil.rmtree(work / "export")
+    small, big = runs[0], runs[-1]
+    growth = big["checkpoint_bytes"] - small["checkpoint_bytes"]
+    rss_growth = big["peak_rss_bytes"] - small["peak_rss_bytes"]
+    return {"precision": args.precision, "experts": args.experts, "base_peak_rss_bytes": base_rss, "runs": runs,
+            "model_growth_bytes": growth, "peak_rss_growth_bytes": rss_growth,
+            "ok": {"rss_does_not_grow": rss_growth <= 0.1 * growth}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--precision", choices=["fp8", "fp32"], help="bench the streamed --precision export instead")
+    ap.add_argument("--precision-layers", type=lambda v: [int(x) for x in v.split(",")], default=[2, 4])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/scale-bench"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the workdir (checkpoint and export) afterwards")
@@ -138,6 +185,17 @@ def main() -> int:
     for old in ([work / "tiny", work / "export", work / "copy"] if reuse else [work]):
         shutil.rmtree(old, ignore_errors=True)
     r1c = [sys.executable, "-m", "r1c.cli"]
+    if args.precision:
+        try:
+            result = precision_bench(args, r1c)
+            text = json.dumps(result, indent=2)
+            print(text)
+            if args.json:
+                args.json.write_text(text + "\n")
+            return 0 if all(result["ok"].values()) else 1
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
     try:
         config = synthetic_config(args.layers, args.experts)
         if reuse:

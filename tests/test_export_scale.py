@@ -146,3 +146,34 @@ def test_load_checks_sizes_and_fingerprints_verify_checks_every_byte(tiny: dict[
         f.truncate(data.stat().st_size - 1)
     with pytest.raises(BundleError, match="bytes, the manifest says"):
         read_manifest(copy)
+
+
+def test_build_splits_the_weights_into_several_data_files(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from r1c.runtime.build import build_bundle
+
+    limit = 64 << 10
+    bundle = build_bundle(tiny["export"], tmp_path / "split", max_file_bytes=limit)
+    files = data_files(bundle)
+    assert len(files) > 3 and files == sorted(p.name for p in bundle.glob("*.data"))
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    per_file: dict[str, list[int]] = {}
+    for t in model.graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        if info:
+            per_file.setdefault(info["location"], []).append(int(info["length"]))
+    for name, lengths in per_file.items():  # within the limit, or one tensor larger than it alone
+        assert (bundle / name).stat().st_size <= limit or len(lengths) == 1, name
+    m = read_manifest(bundle)
+    assert set(files) <= set(m.files) == set(m.file_sizes) == set(m.file_fingerprints)
+    ids = np.random.default_rng(2).integers(0, preset("tiny").vocab_size, size=(2, 7))
+    np.testing.assert_array_equal(load(bundle).forward(ids), load(tiny["bundle"]).forward(ids))
+
+    victim = bundle / files[-1]  # a later data file, edited in a block the fingerprint samples (its first)
+    with victim.open("r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match=f"file {victim.name} does not match its fingerprint"):
+        load(bundle)
+    code, _, err = cli("verify", str(bundle), "--no-progress")
+    assert code != 0 and victim.name in err

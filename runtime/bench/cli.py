@@ -83,6 +83,9 @@ Examples:
 @click.option("--budget", default=0.0, show_default=True, metavar="SECONDS",
               help="Per workload: more rounds until the medians are steady (95% CI within +-2%) or this time is up.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompts.")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="wall: elapsed time; cpu: the process's CPU time (on a shared machine a 1-thread run's CPU time "
+                   "leaves out the time other processes held its core; with more threads it counts their spinning).")
 @click.option("--threads", type=int, default=None,
               help="ONNX Runtime intra-op threads (and torch threads for peers); default: the bundle's setting.")
 @click.option("--compare", "compare", type=click.Path(path_type=Path), metavar="BUNDLE_B",
@@ -106,7 +109,7 @@ Examples:
                    "best of 5).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
 def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, warmup: int, repeat: int,
-              budget: float, seed: int, threads: int | None, compare: Path | None, peers: tuple[str, ...],
+              budget: float, seed: int, clock: str, threads: int | None, compare: Path | None, peers: tuple[str, ...],
               peer_cache: Path | None, baseline: Path | None, max_regression: str, json_out: Path | None,
               plot_out: Path | None, roofline: bool, bandwidth: float | None, progress: bool | None) -> None:
     from r1c.runtime import load
@@ -117,7 +120,7 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
 
     workloads = grid(_int_list("--batch", batch_text), _int_list("--prompt-len", prompt_text),
                      _int_list("--new-tokens", new_text))
-    settings = Settings(warmup=warmup, repeat=repeat, budget_s=budget, seed=seed)
+    settings = Settings(warmup=warmup, repeat=repeat, budget_s=budget, seed=seed, clock=clock)
     tolerance = parse_fraction(max_regression)
     base_report = load_report(baseline) if baseline is not None else None  # fail before the long part
     if threads is not None and threads < 0:
@@ -185,30 +188,21 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
         raise RegressionError(gate_result.message())
 
 
-def _dense_experts(bundle: Path, manifest: Any) -> bool:
-    """Whether the bundle still computes experts through the r1c::MoEExperts function body (all experts)."""
-    import onnx
-
-    model_file = manifest.target_options.get("model")
-    if model_file is None:  # an engine: its r1c plugins run only the chosen experts
-        return False
-    graph = onnx.load(str(bundle / model_file), load_external_data=False).graph
-    return any(n.domain == "r1c" and n.op_type == "MoEExperts" for n in graph.node)
-
-
 def _roofline_rows(bundle: Path, manifest: Any, series: Any, bandwidth: float) -> list[dict[str, Any]]:
-    from r1c.runtime.bench.roofline import decode_floor
+    from r1c.runtime.bench.roofline import bundle_reads, decode_floor
 
     rows = []
     config = manifest.config
-    dense = _dense_experts(bundle, manifest)
-    executed_fp8 = manifest.target != "onnxruntime"  # ONNX Runtime dequantizes FP8 weights at load
+    reads, source = bundle_reads(bundle, manifest)
+    cache_dtype = next((i.get("dtype") for i in manifest.graph_io.get("inputs", []) if i["name"] == "past_c.0"),
+                       "float32")
+    cache_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(cache_dtype), 4)
     for s in series:
         if s.system != "r1c" or not s.ok:
             continue
         w = s.workload
-        floor = decode_floor(config, w.batch, w.prompt_len, w.new_tokens, fp8=manifest.precision != "none",
-                             bandwidth=bandwidth, dense_experts=dense, executed_fp8=executed_fp8)
+        floor = decode_floor(reads, config, w.batch, w.prompt_len, w.new_tokens, bandwidth=bandwidth,
+                             cache_dtype_bytes=cache_bytes, source=source)
         tpot = s.summary().get("tpot_s")
         rows.append(floor.to_dict(tpot.p50 if tpot is not None else None))
     return rows

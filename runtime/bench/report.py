@@ -119,11 +119,11 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{_ratio(r.get('e2e_s')):>18} | {match}")
     roof = report.get("roofline") or []
     if roof:
-        lines += ["", "Decode roofline (reference system): bytes one decode step reads / read bandwidth. "
-                      "active = what the step needs (touched experts, valid cache);",
-                  "executed = what this bundle reads (every expert if it runs the dense function body; "
-                  "the whole cache capacity). "
-                  "x floor = measured TPOT p50 / floor time."]
+        source = "the bundle's lowered model" if roof[0].get("source", "bundle") == "bundle" else "the config"
+        lines += ["", f"Decode roofline (reference system; bytes from {source}): bytes one decode step reads / read "
+                      "bandwidth. active = what the step needs (weights as stored, touched experts, valid cache);",
+                  "executed = what this bundle reads (as its kernels read them: FP8 folded to float32 at load, every "
+                  "expert of a dense body, the whole cache capacity). x floor = measured TPOT p50 / floor time."]
         head = (f"{'B':>3} {'P':>5} {'N':>4} | {'active MB':>9} {'floor ms':>8} | {'executed MB':>11} "
                 f"{'floor ms':>8} | {'TPOT ms':>8} | {'x active':>8} {'x executed':>10} | {'GB/s':>6}")
         lines += [head, "-" * len(head)]

@@ -1,18 +1,22 @@
 """The memory-bandwidth floor of a decode step: the bytes it must read divided by the machine's read bandwidth.
 
-A decode step of batch B reads every weight a token of the batch touches, once, plus the latent cache:
-- weights: attention (q_a, q_b, kv_a, kv_b, o_proj), the dense MLPs, each MoE layer's router, shared expert
-  and the routed experts the step touches, the lm_head, the B embedding rows and the norms;
-  the routed experts touched by B tokens that each pick k of E (uniformly, independently) number
-  E * (1 - (1 - k/E)^B) in expectation per MoE layer;
-- bytes per weight: 4 for float32 bundles; 1 for FP8 weights plus their float32 128x128 block scales
-  (4 / 16384 bytes per weight); router, norms, embeddings and lm_head stay float32;
-- cache: layers * latent_dim * 4 bytes per cached token per row (float32 latents).
-"active" counts only that; "executed" counts what the bundle reads: the r1c::MoEExperts function body (the
-portable fallback) runs *all* E experts densely, while a bundle lowered to ONNX Runtime's fused MoE runs only
-the touched ones; ONNX Runtime dequantizes FP8 weights once at load, so it reads them as float32; and
-attention reads the whole preallocated cache (capacity = prompt + new tokens, masked) at every step.
-achieved/floor is then measured TPOT / floor time for either count.
+The bytes come from the bundle itself: its lowered model's initializers (sizes and dtypes, read without the
+weight data) and the kernels that read them (`tensor_reads`):
+- a weight read by a routed-expert kernel (ORT's MoE / QMoE) is read only for the experts the batch touches:
+  B tokens that each pick k of E (uniformly, independently) touch E * (1 - (1 - k/E)^B) in expectation, the
+  same fraction of a layer's rows however the kernel splits its experts (`split_moe_experts` keeps it);
+- an expert weight read by any other node (the r1c::MoEExperts function body, inlined) is read whole: every
+  expert, densely;
+- the embedding table is a gather of B rows;
+- an FP8 weight behind a DequantizeLinear is folded to float32 by ONNX Runtime at load, so it is read as 4
+  bytes an element; int8/int4 blocks (MatMulNBits, QMoE) are read as stored, scales at their stored size;
+- every other weight (float32 MatMul, norms, router) is read once.
+"active" counts what the step needs (stored bytes, touched experts, the filled cache: prompt + j cached tokens
+at decode step j); "executed" what the bundle reads (bytes as the kernels read them, every expert of a dense
+body, the whole cache the attention is bound to: its capacity). A bundle without a lowered model (a TensorRT
+engine) is estimated from its config instead (`config_reads`: the plugins run the touched experts and read FP8
+as FP8 with 128x128 block scales). achieved/floor is then the measured TPOT / floor time.
+Legend: B = batch (tokens per decode step), E = routed experts, k = experts per token, V = vocabulary.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from r1c.config import ModelConfig
@@ -29,8 +35,10 @@ logger = logging.getLogger(__name__)
 
 FP32_BYTES = 4
 FP8_BLOCK = 128
-FP8_BYTES = 1 + FP32_BYTES / (FP8_BLOCK * FP8_BLOCK)  # the weight plus its share of a block scale
-CACHE_BYTES = 4  # the runtime's latent cache is float32
+EXPERT_KERNELS = {("com.microsoft", "MoE"): (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13),
+                  ("com.microsoft", "QMoE"): (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)}  # weight inputs
+WEIGHT_DTYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE", "FLOAT8E4M3FN", "FLOAT8E5M2", "UINT8", "INT8",
+                           "UINT4", "INT4"})
 
 
 def expected_distinct_experts(n_experts: int, top_k: int, tokens: int) -> float:
@@ -40,45 +48,110 @@ def expected_distinct_experts(n_experts: int, top_k: int, tokens: int) -> float:
     return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
 
 
-def _is_expert_tensor(name: str) -> bool:
-    return name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+@dataclasses.dataclass(frozen=True)
+class TensorRead:
+    """One weight as a decode step reads it."""
+
+    name: str
+    stored: float  # bytes as the bundle stores it
+    read: float  # bytes as its kernel reads it (FP8 folded to float32 at load: 4 an element)
+    role: str  # "dense" | "experts" | "embedding"
+    routed: bool = False  # experts: read only for the touched experts (a MoE kernel), else all of them
+    rows: int = 1  # embedding: rows of the table
+
+    def bytes(self, batch: int, touched: float) -> tuple[float, float]:
+        """(active, executed) bytes of this weight in one decode step of `batch` tokens; `touched` is the
+        fraction of experts the batch touches."""
+        if self.role == "embedding":
+            share = min(batch, self.rows) / self.rows
+            return self.stored * share, self.read * share
+        if self.role == "experts":
+            return self.stored * touched, self.read * (touched if self.routed else 1.0)
+        return self.stored, self.read
 
 
-def weight_bytes(config: ModelConfig, batch: int, *, fp8: bool, dense_experts: bool = True,
-                 executed_fp8: bool | None = None) -> tuple[float, float]:
-    """(active, executed) bytes of weights one decode step of `batch` tokens reads.
+def _nbytes(dims: Sequence[int], dtype: str) -> float:
+    import onnx
 
-    `dense_experts`: the bundle computes every expert (the function body); `executed_fp8`: the bundle reads
-    FP8 weights as FP8 (default: as `fp8`; False for ONNX Runtime, which dequantizes them at load).
-    """
-    executed_fp8 = fp8 if executed_fp8 is None else executed_fp8
+    count = 1
+    for d in dims:
+        count *= int(d)
+    bits = {"FLOAT8E4M3FN": 8, "FLOAT8E5M2": 8, "UINT4": 4, "INT4": 4}.get(dtype)
+    if bits is None:
+        bits = 8 * onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, dtype)).itemsize
+    return count * bits / 8
+
+
+def tensor_reads(model_path: str | Path) -> list[TensorRead]:
+    """The weights of a lowered ONNX model and how its kernels read them (no weight data is loaded)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    dtype_name = {v: k for k, v in onnx.TensorProto.DataType.items()}
+    inits = {t.name: (list(t.dims), dtype_name[t.data_type]) for t in graph.initializer}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in inits:
+                consumers.setdefault(name, []).append((node, i))
+    reads = []
+    for name, (dims, dtype) in inits.items():
+        if dtype not in WEIGHT_DTYPES or name not in consumers:
+            continue
+        stored = _nbytes(dims, dtype)
+        uses = consumers[name]
+        read = stored
+        if all(n.op_type == "DequantizeLinear" and all(x in inits for x in n.input) for n, _ in uses):
+            # a constant DequantizeLinear (FP8 weights): ONNX Runtime folds it to float32 when the session loads,
+            # so the step reads the float32 result (4 bytes an element of the weight) and never the scales
+            elements = _nbytes(dims, "UINT8")
+            read = elements * FP32_BYTES if all(i == 0 for _, i in uses) else 0.0
+        if all((n.domain, n.op_type) in EXPERT_KERNELS and i in EXPERT_KERNELS[(n.domain, n.op_type)] for n, i in uses):
+            reads.append(TensorRead(name, stored, read, "experts", routed=True))
+        elif "mlp.experts." in name and len(dims) == 3:  # an expert tensor read by a dense body
+            reads.append(TensorRead(name, stored, read, "experts", routed=False))
+        elif all(n.op_type == "Gather" and i == 0 for n, i in uses) and len(dims) == 2:
+            reads.append(TensorRead(name, stored, read, "embedding", rows=dims[0]))
+        else:
+            reads.append(TensorRead(name, stored, read, "dense"))
+    return reads
+
+
+def config_reads(config: ModelConfig, *, fp8: bool) -> list[TensorRead]:
+    """An estimate from the config for a bundle without a lowered model (a TensorRT engine): experts routed,
+    FP8 weights (when `fp8`) read as 1 byte plus their 128x128 block scales, everything else float32."""
     from r1c.exporter.checkpoint import expected_shapes, is_quantizable
 
-    active = executed = 0.0
-    touched = expected_distinct_experts(config.n_routed_experts, config.num_experts_per_tok, batch)
+    reads = []
     for name, shape in expected_shapes(config).items():
         count = 1
         for d in shape:
             count *= d
-        quantized = is_quantizable(name, len(shape))
-        per = FP8_BYTES if fp8 and quantized else FP32_BYTES
-        per_x = FP8_BYTES if executed_fp8 and quantized else FP32_BYTES
-        if name == "model.embed_tokens.weight":  # a gather of B rows
-            rows = min(batch, config.vocab_size) * config.hidden_size
-            active += rows * per
-            executed += rows * per_x
-        elif _is_expert_tensor(name):
-            active += count * per * touched / config.n_routed_experts
-            executed += count * per_x * (1.0 if dense_experts else touched / config.n_routed_experts)
+        per = 1 + FP32_BYTES / (FP8_BLOCK * FP8_BLOCK) if fp8 and is_quantizable(name, len(shape)) else FP32_BYTES
+        if name == "model.embed_tokens.weight":
+            reads.append(TensorRead(name, count * per, count * per, "embedding", rows=shape[0]))
+        elif name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            reads.append(TensorRead(name, count * per, count * per, "experts", routed=True))
         else:
-            active += count * per
-            executed += count * per_x
+            reads.append(TensorRead(name, count * per, count * per, "dense"))
+    return reads
+
+
+def weight_bytes(reads: Sequence[TensorRead], config: ModelConfig, batch: int) -> tuple[float, float]:
+    """(active, executed) weight bytes one decode step of `batch` tokens reads."""
+    touched = (expected_distinct_experts(config.n_routed_experts, config.num_experts_per_tok, batch)
+               / config.n_routed_experts) if config.n_routed_experts else 0.0
+    active = executed = 0.0
+    for r in reads:
+        a, e = r.bytes(batch, touched)
+        active += a
+        executed += e
     return active, executed
 
 
-def cache_bytes_per_token(config: ModelConfig) -> int:
+def cache_bytes_per_token(config: ModelConfig, dtype_bytes: float = FP32_BYTES) -> float:
     """Latent cache bytes one cached token of one row costs to read (all layers)."""
-    return config.num_hidden_layers * config.latent_dim * CACHE_BYTES
+    return config.num_hidden_layers * config.latent_dim * dtype_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +166,7 @@ class DecodeFloor:
     cache_active: float
     cache_executed: float
     bandwidth: float  # bytes/s
+    source: str = "bundle"  # "bundle": from its lowered model; "config": estimated (no lowered model)
 
     @property
     def bytes_active(self) -> float:
@@ -121,20 +195,29 @@ class DecodeFloor:
         return d
 
 
-def decode_floor(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, fp8: bool,
-                 bandwidth: float, dense_experts: bool = True, executed_fp8: bool | None = None) -> DecodeFloor:
+def decode_floor(reads: Sequence[TensorRead], config: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *,
+                 bandwidth: float, capacity: int | None = None, cache_dtype_bytes: float = FP32_BYTES,
+                 source: str = "bundle") -> DecodeFloor:
     """The floor of one decode step, averaged over the `new_tokens - 1` decode steps of a generate call.
 
-    Decode step j (1..N-1) attends to prompt_len + j cached tokens (mean prompt_len + N/2) when it reads only
-    the valid entries; the bundle reads the whole capacity prompt_len + N at every step.
+    Decode step j (1..N-1) needs prompt_len + j cached tokens (mean prompt_len + N/2); the attention reads the
+    `capacity` it is bound to (default prompt_len + new_tokens, what `Engine.generate` allocates).
     """
-    w_active, w_executed = weight_bytes(config, batch, fp8=fp8, dense_experts=dense_experts,
-                                        executed_fp8=executed_fp8)
-    per_token = cache_bytes_per_token(config) * batch
+    w_active, w_executed = weight_bytes(reads, config, batch)
+    per_token = cache_bytes_per_token(config, cache_dtype_bytes) * batch
     return DecodeFloor(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                        weights_active=w_active, weights_executed=w_executed,
                        cache_active=per_token * (prompt_len + new_tokens / 2.0),
-                       cache_executed=per_token * (prompt_len + new_tokens), bandwidth=bandwidth)
+                       cache_executed=per_token * (capacity if capacity is not None else prompt_len + new_tokens),
+                       bandwidth=bandwidth, source=source)
+
+
+def bundle_reads(bundle_dir: str | Path, manifest: Any) -> tuple[list[TensorRead], str]:
+    """The bundle's weight reads and where they came from ("bundle" or "config")."""
+    model_file = manifest.target_options.get("model")
+    if model_file is not None and (Path(bundle_dir) / model_file).is_file():
+        return tensor_reads(Path(bundle_dir) / model_file), "bundle"
+    return config_reads(manifest.config, fp8=manifest.precision.startswith("fp8")), "config"
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: int | None = None) -> float:

@@ -34,6 +34,7 @@ THROUGHPUT = "throughput_tok_s"  # derived per sample: B * N / e2e_s
 STEADY_REL_HALFWIDTH = 0.02  # budget mode stops once every median's 95% CI is within +-2%
 
 StepCallback = Callable[[int, np.ndarray], None]
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class Generator(Protocol):
@@ -121,24 +122,31 @@ class Settings:
     budget_s: float = 0.0  # then more rounds until the medians are steady or this many seconds per workload pass
     seed: int = 0
     max_rounds: int = 1000
+    # "wall": time.perf_counter; "cpu": time.process_time, the CPU time of the whole process (all its threads): on
+    # a shared machine a single-threaded system's CPU time does not count the time other processes took its
+    # core (it still counts the memory stalls they cause); with several threads it also counts their spinning.
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.repeat < 3 or self.budget_s < 0:
             raise BenchError("benchmark: --warmup must be >= 0, --repeat >= 3 (a median needs samples), "
                              "--budget >= 0")
+        if self.clock not in CLOCKS:
+            raise BenchError(f"benchmark: unknown clock {self.clock!r} (choose from {', '.join(CLOCKS)})")
 
 
-def time_generate(gen: Generator, prompts: Sequence[Sequence[int]], new_tokens: int
+def time_generate(gen: Generator, prompts: Sequence[Sequence[int]], new_tokens: int, clock: str = "wall"
                   ) -> tuple[dict[str, float], list[list[int]]]:
-    """One timed `generate` call: its ttft/tpot/e2e in seconds and its tokens."""
+    """One timed `generate` call: its ttft/tpot/e2e in seconds (of `clock`, see Settings) and its tokens."""
     marks: list[float] = []
+    now = CLOCKS[clock]
 
     def on_step(step: int, tokens: np.ndarray) -> None:
-        marks.append(time.perf_counter())
+        marks.append(now())
 
-    t0 = time.perf_counter()
+    t0 = now()
     out = gen.generate(prompts, new_tokens, eos_token_id=None, on_step=on_step)
-    t1 = time.perf_counter()
+    t1 = now()
     if not marks:
         raise BenchError("benchmark: generate never reported a step (on_step was not called)")
     sample = {"ttft_s": marks[0] - t0, "e2e_s": t1 - t0}
@@ -182,7 +190,7 @@ def run_bench(systems: Sequence[System], workloads: Sequence[Workload], vocab_si
             bar.set_postfix_str(f"B={w.batch} P={w.prompt_len} N={w.new_tokens}")
             for s in active:
                 for i in range(settings.warmup):
-                    _sample(s, rows[s.name], prompts, w.new_tokens, keep=False, first=i == 0)
+                    _sample(s, rows[s.name], prompts, w.new_tokens, keep=False, first=i == 0, clock=settings.clock)
                     bar.update()
             active = [s for s in active if rows[s.name].unavailable is None]
             start = time.perf_counter()
@@ -193,7 +201,7 @@ def run_bench(systems: Sequence[System], workloads: Sequence[Workload], vocab_si
                     break
                 for s in active:
                     _sample(s, rows[s.name], prompts, w.new_tokens, keep=True, first=settings.warmup == 0
-                            and rounds == 0)
+                            and rounds == 0, clock=settings.clock)
                     bar.update()
                 active = [s for s in active if rows[s.name].unavailable is None]
                 rounds += 1
@@ -201,10 +209,11 @@ def run_bench(systems: Sequence[System], workloads: Sequence[Workload], vocab_si
     return series
 
 
-def _sample(s: System, row: Series, prompts: list[list[int]], new_tokens: int, *, keep: bool, first: bool) -> None:
+def _sample(s: System, row: Series, prompts: list[list[int]], new_tokens: int, *, keep: bool, first: bool,
+            clock: str = "wall") -> None:
     assert s.generator is not None
     try:
-        sample, tokens = time_generate(s.generator, prompts, new_tokens)
+        sample, tokens = time_generate(s.generator, prompts, new_tokens, clock)
     except BenchError:
         raise
     except Exception as e:  # a peer that fails mid-run becomes an "unavailable" row, not a crash

@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""r1c against llama.cpp on the CPU, side by side in one process, at every precision (issue 11).
+
+The model: a DeepSeek-V3 checkpoint made with transformers (`DeepseekV3ForCausalLM`, r1c's seeded weights,
+`save_pretrained`): 4 layers, hidden 1024, 64 routed experts top-8 in 8 groups (4 kept), one shared expert,
+MLA (q_lora 384, kv_lora 256), YaRN; ~188M parameters, ~47.5M read per decoded token.
+Both systems run the same weights:
+  r1c:       r1c export -> r1c build --precision fp32 | int8 | int4 (ONNX Runtime bundles)
+  llama.cpp: llama.cpp's convert_hf_to_gguf.py (F32; from llama-cpp-python's sdist, with the `gguf` package)
+             -> its quantizer (llama_model_quantize) to Q8_0, Q4_0, Q4_K_M -> llama-cpp-python's llama_decode
+and pairs are timed interleaved (one call of each per round, `r1c.runtime.bench.runner.run_bench`): decode
+(TPOT) and prefill of a 128-token prompt (TTFT), batch 1 and 8, 1 and 2 threads; r1c int4 (128-blocks, 4.25
+bits) against both Q4_0 (32-blocks, 4.5 bits) and Q4_K_M (256-superblocks). The memory read bandwidth
+is measured in the same run (`measure_read_bandwidth`, per thread count) and each system's decode floor is
+its own bytes per step (r1c: the bundle's initializers; llama.cpp: the GGUF's tensors) / that bandwidth.
+Accuracy: teacher-forced logits over `--accuracy-tokens` positions against transformers' float32 model
+(relative error per position = max |l - ref| / max |ref|: mean and max over positions; top-1 agreement);
+greedy tokens of r1c fp32, llama.cpp F32 and transformers compared.
+
+Needs llama-cpp-python compiled here (not a dependency of r1c; ~6-25 min):
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python --no-binary llama-cpp-python; pip install gguf
+and the llama.cpp sources of its sdist (`--llama-src`; default: downloaded with `pip download` and unpacked).
+Usage: python scripts/bench_llama_cpp.py [--workdir DIR] [--threads 1,2] [--batch 1,8] [--repeat 5] ...
+Writes DIR/report-<clock>-t<threads>.json and prints markdown tables (ratios > 1: r1c is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PAIRS = (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"))
+
+
+def bench_config() -> Any:
+    from r1c.config import preset
+
+    return preset("small").replace(vocab_size=8192, hidden_size=1024, num_hidden_layers=4, intermediate_size=2048,
+                                   moe_intermediate_size=256, num_attention_heads=16, q_lora_rank=384,
+                                   kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64)
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_checkpoint(out: Path, seed: int) -> None:
+    """transformers' DeepseekV3ForCausalLM with r1c's seeded weights (activations O(1), routing spread), saved
+    by transformers in the DeepSeek per-expert layout that llama.cpp's converter and r1c both read."""
+    import torch
+    import transformers
+
+    from r1c.exporter.checkpoint import random_checkpoint
+
+    config = bench_config()
+    hf_config = transformers.DeepseekV3Config(**config.to_hf_dict())
+    with torch.device("meta"):
+        model = transformers.DeepseekV3ForCausalLM(hf_config)
+    model.load_state_dict(random_checkpoint(config, seed=seed), strict=True, assign=True)
+    model.save_pretrained(str(out))
+
+
+def r1c_cli(*args: str) -> None:
+    say("r1c " + " ".join(args))
+    subprocess.run([sys.executable, "-m", "r1c.cli", *args], check=True)
+
+
+def llama_sources(workdir: Path, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    found = sorted(workdir.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if found:
+        return found[-1]
+    say("downloading llama-cpp-python's sdist for llama.cpp's converter")
+    subprocess.run([sys.executable, "-m", "pip", "download", "llama-cpp-python", "--no-binary", ":all:", "--no-deps",
+                    "-d", str(workdir)], check=True)
+    sdist = sorted(workdir.glob("llama_cpp_python-*.tar.gz"))[-1]
+    with tarfile.open(sdist) as tar:
+        tar.extractall(workdir, filter="data")
+    return sorted(workdir.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
+
+
+def prepare(workdir: Path, llama_src: Path | None, seed: int) -> dict[str, Path]:
+    from r1c.runtime.bench.llama_cpp import convert_to_gguf, quantize_gguf
+
+    ckpt, export = workdir / "ckpt", workdir / "export"
+    if not (ckpt / "config.json").is_file():
+        say("making the checkpoint with transformers")
+        make_checkpoint(ckpt, seed)
+    if not (export / "model.onnx").is_file():
+        r1c_cli("export", str(ckpt), "-o", str(export), "--no-progress")
+    paths = {"ckpt": ckpt}
+    for precision in dict.fromkeys(p for p, _ in PAIRS):
+        bundle = workdir / f"r1c-{precision}"
+        if not (bundle / "manifest.json").is_file():
+            r1c_cli("build", str(export), "-o", str(bundle), "--precision", precision, "--threads", "2")
+        paths[precision] = bundle
+    f32 = workdir / "llama-F32.gguf"
+    if not f32.is_file():
+        say("llama.cpp: convert_hf_to_gguf --outtype f32")
+        convert_to_gguf(ckpt, f32, llama_sources(workdir, llama_src))
+    paths["F32"] = f32
+    for _, ftype in PAIRS[1:]:
+        path = workdir / f"llama-{ftype}.gguf"
+        if not path.is_file():
+            say(f"llama.cpp: quantize to {ftype}")
+            quantize_gguf(f32, path, ftype)
+        paths[ftype] = path
+    return paths
+
+
+# ---- accuracy ------------------------------------------------------------------------------------------------
+def accuracy(paths: dict[str, Path], tokens: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import torch
+    import transformers
+
+    from r1c.runtime import load
+    from r1c.runtime.bench.llama_cpp import LlamaCppGenerator
+
+    vocab = bench_config().vocab_size
+    rng = np.random.default_rng(seed)
+    seq_len = 64
+    seqs = rng.integers(2, vocab, size=(max(1, tokens // seq_len), seq_len))
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(str(paths["ckpt"]), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(seqs)).logits.numpy()
+        prompts = seqs[:4, :16]
+        hf_tokens = model.generate(torch.from_numpy(prompts), max_new_tokens=32, do_sample=False,
+                                   attention_mask=torch.ones_like(torch.from_numpy(prompts)))[:, 16:].tolist()
+    del model
+    rows = []
+    greedy: dict[str, Any] = {"transformers": hf_tokens}
+    done: set[str] = set()
+    for precision, ftype in PAIRS:
+        got: dict[str, np.ndarray] = {}
+        if precision not in done:
+            done.add(precision)
+            engine = load(paths[precision], session_options={"intra_op_num_threads": 2})
+            got[f"r1c {precision}"] = engine.forward(seqs)
+            if precision == "fp32":
+                greedy["r1c fp32"] = engine.generate(prompts.tolist(), 32)
+            del engine
+        llama = LlamaCppGenerator(paths[ftype], threads=2, max_batch=4, max_prompt=seq_len, max_tokens=seq_len + 32)
+        got[f"llama.cpp {ftype}"] = np.stack([llama.logits(s) for s in seqs])
+        if ftype == "F32":
+            greedy["llama.cpp F32"] = llama.generate(prompts.tolist(), 32)
+        llama.close()
+        for name, logits in got.items():
+            err = np.abs(logits - ref).max(-1) / np.abs(ref).max(-1)  # per position
+            rows.append({"system": name, "positions": int(err.size), "mean_rel_err": float(err.mean()),
+                         "max_rel_err": float(err.max()), "top1": float((logits.argmax(-1) == ref.argmax(-1)).mean())})
+            say(f"accuracy {name}: mean {err.mean():.2e} max {err.max():.2e} top-1 {rows[-1]['top1']:.3f}")
+    greedy["equal"] = {k: v == hf_tokens for k, v in greedy.items() if k != "transformers"}
+    return rows, greedy
+
+
+# ---- speed -----------------------------------------------------------------------------------------------------
+def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt_len: int, new_tokens: int,
+          repeat: int, warmup: int, clock: str = "wall") -> list[dict[str, Any]]:
+    from r1c.manifest import read_manifest
+    from r1c.runtime import load
+    from r1c.runtime.bench.compare import ratios
+    from r1c.runtime.bench.llama_cpp import LlamaCppGenerator, gguf_reads
+    from r1c.runtime.bench.roofline import bundle_reads, decode_floor, measure_read_bandwidth
+    from r1c.runtime.bench.runner import Settings, System, Workload, run_bench
+
+    config = bench_config()
+    rows = []
+    settings = Settings(warmup=warmup, repeat=repeat, clock=clock)
+    for t in threads:
+        say(f"measuring the read bandwidth with {t} thread(s)")
+        bandwidth = measure_read_bandwidth(threads=t)
+        for precision, ftype in PAIRS:
+            manifest = read_manifest(paths[precision])
+            r1c_reads, _ = bundle_reads(paths[precision], manifest)
+            llama_reads = gguf_reads(paths[ftype])
+            engine = load(paths[precision], session_options={"intra_op_num_threads": t})
+            llama = LlamaCppGenerator(paths[ftype], threads=t, max_batch=max(batches), max_prompt=prompt_len,
+                                      max_tokens=prompt_len + new_tokens)
+            systems = [System(f"r1c {precision}", engine, required=True),
+                       System(f"llama.cpp {ftype}", llama, info=llama.info, required=True)]
+            workloads = [Workload(b, prompt_len, new_tokens) for b in batches]
+            say(f"timing r1c {precision} vs llama.cpp {ftype}, {t} thread(s), batch {batches}")
+            series = run_bench(systems, workloads, config.vocab_size, settings)
+            by = {(s.system, s.workload.batch): s for s in series}
+            ratio = {(r["system"], r["batch"]): r for r in ratios(series, f"r1c {precision}")}
+            for b in batches:
+                r1c_s, llama_s = by[(f"r1c {precision}", b)], by[(f"llama.cpp {ftype}", b)]
+                rr = ratio[(f"llama.cpp {ftype}", b)]
+                row: dict[str, Any] = {"threads": t, "batch": b, "r1c": precision, "llama.cpp": ftype, "clock": clock,
+                                       "bandwidth_GBs": bandwidth / 1e9,
+                                       "tokens_match": rr.get("tokens_match")}
+                for name, s, reads in (("r1c", r1c_s, r1c_reads), ("llama", llama_s, llama_reads)):
+                    summ = s.summary()
+                    floor = decode_floor(reads, config, b, prompt_len, new_tokens, bandwidth=bandwidth)
+                    tpot, ttft = summ["tpot_s"].p50, summ["ttft_s"].p50
+                    row[f"{name}_tpot_ms"], row[f"{name}_ttft_ms"] = tpot * 1e3, ttft * 1e3
+                    row[f"{name}_floor_ms"] = floor.floor_active_s * 1e3
+                    row[f"{name}_of_floor"] = floor.floor_active_s / tpot
+                for m in ("tpot_s", "ttft_s"):
+                    row[f"speedup_{m[:4]}"] = {k: rr[m][k] for k in ("ratio", "low", "high")}
+                rows.append(row)
+                say(f"  B={b}: TPOT r1c {row['r1c_tpot_ms']:.2f} ms llama {row['llama_tpot_ms']:.2f} ms "
+                    f"(x{row['speedup_tpot']['ratio']:.2f}); prefill r1c {row['r1c_ttft_ms']:.0f} llama "
+                    f"{row['llama_ttft_ms']:.0f} ms; r1c {row['r1c_of_floor']:.0%} of floor")
+            llama.close()
+            del engine
+    return rows
+
+
+def tables(speed_rows: list[dict[str, Any]], acc_rows: list[dict[str, Any]], greedy: dict[str, Any]) -> str:
+    out = ["| threads | batch | r1c vs llama.cpp | decode ms/token r1c / llama | speedup (95% CI) | "
+           "prefill 128 ms r1c / llama | speedup (95% CI) | % of floor r1c / llama | same tokens |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in speed_rows:
+        d, p = r["speedup_tpot"], r["speedup_ttft"]
+        out.append(f"| {r['threads']} | {r['batch']} | {r['r1c']} vs {r['llama.cpp']} | {r['r1c_tpot_ms']:.2f} / "
+                   f"{r['llama_tpot_ms']:.2f} | {d['ratio']:.2f} [{d['low']:.2f}, {d['high']:.2f}] | "
+                   f"{r['r1c_ttft_ms']:.0f} / {r['llama_ttft_ms']:.0f} | {p['ratio']:.2f} [{p['low']:.2f}, "
+                   f"{p['high']:.2f}] | {r['r1c_of_floor']:.0%} / {r['llama_of_floor']:.0%} | "
+                   f"{'-' if r['tokens_match'] is None else 'yes' if r['tokens_match'] else 'no'} |")
+    out += ["", "| system | positions | mean rel. logit error | max rel. logit error | top-1 agreement |",
+            "| --- | --- | --- | --- | --- |"]
+    out += [f"| {r['system']} | {r['positions']} | {r['mean_rel_err']:.2e} | {r['max_rel_err']:.2e} | "
+            f"{r['top1']:.3f} |" for r in acc_rows]
+    out += ["", "greedy tokens equal to transformers (4 prompts x 32 tokens): "
+            + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in greedy.get("equal", {}).items())]
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/r1c-vs-llama"))
+    ap.add_argument("--llama-src", type=Path, default=None, help="llama.cpp source tree (has convert_hf_to_gguf.py)")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--accuracy-tokens", type=int, default=320)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time (robust to other processes on a shared machine at 1 thread)")
+    args = ap.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    load_before = list(os.getloadavg())
+    paths = prepare(args.workdir, args.llama_src, args.seed)
+    acc_rows, greedy = ([], {}) if args.skip_accuracy else accuracy(paths, args.accuracy_tokens, args.seed)
+    speed_rows = speed(paths, [int(x) for x in args.threads.split(",")], [int(x) for x in args.batch.split(",")],
+                       args.prompt_len, args.new_tokens, args.repeat, args.warmup, args.clock)
+    report = {"config": bench_config().to_hf_dict(), "speed": speed_rows, "accuracy": acc_rows, "greedy": greedy,
+              "args": {k: str(v) for k, v in vars(args).items()}}
+    report["load_average"] = {"before": load_before, "after": list(os.getloadavg())}
+    out = args.workdir / f"report-{args.clock}-t{args.threads.replace(',', '_')}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(f"load average (1, 5, 15 min) before / after: {load_before} / {report['load_average']['after']}")
+    print(tables(speed_rows, acc_rows, greedy))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
