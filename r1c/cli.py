@@ -221,9 +221,9 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
     source.update(precision=precision, dtype=dtype, weights=weights)
     from r1c.runtime.serving.text import tokenizer_files
 
-    extra.update(tokenizer_files(src))  # the checkpoint's tokenizer travels with the model
     export_onnx(config, tensors, out, dtype=dtype, write_weights=weights == "all", progress=show,
-                extra_files={"source.json": json.dumps(source, indent=2) + "\n"},
+                extra_files={"source.json": json.dumps(source, indent=2) + "\n",
+                             **tokenizer_files(src)},  # the checkpoint's tokenizer travels with the model
                 postprocess=functools.partial(_finish_export, quantizer, progress=show))
     if quantizer is not None:
         summary = quantizer.report()
