@@ -167,6 +167,9 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                                                               options=tensorrt_options)
         import onnx
 
+        from r1c.runtime.serving.text import copy_tokenizer_files
+
+        copy_tokenizer_files(src, tmp)  # tokenizer.json & co. from the export, hashed in the manifest like the rest
         libraries["onnx"] = onnx.__version__
         files, sizes, fingerprints = file_records(tmp, progress)  # hashed once; a load checks sizes + fingerprints
         manifest = Manifest(
