@@ -11,11 +11,15 @@ import onnx_ir as ir
 from r1c.errors import PassError
 from r1c.passes.upgrade_opset import ONNX_DOMAINS, onnx_opset, upgrade_opset
 from r1c.plugins import PLUGIN_NAMESPACE, R1C_DOMAIN, R1C_OPSET_VERSION, OpSpec
+from r1c.plugins.all_gather import SPEC as ALL_GATHER_SPEC
+from r1c.plugins.all_reduce import SPEC as ALL_REDUCE_SPEC
 from r1c.plugins.fp8_linear import SPEC as FP8_LINEAR_SPEC
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
 from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
 
-R1C_SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (ROUTER_SPEC, EXPERTS_SPEC, FP8_LINEAR_SPEC)}
+# every r1c op (each has a TensorRT plugin); the collectives have no function body (sharded models only)
+R1C_SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (ROUTER_SPEC, EXPERTS_SPEC, FP8_LINEAR_SPEC,
+                                                             ALL_REDUCE_SPEC, ALL_GATHER_SPEC)}
 ORT_DOMAIN = "com.microsoft"
 
 

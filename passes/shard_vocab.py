@@ -47,7 +47,7 @@ class ShardVocabPass(ir.passes.InPlacePass):
         head.slice(1, lo, lo + local, PASS_NAME)
         out = head.output
         shape = None if out.shape is None else ir.Shape([*list(out.shape)[:-1], self.config.vocab_size])
-        edit.collective(ALL_GATHER, out, "head", shape, group="tp", axis=-1)
+        edit.collective(ALL_GATHER, out, "head", shape, group="tp", axis=-1, group_size=parts)
         return ir.passes.PassResult(model, True)
 
     def _embedding(self, model: ir.Model, edit: GraphEditor, lo: int, local: int) -> None:

@@ -1,19 +1,20 @@
 """What the r1c TensorRT plugins share: attribute fields, the IPluginV3 / IPluginCreatorV3One classes, registration,
 and the one place where a plugin finds its kernels.
 
-Each op module (`moe_router/tensorrt.py`, `moe_experts/tensorrt.py`, `fp8_linear/tensorrt.py`) describes its plugin
-as a `PluginOp`: dtypes, output shapes, accepted formats, shape checks, and its kernels as a launch plan
-(`r1c.plugins.launch`) for given shapes, with the workspace that plan needs. This module turns a `PluginOp` into
-Python plugin and creator classes of whichever TensorRT module it is given (full `tensorrt` or TensorRT-RTX's
+Each op module (`moe_router/tensorrt.py`, `moe_experts/tensorrt.py`, `fp8_linear/tensorrt.py`, `all_reduce/` and
+`all_gather/tensorrt.py`) describes its plugin as a `PluginOp`: dtypes, output shapes, accepted formats, shape checks,
+and how it runs (workspace, preparation when shapes change, enqueue). This module turns a `PluginOp` into Python
+plugin and creator classes of whichever TensorRT module it is given (full `tensorrt` or TensorRT-RTX's
 `tensorrt_rtx_bindings`), so one code path serves both. The plugin's name, namespace, version and attribute names
 and types all come from the op's `OpSpec`.
 
-Production path: `get_workspace_size` declares the plan's scratch memory for the profile's largest shapes (TensorRT
-plans it with the rest of the engine's memory); `on_shape_change` computes the plan for the new shapes and resolves
-its kernels in the bundle's ahead-of-time kernel library (`kernel_runner()`, set by `use_kernel_library`);
-`enqueue` only fills device pointers into the prepared launches and launches them on TensorRT's stream: no
-allocation, no synchronization, no shape logic, no Triton. Without a kernel library a plugin cannot run: the error
-says so; there is no fallback to a slow reference.
+Production path of a `KernelOp` (r1c's kernels): `get_workspace_size` declares the plan's scratch memory for the
+profile's largest shapes (TensorRT plans it with the rest of the engine's memory); `on_shape_change` computes the plan
+for the new shapes and resolves its kernels in the bundle's ahead-of-time kernel library (`kernel_runner()`, set by
+`use_kernel_library`); `enqueue` only fills device pointers into the prepared launches and launches them on
+TensorRT's stream: no allocation, no synchronization, no shape logic, no Triton. Without a kernel library a plugin
+cannot run: the error says so; there is no fallback to a slow reference. The collectives (`CollectiveOp`) launch no
+kernel of r1c's: NCCL through torch.distributed's process group, on the same stream.
 
 TensorRT's ONNX parser binds an `r1c` node to a plugin when the node carries `plugin_namespace="r1c"` and a
 creator with the node's op type, that namespace and version "1" is registered; it passes the node's other
@@ -175,11 +176,24 @@ def kernel_runner() -> Any:
 class PluginOp(abc.ABC):
     """One r1c op as a TensorRT plugin; subclasses hold no per-instance state (attributes are passed in).
 
+    Two halves. What TensorRT's builder asks about the layer: `validate`, `num_inputs`, `output_dtypes`,
+    `output_shapes`, `supports`, `check_shapes`. How the layer runs, in the plugin's life cycle:
+        workspace_bytes   get_workspace_size (build): scratch bytes at the profile's largest shapes
+        require_runtime   the engine is loaded (create_plugin, RUNTIME phase): what enqueue needs is at hand
+        prepare           on_shape_change: everything that depends on shapes (plans, group lookups, checks)
+        enqueue           enqueue: launch on TensorRT's stream; no allocation, no synchronization, no shape logic
+    Two kinds implement the second half: `KernelOp` (r1c's Triton kernels, as launch plans from the bundle's kernel
+    library) and `r1c.plugins.tensorrt_collective.CollectiveOp` (NCCL through torch.distributed: no kernels of
+    r1c's, so nothing in the kernel library).
+
     `shapes` below are concrete dims (at run time, or the profile's maxima at build time), `dtypes` torch dtype
     names, both for every input in order.
     """
 
     spec: ClassVar[OpSpec]
+    # TensorRT's builder times a plugin by running it on made-up inputs (on a GPU); an op that cannot run then
+    # (a collective has no peers while one process builds) sets this False: its build-phase enqueue does nothing.
+    runs_while_building: ClassVar[bool] = True
 
     def validate(self, attrs: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Raise ValueError for attribute values the op does not support."""
@@ -208,6 +222,28 @@ class PluginOp(abc.ABC):
         """Raise ValueError for input shapes (-1: dynamic) that the op cannot take."""
 
     @abc.abstractmethod
+    def workspace_bytes(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> int:
+        """Bytes of scratch memory for every shape up to `shapes` (TensorRT allocates it with the engine)."""
+
+    @abc.abstractmethod
+    def require_runtime(self, attrs: dict[str, Any]) -> None:
+        """Raise BundleError when what `enqueue` needs is missing (called when the engine loads, not later)."""
+
+    @abc.abstractmethod
+    def prepare(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> Any:
+        """What `enqueue` needs for these shapes (computed when they change, never in enqueue)."""
+
+    @abc.abstractmethod
+    def enqueue(self, prepared: Any, inputs: Sequence[int], outputs: Sequence[int], workspace: int,
+                stream: int) -> None:
+        """Run on `stream` with the device pointers of the inputs, outputs and workspace."""
+
+
+class KernelOp(PluginOp):
+    """An op whose plugin launches r1c's kernels: a launch plan (`r1c.plugins.launch`) per shapes, launched from the
+    bundle's ahead-of-time kernel library (`kernel_runner()`); `r1c build` compiles `kernel_specs`."""
+
+    @abc.abstractmethod
     def problem(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> Any:
         """The kernels' problem description (sizes and dtypes) for these input shapes."""
 
@@ -222,6 +258,20 @@ class PluginOp(abc.ABC):
     @abc.abstractmethod
     def kernel_specs(self, attrs: dict[str, Any], problem: Any) -> list[KernelSpec]:
         """Every kernel a plan may launch for token counts up to the problem's (what `r1c build` compiles)."""
+
+    def workspace_bytes(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> int:
+        return int(self.workspace_size(attrs, self.problem(attrs, shapes, dtypes)))
+
+    def require_runtime(self, attrs: dict[str, Any]) -> None:
+        kernel_runner()  # a plugin that cannot launch its kernels fails when the engine loads
+
+    def prepare(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> Any:
+        """The plan for these shapes, its kernels resolved in the kernel library."""
+        return kernel_runner().prepare(self.plan(attrs, self.problem(attrs, shapes, dtypes)))
+
+    def enqueue(self, prepared: Any, inputs: Sequence[int], outputs: Sequence[int], workspace: int,
+                stream: int) -> None:
+        kernel_runner().run(prepared, inputs, outputs, workspace, stream)
 
     def execute(self, attrs: dict[str, Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
         """The enqueue body on torch tensors through Triton (JIT on CUDA, the interpreter on CPU): the same plan the
@@ -305,17 +355,21 @@ class _PluginLogic:
         self._op.check_shapes(self.attrs, self.input_shapes)
 
     def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
-        """The plan's scratch bytes at the profile's largest shapes (TensorRT allocates it, once)."""
+        """The op's scratch bytes at the profile's largest shapes (TensorRT allocates it, once)."""
         shapes = [tuple(int(d) for d in t.max) for t in inputs]
         dtypes = [dtype_name(t.desc.type) for t in inputs]
-        return int(self._op.workspace_size(self.attrs, self._op.problem(self.attrs, shapes, dtypes)))
+        return int(self._op.workspace_bytes(self.attrs, shapes, dtypes))
 
     # runtime
+    def _idle(self) -> bool:
+        """A build-phase run of an op that cannot run while building (see `PluginOp.runs_while_building`)."""
+        return not self._op.runs_while_building and self.phase != self._trt.TensorRTPhase.RUNTIME
+
     def on_shape_change(self, inp: Sequence[Any], out: Sequence[Any]) -> None:
-        """New shapes: plan the kernels and resolve them in the kernel library (not in enqueue)."""
+        """New shapes: the op prepares its launches for them (not in enqueue)."""
         self.input_shapes = [_static_shape(d) for d in inp]
-        problem = self._op.problem(self.attrs, self.input_shapes, [dtype_name(d.type) for d in inp])
-        self._prepared = kernel_runner().prepare(self._op.plan(self.attrs, problem))
+        if not self._idle():
+            self._prepared = self._op.prepare(self.attrs, self.input_shapes, [dtype_name(d.type) for d in inp])
 
     def attach_to_context(self, resource_context: Any) -> Any:
         return self.clone()
@@ -334,7 +388,8 @@ class _PluginLogic:
         workspace: int,
         stream: int,
     ) -> None:
-        kernel_runner().run(self._prepared, inputs, outputs, workspace, stream)
+        if not self._idle():
+            self._op.enqueue(self._prepared, inputs, outputs, workspace, stream)
 
 
 class _CreatorLogic:
@@ -356,7 +411,7 @@ class _CreatorLogic:
         attrs = attrs_from_fields(self._op.spec, field_collection)
         self._op.validate(attrs)
         if phase == self._trt.TensorRTPhase.RUNTIME:
-            kernel_runner()  # a plugin that cannot launch its kernels fails when the engine loads, not later
+            self._op.require_runtime(attrs)  # a plugin that cannot run fails when the engine loads, not later
         return self._plugin_class(attrs, phase)
 
 
@@ -374,12 +429,14 @@ def plugin_classes(trt: types.ModuleType, op: PluginOp) -> tuple[type, type]:
 
 
 def plugin_ops() -> list[PluginOp]:
-    """Every r1c op that has a TensorRT plugin."""
+    """Every r1c op that has a TensorRT plugin: the compute ops (`KernelOp`) and the collectives."""
+    from r1c.plugins.all_gather.tensorrt import AllGatherOp
+    from r1c.plugins.all_reduce.tensorrt import AllReduceOp
     from r1c.plugins.fp8_linear.tensorrt import FP8LinearOp
     from r1c.plugins.moe_experts.tensorrt import MoEExpertsOp
     from r1c.plugins.moe_router.tensorrt import MoERouterOp
 
-    return [MoERouterOp(), MoEExpertsOp(), FP8LinearOp()]
+    return [MoERouterOp(), MoEExpertsOp(), FP8LinearOp(), AllReduceOp(), AllGatherOp()]
 
 
 # Creators stay referenced here for the life of the process: TensorRT holds only a pointer to each.

@@ -219,8 +219,11 @@ def export(src: Path | None, out: Path, preset_name: str | None, seed: int, prec
 
     config, tensors, quantizer = with_precision(config, tensors, precision, dtype)  # streamed: per tensor as read
     source.update(precision=precision, dtype=dtype, weights=weights)
+    from r1c.runtime.serving.text import tokenizer_files
+
     export_onnx(config, tensors, out, dtype=dtype, write_weights=weights == "all", progress=show,
-                extra_files={"source.json": json.dumps(source, indent=2) + "\n"},
+                extra_files={"source.json": json.dumps(source, indent=2) + "\n",
+                             **tokenizer_files(src)},  # the checkpoint's tokenizer travels with the model
                 postprocess=functools.partial(_finish_export, quantizer, progress=show))
     if quantizer is not None:
         summary = quantizer.report()
@@ -393,12 +396,14 @@ def _register_stage_commands() -> None:
     from r1c.cli_passes import inspect_cmd, optimize_cmd, passes_cmd
     from r1c.cli_verify import verify_cmd
     from r1c.runtime.bench.cli import bench_cmd
+    from r1c.runtime.server.commands import register as register_serving_commands
 
     main.add_command(passes_cmd, "passes")
     main.add_command(inspect_cmd, "inspect")
     main.add_command(optimize_cmd, "optimize")
     main.add_command(bench_cmd, "bench")
     main.add_command(verify_cmd, "verify")
+    register_serving_commands(main)  # serve, capi, bench-serving (r1c.runtime.server.commands)
 
 
 _register_stage_commands()

@@ -78,6 +78,22 @@ def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, du
 QUANTIZATION_FILE = "quantization.json"
 
 
+def build_tensorrt_target(work: Path, config: ModelConfig, *, target: str, arch: str | None,
+                          options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """work/model.onnx (lowered) -> work/model.engine + work/kernels/ for `tensorrt` or `tensorrt-rtx`: the one
+    TensorRT build of single-rank bundles and of each rank of a sharded bundle. Returns the manifest's
+    (target_options, libraries). `arch`: tensorrt-rtx default sm89 (`DEFAULT_RTX_COMPUTE_CAPABILITY`), tensorrt
+    default the current GPU; `options`: profile and build options (`trt_profiles.PROFILE_OPTIONS`, keep_onnx)."""
+    if target == "tensorrt-rtx":
+        from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
+        from r1c.runtime.trt_rtx import build_tensorrt_rtx
+
+        return build_tensorrt_rtx(work, config, arch=arch or DEFAULT_RTX_COMPUTE_CAPABILITY, **(options or {}))
+    from r1c.runtime.trt_build import build_tensorrt
+
+    return build_tensorrt(work, config, compute_capability=arch, **(options or {}))
+
+
 def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "onnxruntime",
                  session: dict[str, Any] | None = None, dump_after: str | None = None,
                  verbose: bool = False, arch: str | None = None,
@@ -117,7 +133,8 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
 
             assert config is not None  # refused above for a foreign model
             target_options, libraries = build_ranks(src, tmp, config, target=target, tensor_parallel=tensor_parallel,
-                                                    expert_parallel=expert_parallel, session=session, verbose=verbose)
+                                                    expert_parallel=expert_parallel, session=session, verbose=verbose,
+                                                    arch=arch, tensorrt_options=tensorrt_options)
         elif target == "onnxruntime":
             import onnxruntime as ort
 
@@ -143,22 +160,16 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                 from r1c.runtime.foreign import probe_vocab_size
 
                 graph_io = {**graph_io, "vocab_size": probe_vocab_size(backend, graph_io)}
-        elif target == "tensorrt-rtx":
-            from r1c.runtime.trt_rtx import build_tensorrt_rtx
-
-            assert config is not None
-            _lower(src, tmp, target, dump_after, dumps, verbose, progress, max_file_bytes=max_file_bytes)
-            target_options, libraries = build_tensorrt_rtx(tmp, config, arch=arch or "sm89",
-                                                           **(tensorrt_options or {}))
         else:
-            from r1c.runtime.trt_build import build_tensorrt
-
             assert config is not None
             _lower(src, tmp, target, dump_after, dumps, verbose, progress, max_file_bytes=max_file_bytes)
-            target_options, libraries = build_tensorrt(tmp, config, compute_capability=arch,
-                                                       **(tensorrt_options or {}))
+            target_options, libraries = build_tensorrt_target(tmp, config, target=target, arch=arch,
+                                                              options=tensorrt_options)
         import onnx
 
+        from r1c.runtime.serving.text import copy_tokenizer_files
+
+        copy_tokenizer_files(src, tmp)  # tokenizer.json & co. from the export, hashed in the manifest like the rest
         libraries["onnx"] = onnx.__version__
         files, sizes, fingerprints = file_records(tmp, progress)  # hashed once; a load checks sizes + fingerprints
         manifest = Manifest(

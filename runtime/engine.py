@@ -1,8 +1,9 @@
-"""Load an engine bundle and serve batched prefill/decode with a latent KV cache.
+"""Load an engine bundle and run batched prefill/decode with a latent KV cache.
 
-The cache for one `generate` call is two preallocated buffers,
-    c  [L, B, kv_lora_rank, capacity]   pe [L, B, qk_rope_head_dim, capacity],
-bound to the graph in place; after each step only the new tokens' latents are written into them.
+`Engine.forward` scores a batch; `Engine.generate` is the simple greedy API (one batch from start to end). Both
+run through the backend-step interface (`r1c.runtime.step`) over a `LatentCache` (`r1c.runtime.kvcache`): the
+cache is bound in place, attention reads a capacity bucket over the longest row, and each step writes only its
+new tokens' latents. The serving scheduler (`r1c.runtime.serving`) uses the same pieces for many callers.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from r1c.config import ModelConfig
 from r1c.errors import BundleError, RuntimeInputError
 from r1c.manifest import Manifest, read_manifest
+from r1c.runtime.kvcache import CacheLayout, LatentCache, budget_for, cache_dtype
+from r1c.runtime.step import StepRunner, backend_alloc, to_host
 
 if TYPE_CHECKING:
     from r1c.runtime.foreign import ForeignEngine
@@ -26,45 +28,10 @@ logger = logging.getLogger(__name__)
 StepCallback = Callable[[int, np.ndarray], None]
 
 
-class Backend(Protocol):
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-class LatentCache:
-    """Per-call latent cache: [L, B, channels, capacity] buffers and each row's filled length."""
-
-    def __init__(self, config: ModelConfig, batch: int, capacity: int, dtype: Any = np.float32) -> None:
-        L = config.num_hidden_layers
-        self.c = np.zeros((L, batch, config.kv_lora_rank, capacity), dtype=dtype)
-        self.pe = np.zeros((L, batch, config.qk_rope_head_dim, capacity), dtype=dtype)
-        self.lengths = np.zeros(batch, dtype=np.int64)
-        self.capacity = capacity
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        f: dict[str, np.ndarray] = {}
-        for i in range(self.c.shape[0]):  # views, not copies: the backend binds them by pointer
-            f[f"past_c.{i}"] = self.c[i]
-            f[f"past_pe.{i}"] = self.pe[i]
-        return f
-
-    def append(self, new_c: np.ndarray, new_pe: np.ndarray, n_new: np.ndarray) -> None:
-        """Write the step's latents ([L, B, S, ch]) at each row's length; rows advance by n_new[b]."""
-        s = new_c.shape[2]
-        if s == 1:
-            rows = np.arange(self.c.shape[1])
-            self.c[:, rows, :, self.lengths] = new_c[:, :, 0, :].transpose(1, 0, 2)
-            self.pe[:, rows, :, self.lengths] = new_pe[:, :, 0, :].transpose(1, 0, 2)
-        else:
-            for b, start in enumerate(self.lengths):  # once per prefill, not per token
-                self.c[:, b, :, start:start + s] = new_c[:, b].transpose(0, 2, 1)
-                self.pe[:, b, :, start:start + s] = new_pe[:, b].transpose(0, 2, 1)
-        self.lengths += n_new
-
-
 class Engine:
     """A loaded bundle: `forward` for logits, `generate` for greedy batched decoding."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend) -> None:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Any) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.config = manifest.config
@@ -75,26 +42,33 @@ class Engine:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def _check_ids(self, ids: np.ndarray) -> None:
+    @property
+    def cache_layout(self) -> CacheLayout:
+        return CacheLayout.from_graph_io(self.manifest.graph_io)
+
+    def check_ids(self, ids: np.ndarray) -> None:
+        """Raises `RuntimeInputError` if a token id is outside [0, vocab_size)."""
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = int(ids.max() if ids.max() >= self.vocab_size else ids.min())
             raise RuntimeInputError(f"token id {bad} is out of range [0, {self.vocab_size})")
 
-    def _step(self, ids: np.ndarray, cache: LatentCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "past_lengths": cache.lengths.copy(),
-                 **cache.feeds()}
-        out = self.backend.run(feeds)
-        return out["logits"], out["new_c"], out["new_pe"]
+    def _runner(self, batch: int, max_len: int, step_tokens: int, min_bucket: int) -> StepRunner:
+        layout = self.cache_layout
+        alloc = backend_alloc(self.backend)
+        cache = LatentCache(layout, budget_for(layout, batch, max_len), max_rows=batch, max_len=max_len,
+                            min_bucket=min_bucket, alloc=alloc)
+        return StepRunner(self.backend, cache, self.vocab_size, step_tokens, alloc=alloc)
 
     def forward(self, input_ids: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
         """Logits float32 [B, S, V] of a batch of equal-length sequences, with no cache."""
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise RuntimeInputError(f"input_ids must be [batch, seq] with seq > 0, got shape {list(ids.shape)}")
-        self._check_ids(ids)
-        cache = LatentCache(self.config, ids.shape[0], capacity=1, dtype=self.cache_dtype)  # one masked slot
-        logits, _, _ = self._step(ids, cache)
-        return logits
+        self.check_ids(ids)
+        runner = self._runner(ids.shape[0], 1, ids.size, 1)  # one masked slot per row: no past
+        for _ in range(ids.shape[0]):
+            runner.cache.add_row()
+        return to_host(runner.step(ids, 0, None))
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, eos_token_id: int | None = None,
                  on_step: StepCallback | None = None) -> list[list[int]]:
@@ -116,23 +90,26 @@ class Engine:
         ids = np.zeros((batch, longest), dtype=np.int64)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = p
-        self._check_ids(ids)
+        self.check_ids(ids)
         if max_new_tokens == 0:
             return [[] for _ in prompts]
-        cache = LatentCache(self.config, batch, capacity=longest + max_new_tokens, dtype=self.cache_dtype)
-        logits, new_c, new_pe = self._step(ids, cache)
-        cache.append(new_c, new_pe, lengths)  # padded tail entries lie beyond each row's length: masked
-        token = logits[np.arange(batch), lengths - 1].argmax(-1).astype(np.int64)
+        runner = self._runner(batch, longest + max_new_tokens, ids.size, 64)
+        cache = runner.cache
+        for _ in range(batch):
+            cache.add_row()
+        cache.resize(longest)
+        logits = runner.step(ids, 0, lengths)  # padded tail tokens are not stored
+        token = to_host(logits[np.arange(batch), lengths - 1]).argmax(-1).astype(np.int64)
         out = [[int(t)] for t in token]
         done = np.zeros(batch, dtype=bool) if eos_token_id is None else token == eos_token_id
         if on_step is not None:
             on_step(0, token)
+        ones = np.ones(batch, dtype=np.int64)
         for step in range(1, max_new_tokens):
             if done.all():
                 break
-            logits, new_c, new_pe = self._step(token[:, None], cache)
-            cache.append(new_c, new_pe, np.ones(batch, dtype=np.int64))
-            token = logits[:, 0].argmax(-1).astype(np.int64)
+            cache.resize(int(cache.lengths[:batch].max()) + 1)
+            token = to_host(runner.step(token[:, None], 0, ones)[:, 0]).argmax(-1).astype(np.int64)
             for row in np.flatnonzero(~done):
                 out[row].append(int(token[row]))
             if eos_token_id is not None:
@@ -140,17 +117,6 @@ class Engine:
             if on_step is not None:
                 on_step(step, token)
         return out
-
-
-def cache_dtype(graph_io: dict[str, Any]) -> Any:
-    """The latent cache's numpy dtype, from graph_io.json (float32 | bfloat16 | float16; float32 if unset)."""
-    import ml_dtypes
-
-    name = graph_io.get("kv_cache", {}).get("dtype", "float32")
-    dtypes = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-    if name not in dtypes:
-        raise BundleError(f"bundle: unknown latent cache dtype {name!r} in the manifest's graph_io")
-    return np.dtype(dtypes[name])
 
 
 def _check_libraries(m: Manifest) -> None:
@@ -173,7 +139,7 @@ def load(bundle_dir: str | Path, *, verify_hashes: bool = True, session_options:
     bundle = Path(bundle_dir)
     m = read_manifest(bundle, verify_hashes=verify_hashes)
     _check_libraries(m)
-    backend: Backend
+    backend: Any
     if "distributed" in m.target_options:  # one bundle, several ranks: rank 0 is this process
         from r1c.runtime.distributed.launch import sharded_backend
 

@@ -1,8 +1,14 @@
-"""ONNX Runtime backend: one session, inputs bound in place (the KV cache is never copied in)."""
+"""ONNX Runtime backend: one session, inputs and outputs bound in place (the KV cache is never copied in).
+
+`OrtBackend.step(io)` is the backend-step interface of `r1c.runtime.step`: every input (token ids, lengths, the
+cache views) and every output (logits, new latents) is bound by pointer into the caller's buffers, so a step
+neither copies the cache nor allocates its outputs. `run(feeds)` is the older dict-in, dict-out call.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from r1c.errors import BundleError
+from r1c.runtime.step import StepIO
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +61,18 @@ class OrtBackend:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"bundle: ONNX Runtime could not load {model_path.name}: {msg}") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._local = threading.local()  # one IOBinding per calling thread (a binding is not thread-safe)
+
+    def step(self, io: StepIO) -> None:
+        """Run once with every input and output bound by address (see `r1c.runtime.step`)."""
+        binding = getattr(self._local, "binding", None)
+        if binding is None:
+            binding = self._local.binding = self.session.io_binding()
+        for name, arr in io.feeds().items():
+            binding.bind_input(name, "cpu", 0, _element_type(arr.dtype), arr.shape, _address(name, arr))
+        for name, arr in io.outputs().items():
+            binding.bind_output(name, "cpu", 0, _element_type(arr.dtype), arr.shape, _address(name, arr))
+        self.session.run_with_iobinding(binding)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; numpy inputs are bound by pointer (ORT reads the caller's buffers in place)."""
@@ -87,3 +106,14 @@ def _to_numpy(value: Any) -> np.ndarray:
     n = int(np.prod(shape, dtype=np.int64))
     raw = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(value.data_ptr())) if n else np.empty(0, np.uint16)
     return raw.copy().view(_BF16).reshape(shape)
+
+
+def _address(name: str, arr: np.ndarray) -> int:
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous to be bound in place")
+    return int(arr.ctypes.data)
+
+
+def _element_type(dtype: np.dtype) -> Any:
+    """What IOBinding takes as an element type: the numpy type, or ONNX's code for bfloat16 (numpy has none)."""
+    return _ONNX_BFLOAT16 if dtype == _BF16 else dtype.type

@@ -33,11 +33,12 @@ def _value_types(model: Any) -> dict[str, tuple[str | None, tuple[int, ...] | No
 
 
 def model_problems(model_path: str | Path, max_tokens: int) -> list[tuple[Any, dict[str, Any], Any]]:
-    """(plugin op, attributes, problem at max_tokens) for every r1c node of the model."""
+    """(plugin op, attributes, problem at max_tokens) for every r1c node of the model that launches r1c kernels
+    (every `KernelOp`; the collectives launch none)."""
     import onnx
 
     from r1c.plugins import R1C_DOMAIN
-    from r1c.plugins.tensorrt_common import plugin_ops
+    from r1c.plugins.tensorrt_common import KernelOp, plugin_ops
 
     model = onnx.load(str(model_path), load_external_data=False)
     ops = {op.spec.name: op for op in plugin_ops()}
@@ -50,6 +51,8 @@ def model_problems(model_path: str | Path, max_tokens: int) -> list[tuple[Any, d
         op = ops.get(node.op_type)
         if op is None:
             raise BuildError(f"build: r1c node {node.name} ({node.op_type}) has no TensorRT plugin")
+        if not isinstance(op, KernelOp):  # a collective: NCCL's kernels, none of r1c's to compile
+            continue
         given = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = op.spec.attrs(**{k: v.decode() if isinstance(v, bytes) else v for k, v in given.items()
                                  if k in op.spec.attributes})
@@ -61,7 +64,7 @@ def model_problems(model_path: str | Path, max_tokens: int) -> list[tuple[Any, d
         hidden_dim = _channels(node, shapes)
         shapes[0] = (max_tokens, hidden_dim)
         if node.op_type == "MoEExperts":
-            router = producers.get(node.input[2])
+            router = _router_of(node.input[2], producers)
             top_k = next((int(a.i) for a in router.attribute if a.name == "top_k"), None) if router else None
             if top_k is None:
                 raise BuildError(f"build: cannot tell top_k of {node.name} (its topk_ids do not come from a router)")
@@ -77,6 +80,25 @@ def model_problems(model_path: str | Path, max_tokens: int) -> list[tuple[Any, d
             raise BuildError(f"build: r1c node {node.name}: {e}") from None
         found.append((op, attrs, op.problem(attrs, static, dtypes)))
     return found
+
+
+def _router_of(ids: str, producers: dict[str, Any]) -> Any:
+    """The MoERouter node whose topk_ids `ids` derives from through standard ops (a sharded model remaps its experts'
+    ids with Sub / Where, `passes/shard_moe.py`); None when there is none. Never looks past another r1c node."""
+    from r1c.plugins import R1C_DOMAIN
+
+    todo, seen = [ids], set()
+    while todo:
+        node = producers.get(todo.pop(0))
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.domain == R1C_DOMAIN:
+            if node.op_type == "MoERouter":
+                return node
+            continue
+        todo.extend(node.input)
+    return None
 
 
 def _channels(node: Any, shapes: list[Any]) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install r1c into it, CPU-only.
 #   bash scripts/install.sh          the main job: r1c and what export, optimize, build, run and bench need
-#   bash scripts/install.sh --test   also the test, kernel, TensorRT-for-RTX and dist extras (scripts/test.sh calls this)
+#   bash scripts/install.sh --test   also the test, kernel, TensorRT-for-RTX, dist and serve extras (scripts/test.sh calls this)
 # torch is pinned to the CPU build first, so nothing later pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,8 +9,9 @@ PY=${PYTHON:-python3}
 EXTRAS=""
 NEEDS="import r1c, onnxruntime, onnxscript"
 if [ "${1:-}" = "--test" ]; then
-  EXTRAS="[test,kernels,tensorrt-rtx,dist]"
-  NEEDS="$NEEDS, pytest, transformers, triton, tensorrt_rtx_bindings, onnxruntime_extensions"
+  EXTRAS="[test,kernels,tensorrt-rtx,dist,serve]"
+  NEEDS="$NEEDS, pytest, transformers, triton, tensorrt_rtx_bindings, onnxruntime_extensions, fastapi, uvicorn"
+  NEEDS="$NEEDS, prometheus_client, openai"
 fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

@@ -7,7 +7,6 @@ see dist_helpers). The multi-process runs over torch.distributed are tests/test_
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from pathlib import Path
 
@@ -166,22 +165,3 @@ def test_moe_experts_body_sums_repeated_ids() -> None:
     got = ort_run(model, {"hidden": x, "topk_weights": weights, "topk_ids": ids, "w13": w13, "w2": w2})[0]
     want = moe_experts_reference(*(torch.from_numpy(a) for a in (x, weights, ids, w13, w2))).numpy()
     assert rel_err(got, want) < REL_TOL
-
-
-@pytest.mark.tensorrt
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx_bindings") is None,
-                    reason="TensorRT for RTX is not installed (pip install -e '.[tensorrt-rtx]')")
-def test_tensorrt_rank_model_binds_collective_plugins_and_builds(tiny: Path, tmp_path: Path) -> None:
-    """TensorRT for RTX (no GPU needed, built for SM89): one rank of TP2 x EP2 parses with every r1c node — the
-    collectives included — as a plugin layer, the all-gather's output as wide as the vocabulary, and builds."""
-    from r1c.passes.shard_pipelines import lower_rank_file
-    from r1c.runtime.distributed.trt import check_rank_with_tensorrt_rtx, group_sizes
-
-    c, layout = preset("tiny"), ShardLayout(2, 2)
-    lower_rank_file(tiny / "model.onnx", tmp_path / "model.onnx", target="tensorrt", config=c, layout=layout, rank=3)
-    report = check_rank_with_tensorrt_rtx(tmp_path / "model.onnx", c, group_sizes(layout.to_dict()))
-    plugins = [p["plugin"] for p in report["plugin_layers"]]
-    assert plugins.count("r1c::AllReduce") == 2 * c.num_hidden_layers + 1 and plugins.count("r1c::AllGather") == 1
-    gather = next(p for p in report["plugin_layers"] if p["plugin"] == "r1c::AllGather")
-    assert gather["output_shapes"] == [[-1, -1, c.vocab_size]]
-    assert report["build_error"] is None and report["engine_bytes"] > 0 and report["compute_capability"] == "8.9"

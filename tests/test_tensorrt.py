@@ -31,6 +31,7 @@ from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
 from r1c.runtime import trt_build, trt_lib
 from r1c.runtime.trt_build import build_tensorrt, drop_function_bodies
 from r1c.runtime.trt_profiles import parse_compute_capability, profile_shapes
+from tests.trt_helpers import dyn_desc
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -192,7 +193,9 @@ def test_plugin_creators_register_and_round_trip_fields() -> None:
 
     trt = trt_lib.import_tensorrt_rtx()
     creators = register_plugins(trt)
-    assert set(creators) == {ROUTER_SPEC.plugin_id, EXPERTS_SPEC.plugin_id, LINEAR_SPEC.plugin_id}
+    # the compute ops are checked here, the collectives in tests/test_dist_tensorrt.py
+    assert set(creators) == {ROUTER_SPEC.plugin_id, EXPERTS_SPEC.plugin_id, LINEAR_SPEC.plugin_id,
+                             "r1c::AllReduce", "r1c::AllGather"}
     assert register_plugins(trt) == creators  # idempotent
     registry = trt.get_plugin_registry()
     for spec, attrs in _spec_cases():
@@ -222,16 +225,6 @@ def test_plugin_creators_register_and_round_trip_fields() -> None:
         router.create_plugin("r", extra, trt.TensorRTPhase.BUILD)
 
 
-def _dyn_desc(trt: Any, dtype: Any, lo: list[int], hi: list[int]) -> Any:
-    d = trt.DynamicPluginTensorDesc()
-    d.min, d.max = trt.Dims(lo), trt.Dims(hi)
-    pd = trt.PluginTensorDesc()
-    pd.type = dtype
-    pd.dims = trt.Dims([a if a == b else -1 for a, b in zip(lo, hi)])
-    d.desc = pd
-    return d
-
-
 @pytest.mark.tensorrt
 @needs_rtx
 @needs_triton
@@ -250,11 +243,11 @@ def test_plugins_declare_their_workspace_from_the_profile_maxima() -> None:
     for t_max in (8, 64, 512):
         fields, _keep = field_collection(trt, EXPERTS_SPEC, EXPERTS_SPEC.attrs(quant="fp8_block128"))
         plugin = creators[EXPERTS_SPEC.plugin_id].create_plugin("e", fields, trt.TensorRTPhase.BUILD)
-        ins = [_dyn_desc(trt, f32, [1, h], [t_max, h]), _dyn_desc(trt, f32, [1, k], [t_max, k]),
-               _dyn_desc(trt, i32, [1, k], [t_max, k]), _dyn_desc(trt, fp8, [e, 2 * i, h], [e, 2 * i, h]),
-               _dyn_desc(trt, fp8, [e, h, i], [e, h, i]), _dyn_desc(trt, f32, [e, 2, 2], [e, 2, 2]),
-               _dyn_desc(trt, f32, [e, 2, 1], [e, 2, 1])]
-        declared = plugin.get_workspace_size(ins, [_dyn_desc(trt, f32, [1, h], [t_max, h])])
+        ins = [dyn_desc(trt, f32, [1, h], [t_max, h]), dyn_desc(trt, f32, [1, k], [t_max, k]),
+               dyn_desc(trt, i32, [1, k], [t_max, k]), dyn_desc(trt, fp8, [e, 2 * i, h], [e, 2 * i, h]),
+               dyn_desc(trt, fp8, [e, h, i], [e, h, i]), dyn_desc(trt, f32, [e, 2, 2], [e, 2, 2]),
+               dyn_desc(trt, f32, [e, 2, 1], [e, 2, 1])]
+        declared = plugin.get_workspace_size(ins, [dyn_desc(trt, f32, [1, h], [t_max, h])])
         problem = ExpertsProblem(t_max, k, e, h, i, "float32", "float8_e4m3fn")
         assert declared == experts_ws(problem) >= experts_plan(problem).workspace_size > 0
         sizes.append(declared)

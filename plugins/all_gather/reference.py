@@ -7,7 +7,9 @@ Input `input` [d0, ..., d_axis, ..., dn] float32/float16/bfloat16 (every rank of
 dtype). Output `output`: the ranks' inputs concatenated along `axis` in rank order within the group, so
 output.shape[axis] = G * d_axis (G = ranks in the group); every rank receives the same tensor.
 Attributes: `group` (string): `tp` or `world`, as for `r1c::AllReduce`; `axis` (int, negative counts from the
-end). The sharding uses it for the vocabulary-split LM head: logits [B, S, V/T] -> [B, S, V].
+end); `group_size` (int): G, written by the sharding pass (a compiler that fixes the output's shape before any
+process group exists, TensorRT, needs it; every binding checks it against the group it runs on; the default 0 is
+no value and is refused). The sharding uses it for the vocabulary-split LM head: logits [B, S, V/T] -> [B, S, V].
 """
 
 from __future__ import annotations

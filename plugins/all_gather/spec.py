@@ -10,5 +10,5 @@ SPEC = OpSpec(
     inputs=("input",),
     optional_inputs=(),
     outputs=("output",),
-    attributes={"group": "tp", "axis": -1},
+    attributes={"group": "tp", "axis": -1, "group_size": 0},
 )

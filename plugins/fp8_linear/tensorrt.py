@@ -19,12 +19,12 @@ from r1c.plugins.fp8 import BLOCK, block_shape
 from r1c.plugins.fp8_linear.plan import LinearProblem, config_boundaries, linear_plan, workspace_size
 from r1c.plugins.fp8_linear.reference import SPEC
 from r1c.plugins.launch import Plan
-from r1c.plugins.tensorrt_common import PluginOp, specs_up_to
+from r1c.plugins.tensorrt_common import KernelOp, specs_up_to
 
 _FLOAT_TYPES = ("FLOAT", "HALF", "BF16")
 
 
-class FP8LinearOp(PluginOp):
+class FP8LinearOp(KernelOp):
     spec = SPEC
 
     def validate(self, attrs: dict[str, Any]) -> None:

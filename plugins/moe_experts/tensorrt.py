@@ -18,13 +18,13 @@ from r1c.plugins.fp8 import block_shape
 from r1c.plugins.launch import Plan
 from r1c.plugins.moe_experts.plan import ExpertsProblem, config_boundaries, experts_plan, workspace_size
 from r1c.plugins.moe_experts.reference import QUANT_MODES, SPEC
-from r1c.plugins.tensorrt_common import PluginOp, specs_up_to
+from r1c.plugins.tensorrt_common import KernelOp, specs_up_to
 
 ACTIVATIONS = ("swiglu",)
 _FLOAT_TYPES = ("FLOAT", "HALF", "BF16")
 
 
-class MoEExpertsOp(PluginOp):
+class MoEExpertsOp(KernelOp):
     spec = SPEC
 
     def validate(self, attrs: dict[str, Any]) -> None:

@@ -17,12 +17,12 @@ from r1c.plugins._triton import KernelSpec
 from r1c.plugins.launch import Plan
 from r1c.plugins.moe_router.plan import RouterProblem, config_boundaries, router_plan, workspace_size
 from r1c.plugins.moe_router.reference import SPEC, check_attributes, effective_groups
-from r1c.plugins.tensorrt_common import PluginOp, specs_up_to
+from r1c.plugins.tensorrt_common import KernelOp, specs_up_to
 
 _HIDDEN_TYPES = ("FLOAT", "HALF", "BF16")
 
 
-class MoERouterOp(PluginOp):
+class MoERouterOp(KernelOp):
     spec = SPEC
 
     def validate(self, attrs: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1c.errors import BundleError
 from r1c.plugins.all_reduce.reference import REDUCTIONS
 from r1c.runtime.distributed.groups import group
 
@@ -26,10 +27,15 @@ def all_reduce(x: np.ndarray, group_name: str, reduction: str = "sum") -> np.nda
     return x
 
 
-def all_gather(x: np.ndarray, group_name: str, axis: int = -1) -> np.ndarray:
-    """The group's `x` concatenated along `axis` in group-rank order."""
+def all_gather(x: np.ndarray, group_name: str, axis: int, group_size: int) -> np.ndarray:
+    """The group's `x` concatenated along `axis` in group-rank order; BundleError when the group does not have the
+    `group_size` ranks the node was sharded for."""
     g = group(group_name)
+    size = dist.get_world_size(g)
+    if size != group_size:
+        raise BundleError(f"bundle: AllGather over {group_size} ranks, but this process's {group_name!r} group has "
+                          f"{size}")
     t = torch.from_numpy(np.ascontiguousarray(x))
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(g))]
+    parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t, group=g)
     return np.concatenate([p.numpy() for p in parts], axis=axis)

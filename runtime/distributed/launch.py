@@ -8,7 +8,8 @@ rank 0's share; every rank's collectives meet inside the step. Launchers:
   TCPStore rendezvous on 127.0.0.1 (a free port); they end when rank 0 closes the backend or exits;
 - `torchrun --nproc-per-node W ...`: every process calls `load`; rank 0 gets the backend, the others serve
   inside `load` and then exit the process (SystemExit 0) when rank 0 closes.
-Backends: gloo for onnxruntime bundles (CPU), NCCL for tensorrt bundles (GPU, rank r on cuda:LOCAL_RANK).
+Backends: gloo for onnxruntime bundles (CPU), NCCL for tensorrt / tensorrt-rtx bundles (GPU, rank r on
+cuda:LOCAL_RANK).
 A rank that fails breaks the step for all: rank 0 raises BundleError and the world must be loaded again.
 """
 
@@ -51,7 +52,7 @@ def _session_options(manifest: Manifest, overrides: dict[str, Any] | None) -> di
 
 def _runner(bundle: Path, manifest: Manifest, rank: int, mechanism: str, options: dict[str, Any]) -> Any:
     entry = _options(manifest)["ranks"][rank]
-    if manifest.target == "tensorrt":
+    if manifest.target in ("tensorrt", "tensorrt-rtx"):
         from r1c.runtime.distributed.trt import TensorRTRank
 
         return TensorRTRank(bundle, manifest, rank)

@@ -40,9 +40,10 @@ def define_ops() -> None:
     def r1c_all_reduce(x: np.ndarray, group: str, reduction: str) -> np.ndarray:
         return all_reduce(x, group, reduction)
 
-    @onnx_op(op_type=ORT_OPS[ALL_GATHER.name], inputs=[f32], outputs=[f32], attrs={"group": text, "axis": i64})
-    def r1c_all_gather(x: np.ndarray, group: str, axis: int) -> np.ndarray:
-        return all_gather(x, group, int(axis))
+    @onnx_op(op_type=ORT_OPS[ALL_GATHER.name], inputs=[f32], outputs=[f32], attrs={"group": text, "axis": i64,
+                                                                                          "group_size": i64})
+    def r1c_all_gather(x: np.ndarray, group: str, axis: int, group_size: int) -> np.ndarray:
+        return all_gather(x, group, int(axis), int(group_size))
 
     _DEFINED = True
 

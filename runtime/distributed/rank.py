@@ -84,7 +84,8 @@ class SplitRank:
         for i, step in enumerate(self.steps):
             if isinstance(step, Collective):
                 x = env[step.input]
-                env[step.output] = all_gather(x, step.group, step.axis) if step.op == ALL_GATHER.name \
+                gather = step.op == ALL_GATHER.name
+                env[step.output] = all_gather(x, step.group, step.axis, step.group_size) if gather \
                     else all_reduce(x, step.group)
                 continue
             session = self.sessions[i]

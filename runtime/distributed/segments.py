@@ -27,6 +27,7 @@ class Collective:
     input: str
     output: str
     axis: int = -1  # AllGather only
+    group_size: int = 0  # AllGather only: the ranks the node was sharded for
 
 
 @dataclasses.dataclass
@@ -104,7 +105,8 @@ def split(model: ir.Model) -> list[Step]:
                 spec = collective_spec(node)
                 assert spec is not None and node.inputs[0] is not None
                 steps.append(Collective(spec.name, str(_attr(node, "group", "")), str(node.inputs[0].name),
-                                        str(node.outputs[0].name), int(_attr(node, "axis", -1))))  # type: ignore[call-overload]
+                                        str(node.outputs[0].name), int(_attr(node, "axis", -1)),  # type: ignore[call-overload]
+                                        int(_attr(node, "group_size", 0))))  # type: ignore[call-overload]
     _check_outputs(steps, graph_outputs)
     return steps
 

@@ -63,6 +63,7 @@ def run_lockstep(models: Sequence[ir.Model], layout: ShardLayout, feeds: Mapping
             step0 = pending[members[0]]
             assert step0 is not None
             if step0.op == ALL_GATHER.name:
+                assert step0.group_size == len(members), (step0, members)
                 result = all_gather_reference(parts, axis=step0.axis).numpy()
             else:
                 result = all_reduce_reference(parts).numpy()

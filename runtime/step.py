@@ -1,0 +1,135 @@
+"""The backend-step interface: what every backend (ONNX Runtime, TensorRT) implements to serve steps.
+
+A *step* runs the graph once over a contiguous range of cache rows [r0, r1) (n = r1 - r0 rows, S tokens each,
+right-padded). The caller (`StepRunner`, used by `Engine.generate` and by the serving scheduler) prepares one
+`StepIO`; the backend runs the graph on it and returns:
+
+    io.input_ids    [n, S] int64        host; row i's real tokens are the first n_new[i]
+    io.past_lengths [n] int64           host; cached tokens per row (also each row's position offset)
+    io.past         {"past_c.{l}": [n, C, P], "past_pe.{l}": [n, R, P]}  views into the cache's arenas
+                    (`kvcache.LatentCache.feeds`): contiguous, bound by pointer, never copied
+    io.logits       [n, S, V] float32   preallocated output buffer (a view); the backend writes into it
+    io.new          {"c": [L, n, S, C], "pe": [L, n, S, R]}  preallocated output buffers for the new latents
+
+    class StepBackend(Protocol):
+        def step(self, io: StepIO) -> None     # run once; outputs written into io.logits / io.new
+
+Rules a backend keeps: no allocation of cache-sized memory per step and no copy of `io.past` (bind the views by
+address: ONNX Runtime `IOBinding.bind_input(..., buffer_ptr)`, TensorRT `set_tensor_address`); outputs go into the
+given buffers; the arrays are numpy on the host or, for a device backend, whatever its `alloc` made (torch CUDA
+tensors), with `input_ids` / `past_lengths` always host numpy (a few bytes to upload). After the step, the runner
+writes only the new tokens' latents into the cache (`LatentCache.write`) and advances the rows' lengths, so a
+backend never touches the cache beyond reading it. The arenas' addresses never change (allocated once); a view's
+address and shape change only when rows are added/removed or the capacity bucket changes, so a backend may cache
+its bindings keyed by (r0, n, S, P).
+
+A backend that only has `run(feeds) -> outputs` (the older interface, kept by `TensorRTBackend` until its
+device-resident rewrite) is wrapped by `FeedsStepBackend`, which copies the (small) outputs into the buffers.
+A backend whose buffers live on a device says so with an `alloc(shape, dtype)` attribute (`backend_alloc`): the
+cache manager and the runner then allocate their arenas and output buffers with it, once.
+
+Legend: n = rows in the step, S = tokens per row, P = capacity bucket, L = layers, C = kv_lora_rank,
+R = qk_rope_head_dim, V = vocab size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from r1c.runtime.kvcache import TENSORS, Alloc, LatentCache, numpy_alloc
+
+
+@dataclasses.dataclass
+class StepIO:
+    input_ids: np.ndarray
+    past_lengths: np.ndarray
+    past: dict[str, Any]
+    logits: Any
+    new: dict[str, Any]
+
+    def feeds(self) -> dict[str, Any]:
+        """All graph inputs by name (for `run(feeds)` backends)."""
+        return {"input_ids": self.input_ids, "past_lengths": self.past_lengths, **self.past}
+
+    def outputs(self) -> dict[str, Any]:
+        """All graph outputs by name."""
+        return {"logits": self.logits, "new_c": self.new["c"], "new_pe": self.new["pe"]}
+
+
+@runtime_checkable
+class StepBackend(Protocol):
+    def step(self, io: StepIO) -> None: ...
+
+
+class FeedsBackend(Protocol):
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class FeedsStepBackend:
+    """Adapts a `run(feeds) -> outputs` backend to `step`: outputs are copied into the step's buffers."""
+
+    def __init__(self, inner: FeedsBackend) -> None:
+        self.inner = inner
+
+    def step(self, io: StepIO) -> None:
+        out = self.inner.run({k: np.ascontiguousarray(v) for k, v in io.feeds().items()})
+        for name, buf in io.outputs().items():
+            buf[...] = out[name]
+
+
+def as_step_backend(backend: Any) -> StepBackend:
+    return backend if isinstance(backend, StepBackend) else FeedsStepBackend(backend)
+
+
+def backend_alloc(backend: Any) -> Alloc:
+    """The allocator a backend wants its cache and step buffers in (`backend.alloc`, e.g. CUDA tensors for the
+    device-resident TensorRT backend); host numpy for a backend without one."""
+    alloc = getattr(backend, "alloc", None)
+    return alloc if callable(alloc) and isinstance(backend, StepBackend) else numpy_alloc
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A step's output (a view into a backend buffer: numpy, or a torch tensor on a device) as a host numpy copy."""
+    if isinstance(x, np.ndarray):
+        return np.array(x)
+    return np.asarray(x.detach().float().cpu().numpy())
+
+
+class StepRunner:
+    """Runs steps over a cache's rows with output buffers allocated once for `max_tokens` tokens (n * S)."""
+
+    def __init__(self, backend: Any, cache: LatentCache, vocab_size: int, max_tokens: int,
+                 alloc: Alloc = numpy_alloc) -> None:
+        self.backend = as_step_backend(backend)
+        self.cache = cache
+        self.vocab_size = vocab_size
+        self.max_tokens = max_tokens
+        L = cache.layout.layers
+        self._logits = alloc((max_tokens * vocab_size,), np.dtype(np.float32))
+        self._new = {name: alloc((L * max_tokens * ch,), cache.layout.dtype)
+                     for name, ch in zip(TENSORS, cache.layout.channels)}
+
+    def step(self, input_ids: np.ndarray, r0: int, n_new: Sequence[int] | np.ndarray | None) -> Any:
+        """Run rows [r0, r0 + n) on `input_ids` [n, S]; returns the logits view [n, S, V] (valid until the next
+        step). With `n_new` ([n]: real tokens per row) the new latents are stored and the lengths advanced; with
+        None nothing is written (scoring only). The caller resizes the cache first so every row fits."""
+        n, s = input_ids.shape
+        if n * s > self.max_tokens:
+            raise AssertionError(f"step of {n}x{s} tokens exceeds the runner's {self.max_tokens}")
+        L = self.cache.layout.layers
+        io = StepIO(
+            input_ids=np.ascontiguousarray(input_ids, dtype=np.int64),
+            past_lengths=self.cache.lengths[r0:r0 + n].copy(),
+            past=self.cache.feeds(r0, r0 + n),
+            logits=self._logits[: n * s * self.vocab_size].reshape(n, s, self.vocab_size),
+            new={name: self._new[name][: L * n * s * ch].reshape(L, n, s, ch)
+                 for name, ch in zip(TENSORS, self.cache.layout.channels)},
+        )
+        self.backend.step(io)
+        if n_new is not None:
+            self.cache.write(r0, n_new, io.new)
+        return io.logits
