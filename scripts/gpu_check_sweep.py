@@ -43,8 +43,8 @@ def linear_configs(decode: bool) -> list[tuple[str, Any]]:
     from r1c.plugins.fp8_linear.plan import LinearConfig as C
 
     if decode:
-        return [("run 2", C(16, 64, True, 4, 4, split_to=TARGET_PROGRAMS)),
-                ("", C(16, 64, True, 4, 4, split_to=2 * TARGET_PROGRAMS, fuse_quant=True))]
+        return [("run-3 default", C(16, 64, True, 4, 4, split_to=TARGET_PROGRAMS, fuse_quant=True)),
+                ("", C(16, 64, True, 4, 4, split_to=2 * TARGET_PROGRAMS))]
     return [("run-2 tiles", C(128, 128, False, 8, 3, group_m=8)), ("", C(64, 128, False, 4, 3, group_m=8)),
             ("", C(128, 64, False, 4, 4, group_m=8))]
 
@@ -55,7 +55,8 @@ def router_configs(decode: bool) -> list[tuple[str, Any]]:
 
     if decode:
         return [("", G(16, 32, 64, 4, 4, False))]
-    return [("", G(128, 64, 32, 8, 3, False)), ("", G(64, 128, 32, 4, 3, False)), ("", G(64, 64, 64, 4, 3, False))]
+    return [("run-3 default", G(64, 64, 32, 4, 4, False)), ("", G(64, 128, 32, 4, 3, False)),
+            ("", G(64, 64, 64, 4, 3, False))]
 
 
 def describe(c: Any) -> str:

@@ -11,9 +11,10 @@ SM, which 4-warp tiles leave room for (64 x 128: ~2 programs per SM by registers
 vLLM's Triton block-FP8 GEMM, tuned on the H200 for K = 7168, lands on the same shapes (4 warps, 64-128 rows,
 64-128 columns, 3-5 stages). The GPU check's sweep times the alternatives (scripts/gpu_check_sweep.py):
   * M <= 16 (decode): SWAP_AB with 64 weight rows per program on the MMA's M side and 16 token columns, 4 stages;
-    the activation quantization fused into the GEMM (QUANT_A: 2 launches instead of 3, the first run's 3 launches
-    at 15 MB took 17 us); the K loop split until the grid has >= TARGET_PROGRAMS programs: the GEMM streams the
-    weight, so the point is many loads in flight.
+    a quantization launch first, then the K loop split until the grid has >= TARGET_PROGRAMS programs: the GEMM
+    streams the weight, so the point is many loads in flight. The activation quantization fused into the GEMM
+    (QUANT_A, `fuse_quant`) saves a launch but re-quantizes x in every program: on the H200 (third GPU check, 7168
+    -> 2048, 1 token) it took 44.3 us against 17.6 us for the quantization launch + GEMM, so it is not the default.
   * M <= 64: 64 x 128 tiles, 4 stages, quantization kernel first; split over K as above.
   * M > 64 (prefill): 64 x 128 tiles, 4 stages, programs grouped by 8 row blocks (L2 reuse of the weight
     columns), no split.
@@ -57,7 +58,7 @@ class LinearConfig:
 def select_config(p: LinearProblem) -> LinearConfig:
     """The tiles for this token count (see the module docstring)."""
     if p.tokens <= 16:
-        return LinearConfig(16, 64, True, 4, 4, split_to=TARGET_PROGRAMS, fuse_quant=True)
+        return LinearConfig(16, 64, True, 4, 4, split_to=TARGET_PROGRAMS)
     if p.tokens <= 64:
         return LinearConfig(64, 128, False, 4, 4, split_to=TARGET_PROGRAMS)
     return LinearConfig(64, 128, False, 4, 4, group_m=8)
