@@ -26,6 +26,11 @@ Capacity rule: B * P <= T always holds. `fits(rows, longest)` says whether `rows
 `longest` tokens can all be held (the scheduler admits a request only if the worst case still fits, so a running
 sequence never runs out of cache: back-pressure instead of an out-of-memory failure).
 
+Journal. With `journal` set to a list (None: off, the default), every change of the layout or the contents is
+appended to it as a tuple of ints, in order — (ADD_ROW,), (POP_ROW,), (MOVE_ROW, src, dst), (RESIZE, bucket),
+(WRITE, r0, *n_new) — so that another process holding a cache of the same size can redo them with its own step
+outputs (the follower ranks of a sharded bundle: `r1c.runtime.distributed.cache_replay`).
+
 Arrays. The arenas come from `alloc(shape, dtype)` (numpy by default); everything else is slicing, reshape,
 `swapaxes` and item assignment, which torch tensors support as well, so a device backend can keep the same cache
 on CUDA tensors (`alloc=lambda shape, dtype: torch.zeros(shape, dtype=..., device="cuda")`). Row lengths live on
@@ -51,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 Alloc = Callable[[tuple[int, ...], np.dtype], Any]
 TENSORS = ("c", "pe")  # graph inputs past_c.{l} / past_pe.{l}, outputs new_c / new_pe
+ADD_ROW, POP_ROW, MOVE_ROW, RESIZE, WRITE = range(5)  # journal entries (module docstring)
 
 
 class OverCapacityError(RuntimeInputError):
@@ -149,6 +155,7 @@ class LatentCache:
         self.bucket = self.buckets[0]
         self.relayouts = 0  # how often rows were relaid (for tests and metrics)
         self.moves = 0
+        self.journal: list[tuple[int, ...]] | None = None  # module docstring
 
     # ---- capacity -------------------------------------------------------------------------------------
     @property
@@ -186,6 +193,8 @@ class LatentCache:
         row = self.rows
         self.rows += 1
         self.lengths[row] = 0
+        if self.journal is not None:
+            self.journal.append((ADD_ROW,))
         return row
 
     def pop_row(self) -> None:
@@ -194,6 +203,8 @@ class LatentCache:
             raise AssertionError("pop_row on an empty cache")
         self.rows -= 1
         self.lengths[self.rows] = 0
+        if self.journal is not None:
+            self.journal.append((POP_ROW,))
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src`'s filled part into row `dst` (a row nobody needs any more) and its length."""
@@ -209,6 +220,8 @@ class LatentCache:
                 d[:, :n] = s[:, :n]
         self.lengths[dst] = n
         self.moves += 1
+        if self.journal is not None:
+            self.journal.append((MOVE_ROW, src, dst))
 
     def resize(self, needed: int) -> bool:
         """Make the bucket the smallest one >= `needed` tokens (grow or shrink); True if rows were relaid.
@@ -237,6 +250,8 @@ class LatentCache:
                     d[:, :m] = s[:, :m]
         self.bucket = new
         self.relayouts += 1
+        if self.journal is not None:
+            self.journal.append((RESIZE, new))
         logger.debug("cache bucket %d -> %d (%d rows)", old, new, self.rows)
         return True
 
@@ -276,6 +291,8 @@ class LatentCache:
                     if k:
                         dst[:, i, :, p:p + k] = src[:, i, :k, :].swapaxes(1, 2)
         self.lengths[r0:r1] += n_new
+        if self.journal is not None:
+            self.journal.append((WRITE, r0, *n_new.tolist()))
 
 
 def budget_for(layout: CacheLayout, rows: int, tokens: int) -> int:

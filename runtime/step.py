@@ -10,6 +10,8 @@ right-padded). The caller (`StepRunner`, used by `Engine.generate` and by the se
                     (`kvcache.LatentCache.feeds`): contiguous, bound by pointer, never copied
     io.logits       [n, S, V] float32   preallocated output buffer (a view); the backend writes into it
     io.new          {"c": [L, n, S, C], "pe": [L, n, S, R]}  preallocated output buffers for the new latents
+    io.r0, io.cache the first row and the `LatentCache` the views come from (for a backend that keeps a copy of
+                    the cache elsewhere: the follower ranks of a sharded bundle replay the cache's journal)
 
     class StepBackend(Protocol):
         def step(self, io: StepIO) -> None     # run once; outputs written into io.logits / io.new
@@ -50,6 +52,8 @@ class StepIO:
     past: dict[str, Any]
     logits: Any
     new: dict[str, Any]
+    r0: int = 0
+    cache: LatentCache | None = None
 
     def feeds(self) -> dict[str, Any]:
         """All graph inputs by name (for `run(feeds)` backends)."""
@@ -128,6 +132,7 @@ class StepRunner:
             logits=self._logits[: n * s * self.vocab_size].reshape(n, s, self.vocab_size),
             new={name: self._new[name][: L * n * s * ch].reshape(L, n, s, ch)
                  for name, ch in zip(TENSORS, self.cache.layout.channels)},
+            r0=r0, cache=self.cache,
         )
         self.backend.step(io)
         if n_new is not None:

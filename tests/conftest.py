@@ -29,3 +29,12 @@ def stock_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from stock_models import export_tiny_stock
 
     return export_tiny_stock(tmp_path_factory.mktemp("stock_tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny preset (seed 3) as a one-rank and as sharded bundles, each built on first use
+    (`dist_helpers.TinyBundles`: `tiny_bundles["tp2"]`)."""
+    from dist_helpers import TinyBundles
+
+    return TinyBundles(tmp_path_factory.mktemp("tiny_bundles"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from click.testing import CliRunner
@@ -26,6 +27,31 @@ def export(out: Path, *extra: str) -> Path:
     code, _, err = cli("export", "--preset", "tiny", "--seed", "3", "-o", str(out), *extra)
     assert code == 0, err
     return out
+
+
+class TinyBundles:
+    """The tiny preset (seed 3) exported once and built on first use as one rank (`single`) or sharded (`tp2`,
+    `ep2`, `tp2ep2`), under `root` (the session fixture `tiny_bundles` in conftest.py shares one)."""
+
+    LAYOUTS: ClassVar[dict[str, list[str]]] = {
+        "single": [], "tp2": ["--tensor-parallel", "2"], "ep2": ["--expert-parallel", "2"],
+        "tp2ep2": ["--tensor-parallel", "2", "--expert-parallel", "2"]}
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def export(self) -> Path:
+        if not (self.root / "export" / "model.onnx").is_file():
+            export(self.root / "export")
+        return self.root / "export"
+
+    def __getitem__(self, name: str) -> Path:
+        out = self.root / name
+        if not (out / "manifest.json").is_file():
+            code, _, err = cli("build", str(self.export), "-o", str(out), "--threads", "1", *self.LAYOUTS[name])
+            assert code == 0, err
+        return out
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

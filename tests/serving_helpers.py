@@ -15,6 +15,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -118,6 +119,21 @@ def http_call(method: str, url: str, body: bytes | None = None, timeout: float =
         return r.status, r.read().decode()
     finally:
         conn.close()
+
+
+def openai_client(url: str) -> Any:
+    """The official openai client for a server's base URL (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of a server's /metrics (the first line of that name)."""
+    for line in http_call("GET", url + "/metrics")[1].splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

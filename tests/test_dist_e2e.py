@@ -21,29 +21,25 @@ import pytest
 import torch
 
 from r1c.runtime import load
-from tests.dist_helpers import REL_TOL, cli, export, rel_err
+from tests.dist_helpers import REL_TOL, TinyBundles, cli, export, rel_err
 
 PROMPTS = [[5, 9, 2, 7, 1], [11, 3], [8]]
 NEW_TOKENS = 6
+# Engine.generate's cache buckets for 5 + 124 tokens are [64, 129]: the run relays the cache once, which the
+# followers replay (before cache_replay, a sharded bundle refused any run past its first bucket)
+LONG_TOKENS = 124
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("dist")
-    export(root / "export")
-    out = {}
-    for name, args in {"single": [], "tp2": ["--tensor-parallel", "2"], "ep2": ["--expert-parallel", "2"],
-                       "tp2ep2": ["--tensor-parallel", "2", "--expert-parallel", "2"]}.items():
-        code, _, err = cli("build", str(root / "export"), "-o", str(root / name), *args)
-        assert code == 0, err
-        out[name] = root / name
-    return out
+def bundles(tiny_bundles: TinyBundles) -> TinyBundles:
+    return tiny_bundles
 
 
 @pytest.fixture(scope="module")
-def single(bundles: dict[str, Path]) -> Iterator[dict[str, object]]:
+def single(bundles: TinyBundles) -> Iterator[dict[str, object]]:
     engine = load(bundles["single"])
-    yield {"logits": engine.forward([PROMPTS[0]]), "tokens": engine.generate(PROMPTS, NEW_TOKENS)}
+    yield {"logits": engine.forward([PROMPTS[0]]), "tokens": engine.generate(PROMPTS, NEW_TOKENS),
+           "long": engine.generate(PROMPTS[:1], LONG_TOKENS)[0]}
 
 
 def _check(bundle: Path, single: dict[str, object]) -> None:
@@ -57,18 +53,18 @@ def _check(bundle: Path, single: dict[str, object]) -> None:
         engine.backend.close()  # type: ignore[attr-defined]
 
 
-def test_mixed_layout_on_four_ranks_matches_one_rank(bundles: dict[str, Path], single: dict[str, object]) -> None:
+def test_mixed_layout_on_four_ranks_matches_one_rank(bundles: TinyBundles, single: dict[str, object]) -> None:
     _check(bundles["tp2ep2"], single)  # the default mechanism: sub-graphs split at the collectives
 
 
 def test_expert_parallel_with_custom_op_collectives_matches_one_rank(
-        bundles: dict[str, Path], single: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+        bundles: TinyBundles, single: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("onnxruntime_extensions")
     monkeypatch.setenv("R1C_DIST_COLLECTIVES", "custom_op")
     _check(bundles["ep2"], single)
 
 
-def test_manifest_names_world_and_rank_files(bundles: dict[str, Path]) -> None:
+def test_manifest_names_world_and_rank_files(bundles: TinyBundles) -> None:
     m = json.loads((bundles["tp2ep2"] / "manifest.json").read_text())
     dist = m["target_options"]["distributed"]
     assert dist["world_size"] == 4 and dist["tensor_parallel"] == 2 and dist["expert_parallel"] == 2
@@ -79,17 +75,17 @@ def test_manifest_names_world_and_rank_files(bundles: dict[str, Path]) -> None:
             assert f in m["files"] and (bundles["tp2ep2"] / f).is_file()
 
 
-def test_cli_run_on_a_tensor_parallel_bundle(bundles: dict[str, Path], single: dict[str, object],
+def test_cli_run_on_a_tensor_parallel_bundle(bundles: TinyBundles, single: dict[str, object],
                                              tmp_path: Path) -> None:
     code, out, err = cli("run", str(bundles["tp2"]), "--input-ids", " ".join(map(str, PROMPTS[0])),
-                         "--max-new-tokens", str(NEW_TOKENS), "--logits-out", str(tmp_path / "l.npy"))
+                         "--max-new-tokens", str(LONG_TOKENS), "--logits-out", str(tmp_path / "l.npy"))
     assert code == 0, err
     tokens = out.strip().partition(": ")[2]  # `prompt 0 (N tokens) -> M new tokens: ids...`
-    assert [int(t) for t in tokens.split()] == single["tokens"][0]  # type: ignore[index]
+    assert [int(t) for t in tokens.split()] == single["long"]
     assert rel_err(np.load(tmp_path / "l.npy"), single["logits"][0]) < REL_TOL  # type: ignore[index]
 
 
-def test_missing_rank_file_is_one_clear_error(bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_missing_rank_file_is_one_clear_error(bundles: TinyBundles, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(bundles["tp2"], broken)
     (broken / "model.rank1.onnx").unlink()
@@ -98,8 +94,8 @@ def test_missing_rank_file_is_one_clear_error(bundles: dict[str, Path], tmp_path
         "r1c: error: bundle: file model.rank1.onnx listed in the manifest is missing"]
 
 
-def test_build_refuses_a_layout_the_model_does_not_divide(bundles: dict[str, Path], tmp_path: Path) -> None:
-    code, _, err = cli("build", str(bundles["single"].parent / "export"), "-o", str(tmp_path / "b"),
+def test_build_refuses_a_layout_the_model_does_not_divide(bundles: TinyBundles, tmp_path: Path) -> None:
+    code, _, err = cli("build", str(bundles.export), "-o", str(tmp_path / "b"),
                        "--tensor-parallel", "3")
     assert code != 0 and "num_attention_heads = 4 does not split into 3" in err
     assert not (tmp_path / "b").exists()
@@ -115,36 +111,19 @@ def test_step_channel_round_trip_with_and_without_overflow() -> None:
     receiver._broadcast = lambda t: t.copy_(sent.pop(0))  # type: ignore[method-assign]
     for tokens in (1, 3 * SLOTS):  # a decode step fits one broadcast; a long prefill needs a second
         ids = np.arange(2 * tokens, dtype=np.int64).reshape(2, tokens)
-        step = Step(7, 2, 40, [3, 4], {"input_ids": ids, "past_lengths": np.array([5, 0], np.int64)})
+        words = np.array([2, 2, 4, 1], np.int64)  # a MOVE_ROW 4 -> 1 (cache_replay's journal words)
+        step = Step(7, 3, words, {"input_ids": ids, "past_lengths": np.array([5, 0], np.int64)})
         sender.send(RUN, step)
         kind, got = receiver.receive()
         assert kind == RUN and got is not None and not sent
-        assert (got.key, got.batch, got.capacity, got.freed) == (7, 2, 40, [3, 4])
+        assert (got.key, got.r0) == (7, 3)
+        np.testing.assert_array_equal(got.words, words)
         np.testing.assert_array_equal(got.feeds["input_ids"], ids)
         np.testing.assert_array_equal(got.feeds["past_lengths"], [5, 0])
 
 
-def test_cache_keys_refuse_a_cache_that_is_relaid_in_place() -> None:
-    """Followers mirror rank 0's cache by replaying appends; a row view at an offset or a capacity that changes
-    under the same buffer (a serving scheduler's compaction / buckets) is refused, not silently diverged."""
-    from r1c.errors import BundleError
-    from r1c.runtime.distributed.cache_mirror import CacheKeys
-
-    io = {"kv_cache": {"layers": 1, "tensors": {"c": {"input": "past_c.{layer}", "output": "new_c", "channels": 4}}}}
-    keys = CacheKeys(io)
-    arena = np.zeros((1, 3, 4, 8), np.float32)
-    first = keys.key({"past_c.0": arena[0]})
-    assert keys.key({"past_c.0": arena[0]}) == first
-    with pytest.raises(BundleError, match="moves cache rows"):
-        keys.key({"past_c.0": arena[0, 1:]})  # rows bound at an offset
-    other = np.zeros((1, 2, 4, 8), np.float32)
-    assert keys.key({"past_c.0": other[0]}) != first
-    del other
-    assert keys.take_freed() == [first + 1]
-
-
 @pytest.mark.slow
-def test_torchrun_launch_matches_one_rank(bundles: dict[str, Path], single: dict[str, object]) -> None:
+def test_torchrun_launch_matches_one_rank(bundles: TinyBundles, single: dict[str, object]) -> None:
     """`torchrun -m r1c.cli run`: every process loads the bundle; rank 0 prints, the others serve and exit 0."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
     cmd = [*torchrun, "-m", "r1c.cli", "run", str(bundles["tp2ep2"]), "--input-ids", " ".join(map(str, PROMPTS[0])),
@@ -165,7 +144,7 @@ def test_small_preset_every_layout_matches_one_rank(tmp_path: Path) -> None:
     assert proc.stdout.count("same greedy tokens: True") == 5
 
 
-def test_a_script_without_main_guard_can_load_a_sharded_bundle(bundles: dict[str, Path], tmp_path: Path,
+def test_a_script_without_main_guard_can_load_a_sharded_bundle(bundles: TinyBundles, tmp_path: Path,
                                                                single: dict[str, object]) -> None:
     """Followers do not re-run the caller's script (multiprocessing would, and load again from each follower)."""
     script = tmp_path / "use.py"

@@ -1,11 +1,12 @@
 """Rank 0 -> followers: what each step runs, as one int64 broadcast (two when a prefill's ids do not fit).
 
-A step is: the cache key and its shape (batch, capacity), the keys freed since the last step, and the graph's
-non-cache inputs (`input_ids` [B, S], `past_lengths` [B]: int64, as graph_io declares them). They are packed into
-a fixed buffer of SLOTS int64 values, broadcast over the control group (gloo); a payload longer than that follows
-in a second broadcast. A pickled `broadcast_object_list` costs about 2.7x one tensor broadcast here (measured:
-1.9 ms vs 0.7 ms between two processes on the loaded 2-core machine), and a decode step needs one broadcast.
-Layout: [kind, key, batch, capacity, n_freed, payload_len, freed..., per input: ndim, dims..., values...].
+A step is: the key of the cache it binds and its first row r0, the cache journal words since that cache's previous
+step (`cache_replay`: row moves, bucket changes, writes, caches created or freed), and the graph's non-cache inputs
+(`input_ids` [n, S], `past_lengths` [n]: int64, as graph_io declares them). They are packed into a fixed buffer of
+SLOTS int64 values, broadcast over the control group (gloo); a payload longer than that follows in a second
+broadcast. A pickled `broadcast_object_list` costs about 2.7x one tensor broadcast here (measured: 1.9 ms vs 0.7 ms
+between two processes on the loaded 2-core machine), and a decode step needs one broadcast.
+Layout: [kind, key, r0, n_words, payload_len, 0, words..., per input: ndim, dims..., values...].
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ STOP, RUN, READY = 0, 1, 2
 
 @dataclasses.dataclass
 class Step:
-    key: int
-    batch: int
-    capacity: int
-    freed: list[int]
+    key: int  # the cache the step binds (`cache_replay.CacheJournals`)
+    r0: int  # its first row
+    words: np.ndarray  # int64: the cache journal since that cache's previous step (`cache_replay`)
     feeds: dict[str, np.ndarray]  # int64 arrays, the graph's non-cache inputs
 
 
@@ -47,15 +47,15 @@ class StepChannel:
         payload: list[np.ndarray] = []
         head = [kind, 0, 0, 0, 0, 0]
         if step is not None:
-            payload.append(np.asarray(step.freed, np.int64))
+            payload.append(np.asarray(step.words, np.int64))
             for name in self.names:
                 arr = step.feeds[name]
                 if arr.dtype != np.int64:
                     raise BundleError(f"bundle: input {name} is {arr.dtype}; the control channel sends int64 only")
                 payload += [np.array([arr.ndim, *arr.shape], np.int64), arr.reshape(-1)]
-            head[1:5] = [step.key, step.batch, step.capacity, len(step.freed)]
+            head[1:4] = [step.key, step.r0, len(step.words)]
         flat = np.concatenate(payload) if payload else np.zeros(0, np.int64)
-        head[5] = flat.size
+        head[4] = flat.size
         first = np.concatenate([np.array(head, np.int64), flat[: SLOTS - HEADER]])
         self.buffer.zero_()
         self.buffer[: first.size] = torch.from_numpy(first)
@@ -66,7 +66,7 @@ class StepChannel:
     def receive(self) -> tuple[int, Step | None]:
         self._broadcast(self.buffer)
         head = self.buffer[:HEADER].tolist()
-        kind, key, batch, capacity, n_freed, size = head
+        kind, key, r0, n_words, size, _ = head
         if kind != RUN:
             return kind, None
         flat = self.buffer[HEADER: HEADER + min(size, SLOTS - HEADER)].numpy().copy()
@@ -74,7 +74,7 @@ class StepChannel:
             rest = torch.zeros(size - (SLOTS - HEADER), dtype=torch.int64)
             self._broadcast(rest)
             flat = np.concatenate([flat, rest.numpy()])
-        freed, at = flat[:n_freed].tolist(), n_freed
+        words, at = flat[:n_words], n_words
         feeds = {}
         for name in self.names:
             ndim = int(flat[at])
@@ -83,4 +83,4 @@ class StepChannel:
             count = int(np.prod(shape, dtype=np.int64))
             feeds[name] = flat[at: at + count].reshape(shape)
             at += count
-        return kind, Step(key, batch, capacity, freed, feeds)
+        return kind, Step(key, r0, words, feeds)

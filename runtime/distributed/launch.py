@@ -1,9 +1,12 @@
 """Run a sharded bundle: rank 0 schedules (it is the caller's process), the other ranks follow.
 
 `sharded_backend(bundle, manifest)` is what `r1c.runtime.load` returns for a bundle whose manifest has
-`target_options.distributed`: a `Backend` whose `run(feeds)` first broadcasts the step (the non-cache inputs,
-the cache's key, freed keys; `control.StepChannel`) to the followers over the control group, then runs
-rank 0's share; every rank's collectives meet inside the step. Launchers:
+`target_options.distributed`: a step backend (`r1c.runtime.step`) whose `step(io)` first broadcasts the step (the
+non-cache inputs, the cache's key and first row, and what rank 0 did to that cache since its last step:
+`control.StepChannel`, `cache_replay`) to the followers over the control group, then runs rank 0's share; every
+rank's collectives meet inside the step. Each follower replays the cache journal on its own copy of the cache, so
+any caller of the step interface runs sharded: `Engine.generate`, and the serving scheduler that moves rows and
+changes the capacity bucket in place (`r1c serve`). Steps from several threads are serialised. Launchers:
 - default: rank 0 starts ranks 1..W-1 with `torch.multiprocessing` (forkserver on Linux, else spawn) and a
   TCPStore rendezvous on 127.0.0.1 (a free port); they end when rank 0 closes the backend or exits;
 - `torchrun --nproc-per-node W ...`: every process calls `load`; rank 0 gets the backend, the others serve
@@ -20,17 +23,18 @@ import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from r1c.errors import BundleError
 from r1c.manifest import Manifest, read_manifest
-from r1c.runtime.distributed.cache_mirror import CacheKeys, CacheMirror, cache_inputs
+from r1c.runtime.distributed.cache_replay import CacheJournals, CacheReplica, cache_inputs
 from r1c.runtime.distributed.control import READY, RUN, STOP, Step, StepChannel
+from r1c.runtime.step import StepIO
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +87,18 @@ def _channel(manifest: Manifest, control: Any) -> StepChannel:
 
 
 def follow(bundle: Path, manifest: Manifest, rank: int, mechanism: str, options: dict[str, Any], control: Any) -> None:
-    """A follower's loop: receive each step from rank 0, run this rank's share, keep the cache mirror."""
+    """A follower's loop: receive each step from rank 0, replay its cache journal, run this rank's share."""
     runner = _runner(bundle, manifest, rank, mechanism, options)
-    mirror = CacheMirror(manifest.graph_io)
+    replica = CacheReplica(manifest.graph_io)
     channel = _channel(manifest, control)
     channel.send(READY)  # (a broadcast from rank 0: every rank passes it once all have loaded)
     while True:
         kind, step = channel.receive()
         if kind == STOP or step is None:
             break
-        mirror.drop(step.freed)
-        outputs = runner.run({**step.feeds, **mirror.feeds(step.key, step.batch, step.capacity)})
-        mirror.append(step.key, outputs, step.feeds["past_lengths"])
+        replica.apply(step.key, step.words)
+        past = replica.feeds(step.key, step.r0, step.feeds["past_lengths"])
+        replica.stepped(step.key, runner.run({**step.feeds, **past}))
 
 
 def _spawned_follower(bundle: str, rank: int, port: int, mechanism: str, options: dict[str, Any]) -> None:
@@ -148,7 +152,7 @@ def _process_context(mp: Any) -> Any:
 
 
 class ShardedBackend:
-    """Rank 0's backend: broadcasts each step to the followers, runs rank 0's share, returns its outputs."""
+    """Rank 0's step backend: broadcasts each step to the followers, runs rank 0's share into the step's buffers."""
 
     def __init__(self, bundle: Path, manifest: Manifest, *, collectives: str | None = None,
                  session_options: dict[str, Any] | None = None) -> None:
@@ -191,8 +195,10 @@ class ShardedBackend:
                 _stop(self.processes)
                 raise
             self._store = store
-        self.keys = CacheKeys(manifest.graph_io)
-        self.cache_names = set(cache_inputs(manifest.graph_io))
+        self.journals = CacheJournals()
+        self._lock = threading.Lock()  # one step at a time: the followers take the steps in broadcast order
+        self.control_s = 0.0  # time spent broadcasting steps (rank 0), and their count: the control overhead
+        self.steps = 0
         self._closed = False
         self._broken = False
         self.channel = _channel(manifest, control)
@@ -217,14 +223,25 @@ class ShardedBackend:
             raise BundleError(f"bundle: the sharded run failed ({type(e).__name__}: {str(e).strip()[:200]})"
                               + (f"; stopped: {', '.join(dead)}" if dead else "")) from e
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._closed or self._broken:
-            raise BundleError("bundle: this sharded engine is closed (or broke on an earlier error); load it again")
-        first = feeds[self.keys.first_input]  # [B, channels, capacity]
-        step = Step(self.keys.key(feeds), int(first.shape[0]), int(first.shape[-1]), self.keys.take_freed(),
-                    {k: v for k, v in feeds.items() if k not in self.cache_names})
-        self._guard(lambda: self.channel.send(RUN, step))
-        return self._guard(lambda: self.runner.run(feeds))
+    def step(self, io: StepIO) -> None:
+        """Run one step on every rank (`r1c.runtime.step`); rank 0's outputs are copied into the io's buffers."""
+        if io.cache is None:
+            raise BundleError("bundle: a sharded bundle steps through a StepRunner over a LatentCache (the followers "
+                              "replay that cache's journal); this step names no cache")
+        with self._lock:
+            if self._closed or self._broken:
+                raise BundleError("bundle: this sharded engine is closed (or broke on an earlier error); load it "
+                                  "again")
+            feeds = io.feeds()
+            key, words = self.journals.take(io.cache)  # communicates nothing: a refusal leaves the world intact
+            step = Step(key, io.r0, words, {name: feeds[name] for name in self.channel.names})
+            t0 = time.perf_counter()
+            self._guard(lambda: self.channel.send(RUN, step))
+            self.control_s += time.perf_counter() - t0
+            self.steps += 1
+            out = self._guard(lambda: self.runner.run(feeds))
+        for name, buf in io.outputs().items():
+            buf[...] = out[name]
 
     def close(self) -> None:
         """Stop the followers and leave the process groups (idempotent)."""
@@ -233,7 +250,9 @@ class ShardedBackend:
         self._closed = True
         self._finalizer.detach()
         atexit.unregister(self._finalizer)
-        _shutdown(self.processes, self.channel, [self._broken])
+        self.journals.close()
+        with self._lock:  # a step in flight on another thread finishes first
+            _shutdown(self.processes, self.channel, [self._broken])
 
 
 def _shutdown(processes: list[Any], channel: StepChannel, broken: list[bool]) -> None:
