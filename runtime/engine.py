@@ -76,12 +76,17 @@ class Engine:
 
         One prefill over the right-padded batch, then one decode step per token with the cache reused.
         `on_step(step, tokens)` is called after each step with the [B] tokens just chosen (step 0 = prefill).
-        A row stops at `eos_token_id` (kept in its output).
+        A row stops at `eos_token_id` (kept in its output). Raises `RuntimeInputError` for an empty prompt, a token
+        id or `eos_token_id` outside [0, vocab_size), or a length beyond max_position_embeddings.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeInputError("every prompt needs at least one token")
         if max_new_tokens < 0:
             raise RuntimeInputError("max_new_tokens must be >= 0")
+        is_id = isinstance(eos_token_id, int | np.integer) and not isinstance(eos_token_id, bool)
+        if eos_token_id is not None and not (is_id and 0 <= eos_token_id < self.vocab_size):
+            raise RuntimeInputError(f"eos_token_id {eos_token_id!r} is not a token of this model (an integer in "
+                                    f"[0, {self.vocab_size}))")
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         batch, longest = len(prompts), int(lengths.max())
         if longest + max_new_tokens > self.config.max_position_embeddings:

@@ -1,4 +1,5 @@
-"""Bad input, one table: every case is a command line of export, optimize, inspect, build, run or bench that must
+"""Bad input, one table: every case is a command line of export, optimize, inspect, build, run, bench, verify, serve,
+capi or bench-serving that must
 fail with exactly one line `r1c: error: ...` naming the problem, the exit code in the table (1: bad input,
 2: a command line click cannot parse; bench's 3 is for a real regression only, never for an input error), and
 leave every file it could touch as it was (the test snapshots the case's directory and the shared export and
@@ -17,7 +18,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,27 @@ def _bench(w: World, *args: str | Path) -> list[str | Path]:
 
 def _run(w: World, *args: str | Path) -> list[str | Path]:
     return ["run", w.bundle, *args]
+
+
+def _serve(w: World, *args: str | Path) -> list[str | Path]:
+    """`r1c serve` on the shared bundle, port 0 unless a case names one (every case must fail before it listens)."""
+    return ["serve", w.bundle, "--port", "0", *args]
+
+
+def _bench_serving(w: World, *args: str | Path) -> list[str | Path]:
+    return ["bench-serving", w.bundle, "--capi-calls", "0", "--bucket-rows", "0", "--long-prompt", "0", *args]
+
+
+_HELD: list[socket.socket] = []  # sockets a case keeps listening while it runs (closed after each case)
+
+
+def _busy_port(w: World) -> str:
+    """A port of 127.0.0.1 that a listening socket of this process holds."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    _HELD.append(s)
+    return str(s.getsockname()[1])
 
 
 CASES = [
@@ -279,6 +302,46 @@ CASES = [
     Case("bench-threads-negative", lambda w: _bench(w, "--threads", "-3"), "--threads must be >= 0"),
     Case("bench-repeat-too-few", lambda w: _bench(w, "--repeat", "1"), "--repeat >= 3"),
     Case("bench-json-onto-directory", lambda w: _bench(w, "--json", _file(w, "d/x").parent), "is a directory"),
+    # verify
+    Case("verify-missing-bundle", lambda w: ["verify", w.tmp / "nope"], "is not a directory"),
+    Case("verify-edited-weights", lambda w: ["verify", _copy(w.bundle, w, "b", _flip_byte), "--no-progress"],
+         "sha256"),
+    Case("verify-manifest-not-json", lambda w: ["verify", _copy(w.bundle, w, "b", lambda d: (d / "manifest.json")
+                                                             .write_text("{"))], "not valid JSON"),
+    # serve (each fails before it listens: a case that served would never return)
+    Case("serve-missing-bundle", lambda w: ["serve", w.tmp / "nope", "--port", "0"], "is not a directory"),
+    Case("serve-port-out-of-range", lambda w: ["serve", w.bundle, "--port", "70000"], "Invalid value for '--port'", 2),
+    Case("serve-port-negative", lambda w: ["serve", w.bundle, "--port", "-1"], "Invalid value for '--port'", 2),
+    Case("serve-port-in-use", lambda w: ["serve", w.bundle, "--port", _busy_port(w)], "Address already in use"),
+    Case("serve-host-unresolvable", lambda w: _serve(w, "--host", "no-such-host.invalid"), "does not resolve"),
+    Case("serve-threads-negative", lambda w: _serve(w, "--threads", "-2"), "--threads must be >= 0"),
+    Case("serve-kv-cache-bytes-word", lambda w: _serve(w, "--kv-cache-bytes", "lots"), "not a size in bytes"),
+    Case("serve-kv-cache-bytes-zero", lambda w: _serve(w, "--kv-cache-bytes", "0"),
+         "--kv-cache-bytes) must be an integer >= 1"),
+    Case("serve-kv-cache-too-small", lambda w: _serve(w, "--kv-cache-bytes", "1KiB"), "holds 1 tokens"),
+    Case("serve-max-num-seqs-zero", lambda w: _serve(w, "--max-num-seqs", "0"), "(--max-num-seqs) must be"),
+    Case("serve-max-tokens-per-step-zero", lambda w: _serve(w, "--max-tokens-per-step", "0"),
+         "(--max-tokens-per-step) must be"),
+    Case("serve-model-name-empty", lambda w: _serve(w, "--model-name", " "), "--model-name must not be empty"),
+    Case("serve-manifest-not-json", lambda w: ["serve", _copy(w.bundle, w, "b", lambda d: (d / "manifest.json")
+                                                              .write_text("{")), "--port", "0"], "not valid JSON"),
+    # capi (refused before CMake runs)
+    Case("capi-dest-is-a-file", lambda w: ["capi", "--dest", _file(w, "prefix", "x")], "exists and is a file"),
+    Case("capi-dest-holds-other-files", lambda w: ["capi", "--dest", _existing_output(w)],
+         "holds files of something else"),
+    Case("capi-dest-parent-is-a-file", lambda w: ["capi", "--dest", _file(w, "f") / "prefix"], "is not a directory"),
+    # bench-serving
+    Case("bench-serving-missing-bundle", lambda w: ["bench-serving", w.tmp / "nope"], "is not a directory"),
+    Case("bench-serving-threads-negative", lambda w: _bench_serving(w, "--threads", "-1"), "--threads must be >= 0"),
+    Case("bench-serving-streams-word", lambda w: _bench_serving(w, "--streams", "1,x"), "--streams takes integers"),
+    Case("bench-serving-streams-zero", lambda w: _bench_serving(w, "--streams", "0"), "positive integers"),
+    Case("bench-serving-requests-zero", lambda w: _bench_serving(w, "--requests", "0"), "--requests and --rounds"),
+    Case("bench-serving-kv-cache-bytes-word", lambda w: _bench_serving(w, "--kv-cache-bytes", "2XB"),
+         "not a size in bytes"),
+    Case("bench-serving-long-prompt-too-long", lambda w: ["bench-serving", w.bundle, "--long-prompt", "100000",
+                                                          "--capi-calls", "0"], "--long-prompt 100000 does not fit"),
+    Case("bench-serving-json-onto-directory", lambda w: _bench_serving(w, "--json", _file(w, "d/x").parent),
+         "is a directory"),
 ]
 
 
@@ -320,9 +383,16 @@ def _snapshot(*roots: Path) -> dict[str, str]:
     return seen
 
 
+@pytest.fixture(autouse=True)
+def _release_held_sockets() -> Iterator[None]:
+    yield
+    while _HELD:
+        _HELD.pop().close()
+
+
 def test_the_table_covers_every_stage() -> None:
     stages = {c.id.split("-")[0] for c in CASES}
-    assert {"export", "optimize", "inspect", "build", "run", "bench"} <= stages
+    assert {"export", "optimize", "inspect", "build", "run", "bench", "verify", "serve", "capi"} <= stages
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
 
 

@@ -163,6 +163,19 @@ def test_run_token_out_of_range(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert err.strip().count("\n") == 0 and "out of range" in err
 
 
+def test_generate_refuses_an_eos_token_outside_the_vocabulary(tiny: dict[str, Path]) -> None:
+    from r1c.errors import RuntimeInputError
+
+    engine = load(tiny["bundle"])
+    vocab = engine.vocab_size
+    for eos in (vocab, -1, True, 2.0, "3"):
+        with pytest.raises(RuntimeInputError, match=f"eos_token_id {eos!r} is not a token of this model"):
+            engine.generate([[1, 2]], 3, eos_token_id=eos)  # type: ignore[arg-type]
+    first = engine.generate([[1, 2]], 1)[0][0]  # an in-vocabulary eos (numpy ints too) still stops the row
+    assert engine.generate([[1, 2]], 3, eos_token_id=np.int64(first)) == [[first]]
+    assert engine.generate([[1, 2]], 3, eos_token_id=vocab - 1 if first != vocab - 1 else 0)[0][0] == first
+
+
 def test_build_refuses_existing_output_and_leaves_it(tiny: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     out.mkdir()

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_helpers import free_port, http_call, r1c_cmd, server_process, text_bundle
+from serving_helpers import free_port, http_call, metric, r1c_cmd, server_process, text_bundle
+from serving_helpers import openai_client as client
 
 from r1c.runtime import load
 from r1c.runtime.serving.text import TextCodec
@@ -39,17 +40,6 @@ def server(bundle: Path) -> Iterator[str]:
 def ref(bundle: Path):  # type: ignore[no-untyped-def]
     engine = load(bundle, session_options={"intra_op_num_threads": 1})
     return engine, TextCodec.from_dir(bundle)
-
-
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def metric(url: str, name: str) -> float:
-    for line in http_call("GET", url + "/metrics")[1].splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_completions_ids_and_text_match_the_python_api(server: str, ref) -> None:  # type: ignore[no-untyped-def]
@@ -127,6 +117,8 @@ def test_bad_requests_get_openai_errors(server: str) -> None:
         c.completions.create(model="tiny", prompt=[1], max_tokens=2, temperature=-1)
     with pytest.raises(openai.BadRequestError, match="out of range"):
         c.completions.create(model="tiny", prompt=[100000], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="stop token id 100000 is out of range"):
+        c.completions.create(model="tiny", prompt=[1], max_tokens=2, extra_body={"stop_token_ids": [100000]})
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         c.completions.create(model="tiny", prompt=[1, 2], max_tokens=100000)
     for body, status in ((b"{not json", 400), (b'{"model": "tiny"}', 400), (b'{"model": "tiny", "prompt": []}', 400)):

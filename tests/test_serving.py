@@ -167,6 +167,9 @@ def test_stops_and_max_tokens(engine, bundle: Path) -> None:  # type: ignore[no-
             se.submit([engine.vocab_size], SamplingParams())
         with pytest.raises(RuntimeInputError, match="top_p"):
             se.submit(prompt, SamplingParams(top_p=0.0))
+        for stop_id in (engine.vocab_size, -1):  # stop ids must be tokens of the model
+            with pytest.raises(RuntimeInputError, match=f"stop token id {stop_id} is out of range"):
+                se.submit(prompt, SamplingParams(stop_token_ids=(ref[0], stop_id)))
 
 
 def test_text_prompt_streams_text_and_chat_template(engine) -> None:  # type: ignore[no-untyped-def]

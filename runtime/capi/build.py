@@ -65,6 +65,19 @@ def default_prefix() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1c" / "capi" / build_key()
 
 
+def check_prefix(prefix: Path) -> None:
+    """Refuse an install prefix that cannot be written, or that holds something other than an earlier install (a
+    build replaces the prefix whole: it must never remove a directory of the user's). Raises `BuildError`."""
+    from r1c.outdir import check_output_path
+
+    check_output_path(prefix, BuildError, "capi")
+    if prefix.exists() and not prefix.is_dir():
+        raise BuildError(f"capi: install prefix {prefix} exists and is a file")
+    if prefix.is_dir() and any(prefix.iterdir()) and not (prefix / STAMP).is_file():
+        raise BuildError(f"capi: install prefix {prefix} holds files of something else (no {STAMP}); a build "
+                         "replaces the prefix whole, so give a new or empty directory")
+
+
 def build_capi(dest: Path | None = None, *, force: bool = False,
                progress: Callable[[str], None] | None = None) -> CapiInstall:
     """Build and install into `dest` (default `default_prefix()`) unless it is up to date; raises `BuildError`."""
@@ -73,6 +86,7 @@ def build_capi(dest: Path | None = None, *, force: bool = False,
     key = build_key()
     if not force and inst.library.is_file() and (prefix / STAMP).is_file() and (prefix / STAMP).read_text() == key:
         return inst
+    check_prefix(prefix)
     if shutil.which("cmake") is None:
         raise BuildError("capi: cmake is not installed (Debian: apt-get install cmake g++ python3-dev)")
     work = prefix.with_name(prefix.name + f".build-{os.getpid()}")

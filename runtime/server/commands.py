@@ -34,19 +34,53 @@ def scheduler_options(f: Any) -> Any:
 
 
 def make_config(max_num_seqs: int, max_tokens_per_step: int, kv_cache_bytes: str | None, max_model_len: int | None,
-                max_queue: int, prefill_pad_tokens: int = 0) -> Any:
+                max_queue: int, prefill_pad_tokens: int = 0, threads: int | None = None) -> Any:
+    """The scheduler's config from the options, checked before anything is loaded (`RuntimeInputError`)."""
+    from r1c.errors import RuntimeInputError
     from r1c.runtime.kvcache import parse_bytes
     from r1c.runtime.serving import SchedulerConfig
 
-    return SchedulerConfig(max_num_seqs=max_num_seqs, max_tokens_per_step=max_tokens_per_step,
-                           cache_bytes=None if kv_cache_bytes is None else parse_bytes(kv_cache_bytes),
-                           max_model_len=max_model_len, max_queue=max_queue, prefill_pad_tokens=prefill_pad_tokens)
+    if threads is not None and threads < 0:
+        raise RuntimeInputError(f"--threads must be >= 0 (0: one per physical core), got {threads}")
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_tokens_per_step=max_tokens_per_step,
+                             cache_bytes=None if kv_cache_bytes is None else parse_bytes(kv_cache_bytes),
+                             max_model_len=max_model_len, max_queue=max_queue, prefill_pad_tokens=prefill_pad_tokens)
+    config.validate()
+    return config
+
+
+def listen_socket(host: str, port: int) -> Any:
+    """A socket bound to (host, port) and listening, made before the bundle loads (so that an address in use or a
+    host that does not resolve fails at once, and port 0 picks a free port); `RuntimeInputError` otherwise."""
+    import socket
+
+    from r1c.errors import RuntimeInputError
+
+    where = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RuntimeInputError(f"serve: cannot listen on {where}: host {host!r} does not resolve ({reason})") \
+            from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise RuntimeInputError(f"serve: cannot listen on {where}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: a free one, printed at start).")
 @click.option("--model-name", default=None, help="The model id clients send (default: the bundle's folder name).")
 @scheduler_options
 def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_num_seqs: int, max_tokens_per_step: int,
@@ -63,24 +97,37 @@ def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_nu
     """
     import uvicorn
 
+    from r1c.errors import RuntimeInputError
     from r1c.runtime.server.app import create_app
     from r1c.runtime.server.metrics import Metrics
     from r1c.runtime.serving import ServingEngine
 
     config = make_config(max_num_seqs, max_tokens_per_step, kv_cache_bytes, max_model_len, max_queue,
-                         prefill_pad_tokens)
-    metrics = Metrics()
-    session = {"intra_op_num_threads": threads} if threads is not None else None
-    serving = ServingEngine.from_bundle(bundle, config, session_options=session, observers=[metrics])
-    metrics.attach(serving.stats)
-    name = model_name or bundle.resolve().name
-    app = create_app(serving, name, metrics)
-    click.echo(f"r1c: serving {name} on http://{host}:{port} (cache {serving.stats()['cache_capacity_tokens']} "
-               f"tokens, {'text and ids' if serving.codec else 'token ids only'})", err=True)
+                         prefill_pad_tokens, threads)
+    if model_name is not None and not model_name.strip():
+        raise RuntimeInputError("--model-name must not be empty")
+    sock = listen_socket(host, port)
+    serving = None
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        metrics = Metrics()
+        session = {"intra_op_num_threads": threads} if threads is not None else None
+        serving = ServingEngine.from_bundle(bundle, config, session_options=session, observers=[metrics])
+        metrics.attach(serving.stats)
+        name = model_name or bundle.resolve().name
+        app = create_app(serving, name, metrics)
+        bound = sock.getsockname()[1]
+        ranks = getattr(serving.engine.backend, "world_size", 1)
+        click.echo(f"r1c: serving {name} on http://{host}:{bound} (cache {serving.stats()['cache_capacity_tokens']} "
+                   f"tokens, {'text and ids' if serving.codec else 'token ids only'}"
+                   f"{f', {ranks} ranks' if ranks > 1 else ''})", err=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
     finally:
-        serving.close()
+        sock.close()
+        if serving is not None:
+            serving.close()
+            close = getattr(serving.engine.backend, "close", None)
+            if close is not None:
+                close()  # a sharded bundle's follower ranks stop with the server
 
 
 @click.command("capi", context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,16 +191,21 @@ def bench_serving_cmd(bundle: Path, streams_text: str, n_requests: int, prompt_t
     requests run one at a time; a running stream's inter-token gap while a long prompt arrives; the capacity
     bucket against reading the whole cache; the cost of one C ABI call over the Python call. Not a test: run it
     on a quiet machine (levels are interleaved by round; ratios are within a round)."""
+    from r1c.errors import BenchError
+    from r1c.outdir import atomic_output_file, check_output_file
     from r1c.runtime.serving.bench import BenchSettings, run_bench
 
+    if json_out is not None:
+        check_output_file(json_out, BenchError, "--json")  # before the long part
     config = make_config(max_num_seqs, max_tokens_per_step, kv_cache_bytes, max_model_len, max_queue,
-                         prefill_pad_tokens)
+                         prefill_pad_tokens, threads)
     settings = BenchSettings.parse(streams_text, n_requests, prompt_text, new_text, long_prompt, budgets_text,
                                    capi_calls, rounds, bucket_rows, seed)
     report = run_bench(bundle, config, settings, threads=threads, log=lambda s: click.echo(s, err=True))
     click.echo(report.table())
     if json_out is not None:
-        json_out.write_text(report.to_json())
+        with atomic_output_file(json_out, BenchError, "--json") as tmp:
+            tmp.write_text(report.to_json())
 
 
 def register(group: click.Group) -> None:

@@ -321,6 +321,9 @@ def run_bench(bundle: Path, config: SchedulerConfig, settings: BenchSettings, *,
     if longest > engine.config.max_position_embeddings:
         raise BenchError(f"benchmark: prompt + output up to {longest} tokens exceed the model's "
                          f"max_position_embeddings ({engine.config.max_position_embeddings})")
+    if settings.long_prompt and settings.long_prompt + 32 > engine.config.max_position_embeddings:
+        raise BenchError(f"benchmark: --long-prompt {settings.long_prompt} does not fit the model's "
+                         f"max_position_embeddings ({engine.config.max_position_embeddings}); 0 skips it")
     log("warm-up")
     run_level(engine, config, requests[:4], 2)
     rounds = []
@@ -333,9 +336,6 @@ def run_bench(bundle: Path, config: SchedulerConfig, settings: BenchSettings, *,
         rounds.append(levels)
     long_rows = []
     if settings.long_prompt:
-        if settings.long_prompt + 32 > engine.config.max_position_embeddings:
-            raise BenchError(f"benchmark: --long-prompt {settings.long_prompt} does not fit the model's "
-                             f"max_position_embeddings ({engine.config.max_position_embeddings})")
         by_budget: dict[int, list[dict[str, Any]]] = {}
         for r in range(settings.rounds):  # interleaved like the levels
             for budget in [*settings.chunk_budgets, settings.long_prompt + 1]:

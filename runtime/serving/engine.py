@@ -96,9 +96,7 @@ class ServingEngine:
         self.config = cfg = config or SchedulerConfig()
         model_max = engine.config.max_position_embeddings
         self.max_model_len = min(cfg.max_model_len or model_max, model_max)
-        if min(cfg.max_num_seqs, cfg.max_tokens_per_step, cfg.min_prefill_chunk) < 1 or cfg.prefill_pad_tokens < 0:
-            raise RuntimeInputError("max_num_seqs, max_tokens_per_step and min_prefill_chunk must be >= 1, "
-                                    "prefill_pad_tokens >= 0")
+        cfg.validate()
         layout = engine.cache_layout
         budget = cfg.cache_bytes
         if budget is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from r1c.errors import RuntimeInputError
 from r1c.runtime.serving.sampling import RowState, SamplingParams
 from r1c.runtime.serving.stream import RequestOutput, RequestStream
 from r1c.runtime.serving.text import TextStream
@@ -35,6 +36,19 @@ class SchedulerConfig:
     min_bucket: int = 64
     min_prefill_chunk: int = 16
     prefill_pad_tokens: int = 0
+
+    def validate(self) -> None:
+        """Raises `RuntimeInputError` naming the first field (and its `r1c serve` option) out of range."""
+        limits = [("max_num_seqs", 1, False), ("max_tokens_per_step", 1, False), ("cache_bytes", 1, True),
+                  ("max_model_len", 1, True), ("max_queue", 1, False), ("min_bucket", 1, False),
+                  ("min_prefill_chunk", 1, False), ("prefill_pad_tokens", 0, False)]
+        for name, low, optional in limits:
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                option = "--" + ("kv-cache-bytes" if name == "cache_bytes" else name.replace("_", "-"))
+                raise RuntimeInputError(f"{name} ({option}) must be an integer >= {low}, got {value!r}")
 
 
 class Request:
