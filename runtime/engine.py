@@ -18,7 +18,7 @@ import numpy as np
 from r1c.errors import BundleError, RuntimeInputError
 from r1c.manifest import Manifest, read_manifest
 from r1c.runtime.kvcache import CacheLayout, LatentCache, budget_for, cache_dtype
-from r1c.runtime.step import StepRunner, backend_alloc, to_host
+from r1c.runtime.step import StepRunner, backend_alloc, host_view, to_host
 
 if TYPE_CHECKING:
     from r1c.runtime.foreign import ForeignEngine
@@ -74,9 +74,12 @@ class Engine:
                  on_step: StepCallback | None = None) -> list[list[int]]:
         """Greedy continuation of each prompt (prompts may differ in length); returns only the new tokens.
 
-        One prefill over the right-padded batch, then one decode step per token with the cache reused.
-        `on_step(step, tokens)` is called after each step with the [B] tokens just chosen (step 0 = prefill).
-        A row stops at `eos_token_id` (kept in its output).
+        One prefill over the right-padded batch, then one decode step per token with the cache reused and, while
+        the capacity bucket holds, the step's bindings too (`StepRunner`: per step, one bound run, two small input
+        copies, the new latents' write, an argmax over the logits view [B, V] float32 read in place).
+        `on_step(step, tokens)` is called after each step with the [B] int64 tokens just chosen (step 0 =
+        prefill). A row stops at `eos_token_id` (kept in its output). Raises `RuntimeInputError` on an empty
+        prompt, a negative `max_new_tokens`, an id outside the vocabulary or a length beyond the model's positions.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeInputError("every prompt needs at least one token")
@@ -105,13 +108,14 @@ class Engine:
         if on_step is not None:
             on_step(0, token)
         ones = np.ones(batch, dtype=np.int64)
-        for step in range(1, max_new_tokens):
+        for step in range(1, max_new_tokens):  # the hot path: one bound run, one argmax, B appends
             if done.all():
                 break
-            cache.resize(int(cache.lengths[:batch].max()) + 1)
-            token = to_host(runner.step(token[:, None], 0, ones)[:, 0]).argmax(-1).astype(np.int64)
-            for row in np.flatnonzero(~done):
-                out[row].append(int(token[row]))
+            cache.resize(int(cache.lengths[:batch].max()) + 1)  # a no-op unless the bucket is outgrown
+            token = host_view(runner.step(token[:, None], 0, ones)[:, 0]).argmax(-1).astype(np.int64, copy=False)
+            chosen = token.tolist()
+            for row in np.flatnonzero(~done).tolist():
+                out[row].append(chosen[row])
             if eos_token_id is not None:
                 done |= token == eos_token_id
             if on_step is not None:
