@@ -4,6 +4,9 @@
 run through the backend-step interface (`r1c.runtime.step`) over a `LatentCache` (`r1c.runtime.kvcache`): the
 cache is bound in place, attention reads a capacity bucket over the longest row, and each step writes only its
 new tokens' latents. The serving scheduler (`r1c.runtime.serving`) uses the same pieces for many callers.
+A decode step of `generate` with an unchanged batch and bucket reuses its bindings (`StepRunner`): one bound run,
+two small input copies, the new latents' write and an argmax over the logits view [B, V] float32, read in place
+(`host_view`); `on_step` gets the [B] int64 tokens.
 """
 
 from __future__ import annotations
@@ -74,12 +77,9 @@ class Engine:
                  on_step: StepCallback | None = None) -> list[list[int]]:
         """Greedy continuation of each prompt (prompts may differ in length); returns only the new tokens.
 
-        One prefill over the right-padded batch, then one decode step per token with the cache reused and, while
-        the capacity bucket holds, the step's bindings too (`StepRunner`: per step, one bound run, two small input
-        copies, the new latents' write, an argmax over the logits view [B, V] float32 read in place).
-        `on_step(step, tokens)` is called after each step with the [B] int64 tokens just chosen (step 0 =
-        prefill). A row stops at `eos_token_id` (kept in its output). Raises `RuntimeInputError` on an empty
-        prompt, a negative `max_new_tokens`, an id outside the vocabulary or a length beyond the model's positions.
+        One prefill over the right-padded batch, then one decode step per token with the cache reused.
+        `on_step(step, tokens)` is called after each step with the [B] tokens just chosen (step 0 = prefill).
+        A row stops at `eos_token_id` (kept in its output).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RuntimeInputError("every prompt needs at least one token")
