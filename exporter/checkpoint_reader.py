@@ -29,6 +29,7 @@ from r1c.config import ModelConfig
 from r1c.errors import CheckpointError
 from r1c.exporter.checkpoint_layouts import (
     FP8_DTYPE,
+    SCALE_SUFFIX,
     expert_part_shape,
     fuse_expert,
     fused_expert_shape,
@@ -39,12 +40,12 @@ from r1c.exporter.checkpoint_layouts import (
     refuse_unknown_tensors,
     skippable,
 )
+from r1c.exporter.tensor_source import MetaSource
 from r1c.exporter.weight_check import check_weight
 from r1c.plugins import fp8
 
 logger = logging.getLogger(__name__)
 
-SCALE_SUFFIX = "_scale_inv"
 FUSED_EXPERTS = {".gate_up_proj": ("gate_proj", "up_proj"), ".down_proj": ("down_proj",)}
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -81,7 +82,7 @@ def _corrupt(path: Path, e: Exception) -> CheckpointError:
     return CheckpointError(f"checkpoint: {path} is truncated or corrupt ({reason})")
 
 
-class CheckpointReader:
+class CheckpointReader(MetaSource):
     """Canonical names -> lazily read tensors of one checkpoint directory (see the module docstring).
 
     Raises CheckpointError (missing, misshapen, truncated or unknown-layout tensors) or ConfigError.
@@ -99,7 +100,7 @@ class CheckpointReader:
         self.config = ModelConfig.from_json(self.root / "config.json")
         self._handles: dict[Path, Any] = {}
         self._where: dict[str, tuple[Path, str]] = {}  # canonical name -> (file, name in the file)
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         # (prefix, kind) -> proj -> expert -> (file, name)
         self._experts: dict[tuple[str, str], dict[str, dict[int, tuple[Path, str]]]] = {}
         files, weight_map = weight_files(self.root)
@@ -123,10 +124,10 @@ class CheckpointReader:
             if m is not None:
                 prefix, expert, proj, kind = m
                 self._add_expert(prefix, expert, proj, kind, shape, (path, name))
-                self._meta[f"{prefix}.{expert}.{proj}.{kind}"] = (shape, dtype)
+                self.meta[f"{prefix}.{expert}.{proj}.{kind}"] = (shape, dtype)
             elif name in expected or name.removesuffix(SCALE_SUFFIX) in expected:
                 self._where[name] = (path, name)
-                self._meta[name] = (shape, dtype)
+                self.meta[name] = (shape, dtype)
         self._check_experts_complete()
         self._fused_meta()
         if mtp:
@@ -185,54 +186,41 @@ class CheckpointReader:
         for prefix, kind in self._experts:
             suffix = SCALE_SUFFIX if kind.endswith(SCALE_SUFFIX) else ""
             for fused, projs in FUSED_EXPERTS.items():
-                dtype = self._meta[f"{prefix}.0.{projs[0]}.{kind}"][1]
-                self._meta[prefix + fused + suffix] = (fused_expert_shape(self.config, fused, kind, dtype), dtype)
-        for key in [k for k in self._meta if ".mlp.experts." in k and k.split(".mlp.experts.")[1][:1].isdigit()]:
-            del self._meta[key]
+                dtype = self.meta[f"{prefix}.0.{projs[0]}.{kind}"][1]
+                self.meta[prefix + fused + suffix] = (fused_expert_shape(self.config, fused, kind, dtype), dtype)
+        for key in [k for k in self.meta if ".mlp.experts." in k and k.split(".mlp.experts.")[1][:1].isdigit()]:
+            del self.meta[key]
 
     def _check(self, expected: dict[str, tuple[int, ...]]) -> None:
-        missing = [name for name in expected if name not in self._meta]
-        for name, (_, dtype) in self._meta.items():
-            if dtype == torch.float8_e4m3fn and name + SCALE_SUFFIX not in self._meta:
+        missing = [name for name in expected if name not in self.meta]
+        for name, (_, dtype) in self.meta.items():
+            if dtype == torch.float8_e4m3fn and name + SCALE_SUFFIX not in self.meta:
                 missing.append(name + SCALE_SUFFIX)
         if missing:
             raise CheckpointError(f"checkpoint {self.root}: tensor {missing[0]} is missing "
                                   f"({len(missing)} missing in all)")
         for name, shape in expected.items():
-            got, dtype = self._meta[name]
+            got, dtype = self.meta[name]
             if got != shape and not (dtype == FP8_DTYPE and is_padded(self.config, name, got)):
                 raise CheckpointError(f"checkpoint {self.root}: tensor {name} has shape {list(got)}, "
                                       f"expected {list(shape)}")
-            scale = self._meta.get(name + SCALE_SUFFIX)
+            scale = self.meta.get(name + SCALE_SUFFIX)
             if scale is not None:
-                want = (*got[:-2], *fp8.block_shape(got[-2], got[-1]))
+                want = fp8.scale_shape(got)
                 if scale[0] != want:
                     raise CheckpointError(f"checkpoint {self.root}: tensor {name}{SCALE_SUFFIX} has shape "
                                           f"{list(scale[0])}, expected {list(want)}")
 
-    # ---- the tensor source protocol -----------------------------------------------------------------
-    @property
-    def names(self) -> list[str]:
-        """Every canonical name (weights and FP8 scales), in checkpoint order."""
-        return list(self._meta)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._meta
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][0]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._meta[name][1]
-
+    # ---- the tensor source protocol (names, shape, dtype: MetaSource; every canonical name, weights and FP8
+    # scales, in checkpoint order) ----------------------------------------------------------------------
     @property
     def is_fp8(self) -> bool:
-        return any(name.endswith(SCALE_SUFFIX) for name in self._meta)
+        return any(name.endswith(SCALE_SUFFIX) for name in self.meta)
 
     @property
     def nbytes(self) -> int:
         """Bytes of every canonical tensor (what an export reads)."""
-        return sum(_numel(s) * d.itemsize for s, d in self._meta.values())
+        return sum(_numel(s) * d.itemsize for s, d in self.meta.values())
 
     def _read(self, where: tuple[Path, str]) -> torch.Tensor:
         path, name = where

@@ -29,7 +29,7 @@ from r1c.config import ModelConfig
 from r1c.errors import ExportError
 from r1c.exporter.checkpoint import FP8_QUANTIZATION_CONFIG, SCALE_SUFFIX, is_quantizable
 from r1c.exporter.quant_report import summary
-from r1c.exporter.tensor_source import DictSource, TensorSource
+from r1c.exporter.tensor_source import DictSource, MetaSource, TensorSource
 from r1c.plugins import fp8
 
 FP8 = torch.float8_e4m3fn
@@ -70,7 +70,7 @@ def dequantize_slabs(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
     return out
 
 
-class Fp8Quantizer:
+class Fp8Quantizer(MetaSource):
     """`source` with DeepSeek's FP8 weights quantized as they are read (see the module docstring)."""
 
     def __init__(self, source: TensorSource) -> None:
@@ -84,22 +84,9 @@ class Fp8Quantizer:
                 continue
             self.quantized.add(name)
             self.meta[name] = (shape, FP8)
-            self.meta[name + SCALE_SUFFIX] = ((*shape[:-2], *fp8.block_shape(shape[-2], shape[-1])), torch.float32)
+            self.meta[name + SCALE_SUFFIX] = (fp8.scale_shape(shape), torch.float32)
         self._scales: dict[str, torch.Tensor] = {}
         self.per_tensor: dict[str, float] = {}  # relative Frobenius error of each quantized tensor
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.meta)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.meta
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.meta[name][0]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
         base = name.removesuffix(SCALE_SUFFIX)

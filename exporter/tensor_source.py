@@ -16,9 +16,9 @@ import torch
 
 from r1c.config import ModelConfig
 from r1c.errors import ExportError
+from r1c.exporter.checkpoint_layouts import SCALE_SUFFIX
 from r1c.plugins import fp8
 
-SCALE_SUFFIX = "_scale_inv"
 ROUTER_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
 
@@ -31,6 +31,30 @@ class TensorSource(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
     def expert_chunks(self, name: str) -> Iterator[torch.Tensor]: ...
     def release(self) -> None: ...
+
+
+class MetaSource:
+    """The metadata half of the protocol, answered from `meta` (name -> (shape, dtype)) in its order.
+
+    The base of the sources that know every shape and dtype before reading a weight (`ShapeSource`,
+    `CheckpointReader`, `precision_source.Fp8Quantizer`); they fill `meta` and add `get`, `expert_chunks` and
+    `release`.
+    """
+
+    meta: dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.meta
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.meta[name][1]
 
 
 class DictSource:
@@ -65,7 +89,7 @@ class DictSource:
         pass
 
 
-class ShapeSource:
+class ShapeSource(MetaSource):
     """Shapes and dtypes of a config's tensors with no values: `get` is an error (weights are never read).
 
     FP8 configs (`quantization_config.quant_method == "fp8"`) get DeepSeek's release layout: linear and expert
@@ -80,23 +104,9 @@ class ShapeSource:
         for name, shape in expected_shapes(config).items():
             if quantized and is_quantizable(name, len(shape)):
                 self.meta[name] = (shape, torch.float8_e4m3fn)
-                self.meta[name + SCALE_SUFFIX] = ((*shape[:-2], *fp8.block_shape(shape[-2], shape[-1])),
-                                                  torch.float32)
+                self.meta[name + SCALE_SUFFIX] = (fp8.scale_shape(shape), torch.float32)
             else:
                 self.meta[name] = (shape, torch.float32 if name.endswith(ROUTER_SUFFIXES) else dtype)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.meta)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.meta
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.meta[name][0]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
         raise ExportError(f"export: internal: weights=none read {name}")

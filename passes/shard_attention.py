@@ -19,13 +19,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from r1c.config import ModelConfig
 from r1c.errors import PassError
 from r1c.passes._util import const_ints
-from r1c.passes.shard_layout import ShardLayout
 from r1c.passes.shard_util import (
     GraphEditor,
     Linear,
+    ShardPass,
     consumer,
     has_initializer,
     producer,
@@ -38,12 +37,8 @@ from r1c.plugins.fp8 import BLOCK
 PASS_NAME = "shard_attention"
 
 
-class ShardAttentionPass(ir.passes.InPlacePass):
+class ShardAttentionPass(ShardPass):
     """MLA heads split over the TP group; one all-reduce after o_proj per layer; latent cache replicated."""
-
-    def __init__(self, config: ModelConfig, layout: ShardLayout, rank: int) -> None:
-        super().__init__()
-        self.config, self.layout, self.rank = config, layout, rank
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         parts = self.layout.tensor_parallel
@@ -52,7 +47,7 @@ class ShardAttentionPass(ir.passes.InPlacePass):
         c = self.config
         n = c.num_attention_heads
         local = n // parts
-        _, t = self.layout.coords(self.rank)
+        t = self.tp_rank
         heads = (t * local, (t + 1) * local)
         edit = GraphEditor(model, "shard.attn")
         for layer in range(c.num_hidden_layers):

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from r1c.config import ModelConfig
-from r1c.passes.shard_layout import ShardLayout
-from r1c.passes.shard_util import GraphEditor, Linear
+from r1c.passes.shard_util import GraphEditor, Linear, ShardPass
 from r1c.plugins.all_reduce import SPEC as ALL_REDUCE
 
 PASS_NAME = "shard_mlp"
@@ -29,19 +27,15 @@ def split_swiglu(model: ir.Model, prefix: str, inter: int, parts: int, t: int, p
     return down
 
 
-class ShardMLPPass(ir.passes.InPlacePass):
+class ShardMLPPass(ShardPass):
     """Column/row split of each dense MLP with one all-reduce (tp group) after down_proj."""
-
-    def __init__(self, config: ModelConfig, layout: ShardLayout, rank: int) -> None:
-        super().__init__()
-        self.config, self.layout, self.rank = config, layout, rank
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         parts = self.layout.tensor_parallel
         dense = [i for i in range(self.config.num_hidden_layers) if not self.config.is_moe_layer(i)]
         if parts == 1 or not dense:
             return ir.passes.PassResult(model, False)
-        _, t = self.layout.coords(self.rank)
+        t = self.tp_rank
         edit = GraphEditor(model, "shard.mlp")
         for layer in dense:
             down = split_swiglu(model, f"model.layers.{layer}.mlp", self.config.intermediate_size, parts, t,

@@ -17,11 +17,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from r1c.config import ModelConfig
 from r1c.errors import PassError
-from r1c.passes.shard_layout import ShardLayout
 from r1c.passes.shard_mlp import split_swiglu
-from r1c.passes.shard_util import GraphEditor, Linear, consumer, initializer, set_type, static_shape, transform
+from r1c.passes.shard_util import (
+    GraphEditor,
+    Linear,
+    ShardPass,
+    consumer,
+    initializer,
+    set_type,
+    static_shape,
+    transform,
+)
 from r1c.plugins.all_reduce import SPEC as ALL_REDUCE
 from r1c.plugins.fp8 import BLOCK
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
@@ -29,12 +36,8 @@ from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
 PASS_NAME = "shard_moe"
 
 
-class ShardMoEPass(ir.passes.InPlacePass):
+class ShardMoEPass(ShardPass):
     """Expert-parallel x tensor-parallel routed experts, shared expert on partition 0, one world all-reduce."""
-
-    def __init__(self, config: ModelConfig, layout: ShardLayout, rank: int) -> None:
-        super().__init__()
-        self.config, self.layout, self.rank = config, layout, rank
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         moe = [i for i in range(self.config.num_hidden_layers) if self.config.is_moe_layer(i)]

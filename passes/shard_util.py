@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from r1c.config import ModelConfig
 from r1c.errors import PassError
 from r1c.passes._util import const_ints, r1c_attrs
+from r1c.passes.shard_layout import ShardLayout
 from r1c.plugins import R1C_DOMAIN, R1C_OPSET_VERSION, OpSpec
 from r1c.plugins.fp8 import BLOCK
 
@@ -130,6 +132,22 @@ class Linear:
         elif self.scale is not None:
             slice_initializer(self.scale, 1, start, stop)
         slice_initializer(self.weight, axis, start, stop)
+
+
+class ShardPass(ir.passes.InPlacePass):
+    """The base of the per-part sharding passes (vocab, attention, MLP, MoE) that `ShardModelPass` composes.
+
+    Holds the model's config, the layout and the rank whose share the pass keeps; `tp_rank` is the rank's index
+    t in its tensor-parallel group (0 <= t < layout.tensor_parallel).
+    """
+
+    def __init__(self, config: ModelConfig, layout: ShardLayout, rank: int) -> None:
+        super().__init__()
+        self.config, self.layout, self.rank = config, layout, rank
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coords(self.rank)[1]
 
 
 class GraphEditor:

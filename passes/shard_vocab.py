@@ -13,10 +13,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from r1c.config import ModelConfig
 from r1c.errors import PassError
-from r1c.passes.shard_layout import ShardLayout
-from r1c.passes.shard_util import GraphEditor, Linear, consumer, initializer, set_type, slice_initializer
+from r1c.passes.shard_util import GraphEditor, Linear, ShardPass, consumer, initializer, set_type, slice_initializer
 from r1c.plugins.all_gather import SPEC as ALL_GATHER
 from r1c.plugins.all_reduce import SPEC as ALL_REDUCE
 
@@ -25,18 +23,14 @@ EMBEDDING = "model.embed_tokens.weight"  # [V, H]
 LM_HEAD = "lm_head.weight_t"  # [H, V]
 
 
-class ShardVocabPass(ir.passes.InPlacePass):
+class ShardVocabPass(ShardPass):
     """Vocabulary-parallel embedding (masked lookup + all-reduce) and LM head (column split + all-gather)."""
-
-    def __init__(self, config: ModelConfig, layout: ShardLayout, rank: int) -> None:
-        super().__init__()
-        self.config, self.layout, self.rank = config, layout, rank
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         parts = self.layout.tensor_parallel
         if parts == 1:
             return ir.passes.PassResult(model, False)
-        _, t = self.layout.coords(self.rank)
+        t = self.tp_rank
         local = self.config.vocab_size // parts
         lo = t * local
         edit = GraphEditor(model, "shard.vocab")

@@ -32,9 +32,35 @@ def is_interpreted(kernel: Any) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def _is_kernel_function(obj: Any) -> bool:
+    """A `@triton.jit` function, compiled or interpreted (both wrap the Python function as `.fn`)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(obj, (JITFunction, InterpretedFunction))
+
+
 def _source(kernel: Any) -> str:
-    fn = getattr(kernel, "fn", kernel)  # JITFunction / InterpretedFunction -> the Python function
-    return inspect.getsource(fn)
+    """The source of `kernel` and of every `@triton.jit` function it calls, transitively (found by the global names
+    each body uses), in a stable order: an edit to a helper changes the key of every kernel that inlines it.
+
+    Not `JITFunction.cache_key`: that also hashes the Triton version, and the library built with one Triton must be
+    found by a serving machine with another."""
+    parts: dict[str, str] = {}
+    todo = [kernel]
+    while todo:
+        fn = getattr(todo.pop(), "fn", None)  # JITFunction / InterpretedFunction -> the Python function
+        if fn is None:
+            continue
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        if name in parts:
+            continue
+        parts[name] = inspect.getsource(fn)
+        todo += [fn.__globals__[n] for n in fn.__code__.co_names
+                 if n in fn.__globals__ and _is_kernel_function(fn.__globals__[n])]
+    first = f"{kernel.fn.__module__}.{kernel.fn.__qualname__}" if hasattr(kernel, "fn") else ""
+    return "\n".join([parts.pop(first, inspect.getsource(getattr(kernel, "fn", kernel)))]
+                     + [parts[k] for k in sorted(parts)])
 
 
 class KernelSpec(NamedTuple):

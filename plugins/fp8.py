@@ -21,6 +21,11 @@ def block_shape(rows: int, cols: int, block: int = BLOCK) -> tuple[int, int]:
     return (-(-rows // block), -(-cols // block))
 
 
+def scale_shape(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, ...]:
+    """Shape of the block scales of a weight [..., R, C]: [..., ceil(R/b), ceil(C/b)] (leading dims kept)."""
+    return (*shape[:-2], *block_shape(shape[-2], shape[-1], block))
+
+
 def expand_scale(scale: torch.Tensor, rows: int, cols: int, block: int = BLOCK) -> torch.Tensor:
     """[..., ceil(R/b), ceil(C/b)] block scales -> [..., R, C] elementwise scales."""
     return scale.repeat_interleave(block, dim=-2)[..., :rows, :].repeat_interleave(block, dim=-1)[..., :cols]

@@ -132,6 +132,25 @@ def make_plan(launches: Iterable[Launch | None], workspace: WorkspaceBuilder) ->
     return Plan(kept, tuple(workspace.regions), workspace.size)
 
 
+def workspace_up_to(plan_at: Callable[[int], Plan], max_tokens: int, boundaries: Sequence[int]) -> int:
+    """Bytes of workspace for any token count up to `max_tokens`: the largest of each config bucket's largest plan
+    (`boundaries`: the largest token count of each bucket; workspace sizes grow with the count inside a bucket)."""
+    counts = sorted({t for t in boundaries if 0 < t < max_tokens} | {max_tokens})
+    return max(plan_at(t).workspace_size for t in counts)
+
+
+def specs_up_to(plan_at: Callable[[int], Plan], max_tokens: int, boundaries: Sequence[int]) -> list[KernelSpec]:
+    """The specs of the plans at every config bucket's edges up to `max_tokens` (a bucket's plans share specs)."""
+    counts = {1, max_tokens}
+    for b in boundaries:
+        counts |= {b, b + 1}
+    specs: dict[str, KernelSpec] = {}
+    for t in sorted(c for c in counts if 1 <= c <= max_tokens):
+        for s in plan_at(t).specs():
+            specs.setdefault(s.key, s)
+    return list(specs.values())
+
+
 # ---- running a plan through Triton (JIT on CUDA tensors, or the interpreter on CPU tensors) ------------------------
 def region_views(plan: Plan, workspace: Any, init: Callable[[Any], None] | None = None) -> list[Any]:
     """Typed torch views of the plan's workspace regions in `workspace` (a uint8 tensor of >= workspace_size)."""

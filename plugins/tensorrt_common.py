@@ -25,9 +25,10 @@ parser; decoding also takes INT64/FLOAT64); the fields serialized into an engine
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,7 +37,7 @@ import numpy as np
 from r1c.errors import BuildError, BundleError
 from r1c.plugins import PLUGIN_NAMESPACE, OpSpec
 from r1c.plugins._triton import KernelSpec
-from r1c.plugins.launch import Plan
+from r1c.plugins.launch import Plan, specs_up_to, workspace_up_to
 
 logger = logging.getLogger(__name__)
 
@@ -252,12 +253,21 @@ class KernelOp(PluginOp):
         """The launch plan for `problem` (inputs and outputs in the op's order)."""
 
     @abc.abstractmethod
-    def workspace_size(self, attrs: dict[str, Any], problem: Any) -> int:
-        """Bytes of workspace for every token count up to the problem's."""
+    def config_boundaries(self, problem: Any) -> list[int]:
+        """The largest token count of each of the plan's config buckets (the op's `plan.config_boundaries`)."""
 
-    @abc.abstractmethod
+    def _plan_at(self, attrs: dict[str, Any], problem: Any, tokens: int) -> Plan:
+        return self.plan(attrs, dataclasses.replace(problem, tokens=tokens))
+
+    def workspace_size(self, attrs: dict[str, Any], problem: Any) -> int:
+        """Bytes of workspace for every token count up to the problem's (`problem.tokens`)."""
+        return workspace_up_to(lambda t: self._plan_at(attrs, problem, t), problem.tokens,
+                               self.config_boundaries(problem))
+
     def kernel_specs(self, attrs: dict[str, Any], problem: Any) -> list[KernelSpec]:
         """Every kernel a plan may launch for token counts up to the problem's (what `r1c build` compiles)."""
+        return specs_up_to(lambda t: self._plan_at(attrs, problem, t), problem.tokens,
+                           self.config_boundaries(problem))
 
     def workspace_bytes(self, attrs: dict[str, Any], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> int:
         return int(self.workspace_size(attrs, self.problem(attrs, shapes, dtypes)))
@@ -282,18 +292,6 @@ class KernelOp(PluginOp):
         dtypes = [str(t.dtype).removeprefix("torch.") for t in inputs]
         self.check_shapes(attrs, shapes)
         TritonRunner().run(self.plan(attrs, self.problem(attrs, shapes, dtypes)), list(inputs), list(outputs))
-
-
-def specs_up_to(plan_at: Callable[[int], Plan], max_tokens: int, boundaries: Sequence[int]) -> list[KernelSpec]:
-    """The specs of the plans at every config bucket's edges up to `max_tokens` (a bucket's plans share specs)."""
-    counts = {1, max_tokens}
-    for b in boundaries:
-        counts |= {b, b + 1}
-    specs: dict[str, KernelSpec] = {}
-    for t in sorted(c for c in counts if 1 <= c <= max_tokens):
-        for s in plan_at(t).specs():
-            specs.setdefault(s.key, s)
-    return list(specs.values())
 
 
 def _static_shape(desc: Any) -> tuple[int, ...]:

@@ -4,6 +4,9 @@
 run through the backend-step interface (`r1c.runtime.step`) over a `LatentCache` (`r1c.runtime.kvcache`): the
 cache is bound in place, attention reads a capacity bucket over the longest row, and each step writes only its
 new tokens' latents. The serving scheduler (`r1c.runtime.serving`) uses the same pieces for many callers.
+A decode step of `generate` with an unchanged batch and bucket reuses its bindings (`StepRunner`): one bound run,
+two small input copies, the new latents' write and an argmax over the logits view [B, V] float32, read in place
+(`host_view`); `on_step` gets the [B] int64 tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from r1c.errors import BundleError, RuntimeInputError
 from r1c.manifest import Manifest, read_manifest
 from r1c.runtime.kvcache import CacheLayout, LatentCache, budget_for, cache_dtype
-from r1c.runtime.step import StepRunner, backend_alloc, to_host
+from r1c.runtime.step import StepRunner, backend_alloc, host_view, to_host
 
 if TYPE_CHECKING:
     from r1c.runtime.foreign import ForeignEngine
@@ -110,13 +113,14 @@ class Engine:
         if on_step is not None:
             on_step(0, token)
         ones = np.ones(batch, dtype=np.int64)
-        for step in range(1, max_new_tokens):
+        for step in range(1, max_new_tokens):  # the hot path: one bound run, one argmax, B appends
             if done.all():
                 break
-            cache.resize(int(cache.lengths[:batch].max()) + 1)
-            token = to_host(runner.step(token[:, None], 0, ones)[:, 0]).argmax(-1).astype(np.int64)
-            for row in np.flatnonzero(~done):
-                out[row].append(int(token[row]))
+            cache.resize(int(cache.lengths[:batch].max()) + 1)  # a no-op unless the bucket is outgrown
+            token = host_view(runner.step(token[:, None], 0, ones)[:, 0]).argmax(-1).astype(np.int64, copy=False)
+            chosen = token.tolist()
+            for row in np.flatnonzero(~done).tolist():
+                out[row].append(chosen[row])
             if eos_token_id is not None:
                 done |= token == eos_token_id
             if on_step is not None:

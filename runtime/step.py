@@ -10,6 +10,7 @@ right-padded). The caller (`StepRunner`, used by `Engine.generate` and by the se
                     (`kvcache.LatentCache.feeds`): contiguous, bound by pointer, never copied
     io.logits       [n, S, V] float32   preallocated output buffer (a view); the backend writes into it
     io.new          {"c": [L, n, S, C], "pe": [L, n, S, R]}  preallocated output buffers for the new latents
+    io.key          hashable or None    names the buffers (below)
     io.r0, io.cache the first row and the `LatentCache` the views come from (for a backend that keeps a copy of
                     the cache elsewhere: the follower ranks of a sharded bundle replay the cache's journal)
 
@@ -22,8 +23,19 @@ given buffers; the arrays are numpy on the host or, for a device backend, whatev
 tensors), with `input_ids` / `past_lengths` always host numpy (a few bytes to upload). After the step, the runner
 writes only the new tokens' latents into the cache (`LatentCache.write`) and advances the rows' lengths, so a
 backend never touches the cache beyond reading it. The arenas' addresses never change (allocated once); a view's
-address and shape change only when rows are added/removed or the capacity bucket changes, so a backend may cache
-its bindings keyed by (r0, n, S, P).
+address and shape change only when rows are added/removed or the capacity bucket changes.
+
+Bindings made once. Every buffer of a `StepIO` is allocated once by its `StepRunner` (the ids and lengths too:
+the runner copies each step's few values into them) or is a view into the cache's arenas (allocated once, never
+replaced), so a step's buffers are a function of (runner, r0, n, S, P). The runner keeps one `StepIO` per such
+shape (the most recent `MAX_CACHED_STEPS`) and gives it the `key` (runner serial, r0, n, S, P), the serial unique
+in the process (never reused, even after the runner is garbage-collected): two `StepIO`s with the same non-None key
+have the same address, shape, strides and dtype in every field; only the contents of `input_ids` and
+`past_lengths` (and of the cache) differ. A backend may therefore bind once per key and reuse the binding
+(`OrtBackend` keeps an `IOBinding` per key, so a decode step of an unchanged batch composition and bucket costs one
+`run_with_iobinding`; the TensorRT backend compares addresses). A bucket change (P), rows added or removed (n) or a
+different row range (r0) is a new key, so a new binding. A `StepIO` with key None (built by another caller, or by a
+runner with `bind_once=False`) must be bound afresh.
 
 A backend that only has `run(feeds) -> outputs` (the older interface, kept by `TensorRTBackend` until its
 device-resident rewrite) is wrapped by `FeedsStepBackend`, which copies the (small) outputs into the buffers.
@@ -37,7 +49,8 @@ R = qk_rope_head_dim, V = vocab size.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import itertools
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -52,6 +65,7 @@ class StepIO:
     past: dict[str, Any]
     logits: Any
     new: dict[str, Any]
+    key: Hashable | None = None  # equal keys: equal buffers (module docstring); None: bind afresh
     r0: int = 0
     cache: LatentCache | None = None
 
@@ -103,12 +117,25 @@ def to_host(x: Any) -> np.ndarray:
     return np.asarray(x.detach().float().cpu().numpy())
 
 
+def host_view(x: Any) -> np.ndarray:
+    """A step's output on the host without a copy where it already is there (numpy: the view itself, same shape
+    and dtype, valid until the next step overwrites the buffer); a device tensor is copied as by `to_host`
+    (float32)."""
+    return x if isinstance(x, np.ndarray) else to_host(x)
+
+
+MAX_CACHED_STEPS = 64  # StepIOs (and so backend bindings) kept per runner: decode shapes plus recent prefill chunks
+_runner_serials = itertools.count()
+
+
 class StepRunner:
-    """Runs steps over a cache's rows with output buffers allocated once for `max_tokens` tokens (n * S)."""
+    """Runs steps over a cache's rows with every buffer allocated once: output buffers for `max_tokens` tokens
+    (n * S), the ids and lengths inputs, and one `StepIO` per step shape (r0, n, S, P), keyed for the backend."""
 
     def __init__(self, backend: Any, cache: LatentCache, vocab_size: int, max_tokens: int,
-                 alloc: Alloc = numpy_alloc) -> None:
+                 alloc: Alloc = numpy_alloc, *, bind_once: bool = True) -> None:
         self.backend = as_step_backend(backend)
+        self.bind_once = bind_once  # False: a fresh unkeyed StepIO every step, bound afresh (the pre-issue-11 path)
         self.cache = cache
         self.vocab_size = vocab_size
         self.max_tokens = max_tokens
@@ -116,24 +143,51 @@ class StepRunner:
         self._logits = alloc((max_tokens * vocab_size,), np.dtype(np.float32))
         self._new = {name: alloc((L * max_tokens * ch,), cache.layout.dtype)
                      for name, ch in zip(TENSORS, cache.layout.channels)}
+        self._ids = np.zeros(max_tokens, dtype=np.int64)  # host, as the interface says
+        self._lengths = np.zeros(cache.max_rows, dtype=np.int64)
+        self._serial = next(_runner_serials)
+        self._ios: dict[tuple[int, int, int, int], StepIO] = {}  # least recently used first
 
-    def step(self, input_ids: np.ndarray, r0: int, n_new: Sequence[int] | np.ndarray | None) -> Any:
-        """Run rows [r0, r0 + n) on `input_ids` [n, S]; returns the logits view [n, S, V] (valid until the next
-        step). With `n_new` ([n]: real tokens per row) the new latents are stored and the lengths advanced; with
-        None nothing is written (scoring only). The caller resizes the cache first so every row fits."""
-        n, s = input_ids.shape
-        if n * s > self.max_tokens:
-            raise AssertionError(f"step of {n}x{s} tokens exceeds the runner's {self.max_tokens}")
+    def io(self, r0: int, n: int, s: int) -> StepIO:
+        """The `StepIO` of rows [r0, r0 + n), S = s tokens each, at the cache's current bucket P: made once per
+        shape (r0, n, S, P) and keyed (runner serial, r0, n, S, P) — or, with `bind_once=False`, made afresh with
+        key None. Its ids and lengths are filled by `step`."""
+        shape = (r0, n, s, self.cache.bucket)
+        if not self.bind_once:
+            return self._make_io(shape, None)
+        io = self._ios.pop(shape, None)  # re-inserted below: the dict's order is least recently used first
+        if io is None:
+            io = self._make_io(shape, (self._serial, *shape))
+            if len(self._ios) >= MAX_CACHED_STEPS:
+                self._ios.pop(next(iter(self._ios)))
+        self._ios[shape] = io
+        return io
+
+    def _make_io(self, shape: tuple[int, int, int, int], key: Hashable | None) -> StepIO:
+        r0, n, s, _ = shape  # the cache's bucket is P: its views are [n, ch, P]
         L = self.cache.layout.layers
-        io = StepIO(
-            input_ids=np.ascontiguousarray(input_ids, dtype=np.int64),
-            past_lengths=self.cache.lengths[r0:r0 + n].copy(),
+        return StepIO(
+            input_ids=self._ids[: n * s].reshape(n, s),
+            past_lengths=self._lengths[:n],
             past=self.cache.feeds(r0, r0 + n),
             logits=self._logits[: n * s * self.vocab_size].reshape(n, s, self.vocab_size),
             new={name: self._new[name][: L * n * s * ch].reshape(L, n, s, ch)
                  for name, ch in zip(TENSORS, self.cache.layout.channels)},
-            r0=r0, cache=self.cache,
+            key=key, r0=r0, cache=self.cache,
         )
+
+    def step(self, input_ids: np.ndarray, r0: int, n_new: Sequence[int] | np.ndarray | None) -> Any:
+        """Run rows [r0, r0 + n) on `input_ids` [n, S] (integer ids, copied into the runner's int64 buffer);
+        returns the logits view [n, S, V] float32 (the runner's buffer: valid until the next step). With `n_new`
+        ([n] int: real tokens per row) the new latents are stored and the lengths advanced; with None nothing is
+        written (scoring only). The caller resizes the cache first so every row fits. Per step, besides the
+        backend's run: two small copies (ids, lengths) and, when the shape (r0, n, S, P) is new, one `StepIO`."""
+        n, s = input_ids.shape
+        if n * s > self.max_tokens:
+            raise AssertionError(f"step of {n}x{s} tokens exceeds the runner's {self.max_tokens}")
+        io = self.io(r0, n, s)
+        io.input_ids[...] = input_ids
+        io.past_lengths[...] = self.cache.lengths[r0:r0 + n]
         self.backend.step(io)
         if n_new is not None:
             self.cache.write(r0, n_new, io.new)

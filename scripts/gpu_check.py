@@ -21,9 +21,10 @@ time is a FAIL row and the steps after it still run:
            (DeepSeek-V2 group_limited_greedy, V2-Lite greedy, and the op's other scoring combinations, at those
            models' shapes) at 1 and 64 tokens against the PyTorch reference
   bench    the same launches replayed from a CUDA graph: ms (triton.testing.do_bench, median), TFLOP/s and GB/s
-           against the H200's peaks (HBM 4.8 TB/s; dense FP8 1979, bf16 989, fp32 67 TFLOP/s, datasheet) and % of
-           the floor max(bytes / HBM, FLOPs / peak); the bf16 torch baseline of each (router: the PyTorch
-           reference; experts: a loop of bf16 matmuls over the used experts, grouped beforehand; linear: cuBLAS bf16)
+           against the H200's peaks (HBM 4.8 TB/s; dense FP8 1979, bf16 989, TF32 494 TFLOP/s, datasheet; the
+           router's gate GEMM against TF32) and % of the floor max(bytes / HBM, FLOPs / peak); the bf16 torch
+           baseline of each (router: the PyTorch reference; experts: a loop of bf16 matmuls over the used experts,
+           grouped beforehand; linear: cuBLAS bf16)
   sweep    other tile configs of the experts (4096 tokens), the FP8 linear and the router's gate GEMM (1 and 4096
            tokens) next to the default each plan picks (same outputs required), and the time of each launch of the
            default 4096-token experts plan (scripts/gpu_check_sweep.py)

@@ -511,7 +511,7 @@ def step_bench(ctx: Ctx, table: Table, deadline: float) -> None:
                      "routed_scaling_factor": 2.5, "norm_topk_prob": 1}
         base = torch_ms(ctx, lambda h=hidden, g=gate, b=bias, a=ref_attrs: moe_router_reference(h, g, b, **a))
         table.add(Row("bench", "router (gate GEMM + routing)", t, router_ms, 2.0 * t * s.experts * s.hidden,
-                      "fp32", t * s.hidden * 2 + s.experts * s.hidden * 4 + t * k * 8, base,
+                      "tf32", t * s.hidden * 2 + s.experts * s.hidden * 4 + t * k * 8, base,
                       check="baseline: PyTorch reference"))
 
         la = ctx.launched[("experts", t)]

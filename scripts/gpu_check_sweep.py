@@ -129,7 +129,7 @@ def step_sweep(ctx: Ctx, table: Table, deadline: float) -> None:
         flops, peak, nbytes = {
             "experts": (6.0 * t * s.top_k * s.hidden * s.inter, "fp8", None),
             "linear": (2.0 * tokens * k_in * n, "fp8", n * k_in * (1 + 4 / 128**2) + tokens * (k_in + n) * 2),
-            "router": (2.0 * tokens * s.experts * s.hidden, "fp32", s.experts * s.hidden * 4 + tokens * s.hidden * 2),
+            "router": (2.0 * tokens * s.experts * s.hidden, "tf32", s.experts * s.hidden * 4 + tokens * s.hidden * 2),
         }[op]
         note = "default" if note == "default" else f"{base[0] / ms:.2f}x default{f', {note}' if note else ''}"
         table.add(Row("sweep", label[:34], tokens, ms, flops, peak, nbytes, baseline_ms=None,

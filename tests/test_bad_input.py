@@ -96,6 +96,13 @@ def _edit_json(name: str, change: Callable[[dict], object]) -> Callable[[Path], 
     return edit
 
 
+def _write(name: str, content: bytes | str) -> Callable[[Path], None]:
+    """An edit for `_copy`: the copy's file `name` replaced by `content`."""
+    def edit(directory: Path) -> None:
+        (directory / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    return edit
+
+
 def _set(key: str, value: object) -> Callable[[dict], object]:
     return lambda d: d.__setitem__(key, value)
 
@@ -171,8 +178,8 @@ CASES = [
          "exists and is not an empty directory"),
     Case("export-output-is-a-file", lambda w: ["export", "--preset", "tiny", "-o", _file(w, "out", "x")],
          "exists and is a file"),
-    Case("export-config-not-json", lambda w: ["export", _copy(w.ckpt, w, "c", lambda d: (d / "config.json")
-                                                                .write_text("{oops")), "-o", w.tmp / "out"],
+    Case("export-config-not-json", lambda w: ["export", _copy(w.ckpt, w, "c", _write("config.json", "{oops")),
+                                              "-o", w.tmp / "out"],
          "not valid JSON"),
     Case("export-int32-weight", lambda w: ["export", _ckpt_with(w, "model.norm.weight", lambda t: t.to(torch.int32)),
                                            "-o", w.tmp / "out"], "tensor model.norm.weight has dtype int32"),
@@ -183,8 +190,8 @@ CASES = [
          "model.layers.0.self_attn.o_proj.weight holds 1 non-finite"),
     Case("export-inf-weight", lambda w: ["export", _ckpt_with(w, "model.embed_tokens.weight", _inf),
                                          "-o", w.tmp / "out"], "model.embed_tokens.weight holds 1 non-finite"),
-    Case("export-truncated-shard", lambda w: ["export", _copy(w.ckpt, w, "c", lambda d: (d / "model.safetensors")
-                                                                .write_bytes(b"\x10\x00")), "-o", w.tmp / "out"],
+    Case("export-truncated-shard", lambda w: ["export", _copy(w.ckpt, w, "c", _write("model.safetensors", b"\x10\x00")),
+                                              "-o", w.tmp / "out"],
          "truncated or corrupt"),
     Case("export-unknown-preset", lambda w: ["export", "--preset", "huge", "-o", w.tmp / "out"],
          "Invalid value for '--preset'", 2),
@@ -214,14 +221,14 @@ CASES = [
     Case("build-missing-export", lambda w: ["build", w.tmp / "nope", "-o", w.tmp / "out"], "is not a directory"),
     Case("build-no-model", lambda w: ["build", _file(w, "e/readme.txt").parent, "-o", w.tmp / "out"],
          "has no model.onnx"),
-    Case("build-zero-byte-model", lambda w: ["build", _copy(w.export, w, "e", lambda d: (d / "model.onnx")
-                                                            .write_bytes(b"")), "-o", w.tmp / "out"],
+    Case("build-zero-byte-model", lambda w: ["build", _copy(w.export, w, "e", _write("model.onnx", b"")),
+                                             "-o", w.tmp / "out"],
          "is empty (0 bytes)"),
-    Case("build-graph-io-not-json", lambda w: ["build", _copy(w.export, w, "e", lambda d: (d / "graph_io.json")
-                                                              .write_text('{"inputs": [')), "-o", w.tmp / "out"],
+    Case("build-graph-io-not-json",
+         lambda w: ["build", _copy(w.export, w, "e", _write("graph_io.json", '{"inputs": [')), "-o", w.tmp / "out"],
          "graph_io.json is not valid JSON"),
-    Case("build-graph-io-not-an-object", lambda w: ["build", _copy(w.export, w, "e", lambda d: (d / "graph_io.json")
-                                                                   .write_text("[]")), "-o", w.tmp / "out"],
+    Case("build-graph-io-not-an-object", lambda w: ["build", _copy(w.export, w, "e", _write("graph_io.json", "[]")),
+                                                    "-o", w.tmp / "out"],
          "does not hold a JSON object"),
     Case("build-graph-io-field-type", lambda w: ["build", _copy(w.export, w, "e", _edit_json("graph_io.json",
                                                                 _set("inputs", 3))), "-o", w.tmp / "out"],
@@ -229,11 +236,11 @@ CASES = [
     Case("build-graph-io-cache-kind", lambda w: ["build", _copy(w.export, w, "e", _edit_json(
         "graph_io.json", lambda d: d["kv_cache"].__setitem__("kind", "paged"))), "-o", w.tmp / "out"],
          "kv_cache.kind 'paged'"),
-    Case("build-source-json-not-json", lambda w: ["build", _copy(w.export, w, "e", lambda d: (d / "source.json")
-                                                                 .write_text("preset: tiny")), "-o", w.tmp / "out"],
+    Case("build-source-json-not-json",
+         lambda w: ["build", _copy(w.export, w, "e", _write("source.json", "preset: tiny")), "-o", w.tmp / "out"],
          "source.json is not valid JSON"),
-    Case("build-config-not-json", lambda w: ["build", _copy(w.export, w, "e", lambda d: (d / "config.json")
-                                                            .write_text("")), "-o", w.tmp / "out"],
+    Case("build-config-not-json", lambda w: ["build", _copy(w.export, w, "e", _write("config.json", "")),
+                                             "-o", w.tmp / "out"],
          "not valid JSON"),
     Case("build-threads-negative", lambda w: ["build", w.export, "-o", w.tmp / "out", "--threads", "-3"],
          "--threads must be an integer >= 0"),
@@ -254,8 +261,8 @@ CASES = [
                     "-o", w.tmp / "out"], "no input named input_ids"),
     # run
     Case("run-missing-bundle", lambda w: ["run", w.tmp / "nope", "--input-ids", "1"], "is not a directory"),
-    Case("run-manifest-not-json", lambda w: ["run", _copy(w.bundle, w, "b", lambda d: (d / "manifest.json")
-                                                          .write_text("{")), "--input-ids", "1"], "not valid JSON"),
+    Case("run-manifest-not-json", lambda w: ["run", _copy(w.bundle, w, "b", _write("manifest.json", "{")),
+                                             "--input-ids", "1"], "not valid JSON"),
     Case("run-manifest-files-type", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json("manifest.json",
                                                             _set("files", "model.onnx"))), "--input-ids", "1"],
          "manifest field 'files' must be dict"),

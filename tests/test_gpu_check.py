@@ -76,7 +76,7 @@ def test_table_rates_against_the_peaks() -> None:
     # compute time 0.505 ms: 50.5%; 3 ms baseline: 3x
     cells = Row("bench", "x", 8, 1.0, 1e12, "fp8", 2.4e9, 3.0).cells()
     assert cells[3:10] == ["1.0000", "1000.0", "50.5", "2400", "50.0", "50.5", "3.00"]
-    assert PEAKS == {"hbm": 4.8e12, "fp8": 1979e12, "bf16": 989e12, "fp32": 67e12}
+    assert PEAKS == {"hbm": 4.8e12, "fp8": 1979e12, "bf16": 989e12, "tf32": 494e12, "fp32": 67e12}
 
 
 def _layer_module() -> object:

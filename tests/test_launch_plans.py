@@ -237,3 +237,24 @@ def test_kernel_library_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / entry["cubin"]).write_bytes(b"edited")
     with pytest.raises(BundleError, match="sha256"):
         lib.cubin(plan.launches[0].spec)
+
+
+def test_kernel_key_covers_the_jit_helpers_a_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library key hashes the kernel's source and its `@triton.jit` callees' (transitively): the experts' GEMM1
+    inlines `fp8_triton.quantize_groups`, so an edit there must change that kernel's key (a stale cubin otherwise)."""
+    import inspect
+
+    from r1c.plugins import _triton
+    from r1c.plugins.fp8_triton import quantize_groups
+    from r1c.plugins.moe_experts import kernels
+
+    kernel = kernels._moe_gemm1_swiglu_kernel
+    source = _triton._source(kernel)
+    assert source.startswith(inspect.getsource(kernel.fn))  # the kernel first, then its callees
+    assert inspect.getsource(quantize_groups.fn) in source
+    spec = next(s for s in MoEExpertsOp().kernel_specs({}, EXPERTS) if s.kernel is kernel)
+    before = spec.key
+    real = inspect.getsource
+    monkeypatch.setattr(_triton.inspect, "getsource",
+                        lambda obj: real(obj) + "# edited\n" if obj is quantize_groups.fn else real(obj))
+    assert spec.key != before

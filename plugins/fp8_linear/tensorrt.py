@@ -8,18 +8,16 @@ launched from the bundle's kernel library; scratch in TensorRT's workspace.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import types
 from collections.abc import Sequence
 from typing import Any
 
-from r1c.plugins._triton import KernelSpec
 from r1c.plugins.fp8 import BLOCK, block_shape
-from r1c.plugins.fp8_linear.plan import LinearProblem, config_boundaries, linear_plan, workspace_size
+from r1c.plugins.fp8_linear.plan import LinearProblem, config_boundaries, linear_plan
 from r1c.plugins.fp8_linear.reference import SPEC
 from r1c.plugins.launch import Plan
-from r1c.plugins.tensorrt_common import KernelOp, specs_up_to
+from r1c.plugins.tensorrt_common import KernelOp
 
 _FLOAT_TYPES = ("FLOAT", "HALF", "BF16")
 
@@ -71,9 +69,5 @@ class FP8LinearOp(KernelOp):
     def plan(self, attrs: dict[str, Any], problem: LinearProblem) -> Plan:
         return linear_plan(problem)
 
-    def workspace_size(self, attrs: dict[str, Any], problem: LinearProblem) -> int:
-        return workspace_size(problem)
-
-    def kernel_specs(self, attrs: dict[str, Any], problem: LinearProblem) -> list[KernelSpec]:
-        return specs_up_to(lambda t: linear_plan(dataclasses.replace(problem, tokens=t)), problem.tokens,
-                           config_boundaries())
+    def config_boundaries(self, problem: LinearProblem) -> list[int]:
+        return config_boundaries()

@@ -26,7 +26,7 @@ import dataclasses
 import triton
 
 from r1c.plugins.fp8_triton import QUANT_BLOCK, quant_act_launch
-from r1c.plugins.launch import Buf, Launch, Plan, WorkspaceBuilder, launch, make_plan
+from r1c.plugins.launch import Buf, Launch, Plan, WorkspaceBuilder, launch, make_plan, workspace_up_to
 from r1c.plugins.moe_experts.kernels import (
     _moe_combine_kernel,
     _moe_count_kernel,
@@ -265,5 +265,5 @@ def experts_plan(p: ExpertsProblem, config: ExpertsConfig | None = None) -> Plan
 
 def workspace_size(p: ExpertsProblem) -> int:
     """Bytes of workspace for any token count up to p.tokens (the max of each config bucket's largest plan)."""
-    counts = sorted({t for t in config_boundaries(p.top_k, p.experts) if 0 < t < p.tokens} | {p.tokens})
-    return max(experts_plan(dataclasses.replace(p, tokens=t)).workspace_size for t in counts)
+    return workspace_up_to(lambda t: experts_plan(dataclasses.replace(p, tokens=t)), p.tokens,
+                           config_boundaries(p.top_k, p.experts))

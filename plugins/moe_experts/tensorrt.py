@@ -13,12 +13,11 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-from r1c.plugins._triton import KernelSpec
 from r1c.plugins.fp8 import block_shape
 from r1c.plugins.launch import Plan
-from r1c.plugins.moe_experts.plan import ExpertsProblem, config_boundaries, experts_plan, workspace_size
+from r1c.plugins.moe_experts.plan import ExpertsProblem, config_boundaries, experts_plan
 from r1c.plugins.moe_experts.reference import QUANT_MODES, SPEC
-from r1c.plugins.tensorrt_common import KernelOp, specs_up_to
+from r1c.plugins.tensorrt_common import KernelOp
 
 ACTIVATIONS = ("swiglu",)
 _FLOAT_TYPES = ("FLOAT", "HALF", "BF16")
@@ -94,11 +93,5 @@ class MoEExpertsOp(KernelOp):
     def plan(self, attrs: dict[str, Any], problem: ExpertsProblem) -> Plan:
         return experts_plan(problem)
 
-    def workspace_size(self, attrs: dict[str, Any], problem: ExpertsProblem) -> int:
-        return workspace_size(problem)
-
-    def kernel_specs(self, attrs: dict[str, Any], problem: ExpertsProblem) -> list[KernelSpec]:
-        import dataclasses
-
-        return specs_up_to(lambda t: experts_plan(dataclasses.replace(problem, tokens=t)), problem.tokens,
-                           config_boundaries(problem.top_k, problem.experts))
+    def config_boundaries(self, problem: ExpertsProblem) -> list[int]:
+        return config_boundaries(problem.top_k, problem.experts)

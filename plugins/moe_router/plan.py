@@ -28,7 +28,7 @@ import dataclasses
 import triton
 import triton.language as tl
 
-from r1c.plugins.launch import Buf, Plan, WorkspaceBuilder, launch, make_plan
+from r1c.plugins.launch import Buf, Plan, WorkspaceBuilder, launch, make_plan, workspace_up_to
 
 TARGET_PROGRAMS = 264  # 2 per SM of a 132-SM H100/H200
 MAX_SPLITS = 32
@@ -163,5 +163,4 @@ def config_boundaries() -> list[int]:
 
 def workspace_size(p: RouterProblem) -> int:
     """Bytes of workspace for any token count up to p.tokens (the largest plan of each bucket)."""
-    counts = sorted({t for t in config_boundaries() if 0 < t < p.tokens} | {p.tokens})
-    return max(router_plan(dataclasses.replace(p, tokens=t)).workspace_size for t in counts)
+    return workspace_up_to(lambda t: router_plan(dataclasses.replace(p, tokens=t)), p.tokens, config_boundaries())

@@ -8,16 +8,14 @@ live in TensorRT's workspace.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 from collections.abc import Sequence
 from typing import Any
 
-from r1c.plugins._triton import KernelSpec
 from r1c.plugins.launch import Plan
-from r1c.plugins.moe_router.plan import RouterProblem, config_boundaries, router_plan, workspace_size
+from r1c.plugins.moe_router.plan import RouterProblem, config_boundaries, router_plan
 from r1c.plugins.moe_router.reference import SPEC, check_attributes, effective_groups
-from r1c.plugins.tensorrt_common import KernelOp, specs_up_to
+from r1c.plugins.tensorrt_common import KernelOp
 
 _HIDDEN_TYPES = ("FLOAT", "HALF", "BF16")
 
@@ -87,9 +85,5 @@ class MoERouterOp(KernelOp):
     def plan(self, attrs: dict[str, Any], problem: RouterProblem) -> Plan:
         return router_plan(problem)
 
-    def workspace_size(self, attrs: dict[str, Any], problem: RouterProblem) -> int:
-        return workspace_size(problem)
-
-    def kernel_specs(self, attrs: dict[str, Any], problem: RouterProblem) -> list[KernelSpec]:
-        return specs_up_to(lambda t: router_plan(dataclasses.replace(problem, tokens=t)), problem.tokens,
-                           config_boundaries())
+    def config_boundaries(self, problem: RouterProblem) -> list[int]:
+        return config_boundaries()
