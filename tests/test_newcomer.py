@@ -131,3 +131,20 @@ def test_a_library_exception_is_one_line_unless_vv() -> None:
     assert short.count("\n") == 1 and "Traceback" not in short and "at converter.cc:55" in short
     record.exc_text = None
     assert "Traceback" in _Formatter(tracebacks=True).format(record)
+
+
+def test_help_names_every_target_and_the_rtx_default_arch() -> None:
+    """`r1c --help` lists every build target; `r1c build --help` states what --arch defaults to for tensorrt-rtx
+    (the constant the build uses, so the help cannot drift from it)."""
+    from r1c.manifest import TARGETS
+    from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
+
+    code, out, _ = cli("--help")
+    assert code == 0
+    line = next(line for line in out.splitlines() if "# --target" in line)
+    listed = {t.replace("(default)", "").strip() for t in line.split("# --target", 1)[1].split("|")}
+    assert listed == set(TARGETS), line
+    code, out, _ = cli("build", "--help")
+    assert code == 0
+    arch = " ".join(out[out.index("--arch"):].split())
+    assert f"default {DEFAULT_RTX_COMPUTE_CAPABILITY.lower()}" in arch.split("--threads")[0], arch
