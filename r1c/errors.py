@@ -52,3 +52,18 @@ class RegressionError(BenchError):
     """
 
     exit_code = 3
+
+
+class MissingExtraError(R1CError):
+    """A command needs an optional dependency group (a pip extra) that is not installed."""
+
+
+def require_extra(extra: str, modules: tuple[str, ...], what: str) -> None:
+    """Raise `MissingExtraError` naming the missing modules and the install command when any of `modules` (import
+    names) cannot be found; imports nothing. `extra` is the pyproject.toml optional-dependency group."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"{what} needs the '{extra}' extra ({', '.join(missing)} not installed): "
+                                f"pip install -e '.[{extra}]' in the repository (or bash scripts/install.sh --{extra})")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install r1c into it, CPU-only.
 #   bash scripts/install.sh          the main job: r1c and what export, optimize, build, run and bench need
+#   bash scripts/install.sh --serve  also the serve extra (r1c serve: FastAPI, uvicorn, prometheus-client, tokenizers, jinja2)
 #   bash scripts/install.sh --test   also the test, kernel, TensorRT-for-RTX, dist and serve extras (scripts/test.sh calls this)
 # torch is pinned to the CPU build first, so nothing later pulls a CUDA build.
 set -euo pipefail
@@ -12,6 +13,12 @@ if [ "${1:-}" = "--test" ]; then
   EXTRAS="[test,kernels,tensorrt-rtx,dist,serve]"
   NEEDS="$NEEDS, pytest, transformers, triton, tensorrt_rtx_bindings, onnxruntime_extensions, fastapi, uvicorn"
   NEEDS="$NEEDS, prometheus_client, openai"
+elif [ "${1:-}" = "--serve" ]; then
+  EXTRAS="[serve]"
+  NEEDS="$NEEDS, fastapi, uvicorn, prometheus_client, tokenizers, jinja2"
+elif [ -n "${1:-}" ]; then
+  echo "usage: bash scripts/install.sh [--serve | --test]" >&2
+  exit 2
 fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
-out=${1:-out}
+out=${1:-out/quickstart}  # its own folder: the README's "Using it" block writes out/tiny itself
 rm -rf "$out/tiny" "$out/tiny.bundle"
 r1c export --preset tiny -o "$out/tiny"
 r1c build "$out/tiny" -o "$out/tiny.bundle" --target onnxruntime

@@ -16,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from clitools import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +83,8 @@ def test_readme_commands_work_with_the_main_install_only(tmp_path: Path) -> None
 def test_install_script_keeps_extras_for_the_test_command() -> None:
     install = (ROOT / "scripts" / "install.sh").read_text()
     extras = re.findall(r'EXTRAS="\[([^\]]*)\]"', install)
-    assert 'EXTRAS=""' in install and len(extras) == 1  # the main job installs no extra, --test its list
-    assert {"test", "kernels", "tensorrt-rtx"} <= set(extras[0].split(","))
+    assert 'EXTRAS=""' in install and len(extras) == 2  # the main job installs no extra; --test and --serve theirs
+    assert {"test", "kernels", "tensorrt-rtx", "serve"} <= set(extras[0].split(",")) and extras[1] == "serve"
     assert "bash scripts/install.sh\n" in (ROOT / "scripts" / "quickstart.sh").read_text()
     assert "bash scripts/install.sh --test\n" in (ROOT / "scripts" / "test.sh").read_text()
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
@@ -131,6 +132,28 @@ def test_a_library_exception_is_one_line_unless_vv() -> None:
     assert short.count("\n") == 1 and "Traceback" not in short and "at converter.cc:55" in short
     record.exc_text = None
     assert "Traceback" in _Formatter(tracebacks=True).format(record)
+
+
+def test_readme_block_does_not_collide_with_the_quickstart_outputs() -> None:
+    """"Right after `bash scripts/quickstart.sh`": the block's outputs must not be the quickstart's (an export or
+    build onto an existing output is refused)."""
+    quick = re.search(r"out=\$\{1:-([^}]+)\}", (ROOT / "scripts" / "quickstart.sh").read_text())
+    assert quick is not None
+    written = [shlex.split(c)[shlex.split(c).index("-o") + 1] for c in readme_commands() if " -o " in c]
+    assert written and all(not Path(w).is_relative_to(quick.group(1)) for w in written), (quick.group(1), written)
+    assert Path(quick.group(1)) != Path("out")
+
+
+def test_serve_without_its_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    from clitools import error_line
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    code, _out, err = cli("serve", tmp_path / "b.bundle", "--port", "0")
+    line = error_line(code, err)
+    assert "r1c serve needs the 'serve' extra (uvicorn not installed)" in line and "pip install -e '.[serve]'" in line
 
 
 def test_help_names_every_target_and_the_rtx_default_arch() -> None:

@@ -6,7 +6,6 @@ set and replayed, the next tokens are chosen where the logits are, and the plan 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from r1c.errors import BundleError
+from r1c.runtime.step import StepIO
 from r1c.runtime.trt_device import (
     BindingCache,
     DecodeGraphs,
@@ -26,16 +26,6 @@ from r1c.runtime.trt_device import (
 
 L, C, R, V = 2, 8, 4, 32
 
-
-@dataclasses.dataclass
-class IO:
-    """The step interface's fields (r1c.runtime.step.StepIO)."""
-
-    input_ids: np.ndarray
-    past_lengths: np.ndarray
-    past: dict[str, Any]
-    logits: Any
-    new: dict[str, Any]
 
 
 class Arena:
@@ -53,10 +43,11 @@ class Arena:
         return out
 
 
-def make_io(arena: Arena, outs: dict[str, Any], n: int, s: int, p: int) -> IO:
-    return IO(np.arange(n * s, dtype=np.int64).reshape(n, s), np.full(n, 3, np.int64), arena.feeds(0, n, p),
-              outs["logits"][: n * s * V].view(n, s, V),
-              {"c": outs["c"][: L * n * s * C].view(L, n, s, C), "pe": outs["pe"][: L * n * s * R].view(L, n, s, R)})
+def make_io(arena: Arena, outs: dict[str, Any], n: int, s: int, p: int) -> StepIO:
+    return StepIO(np.arange(n * s, dtype=np.int64).reshape(n, s), np.full(n, 3, np.int64), arena.feeds(0, n, p),
+                  outs["logits"][: n * s * V].view(n, s, V),
+                  {"c": outs["c"][: L * n * s * C].view(L, n, s, C),
+                   "pe": outs["pe"][: L * n * s * R].view(L, n, s, R)})
 
 
 class FakeContext:
@@ -226,8 +217,9 @@ def test_serving_cache_on_torch_tensors_binds_in_place() -> None:
 
     def bind() -> dict[str, Any]:
         feeds = cache.feeds(0, 2)
-        io = IO(np.zeros((2, 1), np.int64), cache.lengths[:2].copy(), feeds, outs["logits"][: 2 * V].view(2, 1, V),
-                {"c": outs["c"][: L * 2 * C].view(L, 2, 1, C), "pe": outs["pe"][: L * 2 * R].view(L, 2, 1, R)})
+        io = StepIO(np.zeros((2, 1), np.int64), cache.lengths[:2].copy(), feeds,
+                    outs["logits"][: 2 * V].view(2, 1, V),
+                    {"c": outs["c"][: L * 2 * C].view(L, 2, 1, C), "pe": outs["pe"][: L * 2 * R].view(L, 2, 1, R)})
         return {b.name: b for b in step_bindings(io, *staging.upload(io.input_ids, io.past_lengths))}
 
     first = bind()

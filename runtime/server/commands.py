@@ -76,6 +76,9 @@ def listen_socket(host: str, port: int) -> Any:
     return sock
 
 
+SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client", "tokenizers", "jinja2")  # pyproject.toml's serve extra
+
+
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -93,11 +96,14 @@ def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_nu
     \b
     Example:
       r1c serve out/tiny.bundle --port 8000
-      curl localhost:8000/v1/completions -d '{"model": "tiny.bundle", "prompt": [1, 2, 3], "max_tokens": 8}'
+      curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+           -d '{"model": "tiny.bundle", "prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0}'
     """
+    from r1c.errors import RuntimeInputError, require_extra
+
+    require_extra("serve", SERVE_MODULES, "r1c serve")
     import uvicorn
 
-    from r1c.errors import RuntimeInputError
     from r1c.runtime.server.app import create_app
     from r1c.runtime.server.metrics import Metrics
     from r1c.runtime.serving import ServingEngine

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from r1c.errors import RuntimeInputError
+from r1c.errors import RuntimeInputError, require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class TextCodec:
         d = Path(d)
         if not (d / "tokenizer.json").is_file():
             return None
+        require_extra("serve", ("tokenizers", "jinja2"), f"the tokenizer in {d}")
         from tokenizers import Tokenizer
 
         try:
