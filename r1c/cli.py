@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from r1c.errors import ExportError, R1CError, RuntimeInputError
+from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
 
 logger = logging.getLogger("r1c")
 
@@ -117,12 +118,13 @@ def _summary(verb: str, out: Path, start: float, extra: str = "") -> str:
 @click.option("-v", "--verbose", count=True, help="More logging on stderr: -v r1c's steps, -vv everything.")
 def main(verbose: int) -> None:
     """r1c: export DeepSeek-V3/R1-class MoE models to ONNX with r1c custom ops, optimize them with graph
-    passes, build engine bundles (ONNX Runtime on CPU; TensorRT on NVIDIA GPUs) and run or benchmark them.
+    passes, build engine bundles (ONNX Runtime on CPU; TensorRT or TensorRT for RTX on NVIDIA GPUs) and run or
+    benchmark them.
 
     \b
     Typical use, on a CPU:
       r1c export --preset tiny -o out/tiny          # or: r1c export /path/to/hf-checkpoint -o out/m
-      r1c build out/tiny -o out/tiny.bundle          # --target onnxruntime (default) | tensorrt
+      r1c build out/tiny -o out/tiny.bundle          # --target onnxruntime (default) | tensorrt | tensorrt-rtx
       r1c run out/tiny.bundle --input-ids "1 2 3" --max-new-tokens 8
     """
     _setup_logging(verbose)
@@ -258,7 +260,9 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
               "(needs TensorRT and the GPU); tensorrt-rtx: the same through TensorRT for RTX, for --arch (any "
               "machine).")
 @click.option("--arch", default=None, metavar="SM",
-              help="TensorRT targets: the compute capability to build for (sm89, sm90, sm120, ...).")
+              help="tensorrt-rtx: the compute capability to build for (sm89, sm90, sm120, ...); default "
+                   f"{DEFAULT_RTX_COMPUTE_CAPABILITY.lower()} (Ada, the oldest with FP8 tensor cores). tensorrt "
+                   "builds for the GPU it runs on.")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: one per physical core).")
 @click.option("--dump-after", metavar="PASS",
@@ -310,7 +314,8 @@ def _parse_ids(text: str) -> list[int]:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--input-ids", "input_ids", required=True, multiple=True,
               help='Prompt token ids, e.g. "1 2 3". Repeat the option for a batch of prompts.')
-@click.option("--max-new-tokens", default=8, show_default=True, help="Tokens to generate (greedy).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Tokens to generate (greedy), at least 1.")
 @click.option("--eos", "eos_token_id", type=int, default=None, help="Stop a row at this token id.")
 @click.option("--logits-out", type=click.Path(path_type=Path),
               help="Save the first prompt's logits [S, V] (float32 .npy); written whole or not at all.")
@@ -324,11 +329,13 @@ def run(bundle: Path, input_ids: tuple[str, ...], max_new_tokens: int, eos_token
     from r1c.runtime import load
 
     prompts = [_parse_ids(t) for t in input_ids]
-    if max_new_tokens < 0:
-        raise RuntimeInputError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     if logits_out is not None:
         check_output_file(logits_out, RuntimeInputError, "--logits-out")  # before the model runs
     engine = load(bundle)
+    bad = next((i for p in prompts for i in p if i >= engine.vocab_size), None)
+    if bad is not None:
+        raise RuntimeInputError(f"--input-ids: token id {bad} is out of range [0, {engine.vocab_size}) (the "
+                                "model's vocabulary)")
     if eos_token_id is not None and not 0 <= eos_token_id < engine.vocab_size:
         raise RuntimeInputError(f"--eos {eos_token_id} is not a token of this model (vocabulary: 0 to "
                                 f"{engine.vocab_size - 1})")

@@ -107,6 +107,11 @@ def _set(key: str, value: object) -> Callable[[dict], object]:
     return lambda d: d.__setitem__(key, value)
 
 
+def _session(key: str, value: object) -> Callable[[dict], object]:
+    """A manifest edit: target_options.session[key] = value."""
+    return lambda d: d["target_options"]["session"].__setitem__(key, value)
+
+
 def _existing_output(w: World) -> Path:
     out = w.tmp / "out"
     out.mkdir()
@@ -274,6 +279,16 @@ CASES = [
     Case("run-manifest-target-options-model-type", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
         "manifest.json", lambda d: d["target_options"].__setitem__("model", 3))), "--input-ids", "1"],
          "target_options must name the model"),
+    Case("run-manifest-threads-negative", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
+        "manifest.json", _session("intra_op_num_threads", -3))), "--input-ids", "1"],
+         "manifest.json: target_options.session.intra_op_num_threads must be an integer >= 0 (0: ONNX Runtime picks), "
+         "got -3"),
+    Case("run-manifest-threads-word", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
+        "manifest.json", _session("intra_op_num_threads", "many"))), "--input-ids", "1"],
+         'target_options.session.intra_op_num_threads must be an integer >= 0 (0: ONNX Runtime picks), got "many"'),
+    Case("run-manifest-inter-op-threads-float", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
+        "manifest.json", _session("inter_op_num_threads", 1.5))), "--input-ids", "1"],
+         "target_options.session.inter_op_num_threads must be an integer >= 0"),
     Case("run-manifest-file-outside-bundle", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
         "manifest.json", lambda d: d["files"].__setitem__("../../etc/passwd", "0" * 64))), "--input-ids", "1"],
          "expected a relative path"),
@@ -282,12 +297,16 @@ CASES = [
     Case("run-edited-weights", lambda w: ["run", _copy(w.bundle, w, "b", _flip_byte), "--input-ids", "1"], "sha256"),
     Case("run-token-beyond-int64", lambda w: _run(w, "--input-ids", "1 99999999999999999999"), "is not a token id"),
     Case("run-token-negative", lambda w: _run(w, "--input-ids", "1 -2"), "is not a token id"),
-    Case("run-token-beyond-vocabulary", lambda w: _run(w, "--input-ids", f"1 {VOCAB}"), "out of range"),
+    Case("run-token-beyond-vocabulary", lambda w: _run(w, "--input-ids", f"1 {VOCAB}"),
+         f"--input-ids: token id {VOCAB} is out of range [0, {VOCAB})"),
     Case("run-token-not-a-number", lambda w: _run(w, "--input-ids", "1 two"), "must be integers"),
     Case("run-no-tokens", lambda w: _run(w, "--input-ids", " "), "--input-ids is empty"),
     Case("run-eos-beyond-vocabulary", lambda w: _run(w, "--input-ids", "1", "--eos", str(VOCAB)),
          f"--eos {VOCAB} is not a token"),
-    Case("run-max-new-tokens-negative", lambda w: _run(w, "--input-ids", "1", "--max-new-tokens", "-1"), ">= 0"),
+    Case("run-max-new-tokens-negative", lambda w: _run(w, "--input-ids", "1", "--max-new-tokens", "-1"),
+         "Invalid value for '--max-new-tokens': -1 is not in the range x>=1", 2),
+    Case("run-max-new-tokens-zero", lambda w: _run(w, "--input-ids", "1", "--max-new-tokens", "0"),
+         "Invalid value for '--max-new-tokens': 0 is not in the range x>=1", 2),
     Case("run-too-long", lambda w: _run(w, "--input-ids", "1", "--max-new-tokens", "100000"),
          "max_position_embeddings"),
     Case("run-logits-out-missing-directory", lambda w: _run(w, "--input-ids", "1", "--logits-out",
@@ -307,7 +326,14 @@ CASES = [
     Case("bench-max-regression-typo", lambda w: _bench(w, "--max-regression", "10%%"), "--max-regression"),
     Case("bench-max-regression-word", lambda w: _bench(w, "--max-regression", "ten"), "--max-regression"),
     Case("bench-threads-negative", lambda w: _bench(w, "--threads", "-3"), "--threads must be >= 0"),
-    Case("bench-repeat-too-few", lambda w: _bench(w, "--repeat", "1"), "--repeat >= 3"),
+    Case("bench-repeat-too-few", lambda w: _bench(w, "--repeat", "1"),
+         "benchmark: --repeat must be >= 3 (a median needs samples), got 1"),
+    Case("bench-warmup-negative", lambda w: _bench(w, "--warmup", "-1"), "benchmark: --warmup must be >= 0, got -1"),
+    Case("bench-budget-negative", lambda w: _bench(w, "--budget", "-2"),
+         "benchmark: --budget must be >= 0 seconds, got -2"),
+    Case("bench-missing-bundle-before-options", lambda w: ["bench", w.tmp / "nope", "--repeat", "2"],
+         "is not a directory"),
+    Case("bench-compare-missing-bundle", lambda w: _bench(w, "--compare", w.tmp / "nope"), "is not a directory"),
     Case("bench-json-onto-directory", lambda w: _bench(w, "--json", _file(w, "d/x").parent), "is a directory"),
     # verify
     Case("verify-missing-bundle", lambda w: ["verify", w.tmp / "nope"], "is not a directory"),

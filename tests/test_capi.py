@@ -3,7 +3,8 @@
 - r1c_capi_probe (a C program) calls every function with bad arguments: each returns the right r1c_status and a
   message, never a crash; a greedy run through the C ABI streams the tokens `Engine.generate` gives.
 - examples/cpp_server, compiled here, answers the official openai client exactly as `r1c serve` does (same JSON
-  apart from id and created; same tokens as the Python API), streaming included.
+  apart from id and created; same tokens as the Python API), streaming included, and stops cleanly (exit 0) on
+  SIGINT (Ctrl-C) and SIGTERM.
 Needs cmake, a C/C++ compiler, Python's headers and libcpp-httplib-dev / nlohmann-json3-dev (.ci/run installs them);
 without them the tests skip and say which is missing.
 """
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from serving_helpers import free_port, http_call, r1c_cmd, server_process, text_bundle
+from serving_helpers import free_port, http_call, r1c_cmd, server_process, text_bundle, wait_http
 
 from r1c.runtime import load
 
@@ -105,7 +107,8 @@ def test_c_abi_streams_the_python_api_tokens(capi, bundle: Path) -> None:  # typ
 
 
 @pytest.fixture(scope="module")
-def servers(capi, bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
+def cpp_server(capi, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """examples/cpp_server built with CMake against the C ABI prefix: the executable."""
     _need("c++")
     _need("pkg-config", "/usr/include/httplib.h")
     _need("pkg-config", "/usr/include/nlohmann/json.hpp")
@@ -115,12 +118,44 @@ def servers(capi, bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 ["cmake", "--build", str(build), "--parallel", "2"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return build / "r1c_cpp_server"
+
+
+@pytest.fixture(scope="module")
+def servers(cpp_server: Path, bundle: Path) -> Iterator[dict[str, str]]:
     py_port, cpp_port = free_port(), free_port()
     py = r1c_cmd("serve", str(bundle), "--port", str(py_port), "--threads", "1", "--model-name", "tiny")
-    cpp = [str(build / "r1c_cpp_server"), str(bundle), "--port", str(cpp_port), "--model-name", "tiny",
+    cpp = [str(cpp_server), str(bundle), "--port", str(cpp_port), "--model-name", "tiny",
            "--options", '{"threads": 1}']
     with server_process(py, py_port) as py_url, server_process(cpp, cpp_port) as cpp_url:
         yield {"python": py_url, "cpp": cpp_url}
+
+
+@pytest.mark.parametrize("sig, start", [(signal.SIGINT, "default"), (signal.SIGINT, "ignored"),
+                                        (signal.SIGTERM, "default")], ids=["SIGINT", "SIGINT-ignored", "SIGTERM"])
+def test_cpp_server_stops_cleanly_on_signal(cpp_server: Path, bundle: Path, sig: signal.Signals, start: str) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM stop the server: it stops listening, closes the engine and exits 0 (not killed
+    by the signal: -2/-15) within a few seconds. "ignored": started with SIGINT ignored, as a background job of
+    a non-interactive shell starts it (`server ... &` in a script); its own handler must still take Ctrl-C."""
+    port = free_port()
+    cmd = [str(cpp_server), str(bundle), "--port", str(port), "--options", '{"threads": 1}']
+    if start == "ignored":
+        cmd = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        status, _ = http_call("POST", f"http://127.0.0.1:{port}/v1/completions",
+                              json.dumps({"model": bundle.name, "prompt": [1, 2], "max_tokens": 2}).encode())
+        assert status == 200
+        proc.send_signal(sig)
+        code = proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    assert code == 0, out
+    assert f"{sig.name}, stopping" in out and out.rstrip().endswith("r1c_cpp_server: stopped"), out
 
 
 def _same(a: Any, b: Any) -> None:
@@ -184,6 +219,9 @@ def test_cpp_server_models_health_and_errors(servers: dict[str, str]) -> None:
     for body in (b"{not json", b'{"model": "tiny"}'):  # parser messages differ; status and error shape do not
         a, b = (http_call("POST", u + "/v1/completions", body) for u in servers.values())
         assert a[0] == b[0] == 400 and set(json.loads(a[1])["error"]) == set(json.loads(b[1])["error"])
+        if body.startswith(b"{not"):
+            assert all(json.loads(x[1])["error"]["message"].startswith("the request body is not valid JSON: ")
+                       for x in (a, b)), (a, b)
 
 
 def test_call_cost_measurement_runs(capi, bundle: Path) -> None:  # type: ignore[no-untyped-def]

@@ -154,3 +154,20 @@ def test_serve_without_its_extra_says_how_to_install_it(monkeypatch: pytest.Monk
     code, _out, err = cli("serve", tmp_path / "b.bundle", "--port", "0")
     line = error_line(code, err)
     assert "r1c serve needs the 'serve' extra (uvicorn not installed)" in line and "pip install -e '.[serve]'" in line
+
+
+def test_help_names_every_target_and_the_rtx_default_arch() -> None:
+    """`r1c --help` lists every build target; `r1c build --help` states what --arch defaults to for tensorrt-rtx
+    (the constant the build uses, so the help cannot drift from it)."""
+    from r1c.manifest import TARGETS
+    from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
+
+    code, out, _ = cli("--help")
+    assert code == 0
+    line = next(line for line in out.splitlines() if "# --target" in line)
+    listed = {t.replace("(default)", "").strip() for t in line.split("# --target", 1)[1].split("|")}
+    assert listed == set(TARGETS), line
+    code, out, _ = cli("build", "--help")
+    assert code == 0
+    arch = " ".join(out[out.index("--arch"):].split())
+    assert f"default {DEFAULT_RTX_COMPUTE_CAPABILITY.lower()}" in arch.split("--threads")[0], arch

@@ -124,6 +124,13 @@ def test_bad_requests_get_openai_errors(server: str) -> None:
     for body, status in ((b"{not json", 400), (b'{"model": "tiny"}', 400), (b'{"model": "tiny", "prompt": []}', 400)):
         code, text = http_call("POST", server + "/v1/completions", body)
         assert code == status and set(json.loads(text)["error"]) == {"message", "type", "param", "code"}, text
+    for body, message in ((b"{not json", "the request body is not valid JSON: Expecting property name enclosed in "
+                                         "double quotes (at character 1)"),
+                          (b'{"model": "tiny",}', "the request body is not valid JSON: Expecting property name "
+                                                  "enclosed in double quotes (at character 17)"),
+                          (b"", "the request body is empty (expected a JSON object)")):
+        code, text = http_call("POST", server + "/v1/completions", body)
+        assert code == 400 and json.loads(text)["error"]["message"] == message, text
     code, text = http_call("GET", server + "/v1/nothing")
     assert code == 404 and "error" in json.loads(text)
 

@@ -6,10 +6,15 @@
 //
 // Sampling parameters are checked by r1c itself (the C ABI returns the same messages r1c serve sends); this file
 // only parses JSON, maps fields, and writes responses. A streaming client that goes away is noticed at the next
-// write and its request is cancelled (freed with the request object).
+// write and its request is cancelled (freed with the request object). SIGINT (Ctrl-C) and SIGTERM stop it cleanly:
+// the server stops taking connections, finishes the requests it holds, closes the engine and exits 0.
 #include <httplib.h>
+#include <signal.h>
+#include <unistd.h>
 #include <r1c/r1c.hpp>
 
+#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -22,6 +27,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <variant>
 #include <vector>
 
@@ -242,6 +248,48 @@ struct Formatter {
     }
 };
 
+// SIGINT/SIGTERM: the handler only write()s the signal number to a pipe (async-signal-safe); a watcher thread
+// reads it and stops the server. The embedded Python installs no handlers of its own (the C ABI starts it with
+// install_signal_handlers = 0), so these are the process's.
+int g_signal_pipe[2] = {-1, -1};
+std::atomic<bool> g_listen_returned{false};
+
+extern "C" void on_stop_signal(int sig) {
+    int saved = errno;
+    unsigned char b = static_cast<unsigned char>(sig);
+    [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &b, 1);
+    errno = saved;
+}
+
+// Starts the watcher: on the first SIGINT/SIGTERM it calls svr.stop() (once listen has started: stop() before that
+// would be a no-op), or it returns when the pipe gets byte 0 (main's, once listen returned). Nothing when the pipe
+// cannot be made.
+std::optional<std::thread> watch_stop_signals(httplib::Server& svr) {
+    if (pipe(g_signal_pipe) != 0) return std::nullopt;
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &sa, nullptr);  // also when started with SIGINT ignored (a background job of a shell)
+    sigaction(SIGTERM, &sa, nullptr);
+    return std::thread([&svr] {
+        unsigned char b = 0;
+        while (read(g_signal_pipe[0], &b, 1) < 0 && errno == EINTR) {
+        }
+        if (b == 0) return;
+        signal(SIGINT, SIG_DFL);  // a second Ctrl-C while the held requests finish ends the process at once
+        signal(SIGTERM, SIG_DFL);
+        std::cerr << "r1c_cpp_server: " << (b == SIGINT ? "SIGINT" : "SIGTERM") << ", stopping\n";
+        while (!g_listen_returned) {
+            if (svr.is_running()) {
+                svr.stop();
+                return;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+    });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -298,7 +346,7 @@ int main(int argc, char** argv) {
             try {
                 body = json::parse(req.body);
             } catch (const json::parse_error& e) {
-                throw HttpError(400, std::string("JSON decode error: ") + e.what());
+                throw HttpError(400, std::string("the request body is not valid JSON: ") + e.what());
             }
             Completion c = parse(body, model_name);
             auto request = std::make_shared<r1c::Request>(submit(*engine, c));
@@ -346,10 +394,24 @@ int main(int argc, char** argv) {
                                                   nullptr, ""));
         }
     });
-    std::cerr << "r1c_cpp_server: serving " << model_name << " on http://" << host << ":" << port << "\n";
-    if (!svr.listen(host.c_str(), port)) {
+    if (!svr.bind_to_port(host.c_str(), port)) {
         std::cerr << "r1c_cpp_server: cannot listen on " << host << ":" << port << "\n";
         return 1;
     }
+    auto watcher = watch_stop_signals(svr);
+    std::cerr << "r1c_cpp_server: serving " << model_name << " on http://" << host << ":" << port << "\n";
+    bool ok = svr.listen_after_bind();  // returns once svr.stop() ran (or the socket failed)
+    g_listen_returned = true;
+    if (watcher) {
+        unsigned char zero = 0;  // wakes the watcher if no signal came
+        [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &zero, 1);
+        watcher->join();
+    }
+    engine.reset();  // r1c_close: stops the engine's scheduler and frees it through the C ABI
+    if (!ok) {
+        std::cerr << "r1c_cpp_server: the server on " << host << ":" << port << " failed\n";
+        return 1;
+    }
+    std::cerr << "r1c_cpp_server: stopped\n";
     return 0;
 }

@@ -112,12 +112,16 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
               budget: float, seed: int, clock: str, threads: int | None, compare: Path | None, peers: tuple[str, ...],
               peer_cache: Path | None, baseline: Path | None, max_regression: str, json_out: Path | None,
               plot_out: Path | None, roofline: bool, bandwidth: float | None, progress: bool | None) -> None:
+    from r1c.manifest import read_manifest
     from r1c.runtime import load
     from r1c.runtime.bench.compare import gate, load_report
     from r1c.runtime.bench.report import format_table, make_report, plot, write_json
     from r1c.runtime.bench.runner import Settings, System, grid, run_bench
     from r1c.runtime.bench.stats import parse_fraction
 
+    for path in (bundle, compare):  # the bundles first (their hashes are checked when they load, below)
+        if path is not None:
+            read_manifest(path, verify_hashes=False)
     workloads = grid(_int_list("--batch", batch_text), _int_list("--prompt-len", prompt_text),
                      _int_list("--new-tokens", new_text))
     settings = Settings(warmup=warmup, repeat=repeat, budget_s=budget, seed=seed, clock=clock)

@@ -128,9 +128,12 @@ class Settings:
     clock: str = "wall"
 
     def __post_init__(self) -> None:
-        if self.warmup < 0 or self.repeat < 3 or self.budget_s < 0:
-            raise BenchError("benchmark: --warmup must be >= 0, --repeat >= 3 (a median needs samples), "
-                             "--budget >= 0")
+        if self.warmup < 0:
+            raise BenchError(f"benchmark: --warmup must be >= 0, got {self.warmup}")
+        if self.repeat < 3:
+            raise BenchError(f"benchmark: --repeat must be >= 3 (a median needs samples), got {self.repeat}")
+        if self.budget_s < 0:
+            raise BenchError(f"benchmark: --budget must be >= 0 seconds, got {self.budget_s:g}")
         if self.clock not in CLOCKS:
             raise BenchError(f"benchmark: unknown clock {self.clock!r} (choose from {', '.join(CLOCKS)})")
 

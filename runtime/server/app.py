@@ -50,7 +50,13 @@ def create_app(serving: ServingEngine, model_name: str, metrics: Metrics | None 
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        err: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if err.get("type") == "json_invalid":  # loc is ("body", character offset)
+            where = f" (at character {err['loc'][-1]})" if len(err.get("loc", ())) > 1 else ""
+            return _error(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')}"
+                               f"{where}")
+        if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+            return _error(400, "the request body is empty (expected a JSON object)")
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         where = ".".join(loc)
         return _error(400, f"{where}: {err.get('msg')}" if where else str(err.get("msg")), param=where or None)
