@@ -156,6 +156,10 @@ class LatentCache:
         self.relayouts = 0  # how often rows were relaid (for tests and metrics)
         self.moves = 0
         self.journal: list[tuple[int, ...]] | None = None  # module docstring
+        # True: the rows' lengths were set directly, without their latents (a timing measurement: `r1c
+        # bench-serving`'s capacity bucket), so the contents mean nothing and a sharded engine's followers may copy
+        # the lengths alone (`cache_replay`); False (default): such a cache is refused there
+        self.contents_unused = False
 
     # ---- capacity -------------------------------------------------------------------------------------
     @property

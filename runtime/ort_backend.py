@@ -2,17 +2,17 @@
 
 `OrtBackend.step(io)` is the backend-step interface of `r1c.runtime.step`: every input (token ids, lengths, the
 cache views) and every output (logits, new latents) is bound by pointer into the caller's buffers, so a step
-neither copies the cache nor allocates its outputs. The `IOBinding` made for a `StepIO.key` is kept (per calling
-thread, the `MAX_BINDINGS` most recent keys) and reused: a step whose rows and bucket did not change since the last
-step of that shape calls `run_with_iobinding` and nothing else — no OrtValue is created, nothing is bound. Measured
-with `scripts/bench_step_overhead.py` (the note of issue 11). `run(feeds)` is the older dict-in, dict-out call.
+neither copies the cache nor allocates its outputs. The `IOBinding` made for a keyed `StepIO` is kept on that
+`StepIO` (`StepIO.bound`) and reused: a step whose rows and bucket did not change since the last step of that shape
+calls `run_with_iobinding` and nothing else — no OrtValue is created, nothing is bound; the binding goes with the
+`StepIO` (the runner keeps `r1c.runtime.step.MAX_CACHED_STEPS` of them). Measured with
+`scripts/bench_step_overhead.py` (the note of issue 11). `run(feeds)` is the older dict-in, dict-out call.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from r1c.runtime.step import StepIO
 logger = logging.getLogger(__name__)
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
-MAX_BINDINGS = 64  # IOBindings kept per thread (one per StepIO key; r1c.runtime.step.MAX_CACHED_STEPS per runner)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -60,34 +59,31 @@ class OrtBackend:
         import onnxruntime as ort
 
         try:
-            self.session = ort.InferenceSession(str(model_path), session_options(options),
+            self.session = ort.InferenceSession(str(model_path), self._session_options(options),
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types; report them as bundle errors
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"bundle: ONNX Runtime could not load {model_path.name}: {msg}") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._local = threading.local()  # IOBindings per calling thread (a binding is not thread-safe)
+        self._local = threading.local()  # a scratch IOBinding per calling thread, for unkeyed StepIOs
+
+    def _session_options(self, options: dict[str, Any]) -> Any:
+        """The `onnxruntime.SessionOptions` of `options` (a subclass adds its custom ops here)."""
+        return session_options(options)
 
     def step(self, io: StepIO) -> None:
-        """Run once with every input and output bound by address (see `r1c.runtime.step`); the binding of a keyed
-        `StepIO` is made on its key's first step and reused after."""
-        key = io.key
-        if key is None:  # every input and output bound again, into this thread's scratch binding
+        """Run once with every input and output bound by address (see `r1c.runtime.step`); a keyed `StepIO` is
+        bound on its first step and its binding kept on it (`io.bound`) and reused after."""
+        if io.key is None:  # every input and output bound again, into this thread's scratch binding
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
                 scratch = self._local.scratch = self.session.io_binding()
             self.session.run_with_iobinding(self._bind(scratch, io))
             return
-        bindings: dict[Hashable, Any] | None = getattr(self._local, "bindings", None)
-        if bindings is None:
-            bindings = self._local.bindings = {}
-        binding = bindings.pop(key, None)  # re-inserted below: the dict's order is least recently used first
-        if binding is None:
-            binding = self._bind(self.session.io_binding(), io)
-            if len(bindings) >= MAX_BINDINGS:
-                bindings.pop(next(iter(bindings)))
-        bindings[key] = binding
-        self.session.run_with_iobinding(binding)
+        bound = io.bound
+        if bound is None or bound[0] is not self:
+            bound = io.bound = (self, self._bind(self.session.io_binding(), io))
+        self.session.run_with_iobinding(bound[1])
 
     @staticmethod
     def _bind(binding: Any, io: StepIO) -> Any:

@@ -32,10 +32,11 @@ shape (the most recent `MAX_CACHED_STEPS`) and gives it the `key` (runner serial
 in the process (never reused, even after the runner is garbage-collected): two `StepIO`s with the same non-None key
 have the same address, shape, strides and dtype in every field; only the contents of `input_ids` and
 `past_lengths` (and of the cache) differ. A backend may therefore bind once per key and reuse the binding
-(`OrtBackend` keeps an `IOBinding` per key, so a decode step of an unchanged batch composition and bucket costs one
-`run_with_iobinding`; the TensorRT backend compares addresses). A bucket change (P), rows added or removed (n) or a
-different row range (r0) is a new key, so a new binding. A `StepIO` with key None (built by another caller, or by a
-runner with `bind_once=False`) must be bound afresh.
+(`OrtBackend` keeps its `IOBinding` on the keyed `StepIO` itself, in `StepIO.bound`, so a decode step of an
+unchanged batch composition and bucket costs one `run_with_iobinding`, and the binding is dropped with the
+`StepIO` when the runner evicts it or is collected; the TensorRT backend compares addresses). A bucket change (P),
+rows added or removed (n) or a different row range (r0) is a new key, so a new binding. A `StepIO` with key None
+(built by another caller, or by a runner with `bind_once=False`) must be bound afresh.
 
 A backend that only has `run(feeds) -> outputs` (the older interface, kept by `TensorRTBackend` until its
 device-resident rewrite) is wrapped by `FeedsStepBackend`, which copies the (small) outputs into the buffers.
@@ -68,6 +69,10 @@ class StepIO:
     key: Hashable | None = None  # equal keys: equal buffers (module docstring); None: bind afresh
     r0: int = 0
     cache: LatentCache | None = None
+    # what the backend that steps this io keeps for it while the io lives (OrtBackend: (itself, its IOBinding)):
+    # dies with the runner's cache entry, so nothing outlives the buffers it points at. A StepIO is stepped by one
+    # backend, its runner's, from one thread at a time.
+    bound: Any = None
 
     def feeds(self) -> dict[str, Any]:
         """All graph inputs by name (for `run(feeds)` backends)."""
@@ -124,7 +129,9 @@ def host_view(x: Any) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else to_host(x)
 
 
-MAX_CACHED_STEPS = 64  # StepIOs (and so backend bindings) kept per runner: decode shapes plus recent prefill chunks
+# StepIOs (and with them their backend bindings, `StepIO.bound`) kept per runner: decode shapes plus recent prefill
+# chunks
+MAX_CACHED_STEPS = 64
 _runner_serials = itertools.count()
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,13 +43,34 @@ def single(bundles: TinyBundles) -> Iterator[dict[str, object]]:
            "long": engine.generate(PROMPTS[:1], LONG_TOKENS)[0]}
 
 
+class _Rank0Watch:
+    """Rank 0's share, watched: every step writes its outputs into the io's buffers (`step`), never through
+    `run(feeds)` (new outputs each step, then copied in). The buffers are set to NaN first, so every value that
+    comes back was written there by this step."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.steps = inner, 0
+
+    def run(self, feeds: Any) -> Any:
+        raise AssertionError("rank 0 ran its share through run(feeds): outputs allocated and copied each step")
+
+    def step(self, io: Any) -> None:
+        self.steps += 1
+        for buf in io.outputs().values():
+            buf.fill(np.nan)
+        self.inner.step(io)
+        assert all(np.isfinite(buf).all() for buf in io.outputs().values())
+
+
 def _check(bundle: Path, single: dict[str, object]) -> None:
     engine = load(bundle)
+    watch = engine.backend.runner = _Rank0Watch(engine.backend.runner)  # type: ignore[attr-defined]
     try:
         logits = engine.forward([PROMPTS[0]])
         assert rel_err(logits, single["logits"]) < REL_TOL  # type: ignore[arg-type]
         assert engine.generate(PROMPTS, NEW_TOKENS) == single["tokens"]
         assert engine.generate(PROMPTS[1:], 3) == [t[:3] for t in single["tokens"][1:]]  # type: ignore[index]
+        assert watch.steps >= NEW_TOKENS
     finally:
         engine.backend.close()  # type: ignore[attr-defined]
 

@@ -31,7 +31,8 @@ from r1c.runtime.kvcache import CacheLayout, LatentCache
 
 GRAPH_IO = {"kv_cache": {"layers": 2, "dtype": "float32", "tensors": {
     "c": {"input": "past_c.{layer}", "output": "new_c", "channels": 3},
-    "pe": {"input": "past_pe.{layer}", "output": "new_pe", "channels": 2}}}}
+    "pe": {"input": "past_pe.{layer}", "output": "new_pe", "channels": 2}}},
+    "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", 7]}]}
 LAYOUT = CacheLayout.from_graph_io(GRAPH_IO)
 
 
@@ -49,8 +50,12 @@ class _Follower:
 
     def step(self, key: int, words: np.ndarray, r0: int, past_lengths: np.ndarray, new: dict[str, Any]) -> None:
         self.replica.apply(key, words)
-        self.replica.feeds(key, r0, past_lengths)  # checks the lengths as the follower does
-        self.replica.stepped(key, {"new_c": new["c"].copy(), "new_pe": new["pe"].copy()})
+        s = new["c"].shape[2]  # as `launch.follow`: the step's buffers (lengths checked), written by "the model"
+        io = self.replica.step_io(key, r0, np.ones((len(past_lengths), s), np.int64), past_lengths)
+        for name, buf in io.new.items():
+            buf[...] = new[name]
+        io.logits[...] = 0.0
+        self.replica.stepped(key, io.outputs())
 
 
 def _run_step(cache: LatentCache, journals: CacheJournals, follower: _Follower, rng: np.random.Generator,
@@ -100,13 +105,17 @@ def test_replayed_journal_keeps_the_follower_copy_identical_through_serving_traf
     assert min(kinds.values()) > 3, kinds  # the traffic exercised every kind of relayout
 
 
-def test_a_cache_seen_late_is_copied_and_a_collected_one_is_freed() -> None:
+def test_a_cache_seen_late_is_refused_with_tokens_unless_unused_then_copied_and_freed() -> None:
     journals, follower = CacheJournals(), _Follower()
     cache = LatentCache(LAYOUT, 4 * 32 * LAYOUT.bytes_per_token, max_rows=4, max_len=32, min_bucket=8)
     for _ in range(3):
         cache.add_row()
     cache.lengths[:3] = [5, 0, 2]  # set directly before any step (r1c bench-serving's bucket measurement does)
     cache.resize(16)
+    with pytest.raises(BundleError, match=r"already hold \[5, 0, 2\] tokens"):
+        journals.take(cache)  # the followers would get the lengths without the latents
+    assert cache.journal is None
+    cache.contents_unused = True  # ... which a timing measurement says it does not need
     key, words = journals.take(cache)
     follower.replica.apply(key, words)
     copy = follower.replica.caches[key]
@@ -124,6 +133,32 @@ def test_a_cache_seen_late_is_copied_and_a_collected_one_is_freed() -> None:
         CacheJournals().take(cache)
     journals.close()
     assert cache.journal is None
+
+
+def test_follower_output_buffers_are_reused_per_cache_and_never_shared() -> None:
+    """A step of cache A keeps its latents in A's buffers until A's next step carries the WRITE; a step of cache B in
+    between (another engine call) must not overwrite them. Buffers grow when a step needs more tokens."""
+    journals, follower = CacheJournals(), _Follower()
+    caches = [LatentCache(LAYOUT, 2 * 16 * LAYOUT.bytes_per_token, max_rows=2, max_len=16, min_bucket=16)
+              for _ in range(2)]
+    rng = np.random.default_rng(1)
+    for cache in caches:
+        cache.add_row()
+    addresses = []
+    for n_new in ([3], [1], [1], [2]):
+        for cache in caches:  # A, B, A, B, ...: every WRITE arrives after a step of the other cache
+            _run_step(cache, journals, follower, rng, 0, n_new)
+            key = journals._keys[cache]
+            addresses.append((key, follower.replica._buffers[key]["c"].ctypes.data))
+    for cache in caches:
+        key, words = journals.take(cache)
+        follower.replica.apply(key, words)
+        copy = follower.replica.caches[key]
+        for a, b in zip(_live(copy), _live(cache), strict=True):
+            np.testing.assert_array_equal(a, b)
+    by_key = {k: {a for kk, a in addresses if kk == k} for k, _ in addresses}
+    assert len(by_key) == 2 and all(len(a) == 1 for a in by_key.values())  # reused across steps of a cache
+    assert not set.intersection(*by_key.values())  # and not shared between caches
 
 
 def test_a_diverged_copy_is_refused() -> None:

@@ -6,12 +6,14 @@ it after a bucket change (the views' shape and stride change), a row move or pop
 (r0) or a new runner (other buffers). The unit test checks the contract over such a sequence against the cache's
 own `feeds`; the e2e test runs the same kind of sequence on the tiny bundle through `OrtBackend` with keyed
 bindings and with every step bound afresh (key None, the pre-issue-11 path) and requires equal logits (tolerance
-0: the same graph on the same inputs and shapes, one thread).
+0: the same graph on the same inputs and shapes, one thread), one binding per key, and that the keyed bindings live
+on their `StepIO`s (`StepIO.bound`) and are collected with the runner (no binding outlives the buffers it names).
 """
 
 from __future__ import annotations
 
 import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +162,8 @@ def run_sequence(engine: Any, bind_once: bool, max_tokens: int) -> list[np.ndarr
     tokens = decode(tokens, 0)  # back to 16
     step(rng.integers(2, engine.vocab_size, (2, 2)), 0, None)  # scoring only, nothing stored
     assert cache.bucket == 16 and cache.relayouts == 4  # 4 -> 8 -> 16 -> 40 -> 16
+    if bind_once:  # each keyed StepIO holds its backend's binding (StepIO.bound) while the runner keeps it
+        assert all(io.bound is not None and io.bound[0] is engine.backend for io in runner._ios.values())
     return out
 
 
@@ -171,14 +175,24 @@ def test_keyed_bindings_give_the_logits_of_fresh_bindings(tmp_path_factory: pyte
     bundle: Path = text_bundle(tmp_path_factory)
     engine = load(bundle, session_options={"intra_op_num_threads": 1})
     binds: list[Any] = []
+    alive: list[weakref.ref[Any]] = []  # the keyed bindings: each must die with its runner's StepIO
     real_bind = OrtBackend._bind
-    monkeypatch.setattr(OrtBackend, "_bind", staticmethod(lambda b, io: binds.append(io.key) or real_bind(b, io)))
+
+    def bind(binding: Any, io: StepIO) -> Any:
+        binds.append(io.key)
+        if io.key is not None:
+            alive.append(weakref.ref(binding))
+        return real_bind(binding, io)
+
+    monkeypatch.setattr(OrtBackend, "_bind", staticmethod(bind))
     fresh = run_sequence(engine, bind_once=False, max_tokens=18)
     assert len(binds) == len(fresh) and set(binds) == {None}
     binds.clear()
     for max_tokens in (18, 24):  # a second runner (other buffers) after the first is collected
         keyed = run_sequence(engine, bind_once=True, max_tokens=max_tokens)
         gc.collect()
+        assert alive and all(ref() is None for ref in alive)  # kept on the StepIOs, gone with the runner
+        alive.clear()
         assert len(keyed) == len(fresh)
         for i, (a, b) in enumerate(zip(keyed, fresh)):
             np.testing.assert_array_equal(a, b, err_msg=f"step {i}")

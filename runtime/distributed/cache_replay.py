@@ -7,10 +7,13 @@ capacity bucket changed (`kvcache.LatentCache.journal`), and each step's new lat
 own outputs of that step, so no cache data ever travels, only a few integers per step.
 
 Rank 0 (`CacheJournals`) names each cache by a key the first time a step binds it, copies its state then (rows,
-bucket, row lengths: a cache must not have been written by anything but this backend's steps before), switches its
-journal on, and with every later step of that cache sends what the journal gathered since that cache's previous
-step, plus the keys of caches that were garbage-collected meanwhile. The words on the wire (int64), one entry after
-another, each `[code, nargs, *args]`:
+bucket, row lengths — not the latents: a cache must not have been written by anything but this backend's steps
+before, so a cache whose rows already hold tokens on first sight is refused with a BundleError, unless its
+`contents_unused` is set: lengths set without latents for a timing measurement, as `r1c bench-serving`'s capacity
+bucket does, whose followers then hold the lengths over unrelated contents), switches its journal on, and with
+every later step of that cache sends what the journal gathered since that cache's previous step, plus the keys of
+caches that were garbage-collected meanwhile. The words on the wire (int64), one entry after another, each
+`[code, nargs, *args]`:
 
     CREATE key capacity_tokens max_rows max_len min_bucket bucket rows *lengths   a cache seen for the first time
     FREE key                                                                      a cache rank 0 no longer has
@@ -32,6 +35,7 @@ import numpy as np
 
 from r1c.errors import BundleError
 from r1c.runtime.kvcache import ADD_ROW, MOVE_ROW, POP_ROW, RESIZE, TENSORS, WRITE, CacheLayout, LatentCache
+from r1c.runtime.step import StepIO
 
 CREATE, FREE = 10, 11
 
@@ -53,7 +57,9 @@ class CacheJournals:
 
     def take(self, cache: LatentCache) -> tuple[int, np.ndarray]:
         """The key of `cache` and the words to send with its step; starts the cache's journal on first sight.
-        Raises `BundleError` for a cache whose journal another engine already keeps."""
+        Raises `BundleError` for a cache whose journal another engine already keeps, and for a cache first seen
+        with tokens in its rows (nonzero lengths: the followers could copy the lengths but not the latents) unless
+        `cache.contents_unused` says the contents do not matter."""
         with self._lock:
             words: list[int] = []
             while self._gone:
@@ -63,11 +69,16 @@ class CacheJournals:
                 if cache.journal is not None:
                     raise BundleError("bundle: this cache already steps on another sharded engine (one cache per "
                                       "sharded engine)")
+                lengths = cache.lengths[: cache.rows].tolist()
+                if any(lengths) and not cache.contents_unused:
+                    raise BundleError("bundle: a sharded engine steps only on a cache whose rows it wrote itself; "
+                                      f"this cache's rows already hold {lengths} tokens, which the other ranks' "
+                                      "copies cannot get (start from empty rows, or set cache.contents_unused for a "
+                                      "timing measurement)")
                 key = self._next
                 self._next += 1
                 self._keys[cache] = key
                 weakref.finalize(cache, self._gone.append, key)
-                lengths = cache.lengths[: cache.rows].tolist()
                 state = [key, cache.capacity_tokens, cache.max_rows, cache.max_len, cache.buckets[0], cache.bucket,
                          cache.rows, *lengths]
                 words += [CREATE, len(state), *state]
@@ -92,11 +103,17 @@ class CacheReplica:
         self.layout = CacheLayout.from_graph_io(graph_io)
         tensors = graph_io["kv_cache"]["tensors"]
         self.outputs = {name: tensors[name]["output"] for name in TENSORS}  # "c" -> "new_c"
+        self.graph_io = graph_io
         self.caches: dict[int, LatentCache] = {}
         self._last: dict[int, dict[str, np.ndarray]] = {}  # each cache's latest step outputs, until written
+        self._buffers: dict[int, dict[str, np.ndarray]] = {}  # each cache's step output buffers (flat)
 
     def apply(self, key: int, words: np.ndarray) -> None:
-        """Replay one step's words; `key` is the cache the step runs on."""
+        """Replay one step's words; `key` is the cache the step runs on.
+
+        Raises `BundleError` when the words do not fit this copy (the copies diverged, or rank 0 and this rank run
+        different code): a journal entry for a cache this rank does not have, an unknown entry code, or a WRITE of
+        a step this rank did not run (no outputs kept by `stepped`)."""
         w = words.tolist()
         i = 0
         while i < len(w):
@@ -108,6 +125,7 @@ class CacheReplica:
             elif code == FREE:
                 self.caches.pop(args[0], None)
                 self._last.pop(args[0], None)
+                self._buffers.pop(args[0], None)
             else:
                 self._journal_entry(self._cache(key), key, code, args)
 
@@ -151,6 +169,31 @@ class CacheReplica:
             raise BundleError(f"bundle: this rank's cache copy {key} disagrees with rank 0 on rows [{r0}, {r0 + n}) "
                               f"(lengths {cache.lengths[r0:r0 + n].tolist()} vs {past_lengths.tolist()})")
         return cache.feeds(r0, r0 + n)
+
+    def step_io(self, key: int, r0: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> StepIO:
+        """The `StepIO` of a step over rows [r0, r0 + n) of cache `key` on `input_ids` [n, S] int64 (this copy's
+        views, checked as by `feeds`), with output buffers kept per cache: `logits` [n, S, V] float32 and `new`
+        {"c": [L, n, S, C], "pe": [L, n, S, R]} (the cache's dtype; legend in `r1c.runtime.step`), views into flat
+        buffers made when a step of this cache needs more tokens than any before and reused after. Per cache, not
+        shared: a step's new latents stay in them until the WRITE that the next step of the same cache carries.
+        Key None (bound afresh: the buffers' addresses change when they grow)."""
+        past = self.feeds(key, r0, past_lengths)
+        n, s = input_ids.shape
+        tokens = n * s
+        L = self.layout.layers
+        buffers = self._buffers.get(key)
+        if buffers is None or buffers["logits"].size < tokens * self._vocab():
+            buffers = self._buffers[key] = {"logits": np.empty(tokens * self._vocab(), np.float32), **{
+                name: np.empty(L * tokens * ch, self.layout.dtype)
+                for name, ch in zip(TENSORS, self.layout.channels)}}
+        return StepIO(input_ids=input_ids, past_lengths=past_lengths, past=past,
+                      logits=buffers["logits"][: tokens * self._vocab()].reshape(n, s, self._vocab()),
+                      new={name: buffers[name][: L * tokens * ch].reshape(L, n, s, ch)
+                           for name, ch in zip(TENSORS, self.layout.channels)}, r0=r0, cache=self.caches[key])
+
+    def _vocab(self) -> int:
+        """V: the last dimension of the graph's `logits` output."""
+        return int(next(o for o in self.graph_io["outputs"] if o["name"] == "logits")["shape"][-1])
 
     def stepped(self, key: int, outputs: dict[str, np.ndarray]) -> None:
         """Keep this step's new latents ([L, n, S, ch] per tensor) for the WRITE that follows it."""

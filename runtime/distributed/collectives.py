@@ -27,15 +27,21 @@ def all_reduce(x: np.ndarray, group_name: str, reduction: str = "sum") -> np.nda
     return x
 
 
-def all_gather(x: np.ndarray, group_name: str, axis: int, group_size: int) -> np.ndarray:
-    """The group's `x` concatenated along `axis` in group-rank order; BundleError when the group does not have the
-    `group_size` ranks the node was sharded for."""
+def all_gather(x: np.ndarray, group_name: str, axis: int, group_size: int,
+               out: np.ndarray | None = None, parts: list[torch.Tensor] | None = None) -> np.ndarray:
+    """The group's `x` concatenated along `axis` in group-rank order, written into `out` when given (the caller's
+    buffer of the gathered shape; returned). `parts`: receive buffers to reuse (a list, filled here on first use
+    and re-made when `x`'s shape or dtype changes), else allocated per call. BundleError when the group does not
+    have the `group_size` ranks the node was sharded for."""
     g = group(group_name)
     size = dist.get_world_size(g)
     if size != group_size:
         raise BundleError(f"bundle: AllGather over {group_size} ranks, but this process's {group_name!r} group has "
                           f"{size}")
     t = torch.from_numpy(np.ascontiguousarray(x))
-    parts = [torch.empty_like(t) for _ in range(size)]
+    if parts is None:
+        parts = []
+    if len(parts) != size or parts[0].shape != t.shape or parts[0].dtype != t.dtype:
+        parts[:] = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t, group=g)
-    return np.concatenate([p.numpy() for p in parts], axis=axis)
+    return np.concatenate([p.numpy() for p in parts], axis=axis, out=out)

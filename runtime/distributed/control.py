@@ -6,7 +6,7 @@ step (`cache_replay`: row moves, bucket changes, writes, caches created or freed
 SLOTS int64 values, broadcast over the control group (gloo); a payload longer than that follows in a second
 broadcast. A pickled `broadcast_object_list` costs about 2.7x one tensor broadcast here (measured: 1.9 ms vs 0.7 ms
 between two processes on the loaded 2-core machine), and a decode step needs one broadcast.
-Layout: [kind, key, r0, n_words, payload_len, 0, words..., per input: ndim, dims..., values...].
+Layout: [kind, key, r0, n_words, payload_len, words..., per input: ndim, dims..., values...].
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from r1c.errors import BundleError
 
 SLOTS = 512
-HEADER = 6
+HEADER = 5  # kind, key, r0, n_words, payload_len
 STOP, RUN, READY = 0, 1, 2
 
 
@@ -45,7 +45,7 @@ class StepChannel:
 
     def send(self, kind: int, step: Step | None = None) -> None:
         payload: list[np.ndarray] = []
-        head = [kind, 0, 0, 0, 0, 0]
+        head = [kind, 0, 0, 0, 0]
         if step is not None:
             payload.append(np.asarray(step.words, np.int64))
             for name in self.names:
@@ -66,7 +66,7 @@ class StepChannel:
     def receive(self) -> tuple[int, Step | None]:
         self._broadcast(self.buffer)
         head = self.buffer[:HEADER].tolist()
-        kind, key, r0, n_words, size, _ = head
+        kind, key, r0, n_words, size = head
         if kind != RUN:
             return kind, None
         flat = self.buffer[HEADER: HEADER + min(size, SLOTS - HEADER)].numpy().copy()

@@ -34,7 +34,7 @@ from r1c.errors import BundleError
 from r1c.manifest import Manifest, read_manifest
 from r1c.runtime.distributed.cache_replay import CacheJournals, CacheReplica, cache_inputs
 from r1c.runtime.distributed.control import READY, RUN, STOP, Step, StepChannel
-from r1c.runtime.step import StepIO
+from r1c.runtime.step import StepIO, as_step_backend
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,10 @@ def _channel(manifest: Manifest, control: Any) -> StepChannel:
 
 
 def follow(bundle: Path, manifest: Manifest, rank: int, mechanism: str, options: dict[str, Any], control: Any) -> None:
-    """A follower's loop: receive each step from rank 0, replay its cache journal, run this rank's share."""
-    runner = _runner(bundle, manifest, rank, mechanism, options)
+    """A follower's loop: receive each step from rank 0, replay its cache journal, run this rank's share into
+    output buffers its cache copy keeps (`CacheReplica.step_io`: allocated when a step needs more than before, then
+    reused; only the new latents are used, to write the copy)."""
+    runner = as_step_backend(_runner(bundle, manifest, rank, mechanism, options))
     replica = CacheReplica(manifest.graph_io)
     channel = _channel(manifest, control)
     channel.send(READY)  # (a broadcast from rank 0: every rank passes it once all have loaded)
@@ -97,8 +99,10 @@ def follow(bundle: Path, manifest: Manifest, rank: int, mechanism: str, options:
         if kind == STOP or step is None:
             break
         replica.apply(step.key, step.words)
-        past = replica.feeds(step.key, step.r0, step.feeds["past_lengths"])
-        replica.stepped(step.key, runner.run({**step.feeds, **past}))
+        ids, lengths = step.feeds["input_ids"], step.feeds["past_lengths"]
+        io = replica.step_io(step.key, step.r0, ids, lengths)  # this cache's output buffers, reused across steps
+        runner.step(io)
+        replica.stepped(step.key, io.outputs())
 
 
 def _spawned_follower(bundle: str, rank: int, port: int, mechanism: str, options: dict[str, Any]) -> None:
@@ -203,7 +207,7 @@ class ShardedBackend:
         self._broken = False
         self.channel = _channel(manifest, control)
         try:
-            self.runner = _runner(bundle, manifest, 0, self.mechanism, options)
+            self.runner = as_step_backend(_runner(bundle, manifest, 0, self.mechanism, options))
             self._guard(lambda: self.channel.send(READY))  # returns once every rank has loaded
         except BaseException:
             _shutdown(self.processes, self.channel, [True])
@@ -224,7 +228,8 @@ class ShardedBackend:
                               + (f"; stopped: {', '.join(dead)}" if dead else "")) from e
 
     def step(self, io: StepIO) -> None:
-        """Run one step on every rank (`r1c.runtime.step`); rank 0's outputs are copied into the io's buffers."""
+        """Run one step on every rank (`r1c.runtime.step`); rank 0's share writes its outputs straight into the io's
+        buffers (`CustomOpRank` / `SplitRank.step`; a TensorRT rank, which has only `run`, copies them in)."""
         if io.cache is None:
             raise BundleError("bundle: a sharded bundle steps through a StepRunner over a LatentCache (the followers "
                               "replay that cache's journal); this step names no cache")
@@ -239,9 +244,7 @@ class ShardedBackend:
             self._guard(lambda: self.channel.send(RUN, step))
             self.control_s += time.perf_counter() - t0
             self.steps += 1
-            out = self._guard(lambda: self.runner.run(feeds))
-        for name, buf in io.outputs().items():
-            buf[...] = out[name]
+            self._guard(lambda: self.runner.step(io))
 
     def close(self) -> None:
         """Stop the followers and leave the process groups (idempotent)."""

@@ -24,7 +24,8 @@ import numpy as np
 from r1c.errors import BundleError
 from r1c.plugins.all_gather import SPEC as ALL_GATHER
 from r1c.runtime.distributed.collectives import all_gather, all_reduce
-from r1c.runtime.ort_backend import OrtBackend, session_options
+from r1c.runtime.ort_backend import OrtBackend, _address, _element_type, session_options
+from r1c.runtime.step import StepIO
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +39,13 @@ def _error(model: Path, e: Exception) -> BundleError:
 
 
 class CustomOpRank(OrtBackend):
-    """The rank's model in one session, with the collectives as Python custom ops."""
+    """The rank's model in one session, with the collectives as Python custom ops; run as `OrtBackend` runs a
+    one-rank bundle (`step(io)` binds every input and output by address)."""
 
-    def __init__(self, model_path: Path, options: dict[str, Any]) -> None:
-        import onnxruntime as ort
-
+    def _session_options(self, options: dict[str, Any]) -> Any:
         from r1c.runtime.distributed.ort_collectives import register
 
-        try:
-            self.session = ort.InferenceSession(str(model_path), register(session_options(options)),
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own exception types
-            raise _error(model_path, e) from None
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        return register(session_options(options))
 
 
 class SplitRank:
@@ -65,6 +60,7 @@ class SplitRank:
         self.steps = split(ir.load(model_path))
         self.output_names = [name for name in _graph_outputs(model_path)]
         self.sessions: dict[int, Any] = {}
+        self._parts: dict[int, list[Any]] = {}  # per AllGather step: its receive buffers, reused while shapes hold
         for i, step in enumerate(self.steps):
             if isinstance(step, Segment):
                 so = session_options(options)
@@ -76,17 +72,34 @@ class SplitRank:
                     raise _error(model_path, e) from None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once; the outputs are new arrays."""
+        env = self._execute(dict(feeds), {})
+        return {name: env[name] for name in self.output_names}
+
+    def step(self, io: StepIO) -> None:
+        """Run once on a step's buffers (`r1c.runtime.step`): every graph output is written straight into the io's
+        buffer — bound by address on the sub-graph that makes it, or gathered into it by the collective that makes
+        it — so the outputs are neither allocated nor copied; the inputs are bound in place as by `run`."""
+        self._execute(dict(io.feeds()), io.outputs())
+
+    def _execute(self, env: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the steps over the values `env` (by name); graph outputs named in `out` go into those buffers."""
         import onnxruntime as ort
 
         from r1c.runtime.distributed.segments import Collective
 
-        env: dict[str, np.ndarray] = dict(feeds)
         for i, step in enumerate(self.steps):
             if isinstance(step, Collective):
                 x = env[step.input]
-                gather = step.op == ALL_GATHER.name
-                env[step.output] = all_gather(x, step.group, step.axis, step.group_size) if gather \
-                    else all_reduce(x, step.group)
+                target = out.get(step.output)
+                if step.op == ALL_GATHER.name:
+                    env[step.output] = all_gather(x, step.group, step.axis, step.group_size, out=target,
+                                                  parts=self._parts.setdefault(i, []))
+                else:
+                    env[step.output] = all_reduce(x, step.group)
+                    if target is not None:
+                        target[...] = env[step.output]
+                        env[step.output] = target
                 continue
             session = self.sessions[i]
             binding = session.io_binding()
@@ -95,11 +108,19 @@ class SplitRank:
                 if not arr.flags.c_contiguous:
                     arr = env[name] = np.ascontiguousarray(arr)
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+            made = [name for name in step.outputs if name not in out]
             for name in step.outputs:
-                binding.bind_output(name, "cpu")
+                if name in out:  # a graph output: into the caller's buffer
+                    arr = out[name]
+                    binding.bind_output(name, "cpu", 0, _element_type(arr.dtype), arr.shape, _address(name, arr))
+                    env[name] = arr
+                else:
+                    binding.bind_output(name, "cpu")
             session.run_with_iobinding(binding)
-            env.update(zip(step.outputs, binding.copy_outputs_to_cpu(), strict=True))
-        return {name: env[name] for name in self.output_names}
+            if made:
+                values = dict(zip(step.outputs, binding.get_outputs(), strict=True))
+                env.update({name: values[name].numpy() for name in made})
+        return env
 
 
 def _graph_outputs(model_path: Path) -> list[str]:
