@@ -17,7 +17,7 @@ from r1c import graph_io as gio
 from r1c.config import ModelConfig
 from r1c.errors import BuildError
 from r1c.jsonfile import read_json_object
-from r1c.manifest import TARGETS, Manifest, file_records, host_device
+from r1c.manifest import TARGETS, Manifest, check_session, file_records, host_device
 from r1c.outdir import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -52,12 +52,6 @@ def _read_export(export_dir: Path) -> tuple[ModelConfig | None, dict[str, Any], 
     source_path = export_dir / "source.json"
     source = read_json_object(source_path, BuildError, "build") if source_path.is_file() else {}
     return config, graph_io, source
-
-
-def _check_session(session: dict[str, Any]) -> None:
-    threads = session.get("intra_op_num_threads", 0)
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-        raise BuildError(f"build: --threads must be an integer >= 0 (0: one per physical core), got {threads!r}")
 
 
 def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool,
@@ -114,7 +108,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"build: unknown target {target!r} (choose from {', '.join(TARGETS)})")
-    _check_session(session or {})
+    check_session(session or {}, BuildError, "build: session")
     if precision != "auto" and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
         raise BuildError(f"build: --precision {precision} is for a one-rank onnxruntime bundle (this one keeps the "
                          "export's weights)")
