@@ -15,16 +15,6 @@ from r1c.errors import BenchError, RegressionError
 logger = logging.getLogger(__name__)
 
 
-def _int_list(option: str, text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.replace(" ", ",").split(",") if t]
-    except ValueError:
-        raise BenchError(f"{option} takes integers separated by commas, got {text!r}") from None
-    if not values:
-        raise BenchError(f"{option} is empty")
-    return values
-
-
 def _bundle_info(path: Path, manifest: Any) -> dict[str, Any]:
     source = manifest.source or {}
     if "preset" in source:
@@ -117,13 +107,13 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
     from r1c.runtime.bench.compare import gate, load_report
     from r1c.runtime.bench.report import format_table, make_report, plot, write_json
     from r1c.runtime.bench.runner import Settings, System, grid, run_bench
-    from r1c.runtime.bench.stats import parse_fraction
+    from r1c.runtime.bench.stats import parse_fraction, parse_int_list
 
     for path in (bundle, compare):  # the bundles first (their hashes are checked when they load, below)
         if path is not None:
             read_manifest(path, verify_hashes=False)
-    workloads = grid(_int_list("--batch", batch_text), _int_list("--prompt-len", prompt_text),
-                     _int_list("--new-tokens", new_text))
+    workloads = grid(parse_int_list("--batch", batch_text), parse_int_list("--prompt-len", prompt_text),
+                     parse_int_list("--new-tokens", new_text))
     settings = Settings(warmup=warmup, repeat=repeat, budget_s=budget, seed=seed, clock=clock)
     tolerance = parse_fraction(max_regression)
     base_report = load_report(baseline) if baseline is not None else None  # fail before the long part
