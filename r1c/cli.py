@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from r1c.errors import ExportError, R1CError, RuntimeInputError
-from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
+from r1c.targets import DEFAULT_RTX_COMPUTE_CAPABILITY
 
 logger = logging.getLogger("r1c")
 

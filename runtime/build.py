@@ -79,8 +79,8 @@ def build_tensorrt_target(work: Path, config: ModelConfig, *, target: str, arch:
     (target_options, libraries). `arch`: tensorrt-rtx default sm89 (`DEFAULT_RTX_COMPUTE_CAPABILITY`), tensorrt
     default the current GPU; `options`: profile and build options (`trt_profiles.PROFILE_OPTIONS`, keep_onnx)."""
     if target == "tensorrt-rtx":
-        from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
         from r1c.runtime.trt_rtx import build_tensorrt_rtx
+        from r1c.targets import DEFAULT_RTX_COMPUTE_CAPABILITY
 
         return build_tensorrt_rtx(work, config, arch=arch or DEFAULT_RTX_COMPUTE_CAPABILITY, **(options or {}))
     from r1c.runtime.trt_build import build_tensorrt
