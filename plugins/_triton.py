@@ -13,6 +13,7 @@ the PTX (`ptx_params`), so the scratch-pointer parameters newer Triton releases 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -40,27 +41,28 @@ def _is_kernel_function(obj: Any) -> bool:
     return isinstance(obj, (JITFunction, InterpretedFunction))
 
 
+@functools.cache
 def _source(kernel: Any) -> str:
     """The source of `kernel` and of every `@triton.jit` function it calls, transitively (found by the global names
-    each body uses), in a stable order: an edit to a helper changes the key of every kernel that inlines it.
+    each body uses: a callee reached as `module.fn(...)` is not found), the kernel first, then its callees by name:
+    an edit to a helper changes the key of every kernel that inlines it. Cached per kernel (a module global): keys are
+    taken on every plan change of a plugin.
 
     Not `JITFunction.cache_key`: that also hashes the Triton version, and the library built with one Triton must be
     found by a serving machine with another."""
-    parts: dict[str, str] = {}
-    todo = [kernel]
+    root = getattr(kernel, "fn", kernel)  # JITFunction / InterpretedFunction -> the Python function
+    callees: dict[str, str] = {}
+    todo = [root]
+    seen = {id(root)}
     while todo:
-        fn = getattr(todo.pop(), "fn", None)  # JITFunction / InterpretedFunction -> the Python function
-        if fn is None:
-            continue
-        name = f"{fn.__module__}.{fn.__qualname__}"
-        if name in parts:
-            continue
-        parts[name] = inspect.getsource(fn)
-        todo += [fn.__globals__[n] for n in fn.__code__.co_names
-                 if n in fn.__globals__ and _is_kernel_function(fn.__globals__[n])]
-    first = f"{kernel.fn.__module__}.{kernel.fn.__qualname__}" if hasattr(kernel, "fn") else ""
-    return "\n".join([parts.pop(first, inspect.getsource(getattr(kernel, "fn", kernel)))]
-                     + [parts[k] for k in sorted(parts)])
+        fn = todo.pop()
+        for name in fn.__code__.co_names:
+            obj = fn.__globals__.get(name)
+            if _is_kernel_function(obj) and id(obj.fn) not in seen:
+                seen.add(id(obj.fn))
+                callees[f"{obj.fn.__module__}.{obj.fn.__qualname__}"] = inspect.getsource(obj.fn)
+                todo.append(obj.fn)
+    return "\n".join([inspect.getsource(root), *(callees[k] for k in sorted(callees))])
 
 
 class KernelSpec(NamedTuple):

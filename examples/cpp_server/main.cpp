@@ -9,6 +9,7 @@
 // write and its request is cancelled (freed with the request object). SIGINT (Ctrl-C) and SIGTERM stop it cleanly:
 // the server stops taking connections, finishes the requests it holds, closes the engine and exits 0.
 #include <httplib.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 #include <r1c/r1c.hpp>
@@ -265,7 +266,7 @@ extern "C" void on_stop_signal(int sig) {
 // would be a no-op), or it returns when the pipe gets byte 0 (main's, once listen returned). Nothing when the pipe
 // cannot be made.
 std::optional<std::thread> watch_stop_signals(httplib::Server& svr) {
-    if (pipe(g_signal_pipe) != 0) return std::nullopt;
+    if (pipe2(g_signal_pipe, O_CLOEXEC) != 0) return std::nullopt;  // not inherited by a sharded bundle's ranks
     struct sigaction sa {};
     sa.sa_handler = on_stop_signal;
     sigemptyset(&sa.sa_mask);
