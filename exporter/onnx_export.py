@@ -29,6 +29,7 @@ from onnx import TensorProto, helper
 
 from r1c.config import ModelConfig
 from r1c.errors import ExportError
+from r1c.exporter.checkpoint_layouts import SCALE_SUFFIX
 from r1c.exporter.graph_io import GRAPH_IO_FILE, graph_io, model_io
 from r1c.exporter.model import MLA_NORM_EPS, rope_parameters, router_attributes
 from r1c.exporter.onnx_functions import experts_function, router_function
@@ -79,7 +80,7 @@ class _Lowering:
         if dtype is None:
             src_dtype = self.src.dtype(src_name)
             dtype = (TensorProto.FLOAT8E4M3FN if src_dtype == FP8 else
-                     F32 if src_name.endswith(ROUTER_SUFFIXES) or src_name.endswith("_scale_inv") else self.dt)
+                     F32 if src_name.endswith(ROUTER_SUFFIXES) or src_name.endswith(SCALE_SUFFIX) else self.dt)
         fn = transform or (lambda t: t)
         out = dtype
         return self.g.weight(out_name, dims if dims is not None else self.src.shape(src_name), out,
@@ -113,7 +114,7 @@ class _Lowering:
         rows, cols = self.src.shape(src_name)[::-1] if transpose else self.src.shape(src_name)
         flip: Callable[[torch.Tensor], torch.Tensor] = (lambda t: t.t()) if transpose else (lambda t: t)
         wq = self.param(name, src_name, (rows, cols), flip)
-        sc = self.param(name + "_scale", self.need(src_name + "_scale_inv"), (-(-rows // BLOCK), cols),
+        sc = self.param(name + "_scale", self.need(src_name + SCALE_SUFFIX), (-(-rows // BLOCK), cols),
                         lambda s: flip(s).to(torch.float32).repeat_interleave(BLOCK, dim=1)[:, :cols], F32)
         return self.g.op("DequantizeLinear", [wq, sc], axis=0, block_size=BLOCK)
 
@@ -299,8 +300,8 @@ class _Lowering:
             raise ExportError(f"export: {w13} is {self.src.dtype(w13)}, expected float8_e4m3fn")
         inputs += [self.experts_weight(p + ".experts.w13", w13), self.experts_weight(p + ".experts.w2", w2)]
         if self.quant == "fp8_block128":
-            inputs += [self.param(p + ".experts.w13_scale", w13 + "_scale_inv", dtype=F32),
-                       self.param(p + ".experts.w2_scale", w2 + "_scale_inv", dtype=F32)]
+            inputs += [self.param(p + ".experts.w13_scale", w13 + SCALE_SUFFIX, dtype=F32),
+                       self.param(p + ".experts.w2_scale", w2 + SCALE_SUFFIX, dtype=F32)]
         routed = g.op(EXPERTS_SPEC.name, inputs, domain=R1C_DOMAIN,
                       **EXPERTS_SPEC.attrs(quant=self.quant), plugin_namespace=PLUGIN_NAMESPACE)
         out = routed
@@ -340,7 +341,7 @@ def _estimate_bytes(source: TensorSource, config: ModelConfig, dtype: int) -> in
         n = int(np.prod(shape, dtype=np.int64))
         if t == FP8:
             total += n
-        elif name.endswith("_scale_inv"):
+        elif name.endswith(SCALE_SUFFIX):
             total += n * 4 * (BLOCK if len(shape) == 2 else 1)
         else:
             total += n * (4 if name.endswith(ROUTER_SUFFIXES) else np_dtype(dtype).itemsize)

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from r1c.errors import ExportError, R1CError, RuntimeInputError
-from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
+from r1c.targets import DEFAULT_RTX_COMPUTE_CAPABILITY
 
 logger = logging.getLogger("r1c")
 
@@ -263,7 +263,7 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
               help="tensorrt-rtx: the compute capability to build for (sm89, sm90, sm120, ...); default "
                    f"{DEFAULT_RTX_COMPUTE_CAPABILITY.lower()} (Ada, the oldest with FP8 tensor cores). tensorrt "
                    "builds for the GPU it runs on.")
-@click.option("--threads", type=int, default=0, show_default=True,
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: one per physical core).")
 @click.option("--dump-after", metavar="PASS",
               help="Also write the model as it is after this pass (into OUTPUT.dumps/; `r1c passes` lists them).")

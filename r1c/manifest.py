@@ -150,14 +150,17 @@ def _check_types(raw: dict[str, Any]) -> None:
 SESSION_COUNTS = ("intra_op_num_threads", "inter_op_num_threads")  # ONNX Runtime thread counts (0: its default)
 
 
-def _check_session(session: dict[str, Any]) -> None:
-    """The session options' thread counts are integers >= 0 (what `r1c build --threads` writes), so that a
-    hand-edited manifest is refused naming its field, not by ONNX Runtime blaming the model."""
+def check_session(session: dict[str, Any], error_cls: type[R1CError], where: str) -> None:
+    """The one rule for ONNX Runtime session options: each of `SESSION_COUNTS` is an integer >= 0 (0: ONNX Runtime
+    picks, one thread per physical core). `r1c build` checks what it will write, `read_manifest` what a
+    (hand-edited) manifest holds, so that a bad count is refused naming its field, not by ONNX Runtime blaming the
+    model. Raises `error_cls` with "`where`.FIELD must be an integer >= 0 ...".
+    """
     for name in SESSION_COUNTS:
         value = session.get(name, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise BundleError(f"bundle: {MANIFEST_FILE}: target_options.session.{name} must be an integer >= 0 "
-                              f"(0: ONNX Runtime picks), got {json.dumps(value)[:60]}")
+            raise error_cls(f"{where}.{name} must be an integer >= 0 (0: ONNX Runtime picks), got "
+                            f"{json.dumps(value, default=repr)[:60]}")
 
 
 def read_manifest(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Manifest:
@@ -199,7 +202,8 @@ def read_manifest(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Mani
             or not isinstance(m.target_options.get("session", {}), dict):
         raise BundleError("bundle: target_options must name the model (one of the manifest's files) and a session "
                           "object")
-    _check_session(m.target_options.get("session", {}))
+    check_session(m.target_options.get("session", {}), BundleError,
+                  f"bundle: {MANIFEST_FILE}: target_options.session")
     if verify_hashes:
         for rel, digest in m.files.items():
             f = bundle / rel

@@ -17,7 +17,7 @@ from r1c import graph_io as gio
 from r1c.config import ModelConfig
 from r1c.errors import BuildError
 from r1c.jsonfile import read_json_object
-from r1c.manifest import TARGETS, Manifest, file_records, host_device
+from r1c.manifest import TARGETS, Manifest, check_session, file_records, host_device
 from r1c.outdir import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -54,12 +54,6 @@ def _read_export(export_dir: Path) -> tuple[ModelConfig | None, dict[str, Any], 
     return config, graph_io, source
 
 
-def _check_session(session: dict[str, Any]) -> None:
-    threads = session.get("intra_op_num_threads", 0)
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-        raise BuildError(f"build: --threads must be an integer >= 0 (0: one per physical core), got {threads!r}")
-
-
 def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool,
            progress: bool, threads: int = 0, precision: str = "auto",
            max_file_bytes: int | None = None) -> dict[str, Any]:
@@ -85,8 +79,8 @@ def build_tensorrt_target(work: Path, config: ModelConfig, *, target: str, arch:
     (target_options, libraries). `arch`: tensorrt-rtx default sm89 (`DEFAULT_RTX_COMPUTE_CAPABILITY`), tensorrt
     default the current GPU; `options`: profile and build options (`trt_profiles.PROFILE_OPTIONS`, keep_onnx)."""
     if target == "tensorrt-rtx":
-        from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
         from r1c.runtime.trt_rtx import build_tensorrt_rtx
+        from r1c.targets import DEFAULT_RTX_COMPUTE_CAPABILITY
 
         return build_tensorrt_rtx(work, config, arch=arch or DEFAULT_RTX_COMPUTE_CAPABILITY, **(options or {}))
     from r1c.runtime.trt_build import build_tensorrt
@@ -114,7 +108,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"build: unknown target {target!r} (choose from {', '.join(TARGETS)})")
-    _check_session(session or {})
+    check_session(session or {}, BuildError, "build: session")
     if precision != "auto" and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
         raise BuildError(f"build: --precision {precision} is for a one-rank onnxruntime bundle (this one keeps the "
                          "export's weights)")

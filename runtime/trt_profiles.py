@@ -10,7 +10,6 @@ from r1c.config import ModelConfig
 from r1c.errors import BuildError
 
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada; Hopper 9.0; Blackwell 10.x / 12.x
-DEFAULT_RTX_COMPUTE_CAPABILITY = "SM89"  # Ada: the oldest architecture with FP8
 
 # Every dimension runs from 1 up to max_*; TensorRT tunes for opt_* (default: decode, one new token per row at full
 # batch and capacity). None means "derived from the model config".

@@ -36,7 +36,8 @@ from r1c.runtime.trt_lib import (
     rtx_library_dir,
     rtx_parser_library_reachable,
 )
-from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY, arch_name, parse_compute_capability
+from r1c.runtime.trt_profiles import arch_name, parse_compute_capability
+from r1c.targets import DEFAULT_RTX_COMPUTE_CAPABILITY
 
 logger = logging.getLogger(__name__)
 

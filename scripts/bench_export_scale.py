@@ -42,9 +42,8 @@ from safetensors.torch import save_file
 
 from r1c.config import preset
 from r1c.exporter.checkpoint import FP8_QUANTIZATION_CONFIG, expected_shapes, is_quantizable
+from r1c.exporter.checkpoint_layouts import SCALE_SUFFIX
 from r1c.plugins import fp8
-
-SCALE = "_scale_inv"
 
 
 def synthetic_config(layers: int, experts: int, fp8_weights: bool = True, dense: int = 3) -> object:
@@ -66,7 +65,7 @@ def make_checkpoint(root: Path, config: object, seed: int = 0, fp8_weights: bool
     def add(group: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], scale: float) -> None:
         if fp8_weights:
             group[name] = fp8_tensor(shape)
-            group[name + SCALE] = torch.rand(fp8.block_shape(*shape), generator=g) * scale
+            group[name + SCALE_SUFFIX] = torch.rand(fp8.block_shape(*shape), generator=g) * scale
         else:
             group[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
 

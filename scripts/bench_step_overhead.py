@@ -16,8 +16,9 @@ Five things are timed in one process, interleaved round by round (one block of e
                  (`to_host`, as the loop did before; the rest of the loop is the current one).
 
 Per path: its median step time; its overhead over bare (median minus bare's median, with a 95% paired bootstrap
-interval over the rounds); and the time a step spends outside `run_with_iobinding` (the session is wrapped by a
-timer, so both parts come from the same steps: the most direct measure of the Python around the run). Before vs
+interval over the rounds, `r1c.runtime.bench.stats.paired_diff_ci`); and the time a step spends outside
+`run_with_iobinding` (median with its interval, `stats.median_ci`; the session is wrapped by a timer, so both parts
+come from the same steps: the most direct measure of the Python around the run). Before vs
 after: ratio of medians step-fresh / step and generate-fresh / generate with 95% paired bootstrap intervals
 (`r1c.runtime.bench.stats.ratio_of_medians`). Clock: process CPU time by default (at one thread it leaves out the
 time other processes hold the core on a shared machine, though not their memory stalls), or the wall clock.
@@ -92,27 +93,10 @@ def fresh_generate(engine: Any) -> Iterator[None]:
         engine_module.host_view = host_view  # type: ignore[assignment]
 
 
-def paired_diff_ci(a: Sequence[float], b: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
-    """median(a) - median(b) with a 95% percentile-bootstrap interval, rounds resampled as pairs."""
-    xa, xb = np.asarray(a), np.asarray(b)
-    idx = np.random.default_rng(seed).integers(0, xa.size, size=(2000, xa.size))
-    boot = np.median(xa[idx], axis=1) - np.median(xb[idx], axis=1)
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return float(np.median(xa) - np.median(xb)), float(low), float(high)
-
-
-def median_ci(a: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
-    """median(a) with a 95% percentile-bootstrap interval."""
-    xa = np.asarray(a)
-    idx = np.random.default_rng(seed).integers(0, xa.size, size=(2000, xa.size))
-    low, high = np.percentile(np.median(xa[idx], axis=1), [2.5, 97.5])
-    return float(np.median(xa)), float(low), float(high)
-
-
 def measure(bundle: Path, batch: int, threads: int, prompt_len: int, steps: int, rounds: int, clock: str
             ) -> dict[str, Any]:
     from r1c.runtime import load
-    from r1c.runtime.bench.stats import ratio_of_medians
+    from r1c.runtime.bench.stats import median_ci, paired_diff_ci, ratio_of_medians
     from r1c.runtime.engine import Engine
 
     now = time.process_time if clock == "cpu" else time.perf_counter
@@ -205,16 +189,20 @@ def _ci(v: Sequence[float], fmt: str = ".0f") -> str:
 
 
 def _ints(ctx: click.Context, param: click.Parameter, text: str) -> list[int]:
+    from r1c.errors import BenchError
+    from r1c.runtime.bench.stats import parse_int_list
+
     try:
-        return [int(t) for t in text.split(",") if t]
-    except ValueError:
-        raise click.BadParameter(f"integers separated by commas, got {text!r}") from None
+        return parse_int_list(f"--{param.name}", text)
+    except BenchError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @click.command(help=(__doc__ or "").split("\n\n")[0])
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--batch", default="1,8", callback=_ints, help="batch sizes, comma-separated")
-@click.option("--threads", default=1, show_default=True, help="ONNX Runtime intra-op threads")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="ONNX Runtime intra-op threads (0: one per physical core)")
 @click.option("--prompt-len", default=32, show_default=True, help="prompt tokens per row (prefilled once)")
 @click.option("--steps", default=32, show_default=True, help="decode steps per path and round")
 @click.option("--rounds", default=9, show_default=True, help="timed rounds (after one warm-up round)")

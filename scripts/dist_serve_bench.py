@@ -17,7 +17,6 @@ not the speed-up of one device per rank. One sharded world per process (torch.di
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 
@@ -73,40 +73,50 @@ def _round(serving: Any, backend: Any, requests: list[tuple[list[int], int]]) ->
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--layout", default="2x1", help="TxE (tensor x expert parallel)")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/dist-serve"))
-    ap.add_argument("--requests", type=int, default=24)
-    ap.add_argument("--max-num-seqs", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=96, help="prompt and output lengths are drawn below half this")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+def _layout(ctx: click.Context, param: click.Parameter, text: str) -> str:
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise click.BadParameter(f"TxE with positive integers (e.g. 2x1), got {text!r}")
+    return text
 
+
+@click.command(help=(__doc__ or "").replace("\n\n    python", "\n\n\b\n    python", 1))  # \b: keep the usage lines
+@click.option("--preset", default="tiny", show_default=True)
+@click.option("--layout", default="2x1", show_default=True, callback=_layout, help="TxE (tensor x expert parallel)")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/dist-serve"),
+              show_default=True)
+@click.option("--requests", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-len", type=click.IntRange(min=4), default=96, show_default=True,
+              help="prompt and output lengths are drawn below half this")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def main(preset: str, layout: str, work: Path, requests: int, max_num_seqs: int, max_len: int, rounds: int,
+         json_path: Path | None) -> None:
+    args = {"preset": preset, "layout": layout, "work": work, "requests": requests, "max_num_seqs": max_num_seqs,
+            "max_len": max_len, "rounds": rounds, "json": json_path}
     from r1c.runtime import load
     from r1c.runtime.serving import SchedulerConfig, ServingEngine
 
-    single_dir, sharded_dir = _bundles(args.preset, args.layout, args.work)
+    single_dir, sharded_dir = _bundles(preset, layout, work)
     threads = {"intra_op_num_threads": 1}
     engines = {"one rank": load(single_dir, session_options=threads),
-               f"{args.layout}": load(sharded_dir, session_options=threads)}
-    config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_tokens_per_step=64, min_bucket=16)
+               f"{layout}": load(sharded_dir, session_options=threads)}
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_tokens_per_step=64, min_bucket=16)
     servings = {name: ServingEngine(e, config) for name, e in engines.items()}
-    requests = _workload(engines["one rank"].vocab_size, args.requests, args.max_len, seed=1)
+    workload = _workload(engines["one rank"].vocab_size, requests, max_len, seed=1)
     for name, s in servings.items():  # warm-up
-        _round(s, engines[name].backend, requests[:4])
+        _round(s, engines[name].backend, workload[:4])
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in servings}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, s in servings.items():
-            rows[name].append(_round(s, engines[name].backend, requests))
+            rows[name].append(_round(s, engines[name].backend, workload))
     for s in servings.values():
         s.close()
-    engines[args.layout].backend.close()
+    engines[layout].backend.close()
 
     ref = rows["one rank"][0]["tokens"]
-    print(f"{args.preset}, {args.requests} requests (max-num-seqs {args.max_num_seqs}), medians of {args.rounds} "
+    print(f"{preset}, {requests} requests (max-num-seqs {max_num_seqs}), medians of {rounds} "
           "interleaved rounds")
     print("| bundle | wall s | scheduler steps | ms/step | x one rank | relayouts | control ms/call | "
           "backend calls | same tokens |")
@@ -122,8 +132,8 @@ def main() -> None:
         print(f"| {name} | {med['wall_s']:.2f} | {med['steps']:.0f} | {med['ms_per_step']:.2f} | "
               f"{med['ms_per_step'] / base:.2f} | {med['relayouts']:.0f} | {control} | {calls} | "
               f"{same}/{len(ref) * len(rs)} |")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
+    if json_path is not None:
+        json_path.write_text(json.dumps({"args": {k: str(v) for k, v in args.items()}, "summary": summary,
                                          "rounds": {n: [{k: v for k, v in r.items() if k != "tokens"} for r in rs]
                                                     for n, rs in rows.items()}}, indent=1))
 

@@ -20,8 +20,8 @@ import click
 
 from r1c.config import ModelConfig
 from r1c.errors import R1CError
-from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
 from r1c.runtime.trt_rtx import check_with_tensorrt_rtx
+from r1c.targets import DEFAULT_RTX_COMPUTE_CAPABILITY
 
 
 @click.command(help=__doc__.splitlines()[0] if __doc__ else None)

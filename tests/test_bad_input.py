@@ -248,7 +248,7 @@ CASES = [
                                              "-o", w.tmp / "out"],
          "not valid JSON"),
     Case("build-threads-negative", lambda w: ["build", w.export, "-o", w.tmp / "out", "--threads", "-3"],
-         "--threads must be an integer >= 0"),
+         "Invalid value for '--threads': -3 is not in the range x>=0", 2),
     Case("build-threads-not-a-number", lambda w: ["build", w.export, "-o", w.tmp / "out", "--threads", "many"],
          "Invalid value for '--threads'", 2),
     Case("build-output-empty-string", lambda w: ["build", w.export, "-o", ""], "it must name a new directory"),
@@ -325,7 +325,8 @@ CASES = [
     Case("bench-batch-not-a-number", lambda w: _bench(w, "--batch", "1,x"), "--batch takes integers"),
     Case("bench-max-regression-typo", lambda w: _bench(w, "--max-regression", "10%%"), "--max-regression"),
     Case("bench-max-regression-word", lambda w: _bench(w, "--max-regression", "ten"), "--max-regression"),
-    Case("bench-threads-negative", lambda w: _bench(w, "--threads", "-3"), "--threads must be >= 0"),
+    Case("bench-threads-negative", lambda w: _bench(w, "--threads", "-3"),
+         "Invalid value for '--threads': -3 is not in the range x>=0", 2),
     Case("bench-repeat-too-few", lambda w: _bench(w, "--repeat", "1"),
          "benchmark: --repeat must be >= 3 (a median needs samples), got 1"),
     Case("bench-warmup-negative", lambda w: _bench(w, "--warmup", "-1"), "benchmark: --warmup must be >= 0, got -1"),
@@ -347,7 +348,8 @@ CASES = [
     Case("serve-port-negative", lambda w: ["serve", w.bundle, "--port", "-1"], "Invalid value for '--port'", 2),
     Case("serve-port-in-use", lambda w: ["serve", w.bundle, "--port", _busy_port(w)], "Address already in use"),
     Case("serve-host-unresolvable", lambda w: _serve(w, "--host", "no-such-host.invalid"), "does not resolve"),
-    Case("serve-threads-negative", lambda w: _serve(w, "--threads", "-2"), "--threads must be >= 0"),
+    Case("serve-threads-negative", lambda w: _serve(w, "--threads", "-2"),
+         "Invalid value for '--threads': -2 is not in the range x>=0", 2),
     Case("serve-kv-cache-bytes-word", lambda w: _serve(w, "--kv-cache-bytes", "lots"), "not a size in bytes"),
     Case("serve-kv-cache-bytes-zero", lambda w: _serve(w, "--kv-cache-bytes", "0"),
          "--kv-cache-bytes) must be an integer >= 1"),
@@ -365,7 +367,8 @@ CASES = [
     Case("capi-dest-parent-is-a-file", lambda w: ["capi", "--dest", _file(w, "f") / "prefix"], "is not a directory"),
     # bench-serving
     Case("bench-serving-missing-bundle", lambda w: ["bench-serving", w.tmp / "nope"], "is not a directory"),
-    Case("bench-serving-threads-negative", lambda w: _bench_serving(w, "--threads", "-1"), "--threads must be >= 0"),
+    Case("bench-serving-threads-negative", lambda w: _bench_serving(w, "--threads", "-1"),
+         "Invalid value for '--threads': -1 is not in the range x>=0", 2),
     Case("bench-serving-streams-word", lambda w: _bench_serving(w, "--streams", "1,x"), "--streams takes integers"),
     Case("bench-serving-streams-zero", lambda w: _bench_serving(w, "--streams", "0"), "positive integers"),
     Case("bench-serving-requests-zero", lambda w: _bench_serving(w, "--requests", "0"), "--requests and --rounds"),
@@ -456,6 +459,25 @@ def test_logits_out_writes_whole_file(shared: dict[str, Path], tmp_path: Path) -
     assert np.load(tmp_path / "l.npy").shape == (3, VOCAB)
     assert [p.name for p in tmp_path.iterdir()] == ["l.npy"]  # no partial file beside it
     assert os.access(tmp_path / "l.npy", os.R_OK)
+
+
+@pytest.mark.parametrize(("session", "message"), [
+    ({"intra_op_num_threads": -3}, "build: session.intra_op_num_threads must be an integer >= 0 (0: ONNX Runtime "
+                                   "picks), got -3"),
+    ({"inter_op_num_threads": 1.5}, "build: session.inter_op_num_threads must be an integer >= 0"),
+    ({"intra_op_num_threads": True}, "build: session.intra_op_num_threads must be an integer >= 0"),
+])
+def test_build_bundle_refuses_bad_session(session: dict[str, object], message: str, shared: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    """The Python API's own check (the CLI's --threads is refused by click before it): the rule of
+    `r1c.manifest.check_session`, so a bundle that builds is one `read_manifest` accepts."""
+    from r1c.errors import BuildError
+    from r1c.runtime.build import build_bundle
+
+    with pytest.raises(BuildError) as e:
+        build_bundle(shared["export"], tmp_path / "out", session=session)
+    assert message in str(e.value), e.value
+    assert list(tmp_path.iterdir()) == []
 
 
 def main() -> None:

@@ -15,8 +15,11 @@ from r1c.runtime.bench.stats import (
     Summary,
     is_improvement,
     is_regression,
+    median_ci,
     median_rel_halfwidth,
+    paired_diff_ci,
     parse_fraction,
+    parse_int_list,
     ratio_of_medians,
 )
 
@@ -93,6 +96,48 @@ def test_median_halfwidth_shrinks_with_samples() -> None:
     rng = np.random.default_rng(0)
     assert median_rel_halfwidth([1.0, 2.0]) == float("inf")
     assert median_rel_halfwidth(noisy(rng, 1.0, 200)) < median_rel_halfwidth(noisy(rng, 1.0, 10))
+
+
+def test_median_interval_covers_the_true_median() -> None:
+    """N(5, 1) has median 5: the 95% interval of 51 samples holds it for (nearly) every seed, around np.median."""
+    covered = 0
+    for seed in SEEDS:
+        x = np.random.default_rng(seed).normal(5.0, 1.0, 51)
+        median, low, high = median_ci(x, seed=seed)
+        assert median == np.median(x) and low <= median <= high
+        covered += low <= 5.0 <= high
+    assert covered >= 0.85 * len(SEEDS), covered
+    assert median_ci([-2.0, -1.0, 3.0]) == median_ci([-2.0, -1.0, 3.0])  # seeded; any sign
+    with pytest.raises(BenchError, match="at least one sample"):
+        median_ci([])
+
+
+def test_paired_difference_cancels_shared_drift() -> None:
+    """cur = base + 0.3 with a common drift of 0..5 over the rounds: the paired interval of median(cur) -
+    median(base) is tight around 0.3, while the two medians' own intervals are each wider than 1."""
+    rng = np.random.default_rng(3)
+    drift = np.linspace(0.0, 5.0, 20)
+    base, cur = drift + rng.normal(0.0, 0.01, 20), drift + 0.3 + rng.normal(0.0, 0.01, 20)
+    diff, low, high = paired_diff_ci(cur, base)
+    assert diff == pytest.approx(np.median(cur) - np.median(base)) and 0.25 < low <= diff <= high < 0.35
+    for series in (cur, base):
+        _, lo, hi = median_ci(series)
+        assert hi - lo > 1.0
+    with pytest.raises(BenchError, match="one length"):
+        paired_diff_ci([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize(("text", "values"), [("1,8", [1, 8]), ("1 8", [1, 8]), ("4", [4]), ("2,,3,", [2, 3]),
+                                              ("-1,0", [-1, 0])])
+def test_parse_int_list(text: str, values: list[int]) -> None:
+    assert parse_int_list("--batch", text) == values
+
+
+@pytest.mark.parametrize(("text", "message"), [("1,x", "--batch takes integers separated by commas, got '1,x'"),
+                                               ("1.5", "--batch takes integers"), (",", "--batch is empty")])
+def test_parse_int_list_refuses(text: str, message: str) -> None:
+    with pytest.raises(BenchError, match=message):
+        parse_int_list("--batch", text)
 
 
 @pytest.mark.parametrize(("text", "value"), [("10%", 0.10), ("0.1", 0.1), ("2.5%", 0.025), ("0", 0.0),

@@ -109,6 +109,24 @@ def test_inspect_and_passes_answer_without_torch(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "[]"
 
 
+def test_cli_start_imports_no_numpy() -> None:
+    """`r1c --help` (and so every command's start) imports neither numpy nor the engine: the heavy modules load
+    inside the commands that use them (`r1c.targets` holds what the options' help needs; `r1c.runtime` loads
+    `load`/`Engine` on first use)."""
+    probe = textwrap.dedent('''
+        import sys
+        from click.testing import CliRunner
+        from r1c.cli import main
+        r = CliRunner().invoke(main, ["--help"])
+        assert r.exit_code == 0 and "build" in r.stdout, r.stdout
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("numpy", "torch", "onnx", "onnxruntime")
+                     or m == "r1c.runtime.engine"))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
 def test_verbose_is_readable(tmp_path: Path) -> None:
     from foreign_models import toy_model
 
@@ -160,7 +178,7 @@ def test_help_names_every_target_and_the_rtx_default_arch() -> None:
     """`r1c --help` lists every build target; `r1c build --help` states what --arch defaults to for tensorrt-rtx
     (the constant the build uses, so the help cannot drift from it)."""
     from r1c.manifest import TARGETS
-    from r1c.runtime.trt_profiles import DEFAULT_RTX_COMPUTE_CAPABILITY
+    from r1c.targets import DEFAULT_RTX_COMPUTE_CAPABILITY
 
     code, out, _ = cli("--help")
     assert code == 0

@@ -232,16 +232,16 @@ def test_plugins_declare_their_workspace_from_the_profile_maxima() -> None:
     """`get_workspace_size` (called by TensorRT's builder with the profile's min/max shapes) returns what the launch
     plan of the largest token count needs, and grows with the profile."""
     from r1c.plugins.moe_experts.plan import ExpertsProblem, experts_plan
-    from r1c.plugins.moe_experts.plan import workspace_size as experts_ws
+    from r1c.plugins.moe_experts.tensorrt import MoEExpertsOp
     from r1c.plugins.tensorrt_common import field_collection, register_plugins
 
     trt = trt_lib.import_tensorrt_rtx()
     creators = register_plugins(trt)
     f32, i32, fp8 = trt.DataType.FLOAT, trt.DataType.INT32, trt.DataType.FP8
     e, h, i, k = 16, 256, 128, 4
-    sizes = []
+    sizes, attrs = [], EXPERTS_SPEC.attrs(quant="fp8_block128")
     for t_max in (8, 64, 512):
-        fields, _keep = field_collection(trt, EXPERTS_SPEC, EXPERTS_SPEC.attrs(quant="fp8_block128"))
+        fields, _keep = field_collection(trt, EXPERTS_SPEC, attrs)
         plugin = creators[EXPERTS_SPEC.plugin_id].create_plugin("e", fields, trt.TensorRTPhase.BUILD)
         ins = [dyn_desc(trt, f32, [1, h], [t_max, h]), dyn_desc(trt, f32, [1, k], [t_max, k]),
                dyn_desc(trt, i32, [1, k], [t_max, k]), dyn_desc(trt, fp8, [e, 2 * i, h], [e, 2 * i, h]),
@@ -249,7 +249,7 @@ def test_plugins_declare_their_workspace_from_the_profile_maxima() -> None:
                dyn_desc(trt, f32, [e, 2, 1], [e, 2, 1])]
         declared = plugin.get_workspace_size(ins, [dyn_desc(trt, f32, [1, h], [t_max, h])])
         problem = ExpertsProblem(t_max, k, e, h, i, "float32", "float8_e4m3fn")
-        assert declared == experts_ws(problem) >= experts_plan(problem).workspace_size > 0
+        assert declared == MoEExpertsOp().workspace_size(attrs, problem) >= experts_plan(problem).workspace_size > 0
         sizes.append(declared)
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
 

@@ -28,7 +28,7 @@ import triton
 
 from r1c.plugins.fp8_linear.kernels import _fp8_linear_kernel, _splitk_reduce_kernel
 from r1c.plugins.fp8_triton import QUANT_BLOCK, quant_act_launch
-from r1c.plugins.launch import Buf, Plan, WorkspaceBuilder, launch, make_plan, workspace_up_to
+from r1c.plugins.launch import Buf, Plan, WorkspaceBuilder, launch, make_plan
 
 FP8 = "float8_e4m3fn"
 TARGET_PROGRAMS = 264  # 2 per SM of a 132-SM H100/H200: below this a decode GEMM leaves bandwidth unused
@@ -114,8 +114,3 @@ def linear_plan(p: LinearProblem, config: LinearConfig | None = None) -> Plan:
                                {"part_ptr": target, "out_ptr": y, "NUMEL": m * n, "SPLITS": s}, {"BLOCK": block},
                                dynamic=["NUMEL", "SPLITS"]))
     return make_plan(launches, ws)
-
-
-def workspace_size(p: LinearProblem) -> int:
-    """Bytes of workspace for any token count up to p.tokens."""
-    return workspace_up_to(lambda t: linear_plan(dataclasses.replace(p, tokens=t)), p.tokens, config_boundaries())

@@ -26,7 +26,7 @@ import dataclasses
 import triton
 
 from r1c.plugins.fp8_triton import QUANT_BLOCK, quant_act_launch
-from r1c.plugins.launch import Buf, Launch, Plan, WorkspaceBuilder, launch, make_plan, workspace_up_to
+from r1c.plugins.launch import Buf, Launch, Plan, WorkspaceBuilder, launch, make_plan
 from r1c.plugins.moe_experts.kernels import (
     _moe_combine_kernel,
     _moe_count_kernel,
@@ -261,9 +261,3 @@ def experts_plan(p: ExpertsProblem, config: ExpertsConfig | None = None) -> Plan
     launches.append(gemm2_launch(p, c, act, act_scale, w2, w2_s, sorted_ids, block_expert, weights, y))
     launches.append(combine_launch(y, ids, Buf("out", 0, p.hidden_dtype), p.tokens, p.top_k, p.experts, p.hidden))
     return make_plan(launches, ws)
-
-
-def workspace_size(p: ExpertsProblem) -> int:
-    """Bytes of workspace for any token count up to p.tokens (the max of each config bucket's largest plan)."""
-    return workspace_up_to(lambda t: experts_plan(dataclasses.replace(p, tokens=t)), p.tokens,
-                           config_boundaries(p.top_k, p.experts))

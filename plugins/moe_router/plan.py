@@ -28,7 +28,7 @@ import dataclasses
 import triton
 import triton.language as tl
 
-from r1c.plugins.launch import Buf, Plan, WorkspaceBuilder, launch, make_plan, workspace_up_to
+from r1c.plugins.launch import Buf, Plan, WorkspaceBuilder, launch, make_plan
 
 TARGET_PROGRAMS = 264  # 2 per SM of a 132-SM H100/H200
 MAX_SPLITS = 32
@@ -159,8 +159,3 @@ def router_plan(p: RouterProblem, config: GateConfig | None = None, *, block_t: 
 def config_boundaries() -> list[int]:
     """The largest token count of each config bucket."""
     return [16, 64]
-
-
-def workspace_size(p: RouterProblem) -> int:
-    """Bytes of workspace for any token count up to p.tokens (the largest plan of each bucket)."""
-    return workspace_up_to(lambda t: router_plan(dataclasses.replace(p, tokens=t)), p.tokens, config_boundaries())

@@ -15,16 +15,6 @@ from r1c.errors import BenchError, RegressionError
 logger = logging.getLogger(__name__)
 
 
-def _int_list(option: str, text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.replace(" ", ",").split(",") if t]
-    except ValueError:
-        raise BenchError(f"{option} takes integers separated by commas, got {text!r}") from None
-    if not values:
-        raise BenchError(f"{option} is empty")
-    return values
-
-
 def _bundle_info(path: Path, manifest: Any) -> dict[str, Any]:
     source = manifest.source or {}
     if "preset" in source:
@@ -86,7 +76,7 @@ Examples:
 @click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
               help="wall: elapsed time; cpu: the process's CPU time (on a shared machine a 1-thread run's CPU time "
                    "leaves out the time other processes held its core; with more threads it counts their spinning).")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=0), default=None,
               help="ONNX Runtime intra-op threads (and torch threads for peers); default: the bundle's setting.")
 @click.option("--compare", "compare", type=click.Path(path_type=Path), metavar="BUNDLE_B",
               help="Also time a second bundle, interleaved with the first; reports B / A ratios with CIs.")
@@ -117,18 +107,16 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
     from r1c.runtime.bench.compare import gate, load_report
     from r1c.runtime.bench.report import format_table, make_report, plot, write_json
     from r1c.runtime.bench.runner import Settings, System, grid, run_bench
-    from r1c.runtime.bench.stats import parse_fraction
+    from r1c.runtime.bench.stats import parse_fraction, parse_int_list
 
     for path in (bundle, compare):  # the bundles first (their hashes are checked when they load, below)
         if path is not None:
             read_manifest(path, verify_hashes=False)
-    workloads = grid(_int_list("--batch", batch_text), _int_list("--prompt-len", prompt_text),
-                     _int_list("--new-tokens", new_text))
+    workloads = grid(parse_int_list("--batch", batch_text), parse_int_list("--prompt-len", prompt_text),
+                     parse_int_list("--new-tokens", new_text))
     settings = Settings(warmup=warmup, repeat=repeat, budget_s=budget, seed=seed, clock=clock)
     tolerance = parse_fraction(max_regression)
     base_report = load_report(baseline) if baseline is not None else None  # fail before the long part
-    if threads is not None and threads < 0:
-        raise BenchError(f"--threads must be >= 0, got {threads}")
     from r1c.outdir import check_output_file
 
     for option, path in (("--json", json_out), ("--plot", plot_out)):

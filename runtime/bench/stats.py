@@ -101,6 +101,55 @@ def ratio_of_medians(a: Sequence[float], b: Sequence[float], *, paired: bool = F
                    n_a=int(xa.size), n_b=int(xb.size), confidence=confidence, paired=paired)
 
 
+def _resampled_medians(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return np.median(x[idx], axis=1)
+
+
+def _interval(boot: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (100.0 - 100.0 * confidence) / 2.0  # 0.95: exactly 2.5
+    low, high = np.percentile(boot, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def median_ci(samples: Sequence[float], *, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
+              seed: int = 0) -> tuple[float, float, float]:
+    """(median, low, high): the median of `samples` with its percentile-bootstrap interval (`resamples` resamples
+    with replacement, seeded; `confidence` 0.95: the 2.5th and 97.5th percentiles of the resampled medians).
+    Samples in any unit, of any sign (e.g. a time outside a call, which noise can make negative). BenchError
+    when there are none."""
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise BenchError("benchmark: a median interval needs at least one sample")
+    boot = _resampled_medians(x, np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size)))
+    return (float(np.median(x)), *_interval(boot, confidence))
+
+
+def paired_diff_ci(a: Sequence[float], b: Sequence[float], *, resamples: int = RESAMPLES,
+                   confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float, float]:
+    """(difference, low, high): median(a) - median(b) with a percentile-bootstrap interval in which a[i] and b[i]
+    (measured back to back in round i) are resampled as a pair, as `ratio_of_medians(paired=True)` does for a
+    ratio (e.g. a path's overhead over a bare call: its median minus the bare call's). Units of the samples.
+    BenchError when the series are empty or differ in length."""
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if xa.ndim != 1 or xa.size == 0 or xa.shape != xb.shape:
+        raise BenchError(f"benchmark: paired series must be non-empty and of one length ({xa.size} vs {xb.size})")
+    idx = np.random.default_rng(seed).integers(0, xa.size, size=(resamples, xa.size))
+    boot = _resampled_medians(xa, idx) - _resampled_medians(xb, idx)
+    return (float(np.median(xa) - np.median(xb)), *_interval(boot, confidence))
+
+
+def parse_int_list(option: str, text: str) -> list[int]:
+    """'1,8' or '1 8' -> [1, 8]: a comma- (or space-) separated option value; BenchError naming `option` for a
+    word or an empty list (the range of each value is the caller's to check)."""
+    try:
+        values = [int(t) for t in text.replace(" ", ",").split(",") if t]
+    except ValueError:
+        raise BenchError(f"{option} takes integers separated by commas, got {text!r}") from None
+    if not values:
+        raise BenchError(f"{option} is empty")
+    return values
+
+
 def median_rel_halfwidth(samples: Sequence[float], *, resamples: int = 500, seed: int = 0) -> float:
     """Half the width of the median's 95% bootstrap interval, relative to the median (inf below MIN_SAMPLES)."""
     x = np.asarray(samples, dtype=np.float64)

@@ -23,7 +23,8 @@ SCHEDULER_OPTIONS = [
                  help="Waiting requests beyond which new ones get an over-capacity error (HTTP 503)."),
     click.option("--prefill-pad-tokens", type=int, default=0, show_default=True,
                  help="Padding a prompt chunk may add to share a backend call with the rows before it."),
-    click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: the bundle's)."),
+    click.option("--threads", type=click.IntRange(min=0), default=None,
+                 help="ONNX Runtime intra-op threads (0: one per physical core; default: the bundle's)."),
 ]
 
 
@@ -34,14 +35,11 @@ def scheduler_options(f: Any) -> Any:
 
 
 def make_config(max_num_seqs: int, max_tokens_per_step: int, kv_cache_bytes: str | None, max_model_len: int | None,
-                max_queue: int, prefill_pad_tokens: int = 0, threads: int | None = None) -> Any:
+                max_queue: int, prefill_pad_tokens: int = 0) -> Any:
     """The scheduler's config from the options, checked before anything is loaded (`RuntimeInputError`)."""
-    from r1c.errors import RuntimeInputError
     from r1c.runtime.kvcache import parse_bytes
     from r1c.runtime.serving import SchedulerConfig
 
-    if threads is not None and threads < 0:
-        raise RuntimeInputError(f"--threads must be >= 0 (0: one per physical core), got {threads}")
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_tokens_per_step=max_tokens_per_step,
                              cache_bytes=None if kv_cache_bytes is None else parse_bytes(kv_cache_bytes),
                              max_model_len=max_model_len, max_queue=max_queue, prefill_pad_tokens=prefill_pad_tokens)
@@ -109,7 +107,7 @@ def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_nu
     from r1c.runtime.serving import ServingEngine
 
     config = make_config(max_num_seqs, max_tokens_per_step, kv_cache_bytes, max_model_len, max_queue,
-                         prefill_pad_tokens, threads)
+                         prefill_pad_tokens)
     if model_name is not None and not model_name.strip():
         raise RuntimeInputError("--model-name must not be empty")
     sock = listen_socket(host, port)
@@ -204,7 +202,7 @@ def bench_serving_cmd(bundle: Path, streams_text: str, n_requests: int, prompt_t
     if json_out is not None:
         check_output_file(json_out, BenchError, "--json")  # before the long part
     config = make_config(max_num_seqs, max_tokens_per_step, kv_cache_bytes, max_model_len, max_queue,
-                         prefill_pad_tokens, threads)
+                         prefill_pad_tokens)
     settings = BenchSettings.parse(streams_text, n_requests, prompt_text, new_text, long_prompt, budgets_text,
                                    capi_calls, rounds, bucket_rows, seed)
     report = run_bench(bundle, config, settings, threads=threads, log=lambda s: click.echo(s, err=True))
