@@ -9,11 +9,11 @@ the efficiency / latency assumptions are the fields of `plan.Hardware` (printed 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
+
+import click
 
 from r1c.config import preset
 from r1c.passes.shard_layout import ShardLayout
@@ -23,12 +23,12 @@ LAYOUTS = [(8, 1), (4, 2), (2, 4), (1, 8)]
 TRTLLM_TOKENS_PER_S_PER_USER = 158.0  # the figure issue 13 quotes for TensorRT-LLM, DeepSeek-R1, 8 x H200
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--contexts", default="1024,32768")
-    ap.add_argument("--batches", default="1,8")
-    args = ap.parse_args()
+@click.command(help=(__doc__ or "").replace("\n\n    python", "\n\n\b\n    python", 1))  # \b: keep the usage lines
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the hardware and every row as JSON to this file")
+@click.option("--contexts", default="1024,32768", show_default=True, help="comma-separated context lengths (tokens)")
+@click.option("--batches", default="1,8", show_default=True, help="comma-separated batch sizes")
+def main(json_path: Path | None, contexts: str, batches: str) -> None:
     c, hw = preset("r1"), Hardware()
     p = parts(c)
     print(f"DeepSeek-R1 (preset r1): {total_parameters(c) / 1e9:.1f} B parameters "
@@ -49,8 +49,8 @@ def main() -> int:
     print("| layout | batch | context | busiest partition experts/step | GB read/rank/step | memory ms | "
           f"collectives ms | kernels ms | step ms | tok/s/user | vs {TRTLLM_TOKENS_PER_S_PER_USER:.0f} |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for context in (int(x) for x in args.contexts.split(",")):
-        for batch in (int(x) for x in args.batches.split(",")):
+    for context in (int(x) for x in contexts.split(",")):
+        for batch in (int(x) for x in batches.split(",")):
             for t, e in LAYOUTS:
                 r = plan(c, ShardLayout(t, e), hw, batch=batch, context=context)
                 rows.append(r)
@@ -59,10 +59,9 @@ def main() -> int:
                       f"{r['bytes_read_per_step_gb']:.2f} | {d['memory']:.2f} | {d['communication']:.2f} | "
                       f"{d['kernels']:.2f} | {d['total']:.2f} | {r['tokens_per_s_per_user']:.0f} | "
                       f"{r['tokens_per_s_per_user'] / TRTLLM_TOKENS_PER_S_PER_USER:.2f} |")
-    if args.json:
-        args.json.write_text(json.dumps({"hardware": dataclasses.asdict(hw), "rows": rows}, indent=1) + "\n")
-    return 0
+    if json_path:
+        json_path.write_text(json.dumps({"hardware": dataclasses.asdict(hw), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
