@@ -2,16 +2,15 @@
 
 Under `torchrun --nproc-per-node N`, every process loads the sharded bundle with `r1c.runtime.load`: rank 0 gets
 the engine (and drives it), the other ranks serve inside `load` and exit when rank 0 closes it. Rank 0 then
-compares with the one-rank ONNX Runtime bundle of the same export (the CPU reference):
-    logits within --rel-tol (max |a - b| / max |b|), greedy tokens equal
-and times decode steps. A second mode (`--nccl-latency`) measures NCCL all-reduce latency for the message sizes
-of the 8 x H200 plan (hidden x 2 bytes per token), the plan's `allreduce_latency_s` assumption.
+compares with the one-rank ONNX Runtime bundle of the same export (the CPU reference): logits within --rel-tol
+(max |a - b| / max |b|), greedy tokens equal; and times --steps decode steps. A second mode (`--nccl-latency`)
+measures NCCL all-reduce latency for the message sizes of the 8 x H200 plan (hidden x 2 bytes per token), the
+plan's `allreduce_latency_s` assumption.
 Exit status 0 only when every check passed; one line per check on rank 0.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import statistics
@@ -19,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 
 
-def nccl_latency(sizes: list[int], iters: int = 200) -> int:
+def nccl_latency_check(sizes: list[int], iters: int = 200) -> int:
     import torch
     import torch.distributed as dist
 
@@ -71,20 +71,21 @@ def check(sharded: Path, reference: Path, rel_tol: float, steps: int) -> int:
     return 0 if ok else 1
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sharded", nargs="?", type=Path)
-    ap.add_argument("--reference", type=Path, help="the one-rank onnxruntime bundle of the same export")
-    ap.add_argument("--rel-tol", type=float, default=1e-3, help="TensorRT float32 with TF32 off: 1e-3 with margin")
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--nccl-latency", action="store_true")
-    args = ap.parse_args()
-    if args.nccl_latency:
-        return nccl_latency([14336, 114688, 1 << 20])  # R1 hidden x bf16 at batch 1 and 8; 1 MiB
-    if args.sharded is None or args.reference is None:
-        ap.error("give a sharded bundle and --reference")
-    return check(args.sharded, args.reference, args.rel_tol, args.steps)
+@click.command(help=__doc__)
+@click.argument("sharded", required=False, type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="the one-rank onnxruntime bundle of the same export")
+@click.option("--rel-tol", type=float, default=1e-3, show_default=True,
+              help="TensorRT float32 with TF32 off: 1e-3 with margin")
+@click.option("--steps", type=int, default=32, show_default=True, help="decode steps timed")
+@click.option("--nccl-latency", is_flag=True, help="measure NCCL all-reduce latency instead (no bundle)")
+def main(sharded: Path | None, reference: Path | None, rel_tol: float, steps: int, nccl_latency: bool) -> None:
+    if nccl_latency:
+        sys.exit(nccl_latency_check([14336, 114688, 1 << 20]))  # R1 hidden x bf16 at batch 1 and 8; 1 MiB
+    if sharded is None or reference is None:
+        raise click.UsageError("give a sharded bundle and --reference")
+    sys.exit(check(sharded, reference, rel_tol, steps))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
