@@ -22,7 +22,6 @@ Prints one JSON report. Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,7 +29,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import click
 
 
 def child(model_path: str, cc: str, build: bool, profile: dict[str, int]) -> dict[str, Any]:
@@ -132,17 +134,25 @@ def _mmap_address(buffer: Any) -> int:
     return int(np.frombuffer(buffer, dtype=np.uint8).__array_interface__["data"][0])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/scale-r1"))
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--build-layers", type=int, default=-1, help="-1: parse only; 0: build all layers; N: first N")
-    ap.add_argument("--build-experts", type=int, default=16, help="routed experts of the built cut (R1: 256)")
-    ap.add_argument("--build-vocab", type=int, default=16384, help="vocabulary of the built cut (R1: 129280)")
-    ap.add_argument("--compute-capability", default="SM89")
-    ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--child", nargs=3, metavar=("MODEL", "CC", "BUILD"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+@click.command(help=(__doc__ or "").splitlines()[0])
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/scale-r1"),
+              show_default=True, help="scratch directory (emptied first; removed at the end unless --keep)")
+@click.option("--dtype", default="bfloat16", show_default=True, help="activation dtype of the export")
+@click.option("--build-layers", type=int, default=-1, show_default=True,
+              help="-1: parse only; 0: build all layers; N: first N")
+@click.option("--build-experts", type=int, default=16, show_default=True,
+              help="routed experts of the built cut (R1: 256)")
+@click.option("--build-vocab", type=int, default=16384, show_default=True,
+              help="vocabulary of the built cut (R1: 129280)")
+@click.option("--compute-capability", default="SM89", show_default=True, help="TensorRT-RTX build target")
+@click.option("--keep", is_flag=True, help="keep --workdir")
+@click.option("--child", nargs=3, default=None, hidden=True)  # MODEL CC BUILD: the parse/build child process
+def main(**options: Any) -> None:
+    sys.exit(run(SimpleNamespace(**options)))
+
+
+def run(args: SimpleNamespace) -> int:
+    """The check with the parsed options (`main`'s); prints the JSON report, returns the exit status."""
     profile = {"max_batch": 4, "max_seq": 32, "max_capacity": 256}
     if args.child:
         try:
@@ -221,4 +231,4 @@ export_onnx(config, ShapeSource(config, getattr(torch, dtype)), Path(sys.argv[1]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
