@@ -22,12 +22,13 @@ Usage: python scripts/half_precision_study.py ratio --config tiny --weight-seeds
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import click
 import ml_dtypes
 import numpy as np
 import onnx
@@ -105,7 +106,7 @@ def metric(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.median(np.abs(x - ref).max(-1) / np.abs(ref).max()))
 
 
-def ratio(args: argparse.Namespace) -> None:
+def ratio(args: SimpleNamespace) -> None:
     if args.fault:
         inject(args.fault)
     for w in args.weight_seeds:
@@ -184,7 +185,7 @@ def hf_taps(root: Path, dtype: torch.dtype, ids: np.ndarray) -> tuple[list[np.nd
     return taps, chosen
 
 
-def layers(args: argparse.Namespace) -> None:
+def layers(args: SimpleNamespace) -> None:
     root = prepare(args.workdir, args.config, args.weight_seeds[0])
     config = CONFIGS[args.config]
     ids = np.random.default_rng(args.id_seeds).integers(0, config.vocab_size, size=(args.batch, args.seq))
@@ -210,18 +211,31 @@ def layers(args: argparse.Namespace) -> None:
               f"{oc / hc if hc else float('nan'):.2f}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["ratio", "layers"])
-    ap.add_argument("--config", choices=list(CONFIGS), default="tiny")
-    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="layers mode")
-    ap.add_argument("--weight-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[1])
-    ap.add_argument("--id-seeds", type=int, default=8, help="ratio: how many id seeds; layers: the id seed")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=8)
-    ap.add_argument("--fault", choices=["rmsnorm_half", "router_half"], help="ratio: a fault in the lowering")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/r1c-half-study"))
-    args = ap.parse_args()
+def _seeds(_ctx: click.Context, _param: click.Parameter, text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"comma-separated integers, got {text!r}") from None
+
+
+@click.command(help=(__doc__ or "").split("\n\n")[0] + "\n\nMODE is ratio or layers (what each measures: the top of "
+               "scripts/half_precision_study.py).")
+@click.argument("mode", type=click.Choice(["ratio", "layers"]))
+@click.option("--config", type=click.Choice(list(CONFIGS)), default="tiny", show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16", show_default=True,
+              help="layers mode")
+@click.option("--weight-seeds", default="1", show_default=True, callback=_seeds,
+              help="comma-separated weight seeds (layers: the first)")
+@click.option("--id-seeds", type=int, default=8, show_default=True,
+              help="ratio: how many id seeds; layers: the id seed")
+@click.option("--batch", type=int, default=16, show_default=True, help="sequences of random ids")
+@click.option("--seq", type=int, default=8, show_default=True, help="tokens per sequence")
+@click.option("--fault", type=click.Choice(["rmsnorm_half", "router_half"]), default=None,
+              help="ratio: a fault in the lowering")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/r1c-half-study"),
+              show_default=True, help="the checkpoints and their bundles, made once")
+def main(**options: Any) -> None:
+    args = SimpleNamespace(**options)
     ratio(args) if args.mode == "ratio" else layers(args)
 
 
