@@ -37,19 +37,21 @@ Output: the table, printed row by row (flushed) and again whole at the end; with
 gpu_check.log, gpu_check.md and gpu_check.json are written there as the run goes. Exit code 1 on any FAIL.
 
 Needs PyTorch and Triton (3.6 or newer); `r1c` is imported from this checkout (the repository root goes first on
-sys.path; the pytest child gets it in PYTHONPATH), so nothing is installed. The options are read with argparse: the
-device image need not have click.
+sys.path; the pytest child gets it in PYTHONPATH), so nothing is installed. The options are read with click (the
+H200 image's python carries it).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import click
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -84,21 +86,25 @@ def run_steps(steps: list[str], ctx: Any, table: Table, scale: float, end: float
         print(f"# step {name} took {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--dry-run", action="store_true", help="small shapes on the CPU (Triton's interpreter)")
-    ap.add_argument("--steps", default=",".join(BUDGETS), help=f"comma-separated subset of {','.join(BUDGETS)}")
-    ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every step's time budget")
-    ap.add_argument("--total", type=float, default=390.0, help="seconds for the whole check (steps past it are "
-                    "skipped, with a row saying so)")
-    ap.add_argument("--quick", action="store_true", help="with --dry-run: kernels indexed, not compiled (tests)")
-    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
-                    help="directory for gpu_check.log/.md/.json (default: $OUT)")
-    ap.add_argument("--compile-shard", nargs=2, type=int, metavar=("I", "N"), help=argparse.SUPPRESS)
-    ap.add_argument("--lib", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--cc", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+@click.command(help=(__doc__ or "").splitlines()[0])
+@click.option("--dry-run", is_flag=True, help="small shapes on the CPU (Triton's interpreter)")
+@click.option("--steps", default=",".join(BUDGETS),
+              help=f"comma-separated subset of {','.join(BUDGETS)}")
+@click.option("--budget-scale", type=float, default=1.0, show_default=True, help="multiply every step's time budget")
+@click.option("--total", type=float, default=390.0, show_default=True,
+              help="seconds for the whole check (steps past it are skipped, with a row saying so)")
+@click.option("--quick", is_flag=True, help="with --dry-run: kernels indexed, not compiled (tests)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), envvar="OUT", default=None,
+              help="directory for gpu_check.log/.md/.json (default: $OUT)")
+@click.option("--compile-shard", nargs=2, type=int, default=None, hidden=True)  # I N: a child of the aot step
+@click.option("--lib", type=click.Path(path_type=Path), default=None, hidden=True)
+@click.option("--cc", type=int, default=None, hidden=True)
+def main(**options: Any) -> None:
+    sys.exit(check(SimpleNamespace(**options)))
 
+
+def check(args: SimpleNamespace) -> int:
+    """The whole check with the parsed options (`main`'s); returns the exit status (1 on any FAIL row)."""
     if args.compile_shard:  # a child of the aot step
         from gpu_check_steps import compile_shard
 
@@ -136,5 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     table.save()
     return 1 if table.failed else 0
 
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
