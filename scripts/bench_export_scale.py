@@ -27,7 +27,6 @@ Usage: python scripts/bench_export_scale.py [--layers 6] [--experts 16] [--workd
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 from safetensors.torch import save_file
 
@@ -139,17 +139,17 @@ def fp8_check(ckpt: Path, export: Path) -> dict[str, int]:
             "checkpoint_fp8_bytes": want_bytes, "export_fp8_bytes": got_bytes}
 
 
-def precision_bench(args: argparse.Namespace, r1c: list[str]) -> dict[str, Any]:
+def precision_bench(work: Path, precision: str, precision_layers: list[int], experts: int,
+                    r1c: list[str]) -> dict[str, Any]:
     """--precision fp8|fp32: peak RSS of the streamed (de)quantizing export at two model sizes."""
-    work: Path = args.workdir
     work.mkdir(parents=True)
     _, base_rss = timed_child([*r1c, "export", "--preset", "tiny", "--no-progress", "-o", str(work / "tiny")], work)
     runs: list[dict[str, Any]] = []
-    for layers in args.precision_layers:
-        config = synthetic_config(layers, args.experts, fp8_weights=args.precision == "fp32", dense=1)
+    for layers in precision_layers:
+        config = synthetic_config(layers, experts, fp8_weights=precision == "fp32", dense=1)
         print(f"making a {layers}-layer checkpoint in {work}/ckpt", file=sys.stderr, flush=True)
-        sizes = make_checkpoint(work / "ckpt", config, fp8_weights=args.precision == "fp32")
-        seconds, rss = timed_child([*r1c, "export", str(work / "ckpt"), "--precision", args.precision, "--dtype",
+        sizes = make_checkpoint(work / "ckpt", config, fp8_weights=precision == "fp32")
+        seconds, rss = timed_child([*r1c, "export", str(work / "ckpt"), "--precision", precision, "--dtype",
                                     "bfloat16", "--no-progress", "-o", str(work / "export")], work)
         out_bytes = sum(p.stat().st_size for p in (work / "export").iterdir())
         report = work / "export" / "quantization.json"
@@ -163,40 +163,56 @@ def precision_bench(args: argparse.Namespace, r1c: list[str]) -> dict[str, Any]:
     small, big = runs[0], runs[-1]
     growth = big["checkpoint_bytes"] - small["checkpoint_bytes"]
     rss_growth = big["peak_rss_bytes"] - small["peak_rss_bytes"]
-    return {"precision": args.precision, "experts": args.experts, "base_peak_rss_bytes": base_rss, "runs": runs,
+    return {"precision": precision, "experts": experts, "base_peak_rss_bytes": base_rss, "runs": runs,
             "model_growth_bytes": growth, "peak_rss_growth_bytes": rss_growth,
             "ok": {"rss_does_not_grow": rss_growth <= 0.1 * growth}}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--precision", choices=["fp8", "fp32"], help="bench the streamed --precision export instead")
-    ap.add_argument("--precision-layers", type=lambda v: [int(x) for x in v.split(",")], default=[2, 4])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/scale-bench"))
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--keep", action="store_true", help="keep the workdir (checkpoint and export) afterwards")
-    ap.add_argument("--reuse", action="store_true", help="reuse WORKDIR/ckpt from an earlier --keep run")
-    args = ap.parse_args()
-    work: Path = args.workdir
-    reuse = args.reuse and (work / "ckpt" / "model.safetensors.index.json").is_file()
+def _ints(ctx: click.Context, param: click.Parameter, text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"integers, comma-separated (e.g. 2,4), got {text!r}") from None
+
+
+@click.command(help=(__doc__ or "").replace("\n\n", "\n\n\b\n"))  # \b: click prints the paragraph as written
+@click.option("--layers", type=int, default=6, show_default=True, help="layers of the synthetic checkpoint")
+@click.option("--experts", type=int, default=16, show_default=True, help="routed experts per MoE layer")
+@click.option("--precision", type=click.Choice(["fp8", "fp32"]), default=None,
+              help="bench the streamed --precision export instead")
+@click.option("--precision-layers", default="2,4", show_default=True, callback=_ints,
+              help="layer counts of the --precision runs, comma-separated (first and last compared)")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/scale-bench"), show_default=True,
+              help="checkpoint and export go here")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="also write the JSON result here")
+@click.option("--keep", is_flag=True, help="keep the workdir (checkpoint and export) afterwards")
+@click.option("--reuse", is_flag=True, help="reuse WORKDIR/ckpt from an earlier --keep run")
+def main(layers: int, experts: int, precision: str | None, precision_layers: list[int], workdir: Path,
+         json_path: Path | None, keep: bool, reuse: bool) -> None:
+    sys.exit(bench(layers, experts, precision, precision_layers, workdir, json_path, keep, reuse))
+
+
+def bench(layers: int, experts: int, precision: str | None, precision_layers: list[int], work: Path,
+          json_path: Path | None, keep: bool, reuse: bool) -> int:
+    """The whole benchmark; 0 if every bound holds, else 1."""
+    reuse = reuse and (work / "ckpt" / "model.safetensors.index.json").is_file()
     for old in ([work / "tiny", work / "export", work / "copy"] if reuse else [work]):
         shutil.rmtree(old, ignore_errors=True)
     r1c = [sys.executable, "-m", "r1c.cli"]
-    if args.precision:
+    if precision:
         try:
-            result = precision_bench(args, r1c)
+            result = precision_bench(work, precision, precision_layers, experts, r1c)
             text = json.dumps(result, indent=2)
             print(text)
-            if args.json:
-                args.json.write_text(text + "\n")
+            if json_path:
+                json_path.write_text(text + "\n")
             return 0 if all(result["ok"].values()) else 1
         finally:
-            if not args.keep:
+            if not keep:
                 shutil.rmtree(work, ignore_errors=True)
     try:
-        config = synthetic_config(args.layers, args.experts)
+        config = synthetic_config(layers, experts)
         if reuse:
             sizes = layer_sizes(work / "ckpt")
         else:
@@ -219,7 +235,7 @@ def main() -> int:
         largest = max(sizes.values())
         out_bytes = sum(p.stat().st_size for p in (work / "export").iterdir())
         result = {
-            "checkpoint": {"layers": args.layers, "experts": args.experts, "shards": len(shards),
+            "checkpoint": {"layers": layers, "experts": experts, "shards": len(shards),
                            "bytes": total, "largest_layer_bytes": largest,
                            "largest_layer": max(sizes, key=lambda k: sizes[k])},
             "export_bytes": out_bytes,
@@ -243,14 +259,14 @@ def main() -> int:
         result["ok"] = ok
         text = json.dumps(result, indent=2)
         print(text)
-        if args.json:
-            args.json.write_text(text + "\n")
+        if json_path:
+            json_path.write_text(text + "\n")
         return 0 if all(ok.values()) else 1
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    main()

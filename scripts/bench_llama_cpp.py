@@ -26,7 +26,6 @@ Writes DIR/report-<clock>-t<threads>.json and prints markdown tables (ratios > 1
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 PAIRS = (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"))
@@ -237,37 +237,41 @@ def tables(speed_rows: list[dict[str, Any]], acc_rows: list[dict[str, Any]], gre
     return "\n".join(out)
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/r1c-vs-llama"))
-    ap.add_argument("--llama-src", type=Path, default=None, help="llama.cpp source tree (has convert_hf_to_gguf.py)")
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--accuracy-tokens", type=int, default=320)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-accuracy", action="store_true")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu: process CPU time (robust to other processes on a shared machine at 1 thread)")
-    args = ap.parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
+@click.command(help=(__doc__ or "").replace("\n\n", "\n\n\b\n"))  # \b: click prints the paragraph as written
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/r1c-vs-llama"), show_default=True,
+              help="checkpoint, bundles, GGUFs and the report go here (kept: a later run reuses them)")
+@click.option("--llama-src", type=click.Path(path_type=Path), default=None,
+              help="llama.cpp source tree (has convert_hf_to_gguf.py)")
+@click.option("--threads", default="1,2", show_default=True, help="thread counts, comma-separated")
+@click.option("--batch", default="1,8", show_default=True, help="batch sizes, comma-separated")
+@click.option("--prompt-len", type=int, default=128, show_default=True, help="prompt tokens per row (TTFT)")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="decoded tokens per row (TPOT)")
+@click.option("--repeat", type=int, default=5, show_default=True, help="timed rounds per workload (at least 3)")
+@click.option("--warmup", type=int, default=1, show_default=True, help="untimed rounds per workload first")
+@click.option("--accuracy-tokens", type=int, default=320, show_default=True,
+              help="teacher-forced positions compared with transformers")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the weights and the prompts")
+@click.option("--skip-accuracy", is_flag=True, help="time only (no accuracy against transformers)")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="cpu: process CPU time (robust to other processes on a shared machine at 1 thread)")
+def main(workdir: Path, llama_src: Path | None, threads: str, batch: str, prompt_len: int, new_tokens: int,
+         repeat: int, warmup: int, accuracy_tokens: int, seed: int, skip_accuracy: bool, clock: str) -> None:
+    ctx = click.get_current_context()
+    args = {p.name: str(ctx.params[p.name]) for p in ctx.command.params if p.name in ctx.params}  # as given
+    workdir.mkdir(parents=True, exist_ok=True)
     load_before = list(os.getloadavg())
-    paths = prepare(args.workdir, args.llama_src, args.seed)
-    acc_rows, greedy = ([], {}) if args.skip_accuracy else accuracy(paths, args.accuracy_tokens, args.seed)
-    speed_rows = speed(paths, [int(x) for x in args.threads.split(",")], [int(x) for x in args.batch.split(",")],
-                       args.prompt_len, args.new_tokens, args.repeat, args.warmup, args.clock)
+    paths = prepare(workdir, llama_src, seed)
+    acc_rows, greedy = ([], {}) if skip_accuracy else accuracy(paths, accuracy_tokens, seed)
+    speed_rows = speed(paths, [int(x) for x in threads.split(",")], [int(x) for x in batch.split(",")],
+                       prompt_len, new_tokens, repeat, warmup, clock)
     report = {"config": bench_config().to_hf_dict(), "speed": speed_rows, "accuracy": acc_rows, "greedy": greedy,
-              "args": {k: str(v) for k, v in vars(args).items()}}
+              "args": args}
     report["load_average"] = {"before": load_before, "after": list(os.getloadavg())}
-    out = args.workdir / f"report-{args.clock}-t{args.threads.replace(',', '_')}.json"
+    out = workdir / f"report-{clock}-t{threads.replace(',', '_')}.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"load average (1, 5, 15 min) before / after: {load_before} / {report['load_average']['after']}")
     print(tables(speed_rows, acc_rows, greedy))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main()

@@ -18,7 +18,6 @@ exceeds --max-gather-gib is skipped, with a note, rather than taking the machine
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 
@@ -117,30 +117,28 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    parser.add_argument("--seq", type=int, default=128, help="prompt tokens per row")
-    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--max-gather-gib", type=float, default=4.0,
-                        help="skip a batch whose stock graph would gather more expert weights than this")
-    parser.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temp dir)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
+@click.command(help=(__doc__ or "").replace("\n\n", "\n\n\b\n"))  # \b: click prints the paragraph as written
+@click.option("--preset", default="tiny", show_default=True, type=click.Choice(["tiny", "small"]))
+@click.option("--seq", type=int, default=128, show_default=True, help="prompt tokens per row")
+@click.option("--batches", default="1,8", show_default=True, help="comma-separated batch sizes")
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, help="ONNX Runtime intra-op threads")
+@click.option("--max-gather-gib", type=float, default=4.0, show_default=True,
+              help="skip a batch whose stock graph would gather more expert weights than this")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="keep the models here (default: a temp dir)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def main(preset: str, seq: int, batches: str, repeats: int, warmup: int, threads: int, max_gather_gib: float,
+         work: Path | None, as_json: bool) -> None:
+    batch_sizes = [int(b) for b in batches.split(",")]
     with tempfile.TemporaryDirectory(prefix="r1c_bench_passes.") as tmp:
-        work = args.work or Path(tmp)
-        if args.work is not None and any(args.work.glob("*")):
-            print(f"bench_passes: {args.work} is not empty", file=sys.stderr)
-            return 2
-        result = bench(args.preset, args.seq, batches, args.repeats, args.warmup, args.threads, work,
-                       args.max_gather_gib)
-    print(json.dumps(result, indent=2) if args.json else report(result))
-    return 0
+        if work is not None and any(work.glob("*")):
+            print(f"bench_passes: {work} is not empty", file=sys.stderr)
+            sys.exit(2)
+        result = bench(preset, seq, batch_sizes, repeats, warmup, threads, work or Path(tmp), max_gather_gib)
+    print(json.dumps(result, indent=2) if as_json else report(result))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

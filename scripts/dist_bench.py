@@ -21,7 +21,6 @@ control messages, smaller GEMMs), not the speed-up that one device per rank give
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 
@@ -79,14 +79,14 @@ def child(bundle: str, steps: int, prompt_len: int, mechanism: str | None, threa
             "logits": logits.tolist()}
 
 
-def _run_child(bundle: Path, args: argparse.Namespace, mechanism: str | None) -> dict[str, Any]:
+def _run_child(bundle: Path, work: Path, steps: int, prompt_len: int, mechanism: str | None) -> dict[str, Any]:
     threads = None
     if mechanism == "one-thread":  # the one-rank bundle with one intra-op thread, like each rank of a 2-rank run
         mechanism, threads = None, 1
-    out = args.work / "child.json"
+    out = work / "child.json"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--child", str(bundle), "--child-out", str(out), "--steps", str(args.steps),
-           "--prompt-len", str(args.prompt_len)] + (["--mechanism", mechanism] if mechanism else []) \
+    cmd = [sys.executable, __file__, "--child", str(bundle), "--child-out", str(out), "--steps", str(steps),
+           "--prompt-len", str(prompt_len)] + (["--mechanism", mechanism] if mechanism else []) \
         + (["--threads", str(threads)] if threads else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -110,37 +110,39 @@ def equality(single: Path, layouts: dict[str, Path]) -> dict[str, Any]:
     return results
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    p.add_argument("--work", type=Path, default=Path("/tmp/r1c-dist-bench"))
-    p.add_argument("--layouts", default="2x1,1x2,2x2,4x1,1x4", help="TxE, comma-separated")
-    p.add_argument("--mechanisms", default="split", help="split and/or custom_op, for the timing runs")
-    p.add_argument("--repeats", type=int, default=3, help="round-robin passes over the configurations")
-    p.add_argument("--steps", type=int, default=24, help="decode steps timed per run")
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--check-only", action="store_true", help="only the equality check")
-    p.add_argument("--json", type=Path, help="write every number here")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--mechanism", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        args.child_out.write_text(json.dumps(child(args.child, args.steps, args.prompt_len, args.mechanism,
-                                                   args.threads)))
-        return 0
-
-    work = args.work / args.preset
+@click.command(help=(__doc__ or "").replace("\n\n", "\n\n\b\n"))  # \b: click prints the paragraph as written
+@click.option("--preset", default="tiny", show_default=True, type=click.Choice(["tiny", "small"]))
+@click.option("--work", "root", type=click.Path(path_type=Path), default=Path("/tmp/r1c-dist-bench"), show_default=True,
+              help="exports and bundles go to WORK/PRESET (kept: a later run reuses them)")
+@click.option("--layouts", default="2x1,1x2,2x2,4x1,1x4", show_default=True, help="TxE, comma-separated")
+@click.option("--mechanisms", default="split", show_default=True, help="split and/or custom_op, for the timing runs")
+@click.option("--repeats", type=int, default=3, show_default=True, help="round-robin passes over the configurations")
+@click.option("--steps", type=int, default=24, show_default=True, help="decode steps timed per run")
+@click.option("--prompt-len", type=int, default=16, show_default=True)
+@click.option("--check-only", is_flag=True, help="only the equality check")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="write every number here")
+@click.option("--child", "child_bundle", default=None, hidden=True)
+@click.option("--child-out", type=click.Path(path_type=Path), default=None, hidden=True)
+@click.option("--threads", type=int, default=None, hidden=True)
+@click.option("--mechanism", default=None, hidden=True)
+def main(preset: str, root: Path, layouts: str, mechanisms: str, repeats: int, steps: int, prompt_len: int,
+         check_only: bool, json_path: Path | None, child_bundle: str | None, child_out: Path | None,
+         threads: int | None, mechanism: str | None) -> None:
+    if child_bundle:
+        if child_out is None:
+            raise click.UsageError("--child needs --child-out")
+        child_out.write_text(json.dumps(child(child_bundle, steps, prompt_len, mechanism, threads)))
+        return
+    work = root / preset
     work.mkdir(parents=True, exist_ok=True)
     export = work / "export"
     if not export.exists():
-        _r1c("export", "--preset", args.preset, "--seed", "0", "-o", str(export), "--no-progress")
+        _r1c("export", "--preset", preset, "--seed", "0", "-o", str(export), "--no-progress")
     weight_bytes = (export / "model.onnx.data").stat().st_size
-    report: dict[str, Any] = {"preset": args.preset, "weight_bytes": weight_bytes, "cores": os.cpu_count(),
+    report: dict[str, Any] = {"preset": preset, "weight_bytes": weight_bytes, "cores": os.cpu_count(),
                               "build": {}, "runs": {}}
     bundles: dict[str, Path] = {}
-    for name in ["1x1", *args.layouts.split(",")]:
+    for name in ["1x1", *layouts.split(",")]:
         t, e = (int(x) for x in name.split("x"))
         bundle = work / f"bundle.{name}"
         if not bundle.exists():
@@ -151,17 +153,17 @@ def main() -> int:
                   f"(weights {weight_bytes / 2**20:.1f} MiB)", flush=True)
         bundles[name] = bundle
     report["equality"] = equality(bundles["1x1"], {k: v for k, v in bundles.items() if k != "1x1"})
-    if args.check_only:
+    if check_only:
         ok = all(r["logits_max_rel_err"] < 1e-5 and r["same_greedy_tokens"] for r in report["equality"].values())
-        return 0 if ok else 1
+        sys.exit(0 if ok else 1)
 
-    mechanisms = args.mechanisms.split(",")
-    configs = [("1x1", None), ("1x1", "one-thread")] + [(n, m) for n in bundles if n != "1x1" for m in mechanisms]
+    configs = [("1x1", None), ("1x1", "one-thread")] + [(n, m) for n in bundles if n != "1x1"
+                                                       for m in mechanisms.split(",")]
     runs: dict[str, list[dict[str, Any]]] = {f"{n}/{m or 'one-rank'}": [] for n, m in configs}
-    for rep in range(args.repeats):
+    for rep in range(repeats):
         for name, mech in configs:
-            runs[f"{name}/{mech or 'one-rank'}"].append(_run_child(bundles[name], args, mech))
-        print(f"round {rep + 1}/{args.repeats} done", flush=True)
+            runs[f"{name}/{mech or 'one-rank'}"].append(_run_child(bundles[name], root, steps, prompt_len, mech))
+        print(f"round {rep + 1}/{repeats} done", flush=True)
     one = runs["1x1/one-rank"]
     one_ms = statistics.median(statistics.median(r["decode_ms"]) for r in one)
     one_rss = statistics.median(r["rss_kib"][0] for r in one)
@@ -179,10 +181,9 @@ def main() -> int:
               f"{' '.join(f'{x / 1024:6.0f}' for x in rss):>28} {' '.join(f'{x / one_rss:5.2f}' for x in rss):>22} "
               f"{' '.join(f'{x:5.2f}' for x in over):>30}")
     print(f"(process baseline after imports: {base / 1024:.0f} MiB; one-rank RSS {one_rss / 1024:.0f} MiB)")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -13,24 +13,21 @@ The outputs are not the model's (the reductions see one rank's share) and are no
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--rank", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--prefill", type=int, default=64)
-    args = ap.parse_args()
-
+@click.command(help=(__doc__ or "").replace("\n\n", "\n\n\b\n"))  # \b: click prints the paragraph as written
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--rank", type=int, default=0, show_default=True, help="which rank of the sharded bundle to load")
+@click.option("--steps", type=int, default=200, show_default=True, help="timed decode steps per mechanism")
+@click.option("--context", type=int, default=64, show_default=True, help="KV cache length of a decode step")
+@click.option("--prefill", type=int, default=64, show_default=True, help="prompt tokens of a timed prefill")
+def main(bundle: Path, rank: int, steps: int, context: int, prefill: int) -> None:
     import torch
 
     from r1c.manifest import read_manifest
@@ -38,22 +35,22 @@ def main() -> int:
     from r1c.runtime.distributed.rank import MECHANISMS, rank_runner
 
     torch.set_num_threads(1)
-    m = read_manifest(args.bundle)
-    entry = m.target_options["distributed"]["ranks"][args.rank]
+    m = read_manifest(bundle)
+    entry = m.target_options["distributed"]["ranks"][rank]
     init_groups(0, 1, {"tp": [[0]], "world": [[0]]}, store=open_store(1))
     options = {**m.target_options["session"], "intra_op_num_threads": 1}
-    runners = {mech: rank_runner(args.bundle / entry["model"], options, mech) for mech in MECHANISMS}
+    runners = {mech: rank_runner(bundle / entry["model"], options, mech) for mech in MECHANISMS}
     c = m.config
 
     def feeds(new: int) -> dict[str, np.ndarray]:
-        f = {"input_ids": np.full((1, new), 5, np.int64), "past_lengths": np.array([args.context - new], np.int64)}
+        f = {"input_ids": np.full((1, new), 5, np.int64), "past_lengths": np.array([context - new], np.int64)}
         for layer in range(c.num_hidden_layers):
-            f[f"past_c.{layer}"] = np.zeros((1, c.kv_lora_rank, args.context), np.float32)
-            f[f"past_pe.{layer}"] = np.zeros((1, c.qk_rope_head_dim, args.context), np.float32)
+            f[f"past_c.{layer}"] = np.zeros((1, c.kv_lora_rank, context), np.float32)
+            f[f"past_pe.{layer}"] = np.zeros((1, c.qk_rope_head_dim, context), np.float32)
         return f
 
     times: dict[str, dict[str, list[float]]] = {mech: {"decode": [], "prefill": []} for mech in runners}
-    for kind, new, reps in (("decode", 1, args.steps), ("prefill", args.prefill, max(5, args.steps // 20))):
+    for kind, new, reps in (("decode", 1, steps), ("prefill", prefill, max(5, steps // 20))):
         f = feeds(new)
         for runner in runners.values():
             runner.run(f)  # warm-up
@@ -63,12 +60,11 @@ def main() -> int:
                 runner.run(f)
                 times[mech][kind].append(time.perf_counter() - start)
     close_groups()
-    print(f"{args.bundle.name} rank {args.rank}: median ms per run (interleaved; one process, no peer)")
+    print(f"{bundle.name} rank {rank}: median ms per run (interleaved; one process, no peer)")
     for kind in ("decode", "prefill"):
         split, custom = (statistics.median(times[m][kind]) * 1e3 for m in ("split", "custom_op"))
         print(f"  {kind:7} split {split:8.3f}   custom_op {custom:8.3f}   custom_op / split {custom / split:5.2f}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
