@@ -8,7 +8,9 @@ torch.distributed world of ONE process (gloo), where every group is this process
 their input at once, so what is timed is each mechanism's own cost (session runs, marshaling), not the network
 or the other ranks. Decode steps (batch 1, one new token over a cache of --context) alternate between the two,
 and a prefill of --prefill tokens shows the cost that grows with the tensors (the logits all-gather).
-The outputs are not the model's (the reductions see one rank's share) and are not checked here.
+The outputs are not the model's (the reductions see one rank's share) and are not checked here. An AllGather
+over G ranks is stood in for by concatenating this rank's share G times (the same output shape and copy; the
+real one refuses a group of one process since the node was sharded for G).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main(bundle: Path, rank: int, steps: int, context: int, prefill: int) -> Non
     m = read_manifest(bundle)
     entry = m.target_options["distributed"]["ranks"][rank]
     init_groups(0, 1, {"tp": [[0]], "world": [[0]]}, store=open_store(1))
+    _stand_in_gathers()
     options = {**m.target_options["session"], "intra_op_num_threads": 1}
     runners = {mech: rank_runner(bundle / entry["model"], options, mech) for mech in MECHANISMS}
     c = m.config
@@ -64,6 +67,19 @@ def main(bundle: Path, rank: int, steps: int, context: int, prefill: int) -> Non
     for kind in ("decode", "prefill"):
         split, custom = (statistics.median(times[m][kind]) * 1e3 for m in ("split", "custom_op"))
         print(f"  {kind:7} split {split:8.3f}   custom_op {custom:8.3f}   custom_op / split {custom / split:5.2f}")
+
+
+def _stand_in_gathers() -> None:
+    """Both mechanisms' AllGather (imported by name in `rank` and `ort_collectives`) -> the share repeated
+    group_size times along the axis, written into `out` when given (no peers in a one-process world)."""
+    from r1c.runtime.distributed import ort_collectives, rank
+
+    def gather(x: np.ndarray, group_name: str, axis: int, group_size: int, out: np.ndarray | None = None,
+               parts: object = None) -> np.ndarray:
+        return np.concatenate([np.ascontiguousarray(x)] * int(group_size), axis=int(axis), out=out)
+
+    rank.all_gather = gather  # type: ignore[assignment]
+    ort_collectives.all_gather = gather  # type: ignore[assignment]
 
 
 if __name__ == "__main__":
