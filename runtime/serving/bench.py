@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from r1c.errors import BenchError
+from r1c.runtime.bench.stats import parse_int_list
 from r1c.runtime.engine import Engine, load
 from r1c.runtime.kvcache import LatentCache, budget_for
 from r1c.runtime.serving.engine import ServingEngine
@@ -66,11 +67,8 @@ def _range(option: str, text: str) -> tuple[int, int]:
 
 
 def _ints(option: str, text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise BenchError(f"{option} takes integers separated by commas, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
+    values = parse_int_list(option, text)
+    if any(v < 1 for v in values):
         raise BenchError(f"{option} takes positive integers, got {text!r}")
     return values
 
