@@ -265,6 +265,29 @@ def matched_fp8_logits(config: Any, tensors: dict[str, torch.Tensor], ids: Any,
         return model(torch.from_numpy(ids)).numpy()
 
 
+def _check_build_requirements() -> None:
+    """ImportError when an installed graph library is older than r1c's pyproject.toml asks (this script runs from
+    a checkout on a machine whose packages r1c's install did not choose: an H200 image had onnx-ir 1.0, whose
+    `ir.save` lacks the `alignment` the build passes)."""
+    import re
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "dependencies"]
+    for dep in deps:
+        m = re.fullmatch(r"(onnx-ir|onnxscript)>=([0-9.]+)", dep.replace(" ", ""))
+        if not m:
+            continue
+        try:
+            have = version(m.group(1))
+        except PackageNotFoundError:
+            raise ImportError(f"{m.group(1)} is not installed") from None
+        as_tuple = [tuple(int(p) for p in re.findall(r"\d+", v)[:3]) for v in (have, m.group(2))]
+        if as_tuple[0] < as_tuple[1]:
+            raise ImportError(f"{m.group(1)} {have} is older than r1c's {m.group(2)}")
+
+
 def _cpu_logits(export: Path, bundle: Path, ids: Any) -> tuple[Any, str]:
     """Logits of the CPU bundle (`r1c build`, ONNX Runtime); if this machine's onnx-ir/onnxscript cannot run the
     build, ONNX Runtime on the export itself (the graph the bundle is lowered from), and the row says so."""
@@ -273,6 +296,7 @@ def _cpu_logits(export: Path, bundle: Path, ids: Any) -> tuple[Any, str]:
     from r1c.runtime.build import build_bundle
 
     try:
+        _check_build_requirements()
         build_bundle(export, bundle)
         return load(bundle).forward(ids), "CPU bundle"
     except (R1CError, ImportError) as e:
