@@ -3,7 +3,8 @@
 - `r1c`: a foreign ONNX (e.g. the stock torch.onnx export) -> the r1c form that `r1c export` writes:
   standard ONNX plus r1c ops carrying their function bodies. Runnable by ONNX Runtime as it is.
 - `onnxruntime`: the same fusions, then ONNX Runtime's fused kernels (RMSNorm, SwiGLU activation, MoE),
-  the remaining r1c bodies inlined, the MoE split for balanced threads, weights quantized at the build's
+  the remaining r1c bodies inlined, the MoE split for balanced threads (or, with `--cpu-moe r1c`, r1c's CPU MoE
+  kernel, passes/use_cpu_moe_kernel.py), weights quantized at the build's
   precision; float32 casts around the bfloat16/float16 nodes ORT's CPU cannot run.
 - `tensorrt` (and `tensorrt-rtx`): the same MoE fusions, FP8 linear layers (blocked DequantizeLinear + MatMul) into
   `r1c::FP8Linear`, r1c nodes kept as plugin nodes without bodies, every other node checked against TensorRT's
@@ -49,6 +50,7 @@ from r1c.passes.name_deterministically import NameDeterministicallyPass
 from r1c.passes.quantize_weights import PRECISIONS, QuantizeWeightsPass
 from r1c.passes.remove_dead_code import RemoveDeadCodePass
 from r1c.passes.split_moe_experts import SplitMoEExpertsPass
+from r1c.passes.use_cpu_moe_kernel import CPU_MOE_CHOICES, UseCpuMoEKernelPass
 from r1c.passes.widen_experts import WidenExpertsPass
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,
         FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass, FuseRotaryEmbeddingPass,
         FuseSkipRMSNormPass, RemoveDeadCodePass, WidenExpertsPass, LowerMoEToOrtPass, QuantizeWeightsPass,
-        SplitMoEExpertsPass, FoldMoEOutputScalePass, InlineR1CFunctionsPass,
+        SplitMoEExpertsPass, FoldMoEOutputScalePass, UseCpuMoEKernelPass, InlineR1CFunctionsPass,
         FoldConstantsPass, RemoveDeadCodePass, CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass,
         InferShapesPass, CastForOrtKernelsPass, ClearMetadataAndDocStringPass, NameDeterministicallyPass,
     ),
@@ -93,11 +95,14 @@ class BuildOptions:
 
     threads: int = 0  # intra-op threads the bundle is built for (0: one per core)
     precision: str = "auto"
+    cpu_moe: str = "ort"  # "r1c": float MoE on r1c's CPU kernel (passes/use_cpu_moe_kernel.py); "ort": ORT's MoE
     report: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.precision != "auto" and self.precision not in PRECISIONS:
             raise PassError(f"passes: unknown precision {self.precision!r} (choose from auto, {', '.join(PRECISIONS)})")
+        if self.cpu_moe not in CPU_MOE_CHOICES[1:]:
+            raise PassError(f"passes: cpu_moe must be one of {', '.join(CPU_MOE_CHOICES[1:])} (resolve auto first)")
 
 
 @dataclasses.dataclass(frozen=True)

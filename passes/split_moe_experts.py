@@ -72,12 +72,15 @@ class SplitMoEExpertsPass(ir.passes.InPlacePass):
 
     uses_build_options = True
 
-    def __init__(self, threads: int = 0, parts: int | None = None) -> None:
+    def __init__(self, threads: int = 0, parts: int | None = None, cpu_moe: str = "ort") -> None:
         super().__init__()
         self.threads = threads
         self.parts = parts  # None: parts_for(threads, I) per node
+        self.cpu_moe = cpu_moe  # "r1c": the experts go to r1c's CPU kernel, which balances them itself
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.cpu_moe == "r1c":
+            return ir.passes.PassResult(model, False)
         graph = model.graph
         count = 0
         for node in list(graph):

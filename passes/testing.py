@@ -32,9 +32,13 @@ def make_model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoP
     return ir.serde.deserialize_model(proto)
 
 
-def session(model: ir.Model | str | Path, *, optimize: bool = True, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session of an in-memory model (its tensors must be in memory) or of a model file."""
+def session(model: ir.Model | str | Path, *, optimize: bool = True, threads: int = 1,
+            custom_ops: Sequence[Path] = ()) -> ort.InferenceSession:
+    """A CPU session of an in-memory model (its tensors must be in memory) or of a model file; `custom_ops`:
+    custom-op libraries to register (r1c's CPU kernels)."""
     opts = ort.SessionOptions()
+    for library in custom_ops:
+        opts.register_custom_ops_library(str(library))
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3

@@ -274,8 +274,11 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
               help="onnxruntime weights: int8 / int4 weight-only block quantization (MatMulNBits, QMoE); fp32; "
                    "auto: the export's, FP8 weights as int8 blocks (1 byte a weight).")
+@click.option("--cpu-moe", "cpu_moe", type=click.Choice(["auto", "r1c", "ort"]), default="auto", show_default=True,
+              help="onnxruntime, float32 routed experts: r1c's CPU kernel (compiled here with g++ against ONNX "
+                   "Runtime's headers: scripts/fetch_ort_headers.sh), ORT's MoE, or auto: r1c's where it builds.")
 def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: int, dump_after: str | None, tp: int,
-          ep: int, precision: str) -> None:
+          ep: int, precision: str, cpu_moe: str) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.
 
     The target's pass pipeline (`r1c passes --target T` lists it) runs first. The manifest records the
@@ -289,12 +292,14 @@ def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: i
     verbose = logging.getLogger("r1c").getEffectiveLevel() <= logging.INFO
     build_bundle(export_dir, out, target=target, session={"intra_op_num_threads": threads}, dump_after=dump_after,
                  verbose=verbose, arch=arch, tensor_parallel=tp, expert_parallel=ep, progress=_progress(),
-                 precision=precision)
-    quant = read_manifest(out, verify_hashes=False).target_options.get("quantization")
+                 precision=precision, cpu_moe=cpu_moe)
+    target_options = read_manifest(out, verify_hashes=False).target_options
+    quant = target_options.get("quantization")
     if quant:
         click.echo(f"int{quant['bits']}: quantized {quant['tensors']} tensors; relative error mean "
                    f"{quant['mean_relative_error']:.4f}, max {quant['max_relative_error']:.4f}", err=True)
-    click.echo(_summary("built", out, start, f" ({target})"))
+    kernels = ", r1c CPU MoE kernel" if target_options.get("cpu_kernels") else ""
+    click.echo(_summary("built", out, start, f" ({target}{kernels})"))
 
 
 def _parse_ids(text: str) -> list[int]:

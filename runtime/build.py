@@ -56,13 +56,13 @@ def _read_export(export_dir: Path) -> tuple[ModelConfig | None, dict[str, Any], 
 
 def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, dump_dir: Path, verbose: bool,
            progress: bool, threads: int = 0, precision: str = "auto",
-           max_file_bytes: int | None = None) -> dict[str, Any]:
+           max_file_bytes: int | None = None, cpu_moe: str = "ort") -> dict[str, Any]:
     """Run the target's pass pipeline from export_dir/model.onnx into work/model.onnx (+ its data files); returns
     what the passes reported (under "quantize_weights": the bundle's precision and the quantization errors)."""
     from r1c.passes.pipelines import BuildOptions, lower_file
 
     target = "tensorrt" if target == "tensorrt-rtx" else target  # one lowering; the builds differ (library, arch)
-    options = BuildOptions(threads=threads, precision=precision)
+    options = BuildOptions(threads=threads, precision=precision, cpu_moe=cpu_moe)
     lower_file(export_dir / MODEL_FILE, work / MODEL_FILE, target=target, dump_after=dump_after,
                dump_dir=dump_dir if dump_after else None, verbose=verbose, progress=progress, options=options,
                max_file_bytes=max_file_bytes)
@@ -70,6 +70,41 @@ def _lower(export_dir: Path, work: Path, target: str, dump_after: str | None, du
 
 
 QUANTIZATION_FILE = "quantization.json"
+KERNELS_DIR = "kernels"
+
+
+def resolve_cpu_moe(cpu_moe: str, target: str, ranks: int) -> str:
+    """`--cpu-moe` for this build: "r1c" or "ort". `auto` is r1c's CPU kernel where it builds (one-rank
+    onnxruntime bundles; r1c/plugins/cpu_moe/library.py says what it needs), else ORT's MoE, and says why."""
+    from r1c.passes.use_cpu_moe_kernel import CPU_MOE_CHOICES
+    from r1c.plugins.cpu_moe.library import why_unavailable
+
+    if cpu_moe not in CPU_MOE_CHOICES:
+        raise BuildError(f"build: --cpu-moe {cpu_moe!r} (choose from {', '.join(CPU_MOE_CHOICES)})")
+    if target != "onnxruntime" or ranks > 1:
+        if cpu_moe == "r1c":
+            raise BuildError("build: --cpu-moe r1c is for a one-rank onnxruntime bundle")
+        return "ort"
+    if cpu_moe == "ort":
+        return "ort"
+    why = why_unavailable()
+    if why and cpu_moe == "r1c":
+        raise BuildError(f"build: --cpu-moe r1c: {why}")
+    if why:
+        logger.warning("build: routed experts on ONNX Runtime's MoE, not r1c's CPU kernel: %s", why)
+        return "ort"
+    return "r1c"
+
+
+def custom_op_libraries(bundle: Path, target_options: dict[str, Any]) -> list[Path]:
+    """The custom-op libraries a bundle's ONNX Runtime session registers: r1c's CPU kernels, built for the
+    highest x86-64 level this host runs (BundleError if it runs none of the bundle's)."""
+    files = target_options.get("cpu_kernels")
+    if not files:
+        return []
+    from r1c.plugins.cpu_moe.library import for_host
+
+    return [bundle / KERNELS_DIR / for_host(files)]
 
 
 def build_tensorrt_target(work: Path, config: ModelConfig, *, target: str, arch: str | None,
@@ -93,7 +128,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                  verbose: bool = False, arch: str | None = None,
                  tensorrt_options: dict[str, Any] | None = None, tensor_parallel: int = 1,
                  expert_parallel: int = 1, progress: bool = False, precision: str = "auto",
-                 max_file_bytes: int | None = None) -> Path:
+                 max_file_bytes: int | None = None, cpu_moe: str = "auto") -> Path:
     """Build `out_dir` (created whole or not at all) from the export at `export_dir`; BuildError on bad input.
 
     `arch` (TensorRT targets): the compute capability to build for (`sm89`, `sm90`, `sm120`, ...; tensorrt-rtx
@@ -103,7 +138,10 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     "auto" | "fp32" | "int8" | "int4" (see `r1c.passes.pipelines.BuildOptions`); a quantized bundle holds
     `quantization.json` with each tensor's relative error and its manifest's `precision` says "int8"/"int4".
     `max_file_bytes`: the most weight bytes per data file of the lowered model (default 16 GiB; see
-    passes/pipelines.save_model); the manifest records each file.
+    passes/pipelines.save_model); the manifest records each file. `cpu_moe` (onnxruntime, one rank): "r1c" runs
+    the float routed experts on r1c's CPU kernel (r1c/plugins/cpu_moe; the bundle carries the library under
+    `kernels/`, its manifest's `target_options.cpu_kernels` names it), "ort" on ONNX Runtime's MoE, "auto" the
+    first where it builds (`resolve_cpu_moe`).
     """
     src, out = Path(export_dir), Path(out_dir)
     if target not in TARGETS:
@@ -112,6 +150,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     if precision != "auto" and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
         raise BuildError(f"build: --precision {precision} is for a one-rank onnxruntime bundle (this one keeps the "
                          "export's weights)")
+    cpu_moe = resolve_cpu_moe(cpu_moe, target, tensor_parallel * expert_parallel)
     check_output_dir(out, BuildError, "build")
     config, graph_io, source = _read_export(src)
     if config is None and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
@@ -137,9 +176,13 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             session_opts = {**DEFAULT_OPTIONS, **(session or {})}
             report = _lower(src, tmp, target, dump_after, dumps, verbose, progress,
                             threads=int(session_opts["intra_op_num_threads"]), precision=precision,
-                            max_file_bytes=max_file_bytes)
+                            max_file_bytes=max_file_bytes, cpu_moe=cpu_moe)
             libraries["onnxruntime"] = ort.__version__
-            target_options = {"model": MODEL_FILE, "session": session_opts}
+            target_options = {"model": MODEL_FILE, "session": session_opts, "cpu_moe": cpu_moe}
+            if cpu_moe == "r1c":
+                from r1c.plugins.cpu_moe.library import build_libraries
+
+                target_options["cpu_kernels"] = build_libraries(tmp / KERNELS_DIR)
             quant = report.get("quantize_weights") or {}
             if quant.get("tensors"):
                 bundle_precision = str(quant["precision"])
@@ -149,7 +192,8 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             elif quant.get("precision") == "fp32":
                 bundle_precision = "none"
             # Load once now so a bundle that ONNX Runtime cannot run is never written.
-            backend = OrtBackend(tmp / MODEL_FILE, target_options["session"])
+            backend = OrtBackend(tmp / MODEL_FILE, target_options["session"],
+                                 custom_op_libraries(tmp, target_options))
             if gio.is_foreign(graph_io) and graph_io.get("vocab_size") is None:
                 from r1c.runtime.foreign import probe_vocab_size
 

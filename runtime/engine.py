@@ -154,10 +154,12 @@ def load(bundle_dir: str | Path, *, verify_hashes: bool = True, session_options:
 
         backend = sharded_backend(bundle, m, session_options)
     elif m.target == "onnxruntime":
+        from r1c.runtime.build import custom_op_libraries
         from r1c.runtime.ort_backend import OrtBackend
 
         backend = OrtBackend(bundle / m.target_options["model"], {**m.target_options.get("session", {}),
-                                                                 **(session_options or {})})
+                                                                 **(session_options or {})},
+                             custom_op_libraries(bundle, m.target_options))
     else:
         from r1c.runtime.trt_backend import TensorRTBackend
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,14 @@ def session_options(options: dict[str, Any]) -> Any:
 
 
 class OrtBackend:
-    def __init__(self, model_path: Path, options: dict[str, Any]) -> None:
+    def __init__(self, model_path: Path, options: dict[str, Any], custom_ops: Sequence[Path] = ()) -> None:
         import onnxruntime as ort
 
         try:
-            self.session = ort.InferenceSession(str(model_path), self._session_options(options),
-                                                providers=["CPUExecutionProvider"])
+            so = self._session_options(options)
+            for library in custom_ops:  # r1c's CPU kernels (r1c/plugins/cpu_moe), when the bundle has them
+                so.register_custom_ops_library(str(library))
+            self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types; report them as bundle errors
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"bundle: ONNX Runtime could not load {model_path.name}: {msg}") from None

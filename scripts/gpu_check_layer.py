@@ -270,8 +270,9 @@ def _check_build_requirements() -> None:
     a checkout on a machine whose packages r1c's install did not choose: an H200 image had onnx-ir 1.0, whose
     `ir.save` lacks the `alignment` the build passes)."""
     import re
-    import tomllib
     from importlib.metadata import PackageNotFoundError, version
+
+    import tomllib
 
     deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
         "dependencies"]

@@ -36,3 +36,10 @@ plugin_ok() {
 if ! python -c "$NEEDS" 2>/dev/null || ! plugin_ok || [ "${R1C_REINSTALL:-0}" = 1 ]; then
   python -m pip install -q -e ".$EXTRAS"
 fi
+# ONNX Runtime's C/C++ headers, so that `r1c build` can compile r1c's CPU MoE kernel (the default where it builds;
+# without them builds use ONNX Runtime's MoE and say so). Best effort: Debian/Ubuntu with g++ only.
+if ! python -c "from r1c.plugins.cpu_moe.library import find_headers; raise SystemExit(find_headers() is None)" \
+    && command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null && command -v g++ >/dev/null; then
+  bash scripts/fetch_ort_headers.sh >/dev/null 2>&1 || echo "install: could not fetch ONNX Runtime's headers" \
+    "(scripts/fetch_ort_headers.sh); r1c build will use ONNX Runtime's MoE kernel" >&2
+fi

@@ -1,0 +1,86 @@
+"""Run routed experts on r1c's CPU kernel: each float32 `com.microsoft.MoE` in the form r1c lowers to becomes
+`r1c.cpu::MoE` (r1c/plugins/cpu_moe: the same inputs and function, a kernel that shares every selected expert's
+rows evenly among the threads and streams them once, without ORT's per-call weight packing).
+
+Only with `r1c build --cpu-moe r1c` (`auto` resolves to it where the library builds; `BuildOptions.cpu_moe`): the
+bundle then carries the library and its manifest names it. A node is swapped when it is exactly what the kernel
+computes: five inputs with no fc1 bias (input, router_probs, fc1, -, fc2), float32, SwiGLU with interleaved rows
+(swiglu_fusion=1) and alpha 1 / beta 0 (silu(g) * u), and no other attribute; any other MoE is left to ORT and
+the pass says why. With `cpu_moe="r1c"`, `split_moe_experts` leaves the experts whole (the kernel balances them).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+from r1c.passes._util import ORT_DOMAIN, attr_int
+from r1c.plugins.cpu_moe import SPEC
+
+logger = logging.getLogger(__name__)
+
+CPU_MOE_CHOICES = ("auto", "r1c", "ort")
+_KNOWN = {"k", "activation_type", "swiglu_fusion", "normalize_routing_weights", "activation_alpha",
+          "activation_beta"}
+
+
+def why_not(node: ir.Node) -> str | None:
+    """None when `node` (a com.microsoft.MoE) is what `r1c.cpu::MoE` computes; else the reason it is not."""
+    ins = list(node.inputs)
+    if len(ins) != 5 or ins[3] is not None or any(v is None for v in (ins[0], ins[1], ins[2], ins[4])):
+        return "not (input, router_probs, fc1, -, fc2)"
+    fc1 = ins[2]
+    if any(v is not None and v.dtype not in (None, ir.DataType.FLOAT) for v in ins) or fc1 is None or \
+            fc1.dtype is None:
+        return "not float32"  # MoE's type T binds input, router_probs and the weights: fc1's dtype is theirs
+    extra = set(node.attributes) - _KNOWN
+    if extra:
+        return f"attributes the kernel does not implement: {sorted(extra)}"
+    act = node.attributes.get("activation_type")
+    if act is None or act.as_string() != "swiglu" or attr_int(node, "swiglu_fusion", 0) != 1:
+        return "not interleaved SwiGLU (swiglu_fusion=1)"
+    alpha = node.attributes.get("activation_alpha")
+    beta = node.attributes.get("activation_beta")
+    if (alpha is None or alpha.as_float() != 1.0) or (beta is not None and beta.as_float() != 0.0):
+        return "SwiGLU alpha/beta other than 1/0"
+    return None
+
+
+class UseCpuMoEKernelPass(ir.passes.InPlacePass):
+    """com.microsoft.MoE -> r1c.cpu::MoE where the build asked for r1c's CPU kernel."""
+
+    uses_build_options = True
+
+    def __init__(self, cpu_moe: str = "ort") -> None:
+        super().__init__()
+        self.cpu_moe = cpu_moe
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.cpu_moe != "r1c":
+            return ir.passes.PassResult(model, False)
+        graph = model.graph
+        count = 0
+        for node in list(graph):
+            if node.domain != ORT_DOMAIN or node.op_type != "MoE":
+                continue
+            reason = why_not(node)
+            if reason:
+                logger.info("use_cpu_moe_kernel: %s left to ONNX Runtime: %s", node.name, reason)
+                continue
+            x, probs, fc1, _, fc2 = node.inputs
+            attrs = SPEC.attrs(k=attr_int(node, "k", 1),
+                               normalize_routing_weights=attr_int(node, "normalize_routing_weights", 0))
+            new = ir.node(SPEC.name, [x, probs, fc1, fc2], attributes=attrs, domain=SPEC.domain,
+                          version=SPEC.version, name=node.name)
+            out, old = new.outputs[0], node.outputs[0]
+            name, old.name = old.name, f"{old.name}.ort"
+            out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, old.shape
+            graph.insert_before(node, new)
+            old.replace_all_uses_with(out, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            count += 1
+        if count:
+            model.opset_imports[SPEC.domain] = SPEC.version
+            logger.info("use_cpu_moe_kernel: %d MoE nodes run on r1c's CPU kernel", count)
+        return ir.passes.PassResult(model, count > 0)

@@ -1,0 +1,150 @@
+"""Build r1c's CPU kernel library (`moe_cpu.cc`, the `r1c.cpu` custom-op domain) and pick the build a host can run.
+
+A bundle carries the library compiled for two x86-64 micro-architecture levels (the psABI's levels, as GCC's
+`-march=x86-64-v3` / `-v4` name them): v4 (AVX-512 F/BW/CD/DQ/VL: 16-float registers) and v3 (AVX2 + FMA: 8).
+`r1c build` compiles both (g++, about 3 s each, cached under `${R1C_CACHE:-~/.cache/r1c}/cpu-kernels/<key>/`,
+the key hashing the source, the headers, the compiler's version and the flags) against ONNX Runtime's C/C++ API
+headers, found in order at `$R1C_ORT_INCLUDE`, in the cache `scripts/fetch_ort_headers.sh` fills, and at
+`/usr/include/onnxruntime` (Debian's `libonnxruntime-dev`). At load, `for_host` picks the highest level whose
+CPU flags the host has (`/proc/cpuinfo`). The headers' C API version must not be newer than the installed
+runtime's (ONNX Runtime 1.N serves API versions up to N).
+
+Errors: `KernelLibraryError` (a `BuildError`) with one line saying what is missing and how to get it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from r1c.errors import BuildError, BundleError
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("moe_cpu.cc")
+HEADER = "onnxruntime_cxx_api.h"
+SYSTEM_HEADERS = Path("/usr/include/onnxruntime")
+# level -> (g++ -march value, the /proc/cpuinfo flags the level requires; x86-64 psABI levels)
+LEVELS: dict[str, tuple[str, frozenset[str]]] = {
+    "x86-64-v4": ("x86-64-v4", frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma",
+                                          "bmi2", "f16c", "movbe"})),
+    "x86-64-v3": ("x86-64-v3", frozenset({"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "avx"})),
+}
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror")
+
+
+class KernelLibraryError(BuildError):
+    """r1c's CPU kernel library cannot be built here (no compiler, no ONNX Runtime headers, not x86-64)."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("R1C_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                        os.path.expanduser("~/.cache"), "r1c")
+    return Path(root)
+
+
+def find_headers() -> Path | None:
+    """The directory holding ONNX Runtime's `onnxruntime_cxx_api.h` (order in the module docstring), or None."""
+    env = os.environ.get("R1C_ORT_INCLUDE")
+    candidates = [Path(env)] if env else []
+    candidates += [cache_dir() / "onnxruntime-headers" / "include" / "onnxruntime", SYSTEM_HEADERS]
+    for c in candidates:
+        if (c / HEADER).is_file() and (c / "onnxruntime_lite_custom_op.h").is_file():
+            return c
+    return None
+
+
+def header_api_version(include: Path) -> int:
+    """`ORT_API_VERSION` of the headers at `include` (onnxruntime_c_api.h)."""
+    m = re.search(r"#define\s+ORT_API_VERSION\s+(\d+)", (include / "onnxruntime_c_api.h").read_text())
+    if not m:
+        raise KernelLibraryError(f"build: {include}/onnxruntime_c_api.h has no ORT_API_VERSION")
+    return int(m.group(1))
+
+
+def why_unavailable() -> str | None:
+    """None when `build_libraries` can run here; else why not, in one line with the remedy."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"r1c's CPU kernels are built for x86-64 only (this machine is {platform.machine()})"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "no C++ compiler (install g++, or set CXX)"
+    include = find_headers()
+    if include is None:
+        return ("no ONNX Runtime C/C++ headers (run `bash scripts/fetch_ort_headers.sh`, install Debian 13's "
+                "libonnxruntime-dev, or set R1C_ORT_INCLUDE)")
+    import onnxruntime as ort
+
+    runtime_api = int(ort.__version__.split(".")[1])
+    if header_api_version(include) > runtime_api:
+        return (f"the ONNX Runtime headers at {include} (C API {header_api_version(include)}) are newer than the "
+                f"installed onnxruntime {ort.__version__}")
+    return None
+
+
+def _compile(level: str, include: Path) -> Path:
+    """The library for `level`, from the cache or compiled into it (atomically)."""
+    cxx = os.environ.get("CXX", "g++")
+    march, _ = LEVELS[level]
+    flags = (*FLAGS, f"-march={march}", "-mtune=generic")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(),
+                 (include / "onnxruntime_lite_custom_op.h").read_bytes(), version.encode(), " ".join(flags).encode()):
+        key.update(hashlib.sha256(part).digest())
+    out = cache_dir() / "cpu-kernels" / key.hexdigest()[:16] / f"libr1c_cpu.{level}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    cmd = [cxx, *flags, "-I", str(include), str(SOURCE), "-o", str(tmp)]
+    logger.info("compiling r1c's CPU kernels for %s: %s", level, " ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        first = (done.stderr.strip().splitlines() or ["no output"])[0]
+        raise KernelLibraryError(f"build: compiling r1c's CPU kernels ({level}) failed: {first}")
+    os.replace(tmp, out)
+    return out
+
+
+def build_libraries(dest: Path) -> dict[str, str]:
+    """Compile (or take from the cache) the library for every level into `dest` (a bundle's `kernels/`);
+    returns level -> file name. KernelLibraryError when `why_unavailable()`."""
+    why = why_unavailable()
+    if why:
+        raise KernelLibraryError(f"build: {why}")
+    include = find_headers()
+    assert include is not None
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for level in LEVELS:
+        src = _compile(level, include)
+        shutil.copyfile(src, dest / src.name)
+        files[level] = src.name
+    return files
+
+
+def host_flags() -> frozenset[str]:
+    """The CPU flags of this host (`/proc/cpuinfo`; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    m = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    return frozenset(m.group(1).split()) if m else frozenset()
+
+
+def for_host(files: dict[str, str], flags: frozenset[str] | None = None) -> str:
+    """The file (of `files`, level -> name) for the highest level this host runs; BundleError if none."""
+    have = host_flags() if flags is None else flags
+    for level, (_, needs) in LEVELS.items():
+        if level in files and needs <= have:
+            return files[level]
+    raise BundleError(f"bundle: its CPU kernels are built for {', '.join(sorted(files))}, which this CPU does not "
+                      "support (rebuild it with `r1c build --cpu-moe ort`)")

@@ -1,0 +1,212 @@
+"""r1c's CPU MoE kernel (`r1c.cpu::MoE`, r1c/plugins/cpu_moe) against an independent float64 NumPy model of the
+function it and ONNX Runtime's com.microsoft.MoE compute (top-k of the router probs, softmax weights, interleaved
+SwiGLU, down projection), and against ORT's own MoE on the same inputs; then the pass that swaps it in, and bundles
+built with `--cpu-moe r1c` against `--cpu-moe ort` and the PyTorch references.
+
+Tolerance: max |ours - ref| <= 1e-5 * max |ref| (float32 dot products of at most 1024 terms against float64).
+Shapes cover the vector tails (H, I not multiples of 16 or 8), a token alone (the decode tile), a few and many
+tokens per expert (the multi-token tiles), k = 1 and k = E, both routing normalizations, 1 and 2 threads, and a
+3-D input. The library is compiled once per session; without a compiler or ONNX Runtime's headers the tests skip
+saying so, except under CI (CI=true), where `.ci/run` fetches the headers and a skip would hide a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from r1c.passes.fold_moe_output_scale import FoldMoEOutputScalePass
+from r1c.passes.lower_moe_to_ort import LowerMoEToOrtPass
+from r1c.passes.remove_dead_code import RemoveDeadCodePass
+from r1c.passes.split_moe_experts import SplitMoEExpertsPass
+from r1c.passes.testing import copy, make_model, max_rel_err, moe_reference, op_counts, r1c_moe_model, run
+from r1c.passes.use_cpu_moe_kernel import UseCpuMoEKernelPass
+from r1c.plugins.cpu_moe import SPEC
+from r1c.plugins.cpu_moe import library as cpu_library
+
+TOL = 1e-5
+SENTINEL = -1e30
+
+
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The library for this host (compiled for both levels into a temporary `kernels/`)."""
+    why = cpu_library.why_unavailable()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must build r1c's CPU kernels (.ci/run fetches the headers): {why}")
+        pytest.skip(f"r1c's CPU kernels cannot be built here: {why}")
+    dest = tmp_path_factory.mktemp("kernels")
+    files = cpu_library.build_libraries(dest)
+    return dest / cpu_library.for_host(files)
+
+
+def reference(x: np.ndarray, probs: np.ndarray, w13: np.ndarray, w2: np.ndarray, k: int, normalize: int
+              ) -> np.ndarray:
+    """float64: per token the k largest probs (ties: the higher index, as ORT's MoE), softmax over them
+    (normalize=1) or over all E (0), h = silu(gate) * up with gate/up rows interleaved, y = sum of weight * w2_e h."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).astype(np.float64)
+    p = probs.astype(np.float64)
+    y = np.zeros_like(x2)
+    for t in range(x2.shape[0]):
+        ids = sorted(range(p.shape[1]), key=lambda e: (-p[t, e], -e))[:k]
+        top = p[t, ids[0]]
+        den = np.exp(p[t, ids] - top).sum() if normalize else np.exp(p[t] - top).sum()
+        for e in ids:
+            a = w13[e].astype(np.float64) @ x2[t]
+            gate, up = a[0::2], a[1::2]
+            h = gate / (1 + np.exp(-gate)) * up
+            y[t] += np.exp(p[t, e] - top) / den * (w2[e].astype(np.float64) @ h)
+    return y.reshape(shape)
+
+
+def one_node(domain: str, w13: np.ndarray, w2: np.ndarray, k: int, normalize: int, rank: int = 2) -> onnx.ModelProto:
+    info = onnx.helper.make_tensor_value_info
+    e, hidden = w13.shape[0], w13.shape[2]
+    if domain == SPEC.domain:
+        node = onnx.helper.make_node(SPEC.name, ["x", "probs", "w13", "w2"], ["y"], domain=SPEC.domain, k=k,
+                                     normalize_routing_weights=normalize)
+    else:
+        node = onnx.helper.make_node("MoE", ["x", "probs", "w13", "", "w2"], ["y"], domain=domain, k=k,
+                                     activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=normalize,
+                                     activation_alpha=1.0, activation_beta=0.0)
+    x_shape = ["B", "S", hidden] if rank == 3 else ["T", hidden]
+    return make_model([node], [info("x", 1, x_shape), info("probs", 1, ["T", e])], [info("y", 1, None)],
+                      [onnx.numpy_helper.from_array(w13, "w13"), onnx.numpy_helper.from_array(w2, "w2")],
+                      extra_opsets={domain: 1})
+
+
+def routed(rng: np.random.Generator, tokens: int, experts: int, k: int, normalize: int) -> np.ndarray:
+    """Router probs as the lowering feeds them: k finite log-weights, a sentinel elsewhere (normalize=1), or every
+    score finite (normalize=0: ORT's softmax over all E)."""
+    if not normalize:
+        return rng.standard_normal((tokens, experts)).astype(np.float32)
+    probs = np.full((tokens, experts), SENTINEL, np.float32)
+    for t in range(tokens):
+        probs[t, rng.choice(experts, k, replace=False)] = np.log(rng.uniform(0.05, 1.0, k))
+    return probs
+
+
+@pytest.mark.parametrize("experts,hidden,inter,k", [(8, 40, 24, 2), (16, 128, 64, 4), (4, 72, 20, 4),
+                                                    (32, 256, 96, 8), (6, 24, 12, 1)])
+@pytest.mark.parametrize("normalize", [1, 0])
+def test_kernel_matches_float64_reference_and_ort(kernel: Path, experts: int, hidden: int, inter: int, k: int,
+                                                   normalize: int) -> None:
+    rng = np.random.default_rng(experts * 100 + hidden + normalize)
+    w13 = (rng.standard_normal((experts, 2 * inter, hidden)) / hidden**0.5).astype(np.float32)
+    w2 = (rng.standard_normal((experts, hidden, inter)) / inter**0.5).astype(np.float32)
+    ours, ort_moe = one_node(SPEC.domain, w13, w2, k, normalize), one_node("com.microsoft", w13, w2, k, normalize)
+    for tokens in (1, 3, 17, 40):
+        x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+        probs = routed(rng, tokens, experts, k, normalize)
+        want = reference(x, probs, w13, w2, k, normalize)
+        theirs = run(ort_moe, {"x": x, "probs": probs})[0]
+        assert max_rel_err(theirs, want) < TOL  # the reference is ORT's function too
+        for threads in (1, 2):
+            got = run(ours, {"x": x, "probs": probs}, threads=threads, custom_ops=[kernel])[0]
+            assert got.shape == x.shape and got.dtype == np.float32
+            assert max_rel_err(got, want) < TOL, (tokens, threads)
+
+
+def test_kernel_takes_a_3d_input_and_ties(kernel: Path) -> None:
+    """[B, S, H] input (T = B*S); equal probs pick the higher expert index first (ORT's MoE does, measured)."""
+    rng = np.random.default_rng(5)
+    e, hidden, inter, k = 8, 32, 16, 3
+    w13 = (rng.standard_normal((e, 2 * inter, hidden)) / hidden**0.5).astype(np.float32)
+    w2 = (rng.standard_normal((e, hidden, inter)) / inter**0.5).astype(np.float32)
+    x = rng.standard_normal((2, 5, hidden)).astype(np.float32)
+    probs = np.zeros((10, e), np.float32)  # every score tied: experts 7, 6, 5
+    probs[3, 6] = 1.0
+    got = run(one_node(SPEC.domain, w13, w2, k, 1, rank=3), {"x": x, "probs": probs}, custom_ops=[kernel])[0]
+    assert got.shape == x.shape
+    assert max_rel_err(got, reference(x, probs, w13, w2, k, 1)) < TOL
+    theirs = run(one_node("com.microsoft", w13, w2, k, 1, rank=3), {"x": x, "probs": probs})[0]
+    assert max_rel_err(got, theirs) < TOL
+
+
+def test_kernel_refuses_shapes_that_disagree(kernel: Path) -> None:
+    rng = np.random.default_rng(1)
+    w13 = rng.standard_normal((4, 16, 8)).astype(np.float32)
+    w2 = rng.standard_normal((4, 8, 6)).astype(np.float32)  # I = 6, but fc1 has 2I = 16 rows
+    with pytest.raises(Exception, match="shapes disagree"):
+        run(one_node(SPEC.domain, w13, w2, 2, 1), {"x": np.zeros((3, 8), np.float32),
+                                                   "probs": np.zeros((3, 4), np.float32)}, custom_ops=[kernel])
+
+
+def lowered(seed: int, **router: object) -> tuple[object, dict[str, object]]:
+    model, w = r1c_moe_model(np.random.default_rng(seed), experts=16, hidden=48, inter=24, **router)
+    assert LowerMoEToOrtPass()(model).modified
+    RemoveDeadCodePass()(model)
+    FoldMoEOutputScalePass()(model)
+    return model, w
+
+
+V2_SOFTMAX = {"scoring": "softmax", "topk_method": "group_limited_greedy", "norm_topk_prob": 0}
+
+
+@pytest.mark.parametrize("router", [{}, {"norm_topk_prob": 0}, V2_SOFTMAX])
+def test_pass_swaps_ort_moe_for_the_kernel(kernel: Path, router: dict[str, object]) -> None:
+    model, w = lowered(3, **router)
+    before = copy(model)  # type: ignore[arg-type]
+    assert not SplitMoEExpertsPass(threads=2, cpu_moe="r1c")(model).modified  # type: ignore[arg-type]
+    assert not UseCpuMoEKernelPass(cpu_moe="ort")(model).modified  # type: ignore[arg-type]
+    assert UseCpuMoEKernelPass(cpu_moe="r1c")(model).modified  # type: ignore[arg-type]
+    counts = op_counts(model)  # type: ignore[arg-type]
+    assert counts.get("r1c.cpu::MoE") == 1 and "com.microsoft::MoE" not in counts
+    h = np.random.default_rng(4).standard_normal((9, 48)).astype(np.float32)
+    got = run(model, {"h": h}, threads=2, custom_ops=[kernel])[0]  # type: ignore[arg-type]
+    assert max_rel_err(got, run(before, {"h": h})[0]) < TOL
+    assert max_rel_err(got, moe_reference(h, w)) < TOL
+
+
+def test_pass_leaves_what_the_kernel_does_not_compute() -> None:
+    rng = np.random.default_rng(2)
+    w13 = rng.standard_normal((4, 16, 8)).astype(np.float32)
+    w2 = rng.standard_normal((4, 8, 8)).astype(np.float32)
+    proto = one_node("com.microsoft", w13, w2, 2, 1)
+    for name, value in (("activation_alpha", 1.702), ("activation_beta", 1.0), ("swiglu_fusion", 2)):
+        model = copy(proto)  # type: ignore[arg-type]
+        node = next(iter(model.graph))
+        node.attributes[name] = ir.AttrFloat32(name, value) if isinstance(value, float) else ir.AttrInt64(name, value)
+        assert not UseCpuMoEKernelPass(cpu_moe="r1c")(model).modified, name
+
+
+def test_host_level_choice() -> None:
+    files = {"x86-64-v4": "v4.so", "x86-64-v3": "v3.so"}
+    v3 = cpu_library.LEVELS["x86-64-v3"][1]
+    assert cpu_library.for_host(files, v3 | cpu_library.LEVELS["x86-64-v4"][1]) == "v4.so"
+    assert cpu_library.for_host(files, v3) == "v3.so"
+    from r1c.errors import BundleError
+
+    with pytest.raises(BundleError, match="rebuild it with `r1c build --cpu-moe ort`"):
+        cpu_library.for_host(files, frozenset({"sse2"}))
+
+
+def test_bundles_r1c_kernel_equals_ort_moe(kernel: Path, tmp_path: Path) -> None:
+    """The tiny preset built both ways: same logits (1e-5) and greedy tokens; the manifest names the kernels."""
+    from r1c.config import preset
+    from r1c.exporter.checkpoint import random_checkpoint
+    from r1c.exporter.onnx_export import export_onnx
+    from r1c.manifest import read_manifest
+    from r1c.runtime import load
+    from r1c.runtime.build import build_bundle
+
+    config = preset("tiny")
+    export = tmp_path / "tiny"
+    export_onnx(config, random_checkpoint(config, seed=2), export, progress=False)
+    a = build_bundle(export, tmp_path / "r1c.bundle", cpu_moe="r1c")
+    b = build_bundle(export, tmp_path / "ort.bundle", cpu_moe="ort")
+    opts = read_manifest(a).target_options
+    assert opts["cpu_moe"] == "r1c" and set(opts["cpu_kernels"]) == set(cpu_library.LEVELS)
+    assert read_manifest(b).target_options["cpu_moe"] == "ort" and "cpu_kernels" not in read_manifest(b).target_options
+    ea, eb = load(a), load(b)
+    ids = np.random.default_rng(0).integers(0, 100, size=(2, 7))
+    assert max_rel_err(ea.forward(ids), eb.forward(ids)) < TOL
+    prompts = [[1, 2, 3], [4, 5]]
+    assert ea.generate(prompts, 6) == eb.generate(prompts, 6)
