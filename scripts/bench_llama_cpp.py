@@ -39,6 +39,7 @@ import click
 import numpy as np
 
 PAIRS = (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"))
+ORT_MOE = "fp32 ORT MoE"  # timed beside the fp32 pair when the fp32 bundle runs r1c's CPU MoE kernel
 
 
 def bench_config() -> Any:
@@ -104,6 +105,10 @@ def prepare(workdir: Path, llama_src: Path | None, seed: int) -> dict[str, Path]
         if not (bundle / "manifest.json").is_file():
             r1c_cli("build", str(export), "-o", str(bundle), "--precision", precision, "--threads", "2")
         paths[precision] = bundle
+    ort_moe = workdir / "r1c-fp32-ort-moe"  # the fp32 bundle with ONNX Runtime's MoE instead of r1c's CPU kernel
+    if not (ort_moe / "manifest.json").is_file():
+        r1c_cli("build", str(export), "-o", str(ort_moe), "--precision", "fp32", "--threads", "2", "--cpu-moe", "ort")
+    paths[ORT_MOE] = ort_moe
     f32 = workdir / "llama-F32.gguf"
     if not f32.is_file():
         say("llama.cpp: convert_hf_to_gguf --outtype f32")
@@ -188,6 +193,10 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
                                       max_tokens=prompt_len + new_tokens)
             systems = [System(f"r1c {precision}", engine, required=True),
                        System(f"llama.cpp {ftype}", llama, info=llama.info, required=True)]
+            with_ort_moe = precision == "fp32" and manifest.target_options.get("cpu_moe") == "r1c"
+            if with_ort_moe:
+                ort_engine = load(paths[ORT_MOE], session_options={"intra_op_num_threads": t})
+                systems.append(System(f"r1c {ORT_MOE}", ort_engine, required=True))
             workloads = [Workload(b, prompt_len, new_tokens) for b in batches]
             say(f"timing r1c {precision} vs llama.cpp {ftype}, {t} thread(s), batch {batches}")
             series = run_bench(systems, workloads, config.vocab_size, settings)
@@ -208,12 +217,22 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
                     row[f"{name}_of_floor"] = floor.floor_active_s / tpot
                 for m in ("tpot_s", "ttft_s"):
                     row[f"speedup_{m[:4]}"] = {k: rr[m][k] for k in ("ratio", "low", "high")}
+                if with_ort_moe:  # r1c's kernel against ORT's MoE: speedup = ORT MoE time / kernel time
+                    om = ratio[(f"r1c {ORT_MOE}", b)]
+                    summ = by[(f"r1c {ORT_MOE}", b)].summary()
+                    row["ort_moe_tpot_ms"], row["ort_moe_ttft_ms"] = summ["tpot_s"].p50 * 1e3, summ["ttft_s"].p50 * 1e3
+                    row["kernel_vs_ort_moe"] = {m[:4]: {k: om[m][k] for k in ("ratio", "low", "high")}
+                                                for m in ("tpot_s", "ttft_s")}
+                    say(f"  B={b}: r1c's CPU MoE kernel vs ORT's MoE: decode x{om['tpot_s']['ratio']:.2f}, "
+                        f"prefill x{om['ttft_s']['ratio']:.2f}")
                 rows.append(row)
                 say(f"  B={b}: TPOT r1c {row['r1c_tpot_ms']:.2f} ms llama {row['llama_tpot_ms']:.2f} ms "
                     f"(x{row['speedup_tpot']['ratio']:.2f}); prefill r1c {row['r1c_ttft_ms']:.0f} llama "
                     f"{row['llama_ttft_ms']:.0f} ms; r1c {row['r1c_of_floor']:.0%} of floor")
             llama.close()
             del engine
+            if with_ort_moe:
+                del ort_engine
     return rows
 
 
@@ -228,6 +247,17 @@ def tables(speed_rows: list[dict[str, Any]], acc_rows: list[dict[str, Any]], gre
                    f"{r['r1c_ttft_ms']:.0f} / {r['llama_ttft_ms']:.0f} | {p['ratio']:.2f} [{p['low']:.2f}, "
                    f"{p['high']:.2f}] | {r['r1c_of_floor']:.0%} / {r['llama_of_floor']:.0%} | "
                    f"{'-' if r['tokens_match'] is None else 'yes' if r['tokens_match'] else 'no'} |")
+    kernel_rows = [r for r in speed_rows if "kernel_vs_ort_moe" in r]
+    if kernel_rows:
+        out += ["", "r1c fp32 with r1c's CPU MoE kernel against the same bundle with ONNX Runtime's MoE (speedup > 1: "
+                "the kernel is faster)", "",
+                "| threads | batch | decode ms kernel / ORT MoE | speedup (95% CI) | prefill ms kernel / ORT MoE | "
+                "speedup (95% CI) |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in kernel_rows:
+            d, p = r["kernel_vs_ort_moe"]["tpot"], r["kernel_vs_ort_moe"]["ttft"]
+            out.append(f"| {r['threads']} | {r['batch']} | {r['r1c_tpot_ms']:.2f} / {r['ort_moe_tpot_ms']:.2f} | "
+                       f"{d['ratio']:.2f} [{d['low']:.2f}, {d['high']:.2f}] | {r['r1c_ttft_ms']:.0f} / "
+                       f"{r['ort_moe_ttft_ms']:.0f} | {p['ratio']:.2f} [{p['low']:.2f}, {p['high']:.2f}] |")
     out += ["", "| system | positions | mean rel. logit error | max rel. logit error | top-1 agreement |",
             "| --- | --- | --- | --- | --- |"]
     out += [f"| {r['system']} | {r['positions']} | {r['mean_rel_err']:.2e} | {r['max_rel_err']:.2e} | "

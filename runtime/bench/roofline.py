@@ -2,7 +2,7 @@
 
 The bytes come from the bundle itself: its lowered model's initializers (sizes and dtypes, read without the
 weight data) and the kernels that read them (`tensor_reads`):
-- a weight read by a routed-expert kernel (ORT's MoE / QMoE) is read only for the experts the batch touches:
+- a weight read by a routed-expert kernel (ORT's MoE / QMoE, r1c's CPU MoE) is read only for the experts the batch touches:
   B tokens that each pick k of E (uniformly, independently) touch E * (1 - (1 - k/E)^B) in expectation, the
   same fraction of a layer's rows however the kernel splits its experts (`split_moe_experts` keeps it);
 - an expert weight read by any other node (the r1c::MoEExperts function body, inlined) is read whole: every
@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 FP32_BYTES = 4
 FP8_BLOCK = 128
 EXPERT_KERNELS = {("com.microsoft", "MoE"): (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13),
-                  ("com.microsoft", "QMoE"): (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)}  # weight inputs
+                  ("com.microsoft", "QMoE"): (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13),
+                  ("r1c.cpu", "MoE"): (2, 3)}  # weight inputs
 WEIGHT_DTYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE", "FLOAT8E4M3FN", "FLOAT8E5M2", "UINT8", "INT8",
                            "UINT4", "INT4"})
 
