@@ -38,20 +38,26 @@ namespace {
 #if defined(__AVX512F__)
 constexpr int kW = 16;  // floats per vector register
 constexpr int kTileRows = 4;
+#define R1C_TILE_COLS 6  // 24 accumulators + 6 activations + 1 weight of the 32 registers
 #define R1C_LANES(f) f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), f(8), f(9), f(10), f(11), f(12), f(13), f(14), f(15)
 #elif defined(__AVX__)
 constexpr int kW = 8;
 constexpr int kTileRows = 2;
+#define R1C_TILE_COLS 4  // 8 accumulators + 4 activations + 1 weight of the 16 registers
 #define R1C_LANES(f) f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7)
 #else
 constexpr int kW = 4;
 constexpr int kTileRows = 1;
+#define R1C_TILE_COLS 4
 #define R1C_LANES(f) f(0), f(1), f(2), f(3)
 #endif
-constexpr int kTileCols = 4;      // tokens per register tile: kTileRows * kTileCols = kW accumulators
+constexpr int kTileCols = R1C_TILE_COLS;  // tokens per register tile (kTileRows * kTileCols accumulators)
 // Measured on a 2-core Zen 4 VM (AVX-512), 64 experts, H 1024, I 256: prefetching the next tile's rows helps the
 // multi-token tiles; 16 pairs per fc1 block beat 32.
 constexpr int64_t kFc1Pairs = 16; // (gate, up) row pairs per fc1 work block (2 * kFc1Pairs % kW == 0)
+// Activation rows (the input's, the SwiGLU outputs) are re-strided by kPad floats so that a tile's rows, H or I
+// floats apart (4 KiB for H = 1024), do not all fall into one L1 set: measured +25% for 4 and 32 tokens.
+constexpr int64_t kPad = 16;
 constexpr int64_t kFc2Rows = 32;  // output rows per fc2 work block (a multiple of kW)
 
 typedef float vf __attribute__((vector_size(kW * sizeof(float))));
@@ -77,14 +83,14 @@ inline vf reduce_lanes(vf* v) {
   return v[0];
 }
 
-// out[r * C + c] = w[r, :K] . xs[c][:K] for an R x C tile (R * C <= kW); weight rows `ldw` floats apart.
+// out[r * C + c] = w[r, :K] . xs[c][:K] for an R x C tile (R * C <= 2 kW); weight rows `ldw` floats apart.
 template <int R, int C>
 inline void dot_tile(const float* w, int64_t ldw, const float* const* xs, int64_t K, float* out) {
-  static_assert(R * C <= kW, "one accumulator per lane of the reduced vector");
+  static_assert(R * C <= 2 * kW, "one accumulator per lane of two reduced vectors");
   const float* x[C];  // held in registers: loads through `xs` inside the loop would be re-read after every store
   for (int c = 0; c < C; ++c) x[c] = xs[c];
-  vf acc[kW];
-  for (int i = 0; i < kW; ++i) acc[i] = vf{};
+  vf acc[2 * kW];
+  for (int i = 0; i < 2 * kW; ++i) acc[i] = vf{};
   int64_t k = 0;
   for (; k + kW <= K; k += kW) {
     vf xv[C];
@@ -96,10 +102,12 @@ inline void dot_tile(const float* w, int64_t ldw, const float* const* xs, int64_
       for (int c = 0; c < C; ++c) acc[r * C + c] += wv * xv[c];
     }
   }
-  const vf sums = reduce_lanes(acc);
+  vf sums[2];
+  sums[0] = reduce_lanes(acc);
+  if (R * C > kW) sums[1] = reduce_lanes(acc + kW);
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
-      float s = sums[r * C + c];
+      float s = sums[(r * C + c) / kW][(r * C + c) % kW];
       for (int64_t t = k; t < K; ++t) s += w[r * ldw + t] * x[c][t];
       out[r * C + c] = s;
     }
@@ -108,11 +116,11 @@ inline void dot_tile(const float* w, int64_t ldw, const float* const* xs, int64_
 // out[i * C + c] = w[i, :K] . xs[c][:K] for kSeqRows<C> consecutive rows, read one row after the other: one
 // sequential stream, which the hardware prefetchers follow best (measured: 20-25% more bandwidth than rows read
 // side by side), with kSeqChains<C> independent accumulators per (row, vector) to cover the FMA latency. For the
-// few tokens an expert gets at decode (C <= kTileCols).
+// one or two tokens an expert gets at decode (C <= 2).
 template <int C>
-constexpr int kSeqRows = kW / (C == 3 ? 4 : C);
+constexpr int kSeqRows = kW / C;
 template <int C>
-constexpr int kSeqChains = C == 1 ? 8 : C == 2 ? 4 : 2;
+constexpr int kSeqChains = C == 1 ? 8 : 4;
 
 template <int C>
 inline void seq_tile(const float* w, int64_t ldw, const float* const* xs, int64_t K, float* out) {
@@ -171,7 +179,13 @@ inline void dot_rows(const float* w, int64_t ldw, const float* const* xs, int co
     case 1: dot_tile<R, 1>(w, ldw, xs, K, out); break;
     case 2: dot_tile<R, 2>(w, ldw, xs, K, out); break;
     case 3: dot_tile<R, 3>(w, ldw, xs, K, out); break;
+#if R1C_TILE_COLS > 4
+    case 4: dot_tile<R, 4>(w, ldw, xs, K, out); break;
+    case 5: dot_tile<R, 5>(w, ldw, xs, K, out); break;
+    default: dot_tile<R, 6>(w, ldw, xs, K, out); break;
+#else
     default: dot_tile<R, 4>(w, ldw, xs, K, out); break;
+#endif
   }
 }
 
@@ -180,13 +194,11 @@ inline void dot_rows(const float* w, int64_t ldw, const float* const* xs, int co
 template <typename Fn>
 inline void rows_times_vectors(const float* w, int64_t ldw, int64_t r0, int64_t r1, const float* const* xs,
                                int cols, int64_t K, Fn&& fn) {
-  float out[kW];
+  float out[2 * kW];
   int64_t r = r0;
-  switch (cols) {  // the few tokens of an expert at decode: rows in sequence
+  switch (cols) {  // one or two tokens of an expert (decode): rows in sequence; from 3 on the tiles below do better
     case 1: r = seq_rows<1>(w, ldw, r0, r1, xs, K, fn); break;
     case 2: r = seq_rows<2>(w, ldw, r0, r1, xs, K, fn); break;
-    case 3: r = seq_rows<3>(w, ldw, r0, r1, xs, K, fn); break;
-    case 4: r = seq_rows<4>(w, ldw, r0, r1, xs, K, fn); break;
     default: break;
   }
   for (; r + kTileRows <= r1; r += kTileRows) {
@@ -216,7 +228,8 @@ struct Scratch {
   std::vector<int64_t> order;                // [E] top-k selection buffer
   std::vector<int64_t> chosen;               // [A] expert of assignment t*k + i
   std::vector<float> chosen_weight;          // [A]
-  std::vector<float> h;                      // [A, I]
+  std::vector<float> h;                      // [A, I + kPad]
+  std::vector<float> xpad;                   // [T, H + kPad] the input's rows, re-strided
   std::vector<const float*> xs;              // [A] activation row of each slot (fc1), h row of each slot (fc2)
   std::vector<const float*> hs;              // [A]
   std::vector<int64_t> touched;              // experts with at least one token
@@ -241,11 +254,11 @@ void fc1_block(void* data, size_t b) {
   const int64_t first = s.offset[e], cols = s.offset[e + 1] - first;
   const float* w = j.fc1 + e * 2 * j.inter * j.hidden;
   float* h = s.h.data();
-  const int64_t I = j.inter;
+  const int64_t ldh = j.inter + kPad;
   // rows 2*p0 .. 2*p1: gate/up pairs; a pair's two values meet in one tile (tile rows are even).
   rows_times_vectors(w, j.hidden, 2 * p0, 2 * p1, s.xs.data() + first, static_cast<int>(cols), j.hidden,
                      [&](int64_t r, int c, float v) {
-                       float* dst = h + (first + c) * I + (r >> 1);
+                       float* dst = h + (first + c) * ldh + (r >> 1);
                        if ((r & 1) == 0) {
                          *dst = v;  // gate dot; the up dot of the same pair follows in the same tile
                        } else {
@@ -336,13 +349,15 @@ struct MoEKernel {
     s.slot_weight.resize(A);
     s.xs.resize(A);
     s.hs.resize(A);
-    s.h.resize(static_cast<size_t>(A * I));
+    s.h.resize(static_cast<size_t>(A * (I + kPad)));
+    s.xpad.resize(static_cast<size_t>(T * (H + kPad)));
+    for (int64_t t = 0; t < T; ++t) std::copy(x + t * H, x + (t + 1) * H, s.xpad.data() + t * (H + kPad));
     for (int64_t a = 0; a < A; ++a) {
       const int64_t slot = s.fill[s.chosen[a]]++;
       s.slot_token[slot] = a / K;
       s.slot_weight[slot] = s.chosen_weight[a];
-      s.xs[slot] = x + (a / K) * H;
-      s.hs[slot] = s.h.data() + slot * I;
+      s.xs[slot] = s.xpad.data() + (a / K) * (H + kPad);
+      s.hs[slot] = s.h.data() + slot * (I + kPad);
     }
     s.touched.clear();
     s.block_expert.clear();
