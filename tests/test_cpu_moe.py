@@ -210,3 +210,29 @@ def test_bundles_r1c_kernel_equals_ort_moe(kernel: Path, tmp_path: Path) -> None
     assert max_rel_err(ea.forward(ids), eb.forward(ids)) < TOL
     prompts = [[1, 2, 3], [4, 5]]
     assert ea.generate(prompts, 6) == eb.generate(prompts, 6)
+
+
+def test_build_without_headers_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ONNX Runtime headers: `--cpu-moe r1c` fails in one line naming the remedy and writes nothing; `auto`
+    builds with ORT's MoE and records that."""
+    from clitools import cli, error_line
+
+    from r1c.config import preset
+    from r1c.exporter.checkpoint import random_checkpoint
+    from r1c.exporter.onnx_export import export_onnx
+    from r1c.manifest import read_manifest
+
+    config = preset("tiny")
+    export_onnx(config, random_checkpoint(config, seed=1), tmp_path / "e", progress=False)
+    monkeypatch.setenv("R1C_ORT_INCLUDE", str(tmp_path / "no-headers"))
+    monkeypatch.setenv("R1C_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(cpu_library, "SYSTEM_HEADERS", tmp_path / "no-system-headers")
+    code, out, err = cli("build", tmp_path / "e", "-o", tmp_path / "b", "--cpu-moe", "r1c")
+    line = error_line(code, err)
+    assert code == 1 and not out and "scripts/fetch_ort_headers.sh" in line and "--cpu-moe r1c" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    code, _, err = cli("build", tmp_path / "e", "-o", tmp_path / "b")
+    assert code == 0, err
+    assert "not r1c's CPU kernel" in err and "fetch_ort_headers" in err
+    opts = read_manifest(tmp_path / "b").target_options
+    assert opts["cpu_moe"] == "ort" and "cpu_kernels" not in opts
