@@ -2,7 +2,8 @@
 
 The bytes come from the bundle itself: its lowered model's initializers (sizes and dtypes, read without the
 weight data) and the kernels that read them (`tensor_reads`):
-- a weight read by a routed-expert kernel (ORT's MoE / QMoE, r1c's CPU MoE) is read only for the experts the batch touches:
+- a weight read by a routed-expert kernel (ORT's MoE / QMoE, r1c's CPU MoE) is read only for the experts the batch
+  touches:
   B tokens that each pick k of E (uniformly, independently) touch E * (1 - (1 - k/E)^B) in expectation, the
   same fraction of a layer's rows however the kernel splits its experts (`split_moe_experts` keeps it);
 - an expert weight read by any other node (the r1c::MoEExperts function body, inlined) is read whole: every
