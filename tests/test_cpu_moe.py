@@ -94,7 +94,7 @@ def routed(rng: np.random.Generator, tokens: int, experts: int, k: int, normaliz
 
 
 @pytest.mark.parametrize("experts,hidden,inter,k", [(8, 40, 24, 2), (16, 128, 64, 4), (4, 72, 20, 4),
-                                                    (32, 256, 96, 8), (6, 24, 12, 1)])
+                                                    (32, 256, 96, 8), (6, 24, 12, 1), (5, 33, 7, 2)])
 @pytest.mark.parametrize("normalize", [1, 0])
 def test_kernel_matches_float64_reference_and_ort(kernel: Path, experts: int, hidden: int, inter: int, k: int,
                                                    normalize: int) -> None:
@@ -137,6 +137,21 @@ def test_kernel_refuses_shapes_that_disagree(kernel: Path) -> None:
     with pytest.raises(Exception, match="shapes disagree"):
         run(one_node(SPEC.domain, w13, w2, 2, 1), {"x": np.zeros((3, 8), np.float32),
                                                    "probs": np.zeros((3, 4), np.float32)}, custom_ops=[kernel])
+
+
+def test_kernel_takes_no_tokens_and_reports_a_missing_attribute(kernel: Path) -> None:
+    """T = 0 gives an empty output; a node without `k` is an ONNX Runtime error naming the op (the kernel's
+    constructor must not throw through ORT's C interface: before, this aborted or escaped as a C++ exception)."""
+    rng = np.random.default_rng(7)
+    w13 = rng.standard_normal((4, 16, 8)).astype(np.float32)
+    w2 = rng.standard_normal((4, 8, 8)).astype(np.float32)
+    model = one_node(SPEC.domain, w13, w2, 2, 1)
+    got = run(model, {"x": np.zeros((0, 8), np.float32), "probs": np.zeros((0, 4), np.float32)},
+              custom_ops=[kernel])[0]
+    assert got.shape == (0, 8)
+    del next(iter(model.graph)).attributes["k"]
+    with pytest.raises(Exception, match=r"r1c\.cpu::MoE: .*k"):
+        run(model, {"x": np.zeros((2, 8), np.float32), "probs": np.zeros((2, 4), np.float32)}, custom_ops=[kernel])
 
 
 def lowered(seed: int, **router: object) -> tuple[object, dict[str, object]]:
@@ -236,3 +251,4 @@ def test_build_without_headers_says_so(tmp_path: Path, monkeypatch: pytest.Monke
     assert "not r1c's CPU kernel" in err and "fetch_ort_headers" in err
     opts = read_manifest(tmp_path / "b").target_options
     assert opts["cpu_moe"] == "ort" and "cpu_kernels" not in opts
+

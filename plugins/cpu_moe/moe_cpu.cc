@@ -18,8 +18,12 @@
 //   h[a, j]  silu(fc1_e[2j] . x_t) * (fc1_e[2j+1] . x_t)          a = (t, e)
 //   y[t, n]  sum over the token's k experts of weight_a * (fc2_e[n] . h[a])
 //
-// Built by r1c (r1c/plugins/cpu_moe/library.py: g++ -O3 -march=native against ONNX Runtime's C/C++ API
-// headers) and registered per session with SessionOptions.register_custom_ops_library.
+// Built by r1c (r1c/plugins/cpu_moe/library.py: g++ -O3 -march=x86-64-v3 and -v4 against ONNX Runtime's C/C++
+// API headers) and registered per session with SessionOptions.register_custom_ops_library.
+//
+// No C++ exception leaves this library: ORT calls it through C function pointers. The kernel's constructor
+// keeps a bad attribute's message and Compute returns it, and Compute returns every error as an Ort::Status
+// (the lite API's KernelComputeV2), so a bad shape or a failed allocation is an ORT error, never a crash.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #include "onnxruntime_lite_custom_op.h"
@@ -31,7 +35,11 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <string>
 #include <vector>
+
+#define R1C_STR2(x) #x
+#define R1C_STR(x) R1C_STR2(x)
 
 namespace {
 
@@ -286,17 +294,36 @@ void fc2_block(void* data, size_t b) {
 struct MoEKernel {
   int64_t k_ = 0;
   int64_t normalize_ = 1;
+  std::string error_;  // a constructor error, returned by Compute (the lite API's CreateKernel must not throw)
 
   MoEKernel(const OrtApi* api, const OrtKernelInfo* info) {
     (void)api;
-    Ort::ConstKernelInfo ki(info);
-    k_ = ki.GetAttribute<int64_t>("k");
-    normalize_ = ki.GetAttribute<int64_t>("normalize_routing_weights");
+    try {
+      Ort::ConstKernelInfo ki(info);
+      k_ = ki.GetAttribute<int64_t>("k");
+      normalize_ = ki.GetAttribute<int64_t>("normalize_routing_weights");
+    } catch (const std::exception& e) {
+      error_ = std::string("r1c.cpu::MoE: ") + e.what();
+    }
   }
 
-  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,
-               const Ort::Custom::Tensor<float>& router_probs, const Ort::Custom::Tensor<float>& fc1,
-               const Ort::Custom::Tensor<float>& fc2, Ort::Custom::Tensor<float>& output) {
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,
+                      const Ort::Custom::Tensor<float>& router_probs, const Ort::Custom::Tensor<float>& fc1,
+                      const Ort::Custom::Tensor<float>& fc2, Ort::Custom::Tensor<float>& output) {
+    if (!error_.empty()) return Ort::Status(error_.c_str(), ORT_INVALID_ARGUMENT);
+    try {
+      Run(context, input, router_probs, fc1, fc2, output);
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e.what(), e.GetOrtErrorCode());
+    } catch (const std::exception& e) {
+      return Ort::Status((std::string("r1c.cpu::MoE: ") + e.what()).c_str(), ORT_FAIL);
+    }
+    return Ort::Status{nullptr};
+  }
+
+  void Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,
+           const Ort::Custom::Tensor<float>& router_probs, const Ort::Custom::Tensor<float>& fc1,
+           const Ort::Custom::Tensor<float>& fc2, Ort::Custom::Tensor<float>& output) {
     const std::vector<int64_t> xshape = input.Shape();
     const std::vector<int64_t> pshape = router_probs.Shape();
     const std::vector<int64_t> w1 = fc1.Shape();
@@ -380,7 +407,11 @@ struct MoEKernel {
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr)  // an ONNX Runtime older than the headers: say so through the oldest API, which every one has
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "r1c.cpu: this library needs ONNX Runtime's C API version "
+                                             R1C_STR(ORT_API_VERSION) " or newer (rebuild the bundle here)");
+  Ort::InitApi(api);
   static std::once_flag once;
   static std::unique_ptr<Ort::CustomOpDomain> domain;
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> moe;
