@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from collections.abc import Collection
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from r1c import graph_io as gio
 from r1c.config import ModelConfig
-from r1c.errors import BuildError
+from r1c.errors import BuildError, BundleError
 from r1c.jsonfile import read_json_object
 from r1c.manifest import TARGETS, Manifest, check_session, file_records, host_device
 from r1c.outdir import atomic_output_dir, check_output_dir
@@ -75,9 +76,10 @@ KERNELS_DIR = "kernels"
 
 def resolve_cpu_moe(cpu_moe: str, target: str, ranks: int) -> str:
     """`--cpu-moe` for this build: "r1c" or "ort". `auto` is r1c's CPU kernel where it builds (one-rank
-    onnxruntime bundles; r1c/plugins/cpu_moe/library.py says what it needs), else ORT's MoE, and says why."""
+    onnxruntime bundles; r1c/plugins/cpu_moe/library.py says what it needs: the libraries are compiled into its
+    cache here), else ORT's MoE, and says why (a warning). BuildError: `r1c` where the kernel cannot be built."""
     from r1c.passes.use_cpu_moe_kernel import CPU_MOE_CHOICES
-    from r1c.plugins.cpu_moe.library import why_unavailable
+    from r1c.plugins.cpu_moe.library import KernelLibraryError, compile_libraries
 
     if cpu_moe not in CPU_MOE_CHOICES:
         raise BuildError(f"build: --cpu-moe {cpu_moe!r} (choose from {', '.join(CPU_MOE_CHOICES)})")
@@ -87,21 +89,34 @@ def resolve_cpu_moe(cpu_moe: str, target: str, ranks: int) -> str:
         return "ort"
     if cpu_moe == "ort":
         return "ort"
-    why = why_unavailable()
-    if why and cpu_moe == "r1c":
-        raise BuildError(f"build: --cpu-moe r1c: {why}")
-    if why:
+    try:
+        compile_libraries()  # into r1c's cache, before any lowering: a failure is known before anything is written
+    except KernelLibraryError as e:
+        why = str(e).removeprefix("build: ")
+        if cpu_moe == "r1c":
+            raise BuildError(f"build: --cpu-moe r1c: {why}") from None
         logger.warning("build: routed experts on ONNX Runtime's MoE, not r1c's CPU kernel: %s", why)
         return "ort"
     return "r1c"
 
 
-def custom_op_libraries(bundle: Path, target_options: dict[str, Any]) -> list[Path]:
+def custom_op_libraries(bundle: Path, target_options: dict[str, Any], listed: Collection[str] | None = None
+                        ) -> list[Path]:
     """The custom-op libraries a bundle's ONNX Runtime session registers: r1c's CPU kernels, built for the
-    highest x86-64 level this host runs (BundleError if it runs none of the bundle's)."""
+    highest x86-64 level this host runs. `listed`: the manifest's files (each library must be one of them, so
+    that its hash was checked; None while building). BundleError if `target_options.cpu_kernels` is not
+    {level: file name under kernels/} of listed files, or the host runs none of its levels."""
     files = target_options.get("cpu_kernels")
-    if not files:
+    if files is None:
+        if target_options.get("cpu_moe") == "r1c":
+            raise BundleError("bundle: target_options.cpu_moe is r1c but cpu_kernels names no library")
         return []
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(level, str) and isinstance(name, str) and name and PurePosixPath(name).name == name
+            and name not in (".", "..") and (listed is None or f"{KERNELS_DIR}/{name}" in listed)
+            for level, name in files.items()):
+        raise BundleError(f"bundle: target_options.cpu_kernels must map x86-64 levels to library files under "
+                          f"{KERNELS_DIR}/ that the manifest lists, got {json.dumps(files, default=repr)[:80]}")
     from r1c.plugins.cpu_moe.library import for_host
 
     return [bundle / KERNELS_DIR / for_host(files)]

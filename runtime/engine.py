@@ -159,7 +159,7 @@ def load(bundle_dir: str | Path, *, verify_hashes: bool = True, session_options:
 
         backend = OrtBackend(bundle / m.target_options["model"], {**m.target_options.get("session", {}),
                                                                  **(session_options or {})},
-                             custom_op_libraries(bundle, m.target_options))
+                             custom_op_libraries(bundle, m.target_options, m.files))
     else:
         from r1c.runtime.trt_backend import TensorRTBackend
 

@@ -51,6 +51,7 @@ class Case:
     args: Callable[[World], list[str | Path]]
     message: str  # a piece of the one error line
     code: int = 1
+    env: Callable[[World], dict[str, str]] | None = None  # environment variables the command runs with
 
 
 # ---- helpers that prepare inputs inside the case's directory ---------------------------------------------------
@@ -262,6 +263,17 @@ CASES = [
     Case("build-cpu-moe-r1c-for-tensorrt-rtx",
          lambda w: ["build", w.export, "-o", w.tmp / "out", "--target", "tensorrt-rtx", "--cpu-moe", "r1c"],
          "--cpu-moe r1c is for a one-rank onnxruntime bundle"),
+    Case("build-cpu-moe-r1c-tensor-parallel",
+         lambda w: ["build", w.export, "-o", w.tmp / "out", "--tensor-parallel", "2", "--cpu-moe", "r1c"],
+         "--cpu-moe r1c is for a one-rank onnxruntime bundle"),
+    Case("build-cpu-moe-r1c-ort-include-junk",  # a set R1C_ORT_INCLUDE is not passed over for another place
+         lambda w: [_file(w, "junk/onnxruntime_cxx_api.h", "#error junk") and "build", w.export, "-o", w.tmp / "out",
+                    "--cpu-moe", "r1c"],
+         "does not hold ONNX Runtime's onnxruntime_cxx_api.h, onnxruntime_c_api.h",
+         env=lambda w: {"R1C_ORT_INCLUDE": str(w.tmp / "junk")}),
+    Case("build-cpu-moe-r1c-no-compiler", lambda w: ["build", w.export, "-o", w.tmp / "out", "--cpu-moe", "r1c"],
+         "--cpu-moe r1c: no C++ compiler: CXX='/nonexistent' is not a program",
+         env=lambda w: {"CXX": "/nonexistent"}),
     Case("build-unknown-dump-pass", lambda w: ["build", w.export, "-o", w.tmp / "out", "--dump-after", "nope"],
          "is not a pass"),
     Case("build-foreign-for-tensorrt", lambda w: ["build", w.foreign, "-o", w.tmp / "out", "--target", "tensorrt"],
@@ -294,6 +306,12 @@ CASES = [
     Case("run-manifest-inter-op-threads-float", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
         "manifest.json", _session("inter_op_num_threads", 1.5))), "--input-ids", "1"],
          "target_options.session.inter_op_num_threads must be an integer >= 0"),
+    Case("run-manifest-cpu-kernel-outside-kernels", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
+        "manifest.json", lambda d: d["target_options"].update(cpu_kernels={"x86-64-v3": "../model.onnx"}))),
+        "--input-ids", "1"], "target_options.cpu_kernels must map x86-64 levels to library files under kernels/"),
+    Case("run-manifest-cpu-kernels-type", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
+        "manifest.json", lambda d: d["target_options"].update(cpu_kernels=5))), "--input-ids", "1"],
+        "target_options.cpu_kernels must map x86-64 levels to library files under kernels/"),
     Case("run-manifest-file-outside-bundle", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
         "manifest.json", lambda d: d["files"].__setitem__("../../etc/passwd", "0" * 64))), "--input-ids", "1"],
          "expected a relative path"),
@@ -438,11 +456,14 @@ def test_the_table_covers_every_stage() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_leaves_nothing(case: Case, shared: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_input_is_one_line_and_leaves_nothing(case: Case, shared: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "case"
     work.mkdir()
     world = World(tmp=work, **shared)
     args = case.args(world)
+    for name, value in (case.env(world) if case.env else {}).items():
+        monkeypatch.setenv(name, value)
     before = _snapshot(work, *shared.values())
     code, out, err = cli(*args)
     line = error_line(code, err)
@@ -503,11 +524,15 @@ def main() -> None:
             work = root / f"case{i}"
             work.mkdir()
             try:
-                args = case.args(World(tmp=work, **paths))
+                world = World(tmp=work, **paths)
+                args = case.args(world)
             except pytest.skip.Exception as e:
                 print(f"| {case.id} | skipped | {e} |")
                 continue
-            code, _, err = cli(*args)
+            with pytest.MonkeyPatch.context() as env:
+                for name, value in (case.env(world) if case.env else {}).items():
+                    env.setenv(name, value)
+                code, _, err = cli(*args)
             line = err.strip().replace(str(root), "$TMP").replace("|", "\\|")
             print(f"| {case.id} | {code} | `{line}` |")
             for p in work.rglob("*"):

@@ -252,3 +252,37 @@ def test_build_without_headers_says_so(tmp_path: Path, monkeypatch: pytest.Monke
     opts = read_manifest(tmp_path / "b").target_options
     assert opts["cpu_moe"] == "ort" and "cpu_kernels" not in opts
 
+
+@pytest.mark.parametrize("env,message", [
+    ({"R1C_CACHE": "/proc/r1c-cache"}, "kernel cache /proc/r1c-cache is not writable"),
+    ({"CXX": "false"}, "compiling r1c's CPU kernels (x86-64-v4) failed: no output"),
+])
+def test_build_where_the_kernel_does_not_compile(kernel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 env: dict[str, str], message: str) -> None:
+    """Headers found but the library cannot be made (an unwritable cache, a failing compiler): `--cpu-moe r1c`
+    fails in one line naming why and writes nothing; `auto` builds with ORT's MoE and says why."""
+    from clitools import cli, error_line
+
+    from r1c.config import preset
+    from r1c.exporter.checkpoint import random_checkpoint
+    from r1c.exporter.onnx_export import export_onnx
+    from r1c.manifest import read_manifest
+
+    include = cpu_library.find_headers()
+    assert include is not None  # the kernel fixture found them
+    config = preset("tiny")
+    export_onnx(config, random_checkpoint(config, seed=1), tmp_path / "e", progress=False)
+    monkeypatch.setenv("R1C_ORT_INCLUDE", str(include))
+    monkeypatch.setenv("R1C_CACHE", str(tmp_path / "cache"))  # nothing cached: the compiler runs
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = cli("build", tmp_path / "e", "-o", tmp_path / "b", "--cpu-moe", "r1c")
+    line = error_line(code, err)
+    assert code == 1 and not out and message in line and "--cpu-moe r1c" in line, line
+    assert not (tmp_path / "b").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no partial library in the cache
+    code, _, err = cli("build", tmp_path / "e", "-o", tmp_path / "b")
+    assert code == 0, err
+    assert "not r1c's CPU kernel" in err and message in err
+    opts = read_manifest(tmp_path / "b").target_options
+    assert opts["cpu_moe"] == "ort" and "cpu_kernels" not in opts

@@ -49,20 +49,28 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+HEADERS = (HEADER, "onnxruntime_c_api.h", "onnxruntime_lite_custom_op.h")  # what moe_cpu.cc includes
+
+
 def find_headers() -> Path | None:
-    """The directory holding ONNX Runtime's `onnxruntime_cxx_api.h` (order in the module docstring), or None."""
+    """The directory holding ONNX Runtime's `HEADERS` (order in the module docstring), or None. A set
+    `$R1C_ORT_INCLUDE` is the only place looked at (a wrong one is said, not passed over: `why_unavailable`)."""
     env = os.environ.get("R1C_ORT_INCLUDE")
-    candidates = [Path(env)] if env else []
-    candidates += [cache_dir() / "onnxruntime-headers" / "include" / "onnxruntime", SYSTEM_HEADERS]
+    candidates = [Path(env)] if env else [cache_dir() / "onnxruntime-headers" / "include" / "onnxruntime",
+                                          SYSTEM_HEADERS]
     for c in candidates:
-        if (c / HEADER).is_file() and (c / "onnxruntime_lite_custom_op.h").is_file():
+        if all((c / h).is_file() for h in HEADERS):
             return c
     return None
 
 
 def header_api_version(include: Path) -> int:
-    """`ORT_API_VERSION` of the headers at `include` (onnxruntime_c_api.h)."""
-    m = re.search(r"#define\s+ORT_API_VERSION\s+(\d+)", (include / "onnxruntime_c_api.h").read_text())
+    """`ORT_API_VERSION` of the headers at `include` (onnxruntime_c_api.h); KernelLibraryError if unreadable."""
+    try:
+        text = (include / "onnxruntime_c_api.h").read_text(errors="replace")
+    except OSError as e:
+        raise KernelLibraryError(f"build: cannot read {include}/onnxruntime_c_api.h: {e.strerror}") from None
+    m = re.search(r"#define\s+ORT_API_VERSION\s+(\d+)", text)
     if not m:
         raise KernelLibraryError(f"build: {include}/onnxruntime_c_api.h has no ORT_API_VERSION")
     return int(m.group(1))
@@ -72,17 +80,26 @@ def why_unavailable() -> str | None:
     """None when `build_libraries` can run here; else why not, in one line with the remedy."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"r1c's CPU kernels are built for x86-64 only (this machine is {platform.machine()})"
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        return "no C++ compiler (install g++, or set CXX)"
+    cxx = os.environ.get("CXX")
+    if shutil.which(cxx or "g++") is None:
+        return f"no C++ compiler: CXX={cxx!r} is not a program" if cxx else "no C++ compiler (install g++, or set CXX)"
     include = find_headers()
+    env = os.environ.get("R1C_ORT_INCLUDE")
+    if include is None and env:
+        return (f"R1C_ORT_INCLUDE={env} does not hold ONNX Runtime's {', '.join(HEADERS)} (point it at "
+                "include/onnxruntime, or unset it and run `bash scripts/fetch_ort_headers.sh`)")
     if include is None:
         return ("no ONNX Runtime C/C++ headers (run `bash scripts/fetch_ort_headers.sh`, install Debian 13's "
                 "libonnxruntime-dev, or set R1C_ORT_INCLUDE)")
     import onnxruntime as ort
 
     runtime_api = int(ort.__version__.split(".")[1])
-    if header_api_version(include) > runtime_api:
-        return (f"the ONNX Runtime headers at {include} (C API {header_api_version(include)}) are newer than the "
+    try:
+        header_api = header_api_version(include)
+    except KernelLibraryError as e:
+        return str(e).removeprefix("build: ")
+    if header_api > runtime_api:
+        return (f"the ONNX Runtime headers at {include} (C API {header_api}) are newer than the "
                 f"installed onnxruntime {ort.__version__}")
     return None
 
@@ -100,31 +117,45 @@ def _compile(level: str, include: Path) -> Path:
     out = cache_dir() / "cpu-kernels" / key.hexdigest()[:16] / f"libr1c_cpu.{level}.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+    except OSError as e:
+        raise KernelLibraryError(f"build: r1c's kernel cache {cache_dir()} is not writable ({e.strerror}; set "
+                                 "R1C_CACHE to a writable directory)") from None
     cmd = [cxx, *flags, "-I", str(include), str(SOURCE), "-o", str(tmp)]
     logger.info("compiling r1c's CPU kernels for %s: %s", level, " ".join(cmd))
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except BaseException:  # interrupted (or CXX not runnable): no partial file left in the cache
+        tmp.unlink(missing_ok=True)
+        raise
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        first = (done.stderr.strip().splitlines() or ["no output"])[0]
-        raise KernelLibraryError(f"build: compiling r1c's CPU kernels ({level}) failed: {first}")
+        lines = done.stderr.strip().splitlines()
+        first = next((line for line in lines if "error" in line), lines[0] if lines else "no output")
+        raise KernelLibraryError(f"build: compiling r1c's CPU kernels ({level}) failed: {first.strip()}")
     os.replace(tmp, out)
     return out
 
 
-def build_libraries(dest: Path) -> dict[str, str]:
-    """Compile (or take from the cache) the library for every level into `dest` (a bundle's `kernels/`);
-    returns level -> file name. KernelLibraryError when `why_unavailable()`."""
+def compile_libraries() -> dict[str, Path]:
+    """The library for every level (level -> path in the cache), compiled where the cache lacks it.
+    KernelLibraryError when `why_unavailable()`, the cache is not writable or the compiler fails."""
     why = why_unavailable()
     if why:
         raise KernelLibraryError(f"build: {why}")
     include = find_headers()
     assert include is not None
+    return {level: _compile(level, include) for level in LEVELS}
+
+
+def build_libraries(dest: Path) -> dict[str, str]:
+    """`compile_libraries` copied into `dest` (a bundle's `kernels/`); returns level -> file name."""
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
-    for level in LEVELS:
-        src = _compile(level, include)
+    for level, src in compile_libraries().items():
         shutil.copyfile(src, dest / src.name)
         files[level] = src.name
     return files
