@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -21,6 +22,7 @@ from r1c.plugins.moe_router import SPEC as ROUTER_SPEC
 R1C_SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (ROUTER_SPEC, EXPERTS_SPEC, FP8_LINEAR_SPEC,
                                                              ALL_REDUCE_SPEC, ALL_GATHER_SPEC)}
 ORT_DOMAIN = "com.microsoft"
+logger = logging.getLogger(__name__)
 
 
 def node_label(node: ir.Node) -> str:
@@ -103,3 +105,29 @@ def check_r1c_bodies(pass_name: str, model: ir.Model) -> None:
     for node in r1c_nodes(model):
         if (node.domain, node.op_type, node.overload) not in model.functions:
             raise node_error(pass_name, node, f"no model-local function body for {node.domain}::{node.op_type}")
+
+
+def swiglu_moe_problem(node: ir.Node) -> str | None:
+    """None when a com.microsoft.MoE node has the form r1c's lowering emits (passes/lower_moe_to_ort.py): inputs
+    (input, router_probs, fc1, -, fc2), SwiGLU with gate/up rows interleaved (swiglu_fusion=1); else what differs."""
+    ins = list(node.inputs)
+    if len(ins) != 5 or ins[3] is not None or any(v is None for v in (ins[0], ins[1], ins[2], ins[4])):
+        return "not (input, router_probs, fc1, -, fc2): has fc1 bias, fc2 bias or fc3 inputs"
+    act = node.attributes.get("activation_type")
+    if act is None or act.as_string() != "swiglu" or attr_int(node, "swiglu_fusion", 0) != 1:
+        return "not interleaved SwiGLU (swiglu_fusion=1)"
+    return None
+
+
+def ort_moe_nodes(graph: ir.Graph, why_not: Callable[[ir.Node], str | None], pass_name: str,
+                  left: str) -> Iterator[ir.Node]:
+    """The graph's com.microsoft.MoE nodes for which `why_not` is None (a snapshot: the caller may edit the
+    graph); each other one is logged as "<pass_name>: <node> <left>: <reason>"."""
+    for node in list(graph):
+        if node.domain != ORT_DOMAIN or node.op_type != "MoE":
+            continue
+        reason = why_not(node)
+        if reason:
+            logger.info("%s: %s %s: %s", pass_name, node.name, left, reason)
+            continue
+        yield node

@@ -31,7 +31,7 @@ import os
 import numpy as np
 import onnx_ir as ir
 
-from r1c.passes._util import ORT_DOMAIN, attr_int
+from r1c.passes._util import attr_int, ort_moe_nodes, swiglu_moe_problem
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +83,7 @@ class SplitMoEExpertsPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         graph = model.graph
         count = 0
-        for node in list(graph):
-            if node.domain != ORT_DOMAIN or node.op_type != "MoE":
-                continue
-            reason = self._why_not(node)
-            if reason:
-                logger.info("split_moe_experts: %s left as it is: %s", node.name, reason)
-                continue
+        for node in ort_moe_nodes(graph, self._why_not, "split_moe_experts", "left as it is"):
             _, probs, fc1, _, fc2 = node.inputs[:5]
             assert fc1 is not None and fc2 is not None and probs is not None and fc1.const_value is not None
             assert fc2.const_value is not None
@@ -131,17 +125,14 @@ class SplitMoEExpertsPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _why_not(node: ir.Node) -> str | None:
-        ins = list(node.inputs)
-        if len(ins) != 5 or ins[3] is not None:
-            return "has fc1 bias, fc2 bias or fc3 inputs"
-        fc1, fc2 = ins[2], ins[4]
+        form = swiglu_moe_problem(node)
+        if form:
+            return form
+        fc1, fc2 = node.inputs[2], node.inputs[4]
         if fc1 is None or fc2 is None or fc1.const_value is None or fc2.const_value is None:
             return "expert weights are not initializers"
         if fc1.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             return f"weights are {fc1.const_value.dtype}"
-        act = node.attributes.get("activation_type")
-        if act is None or act.as_string() != "swiglu" or attr_int(node, "swiglu_fusion", 0) != 1:
-            return "not interleaved SwiGLU (swiglu_fusion=1)"
         if len(fc1.const_value.shape) != 3 or len(fc2.const_value.shape) != 3:
             return "weights are not [E, rows, cols]"
         return None

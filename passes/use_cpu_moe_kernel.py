@@ -15,7 +15,7 @@ import logging
 
 import onnx_ir as ir
 
-from r1c.passes._util import ORT_DOMAIN, attr_int
+from r1c.passes._util import attr_int, ort_moe_nodes, swiglu_moe_problem
 from r1c.plugins.cpu_moe import SPEC
 
 logger = logging.getLogger(__name__)
@@ -27,9 +27,10 @@ _KNOWN = {"k", "activation_type", "swiglu_fusion", "normalize_routing_weights", 
 
 def why_not(node: ir.Node) -> str | None:
     """None when `node` (a com.microsoft.MoE) is what `r1c.cpu::MoE` computes; else the reason it is not."""
+    form = swiglu_moe_problem(node)
+    if form:
+        return form
     ins = list(node.inputs)
-    if len(ins) != 5 or ins[3] is not None or any(v is None for v in (ins[0], ins[1], ins[2], ins[4])):
-        return "not (input, router_probs, fc1, -, fc2)"
     fc1 = ins[2]
     if any(v is not None and v.dtype not in (None, ir.DataType.FLOAT) for v in ins) or fc1 is None or \
             fc1.dtype is None:
@@ -37,9 +38,6 @@ def why_not(node: ir.Node) -> str | None:
     extra = set(node.attributes) - _KNOWN
     if extra:
         return f"attributes the kernel does not implement: {sorted(extra)}"
-    act = node.attributes.get("activation_type")
-    if act is None or act.as_string() != "swiglu" or attr_int(node, "swiglu_fusion", 0) != 1:
-        return "not interleaved SwiGLU (swiglu_fusion=1)"
     alpha = node.attributes.get("activation_alpha")
     beta = node.attributes.get("activation_beta")
     if (alpha is None or alpha.as_float() != 1.0) or (beta is not None and beta.as_float() != 0.0):
@@ -61,13 +59,7 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         graph = model.graph
         count = 0
-        for node in list(graph):
-            if node.domain != ORT_DOMAIN or node.op_type != "MoE":
-                continue
-            reason = why_not(node)
-            if reason:
-                logger.info("use_cpu_moe_kernel: %s left to ONNX Runtime: %s", node.name, reason)
-                continue
+        for node in ort_moe_nodes(graph, why_not, "use_cpu_moe_kernel", "left to ONNX Runtime"):
             x, probs, fc1, _, fc2 = node.inputs
             attrs = SPEC.attrs(k=attr_int(node, "k", 1),
                                normalize_routing_weights=attr_int(node, "normalize_routing_weights", 0))

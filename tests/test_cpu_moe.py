@@ -6,8 +6,9 @@ built with `--cpu-moe r1c` against `--cpu-moe ort` and the PyTorch references.
 Tolerance: max |ours - ref| <= 1e-5 * max |ref| (float32 dot products of at most 1024 terms against float64).
 Shapes cover the vector tails (H, I not multiples of 16 or 8), a token alone (the decode tile), a few and many
 tokens per expert (the multi-token tiles), k = 1 and k = E, both routing normalizations, 1 and 2 threads, and a
-3-D input. The library is compiled once per session; without a compiler or ONNX Runtime's headers the tests skip
-saying so, except under CI (CI=true), where `.ci/run` fetches the headers and a skip would hide a failure.
+3-D input, for each level's build this CPU can run (both on an AVX-512 host). The library is compiled once per
+session; without a compiler or ONNX Runtime's headers the tests skip saying so, except under CI (CI=true), where
+`.ci/run` fetches the headers and a skip would hide a failure.
 """
 
 from __future__ import annotations
@@ -34,16 +35,31 @@ SENTINEL = -1e30
 
 
 @pytest.fixture(scope="session")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The library for this host (compiled for both levels into a temporary `kernels/`)."""
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The library compiled for every level (into a temporary `kernels/`): level -> path."""
     why = cpu_library.why_unavailable()
     if why:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must build r1c's CPU kernels (.ci/run fetches the headers): {why}")
         pytest.skip(f"r1c's CPU kernels cannot be built here: {why}")
     dest = tmp_path_factory.mktemp("kernels")
-    files = cpu_library.build_libraries(dest)
-    return dest / cpu_library.for_host(files)
+    return {level: dest / name for level, name in cpu_library.build_libraries(dest).items()}
+
+
+@pytest.fixture(scope="session")
+def kernel(kernels: dict[str, Path]) -> Path:
+    """The library a bundle would load on this host (its highest level)."""
+    names = {level: path.name for level, path in kernels.items()}
+    return next(iter(kernels.values())).with_name(cpu_library.for_host(names))
+
+
+@pytest.fixture(params=list(cpu_library.LEVELS))
+def any_level(request: pytest.FixtureRequest, kernels: dict[str, Path]) -> Path:
+    """Each level's library that this CPU can run (an AVX-512 host runs the AVX2 build too)."""
+    level = request.param
+    if not cpu_library.LEVELS[level][1] <= cpu_library.host_flags():
+        pytest.skip(f"this CPU lacks {level}'s flags {sorted(cpu_library.LEVELS[level][1] - cpu_library.host_flags())}")
+    return kernels[level]
 
 
 def reference(x: np.ndarray, probs: np.ndarray, w13: np.ndarray, w2: np.ndarray, k: int, normalize: int
@@ -96,7 +112,7 @@ def routed(rng: np.random.Generator, tokens: int, experts: int, k: int, normaliz
 @pytest.mark.parametrize("experts,hidden,inter,k", [(8, 40, 24, 2), (16, 128, 64, 4), (4, 72, 20, 4),
                                                     (32, 256, 96, 8), (6, 24, 12, 1), (5, 33, 7, 2)])
 @pytest.mark.parametrize("normalize", [1, 0])
-def test_kernel_matches_float64_reference_and_ort(kernel: Path, experts: int, hidden: int, inter: int, k: int,
+def test_kernel_matches_float64_reference_and_ort(any_level: Path, experts: int, hidden: int, inter: int, k: int,
                                                    normalize: int) -> None:
     rng = np.random.default_rng(experts * 100 + hidden + normalize)
     w13 = (rng.standard_normal((experts, 2 * inter, hidden)) / hidden**0.5).astype(np.float32)
@@ -109,12 +125,12 @@ def test_kernel_matches_float64_reference_and_ort(kernel: Path, experts: int, hi
         theirs = run(ort_moe, {"x": x, "probs": probs})[0]
         assert max_rel_err(theirs, want) < TOL  # the reference is ORT's function too
         for threads in (1, 2):
-            got = run(ours, {"x": x, "probs": probs}, threads=threads, custom_ops=[kernel])[0]
+            got = run(ours, {"x": x, "probs": probs}, threads=threads, custom_ops=[any_level])[0]
             assert got.shape == x.shape and got.dtype == np.float32
             assert max_rel_err(got, want) < TOL, (tokens, threads)
 
 
-def test_kernel_takes_a_3d_input_and_ties(kernel: Path) -> None:
+def test_kernel_takes_a_3d_input_and_ties(any_level: Path) -> None:
     """[B, S, H] input (T = B*S); equal probs pick the higher expert index first (ORT's MoE does, measured)."""
     rng = np.random.default_rng(5)
     e, hidden, inter, k = 8, 32, 16, 3
@@ -123,7 +139,7 @@ def test_kernel_takes_a_3d_input_and_ties(kernel: Path) -> None:
     x = rng.standard_normal((2, 5, hidden)).astype(np.float32)
     probs = np.zeros((10, e), np.float32)  # every score tied: experts 7, 6, 5
     probs[3, 6] = 1.0
-    got = run(one_node(SPEC.domain, w13, w2, k, 1, rank=3), {"x": x, "probs": probs}, custom_ops=[kernel])[0]
+    got = run(one_node(SPEC.domain, w13, w2, k, 1, rank=3), {"x": x, "probs": probs}, custom_ops=[any_level])[0]
     assert got.shape == x.shape
     assert max_rel_err(got, reference(x, probs, w13, w2, k, 1)) < TOL
     theirs = run(one_node("com.microsoft", w13, w2, k, 1, rank=3), {"x": x, "probs": probs})[0]

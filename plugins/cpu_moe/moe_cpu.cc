@@ -18,8 +18,8 @@
 //   h[a, j]  silu(fc1_e[2j] . x_t) * (fc1_e[2j+1] . x_t)          a = (t, e)
 //   y[t, n]  sum over the token's k experts of weight_a * (fc2_e[n] . h[a])
 //
-// Built by r1c (r1c/plugins/cpu_moe/library.py: g++ -O3 -march=x86-64-v3 and -v4 against ONNX Runtime's C/C++
-// API headers) and registered per session with SessionOptions.register_custom_ops_library.
+// Built by r1c (r1c/plugins/cpu_moe/library.py: g++ -O3 for x86-64-v3 and -v4, against ONNX Runtime's C/C++ API
+// headers) and registered per session with SessionOptions.register_custom_ops_library.
 //
 // No C++ exception leaves this library: ORT calls it through C function pointers. The kernel's constructor
 // keeps a bad attribute's message and Compute returns it, and Compute returns every error as an Ort::Status
@@ -251,7 +251,7 @@ struct Job {
   const float* fc1;
   const float* fc2;
   float* y;
-  int64_t tokens, hidden, inter, experts;
+  int64_t tokens, hidden, inter;
   Scratch* s;
 };
 
@@ -397,7 +397,7 @@ struct MoEKernel {
         s.block_start.push_back(p0);
       }
     }
-    Job job{x, fc1.Data(), fc2.Data(), y, T, H, I, E, &s};
+    Job job{x, fc1.Data(), fc2.Data(), y, T, H, I, &s};
     Ort::KernelContext ctx(context);
     ctx.ParallelFor(fc1_block, s.block_expert.size(), 0, &job);
     ctx.ParallelFor(fc2_block, static_cast<size_t>((H + kFc2Rows - 1) / kFc2Rows), 0, &job);
@@ -406,7 +406,8 @@ struct MoEKernel {
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr)  // an ONNX Runtime older than the headers: say so through the oldest API, which every one has
     return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "r1c.cpu: this library needs ONNX Runtime's C API version "
