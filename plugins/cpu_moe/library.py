@@ -5,8 +5,8 @@ A bundle carries the library compiled for two x86-64 micro-architecture levels (
 `r1c build` compiles both (g++, about 3 s each, cached under `${R1C_CACHE:-~/.cache/r1c}/cpu-kernels/<key>/`,
 the key hashing the source, the headers, the compiler's version and the flags) against ONNX Runtime's C/C++ API
 headers, found at `$R1C_ORT_INCLUDE` when it is set (only there), else in the cache `scripts/fetch_ort_headers.sh`
-fills, then at `/usr/include/onnxruntime` (Debian's `libonnxruntime-dev`). At load, `for_host` picks the highest level whose
-CPU flags the host has (`/proc/cpuinfo`). The headers' C API version must not be newer than the installed
+fills, then at `/usr/include/onnxruntime` (Debian's `libonnxruntime-dev`). At load, `for_host` picks the highest
+level whose CPU flags the host has (`/proc/cpuinfo`). The headers' C API version must not be newer than the installed
 runtime's (ONNX Runtime 1.N serves API versions up to N).
 
 Errors: `KernelLibraryError` (a `BuildError`) with one line saying what is missing and how to get it.

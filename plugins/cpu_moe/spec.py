@@ -8,7 +8,8 @@ formulas); `library.py` builds it.
 Inputs (float32): input [.., H]; router_probs [T, E] (T = the product of input's leading dims); fc1_experts_weights
 [E, 2I, H], rows gate 0, up 0, gate 1, up 1, ...; fc2_experts_weights [E, H, I]. Output: output, input's shape.
 Attributes: k (experts per token: the k largest router_probs, ties to the higher expert index as in ORT's MoE),
-normalize_routing_weights (1: softmax over the k chosen probs; 0: softmax over all E, taken at the k chosen). Legend: T tokens, H hidden, E experts, I expert intermediate size.
+normalize_routing_weights (1: softmax over the k chosen probs; 0: softmax over all E, taken at the k chosen).
+Legend: T tokens, H hidden, E experts, I expert intermediate size.
 """
 
 from __future__ import annotations
