@@ -109,7 +109,8 @@ def _size(path: Path) -> int:
 
 def _summary(verb: str, out: Path, start: float, extra: str = "") -> str:
     """One line: what was written, its files and size, and the time it took."""
-    files = sorted(p.name for p in out.iterdir() if p.is_file()) if out.is_dir() else [out.name]
+    files = (sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.is_file() or p.is_dir())
+             if out.is_dir() else [out.name])
     return (f"{verb} {out}{extra}: {', '.join(files)} ({_bytes(_size(out))}) in {time.perf_counter() - start:.1f} s")
 
 

@@ -302,3 +302,36 @@ def test_build_where_the_kernel_does_not_compile(kernel: Path, tmp_path: Path, m
     assert "not r1c's CPU kernel" in err and message in err
     opts = read_manifest(tmp_path / "b").target_options
     assert opts["cpu_moe"] == "ort" and "cpu_kernels" not in opts
+
+
+def test_kernel_ranks_a_nan_score_last(kernel: Path) -> None:
+    """A NaN router score is never chosen (it ranks below every number: no undefined sort); the token's output is
+    then the reference's with that score at -inf (normalize=1), and NaN where the softmax over all E takes it in."""
+    rng = np.random.default_rng(9)
+    e, hidden, inter, k = 8, 32, 16, 2
+    w13 = (rng.standard_normal((e, 2 * inter, hidden)) / hidden**0.5).astype(np.float32)
+    w2 = (rng.standard_normal((e, hidden, inter)) / inter**0.5).astype(np.float32)
+    x = rng.standard_normal((3, hidden)).astype(np.float32)
+    probs = rng.standard_normal((3, e)).astype(np.float32)
+    probs[1, [0, 5]] = np.nan
+    probs[2, :] = np.nan
+    probs[2, [3, 6]] = [0.5, 0.25]
+    got = run(one_node(SPEC.domain, w13, w2, k, 1), {"x": x, "probs": probs}, custom_ops=[kernel])[0]
+    want = reference(x, np.where(np.isnan(probs), -np.inf, probs), w13, w2, k, 1)
+    assert np.isfinite(got).all() and max_rel_err(got, want) < TOL
+    got0 = run(one_node(SPEC.domain, w13, w2, k, 0), {"x": x, "probs": probs}, custom_ops=[kernel])[0]
+    assert np.isfinite(got0[0]).all() and np.isnan(got0[1:]).all()
+
+
+def test_kernel_source_compiles_without_warnings(tmp_path: Path) -> None:
+    """The shipped flags leave out -Werror (a user's newer compiler must not stop a build); here they get it."""
+    import subprocess
+
+    include = cpu_library.find_headers()
+    if include is None or cpu_library.why_unavailable():
+        pytest.skip(f"r1c's CPU kernels cannot be built here: {cpu_library.why_unavailable()}")
+    for level, (march, _) in cpu_library.LEVELS.items():
+        cmd = ["g++", *cpu_library.FLAGS, "-Werror", f"-march={march}", "-I", str(include), str(cpu_library.SOURCE),
+               "-o", str(tmp_path / f"{level}.so")]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr

@@ -36,7 +36,8 @@ LEVELS: dict[str, tuple[str, frozenset[str]]] = {
                                           "bmi2", "f16c", "movbe"})),
     "x86-64-v3": ("x86-64-v3", frozenset({"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "avx"})),
 }
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror")
+# No -Werror: a newer compiler's new warning must not stop a user's build (tests/test_cpu_moe.py compiles with it).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra")
 
 
 class KernelLibraryError(BuildError):

@@ -246,6 +246,15 @@ struct Scratch {
 
 thread_local Scratch scratch;
 
+// Scratch kept after a long prefill would stay with the thread for good (4096 tokens x 8 experts x I 2048 floats
+// is 270 MB); past kKeepBytes, a buffer four times larger than the call needs is let go and allocated anew.
+constexpr size_t kKeepBytes = size_t{64} << 20;
+
+template <typename T>
+void release_if_oversized(std::vector<T>& v, size_t needed) {
+  if (v.capacity() * sizeof(T) > kKeepBytes && v.capacity() > 4 * needed) std::vector<T>().swap(v);
+}
+
 struct Job {
   const float* x;
   const float* fc1;
@@ -352,8 +361,13 @@ struct MoEKernel {
     for (int64_t t = 0; t < T; ++t) {
       const float* p = probs + t * E;
       std::iota(s.order.begin(), s.order.end(), 0);
-      std::partial_sort(s.order.begin(), s.order.begin() + K, s.order.end(), [p](int64_t a, int64_t b) {
-        return p[a] > p[b] || (p[a] == p[b] && a > b);  // ties: as ORT's MoE
+      // A NaN score ranks below every number (a comparison with NaN would break the sort's ordering); with
+      // normalize_routing_weights=0 it also makes the token's weights NaN (the softmax over all E includes it).
+      // Ties: the higher expert index first, as ORT's MoE.
+      const auto score = [p](int64_t e) { return std::isnan(p[e]) ? -INFINITY : p[e]; };
+      std::partial_sort(s.order.begin(), s.order.begin() + K, s.order.end(), [&score](int64_t a, int64_t b) {
+        const float sa = score(a), sb = score(b);
+        return sa > sb || (sa == sb && a > b);
       });
       const float top = p[s.order[0]];
       double sum = 0.0;
@@ -376,6 +390,8 @@ struct MoEKernel {
     s.slot_weight.resize(A);
     s.xs.resize(A);
     s.hs.resize(A);
+    release_if_oversized(s.h, static_cast<size_t>(A * (I + kPad)));
+    release_if_oversized(s.xpad, static_cast<size_t>(T * (H + kPad)));
     s.h.resize(static_cast<size_t>(A * (I + kPad)));
     s.xpad.resize(static_cast<size_t>(T * (H + kPad)));
     for (int64_t t = 0; t < T; ++t) std::copy(x + t * H, x + (t + 1) * H, s.xpad.data() + t * (H + kPad));
