@@ -2,16 +2,19 @@
 `r1c.cpu::MoE` (r1c/plugins/cpu_moe: the same inputs and function, a kernel that shares every selected expert's
 rows evenly among the threads and streams them once, without ORT's per-call weight packing).
 
-Only with `r1c build --cpu-moe r1c` (`auto` resolves to it where the library builds; `BuildOptions.cpu_moe`): the
-bundle then carries the library and its manifest names it. A node is swapped when it is exactly what the kernel
-computes: five inputs with no fc1 bias (input, router_probs, fc1, -, fc2), float32, SwiGLU with interleaved rows
-(swiglu_fusion=1) and alpha 1 / beta 0 (silu(g) * u), and no other attribute; any other MoE is left to ORT and
-the pass says why. With `cpu_moe="r1c"`, `split_moe_experts` leaves the experts whole (the kernel balances them).
+Only with `r1c build --cpu-moe r1c` (`auto` resolves to it where the library builds; `BuildOptions.cpu_moe`): a
+bundle in which the pass swapped a node carries the library and its manifest names it (the count goes to the
+build's report; an int8/int4 bundle, whose experts run on ORT's QMoE, has none). A node is swapped when it is
+exactly what the kernel computes: five inputs with no fc1 bias (input, router_probs, fc1, -, fc2), float32,
+SwiGLU with interleaved rows (swiglu_fusion=1) and alpha 1 / beta 0 (silu(g) * u), and no other attribute; any
+other MoE is left to ORT and the pass says why. With `cpu_moe="r1c"`, `split_moe_experts` leaves the experts
+whole (the kernel balances them).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import onnx_ir as ir
 
@@ -50,9 +53,10 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
 
     uses_build_options = True
 
-    def __init__(self, cpu_moe: str = "ort") -> None:
+    def __init__(self, cpu_moe: str = "ort", report: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cpu_moe = cpu_moe
+        self.report = report if report is not None else {}  # "nodes": how many MoE nodes the kernel runs
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.cpu_moe != "r1c":
@@ -72,6 +76,7 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
             old.replace_all_uses_with(out, replace_graph_outputs=True)
             graph.remove(node, safe=True)
             count += 1
+        self.report["nodes"] = count
         if count:
             model.opset_imports[SPEC.domain] = SPEC.version
             logger.info("use_cpu_moe_kernel: %d MoE nodes run on r1c's CPU kernel", count)
