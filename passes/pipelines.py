@@ -50,8 +50,9 @@ from r1c.passes.name_deterministically import NameDeterministicallyPass
 from r1c.passes.quantize_weights import PRECISIONS, QuantizeWeightsPass
 from r1c.passes.remove_dead_code import RemoveDeadCodePass
 from r1c.passes.split_moe_experts import SplitMoEExpertsPass
-from r1c.passes.use_cpu_moe_kernel import CPU_MOE_CHOICES, UseCpuMoEKernelPass
+from r1c.passes.use_cpu_moe_kernel import UseCpuMoEKernelPass
 from r1c.passes.widen_experts import WidenExpertsPass
+from r1c.targets import CPU_MOE_CHOICES
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from r1c.plugins.cpu_moe import SPEC
 
 logger = logging.getLogger(__name__)
 
-CPU_MOE_CHOICES = ("auto", "r1c", "ort")
 _KNOWN = {"k", "activation_type", "swiglu_fusion", "normalize_routing_weights", "activation_alpha",
           "activation_beta"}
 

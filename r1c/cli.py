@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from r1c.errors import ExportError, R1CError, RuntimeInputError
-from r1c.targets import DEFAULT_RTX_COMPUTE_CAPABILITY
+from r1c.targets import CPU_MOE_CHOICES, DEFAULT_RTX_COMPUTE_CAPABILITY
 
 logger = logging.getLogger("r1c")
 
@@ -275,7 +275,7 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "int8", "int4"]), default="auto", show_default=True,
               help="onnxruntime weights: int8 / int4 weight-only block quantization (MatMulNBits, QMoE); fp32; "
                    "auto: the export's, FP8 weights as int8 blocks (1 byte a weight).")
-@click.option("--cpu-moe", "cpu_moe", type=click.Choice(["auto", "r1c", "ort"]), default="auto", show_default=True,
+@click.option("--cpu-moe", "cpu_moe", type=click.Choice(CPU_MOE_CHOICES), default="auto", show_default=True,
               help="onnxruntime, float32 routed experts: r1c's CPU kernel (compiled here with g++ against ONNX "
                    "Runtime's headers: scripts/fetch_ort_headers.sh), ORT's MoE, or auto: r1c's where it builds.")
 def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: int, dump_after: str | None, tp: int,

@@ -74,30 +74,31 @@ QUANTIZATION_FILE = "quantization.json"
 KERNELS_DIR = "kernels"
 
 
-def resolve_cpu_moe(cpu_moe: str, target: str, ranks: int) -> str:
-    """`--cpu-moe` for this build: "r1c" or "ort". `auto` is r1c's CPU kernel where it builds (one-rank
-    onnxruntime bundles; r1c/plugins/cpu_moe/library.py says what it needs: the libraries are compiled into its
-    cache here), else ORT's MoE, and says why (a warning). BuildError: `r1c` where the kernel cannot be built."""
-    from r1c.passes.use_cpu_moe_kernel import CPU_MOE_CHOICES
+def resolve_cpu_moe(cpu_moe: str, target: str, ranks: int) -> tuple[str, dict[str, Path]]:
+    """`--cpu-moe` for this build: ("r1c", the compiled libraries, level -> path in r1c's cache) or ("ort", {}).
+    `auto` is r1c's CPU kernel where it builds (one-rank onnxruntime bundles; r1c/plugins/cpu_moe/library.py says
+    what it needs: the libraries are compiled into its cache here), else ORT's MoE, and says why (a warning).
+    BuildError: `r1c` where the kernel cannot be built."""
     from r1c.plugins.cpu_moe.library import KernelLibraryError, compile_libraries
+    from r1c.targets import CPU_MOE_CHOICES
 
     if cpu_moe not in CPU_MOE_CHOICES:
         raise BuildError(f"build: --cpu-moe {cpu_moe!r} (choose from {', '.join(CPU_MOE_CHOICES)})")
     if target != "onnxruntime" or ranks > 1:
         if cpu_moe == "r1c":
             raise BuildError("build: --cpu-moe r1c is for a one-rank onnxruntime bundle")
-        return "ort"
+        return "ort", {}
     if cpu_moe == "ort":
-        return "ort"
+        return "ort", {}
     try:
-        compile_libraries()  # into r1c's cache, before any lowering: a failure is known before anything is written
+        # into r1c's cache, before any lowering: a failure is known before anything is written
+        return "r1c", compile_libraries()
     except KernelLibraryError as e:
         why = str(e).removeprefix("build: ")
         if cpu_moe == "r1c":
             raise BuildError(f"build: --cpu-moe r1c: {why}") from None
         logger.warning("build: routed experts on ONNX Runtime's MoE, not r1c's CPU kernel: %s", why)
-        return "ort"
-    return "r1c"
+        return "ort", {}
 
 
 def custom_op_libraries(bundle: Path, target_options: dict[str, Any], listed: Collection[str] | None = None
@@ -165,7 +166,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     if precision != "auto" and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
         raise BuildError(f"build: --precision {precision} is for a one-rank onnxruntime bundle (this one keeps the "
                          "export's weights)")
-    cpu_moe = resolve_cpu_moe(cpu_moe, target, tensor_parallel * expert_parallel)
+    cpu_moe, cpu_kernels = resolve_cpu_moe(cpu_moe, target, tensor_parallel * expert_parallel)
     check_output_dir(out, BuildError, "build")
     config, graph_io, source = _read_export(src)
     if config is None and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
@@ -197,9 +198,9 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                 cpu_moe = "ort"  # no float MoE left for the kernel (int8/int4 experts run on QMoE): no library
             target_options = {"model": MODEL_FILE, "session": session_opts, "cpu_moe": cpu_moe}
             if cpu_moe == "r1c":
-                from r1c.plugins.cpu_moe.library import build_libraries
+                from r1c.plugins.cpu_moe.library import copy_libraries
 
-                target_options["cpu_kernels"] = build_libraries(tmp / KERNELS_DIR)
+                target_options["cpu_kernels"] = copy_libraries(cpu_kernels, tmp / KERNELS_DIR)
             quant = report.get("quantize_weights") or {}
             if quant.get("tensors"):
                 bundle_precision = str(quant["precision"])

@@ -28,7 +28,7 @@ from r1c.errors import BuildError, BundleError
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("moe_cpu.cc")
-HEADER = "onnxruntime_cxx_api.h"
+HEADERS = ("onnxruntime_cxx_api.h", "onnxruntime_c_api.h", "onnxruntime_lite_custom_op.h")  # what moe_cpu.cc includes
 SYSTEM_HEADERS = Path("/usr/include/onnxruntime")
 # level -> (g++ -march value, the /proc/cpuinfo flags the level requires; x86-64 psABI levels)
 LEVELS: dict[str, tuple[str, frozenset[str]]] = {
@@ -48,9 +48,6 @@ def cache_dir() -> Path:
     root = os.environ.get("R1C_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
                                                         os.path.expanduser("~/.cache"), "r1c")
     return Path(root)
-
-
-HEADERS = (HEADER, "onnxruntime_c_api.h", "onnxruntime_lite_custom_op.h")  # what moe_cpu.cc includes
 
 
 def find_headers() -> Path | None:
@@ -78,7 +75,7 @@ def header_api_version(include: Path) -> int:
 
 
 def why_unavailable() -> str | None:
-    """None when `build_libraries` can run here; else why not, in one line with the remedy."""
+    """None when `compile_libraries` can run here; else why not, in one line with the remedy."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"r1c's CPU kernels are built for x86-64 only (this machine is {platform.machine()})"
     cxx = os.environ.get("CXX")
@@ -112,8 +109,8 @@ def _compile(level: str, include: Path) -> Path:
     flags = (*FLAGS, f"-march={march}", "-mtune=generic")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(),
-                 (include / "onnxruntime_lite_custom_op.h").read_bytes(), version.encode(), " ".join(flags).encode()):
+    for part in (SOURCE.read_bytes(), *((include / h).read_bytes() for h in HEADERS), version.encode(),
+                 " ".join(flags).encode()):
         key.update(hashlib.sha256(part).digest())
     out = cache_dir() / "cpu-kernels" / key.hexdigest()[:16] / f"libr1c_cpu.{level}.so"
     if out.is_file():
@@ -152,11 +149,11 @@ def compile_libraries() -> dict[str, Path]:
     return {level: _compile(level, include) for level in LEVELS}
 
 
-def build_libraries(dest: Path) -> dict[str, str]:
-    """`compile_libraries` copied into `dest` (a bundle's `kernels/`); returns level -> file name."""
+def copy_libraries(compiled: dict[str, Path], dest: Path) -> dict[str, str]:
+    """`compile_libraries`' result copied into `dest` (a bundle's `kernels/`); returns level -> file name."""
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
-    for level, src in compile_libraries().items():
+    for level, src in compiled.items():
         shutil.copyfile(src, dest / src.name)
         files[level] = src.name
     return files
