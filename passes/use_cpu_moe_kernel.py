@@ -1,25 +1,30 @@
 """Run routed experts on r1c's CPU kernel: each float32 `com.microsoft.MoE` in the form r1c lowers to becomes
-`r1c.cpu::MoE` (r1c/plugins/cpu_moe: the same inputs and function, a kernel that shares every selected expert's
-rows evenly among the threads and streams them once, without ORT's per-call weight packing).
+`r1c.cpu::MoE` (r1c/plugins/cpu_moe: the same function, a kernel that shares every selected expert's weight
+panels evenly among the threads and streams each once). The expert weights are repacked here, once, into the
+kernel's panel layout (`pack_fc1` / `pack_fc2`: the same bytes give or take the padding of I to 16 and H to 32;
+computed when the model is saved, one tensor at a time).
 
 Only with `r1c build --cpu-moe r1c` (`auto` resolves to it where the library builds; `BuildOptions.cpu_moe`): a
 bundle in which the pass swapped a node carries the library and its manifest names it (the count goes to the
 build's report; an int8/int4 bundle, whose experts run on ORT's QMoE, has none). A node is swapped when it is
 exactly what the kernel computes: five inputs with no fc1 bias (input, router_probs, fc1, -, fc2), float32,
-SwiGLU with interleaved rows (swiglu_fusion=1) and alpha 1 / beta 0 (silu(g) * u), and no other attribute; any
-other MoE is left to ORT and the pass says why. With `cpu_moe="r1c"`, `split_moe_experts` leaves the experts
-whole (the kernel balances them).
+SwiGLU with interleaved rows (swiglu_fusion=1) and alpha 1 / beta 0 (silu(g) * u), no other attribute, and
+fc1 / fc2 initializers that only this node reads; any other MoE is left to ORT and the pass says why. With
+`cpu_moe="r1c"`, `split_moe_experts` leaves the experts whole (the kernel balances them).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from r1c.passes._util import attr_int, ort_moe_nodes, swiglu_moe_problem
-from r1c.plugins.cpu_moe import SPEC
+from r1c.plugins.cpu_moe import SPEC, pack_fc1, pack_fc2, packed_shape
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ def why_not(node: ir.Node) -> str | None:
     extra = set(node.attributes) - _KNOWN
     if extra:
         return f"attributes the kernel does not implement: {sorted(extra)}"
+    if any(w is None or w.const_value is None or len(w.uses()) != 1 or w.const_value.shape.rank() != 3
+           for w in (ins[2], ins[4])):
+        return "fc1 / fc2 are not [E, rows, cols] initializers read by this node alone (they are repacked)"
     alpha = node.attributes.get("activation_alpha")
     beta = node.attributes.get("activation_beta")
     if (alpha is None or alpha.as_float() != 1.0) or (beta is not None and beta.as_float() != 0.0):
@@ -66,7 +74,8 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
             x, probs, fc1, _, fc2 = node.inputs
             attrs = SPEC.attrs(k=attr_int(node, "k", 1),
                                normalize_routing_weights=attr_int(node, "normalize_routing_weights", 0))
-            new = ir.node(SPEC.name, [x, probs, fc1, fc2], attributes=attrs, domain=SPEC.domain,
+            w1, w2 = _packed(graph, fc1, "fc1"), _packed(graph, fc2, "fc2")
+            new = ir.node(SPEC.name, [x, probs, w1, w2], attributes=attrs, domain=SPEC.domain,
                           version=SPEC.version, name=node.name)
             out, old = new.outputs[0], node.outputs[0]
             name, old.name = old.name, f"{old.name}.ort"
@@ -74,9 +83,30 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
             graph.insert_before(node, new)
             old.replace_all_uses_with(out, replace_graph_outputs=True)
             graph.remove(node, safe=True)
+            for old_w in (fc1, fc2):
+                graph.initializers.pop(old_w.name)  # read by the removed node alone (why_not)
             count += 1
         self.report["nodes"] = count
         if count:
             model.opset_imports[SPEC.domain] = SPEC.version
             logger.info("use_cpu_moe_kernel: %d MoE nodes run on r1c's CPU kernel", count)
         return ir.passes.PassResult(model, count > 0)
+
+
+def _packed(graph: ir.Graph, weight: ir.Value, which: str) -> ir.Value:
+    """A new initializer `<name>.packed`: `which` ("fc1" | "fc2") packed (computed when the model is saved)."""
+    source = weight.const_value
+    assert source is not None  # why_not
+    pack = PACK[which]
+    lazy = ir.LazyTensor(functools.partial(_pack_now, source, pack), dtype=ir.DataType.FLOAT,
+                         shape=ir.Shape(packed_shape(which, source.shape.numpy())), name=f"{weight.name}.packed")
+    value = ir.Value(name=lazy.name, shape=lazy.shape, type=ir.TensorType(ir.DataType.FLOAT), const_value=lazy)
+    graph.register_initializer(value)
+    return value
+
+
+PACK: dict[str, Callable[[np.ndarray], np.ndarray]] = {"fc1": pack_fc1, "fc2": pack_fc2}
+
+
+def _pack_now(source: ir.TensorProtocol, pack: Callable[[np.ndarray], np.ndarray]) -> ir.Tensor:
+    return ir.tensor(pack(np.asarray(source.numpy(), dtype=np.float32)))

@@ -27,7 +27,7 @@ from r1c.passes.remove_dead_code import RemoveDeadCodePass
 from r1c.passes.split_moe_experts import SplitMoEExpertsPass
 from r1c.passes.testing import copy, make_model, max_rel_err, moe_reference, op_counts, r1c_moe_model, run
 from r1c.passes.use_cpu_moe_kernel import UseCpuMoEKernelPass
-from r1c.plugins.cpu_moe import SPEC
+from r1c.plugins.cpu_moe import SPEC, pack_experts
 from r1c.plugins.cpu_moe import library as cpu_library
 
 TOL = 1e-5
@@ -85,10 +85,12 @@ def reference(x: np.ndarray, probs: np.ndarray, w13: np.ndarray, w2: np.ndarray,
 
 def one_node(domain: str, w13: np.ndarray, w2: np.ndarray, k: int, normalize: int, rank: int = 2) -> onnx.ModelProto:
     info = onnx.helper.make_tensor_value_info
-    e, hidden = w13.shape[0], w13.shape[2]
+    e, hidden = w13.shape[0], w13.shape[2]  # [E, 2I, H] or packed [E, P1, H, 32]
     if domain == SPEC.domain:
         node = onnx.helper.make_node(SPEC.name, ["x", "probs", "w13", "w2"], ["y"], domain=SPEC.domain, k=k,
                                      normalize_routing_weights=normalize)
+        if w13.ndim == 3:  # given in ORT's form: packed as the pass packs them
+            w13, w2 = pack_experts(w13, w2)
     else:
         node = onnx.helper.make_node("MoE", ["x", "probs", "w13", "", "w2"], ["y"], domain=domain, k=k,
                                      activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=normalize,
@@ -149,8 +151,9 @@ def test_kernel_takes_a_3d_input_and_ties(any_level: Path) -> None:
 
 def test_kernel_refuses_shapes_that_disagree(kernel: Path) -> None:
     rng = np.random.default_rng(1)
-    w13 = rng.standard_normal((4, 16, 8)).astype(np.float32)
-    w2 = rng.standard_normal((4, 8, 6)).astype(np.float32)  # I = 6, but fc1 has 2I = 16 rows
+    w13, _ = pack_experts(*(rng.standard_normal(s).astype(np.float32) for s in ((4, 16, 8), (4, 8, 8))))
+    _, w2 = pack_experts(*(rng.standard_normal(s).astype(np.float32) for s in ((4, 80, 8), (4, 8, 40))))
+    # fc1 packs I = 8 (one panel: 16 intermediates), fc2 packs I = 40 (48)
     with pytest.raises(Exception, match="shapes disagree"):
         run(one_node(SPEC.domain, w13, w2, 2, 1), {"x": np.zeros((3, 8), np.float32),
                                                    "probs": np.zeros((3, 4), np.float32)}, custom_ops=[kernel])
@@ -324,6 +327,26 @@ def test_kernel_ranks_a_nan_score_last(kernel: Path) -> None:
     assert np.isfinite(got).all() and max_rel_err(got, want) < TOL
     got0 = run(one_node(SPEC.domain, w13, w2, k, 0), {"x": x, "probs": probs}, custom_ops=[kernel])[0]
     assert np.isfinite(got0[0]).all() and np.isnan(got0[1:]).all()
+
+
+def test_kernel_swiglu_over_the_whole_float_range(any_level: Path) -> None:
+    """The kernel's vector exp (Taylor series on a reduced argument, clamped to float's range): gate values
+    beyond +-100, where silu is ~0 or ~identity and exp(-g) would overflow, against the float64 reference."""
+    rng = np.random.default_rng(11)
+    e, hidden, inter, k = 4, 64, 48, 2
+    w13 = (rng.standard_normal((e, 2 * inter, hidden)) * 6).astype(np.float32)  # dots of ~ +-50 ... 200
+    w2 = (rng.standard_normal((e, hidden, inter)) / inter**0.5).astype(np.float32)
+    x = rng.standard_normal((9, hidden)).astype(np.float32)
+    probs = routed(rng, 9, e, k, 1)
+    gates = np.einsum("eih,th->tei", w13[:, 0::2].astype(np.float64), x)
+    assert gates.min() < -100 and gates.max() > 100
+    got = run(one_node(SPEC.domain, w13, w2, k, 1), {"x": x, "probs": probs}, custom_ops=[any_level])[0]
+    assert max_rel_err(got, reference(x, probs, w13, w2, k, 1)) < TOL
+
+
+def test_pack_experts_refuses_weights_that_disagree() -> None:
+    with pytest.raises(ValueError, match="disagree"):
+        pack_experts(np.zeros((2, 8, 4), np.float32), np.zeros((2, 4, 5), np.float32))
 
 
 def test_kernel_source_compiles_without_warnings(tmp_path: Path) -> None:

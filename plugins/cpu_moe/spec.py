@@ -5,14 +5,20 @@ lowering emits (passes/lower_moe_to_ort.py: interleaved SwiGLU, silu, no biases)
 the other (passes/use_cpu_moe_kernel.py). The kernel is `moe_cpu.cc` beside this file (its header comment has the
 formulas); `library.py` builds it.
 
-Inputs (float32): input [.., H]; router_probs [T, E] (T = the product of input's leading dims); fc1_experts_weights
-[E, 2I, H], rows gate 0, up 0, gate 1, up 1, ...; fc2_experts_weights [E, H, I]. Output: output, input's shape.
+Inputs (float32): input [.., H]; router_probs [T, E] (T = the product of input's leading dims); the expert weights
+in the kernel's packed layout (`pack_experts`, applied once by the pass): fc1_packed [E, P1, H, 32] from
+`com.microsoft.MoE`'s fc1_experts_weights [E, 2I, H] (rows gate 0, up 0, gate 1, up 1, ...), fc2_packed
+[E, ceil(H / 32), 16 P1, 32] from fc2_experts_weights [E, H, I]. Output: output, input's shape.
 Attributes: k (experts per token: the k largest router_probs, ties to the higher expert index as in ORT's MoE),
 normalize_routing_weights (1: softmax over the k chosen probs; 0: softmax over all E, taken at the k chosen).
-Legend: T tokens, H hidden, E experts, I expert intermediate size.
+Legend: T tokens, H hidden, E experts, I expert intermediate size, P1 = ceil(I / 16) fc1 panels.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
 
 from r1c.plugins import OpSpec
 
@@ -20,9 +26,52 @@ CPU_DOMAIN = "r1c.cpu"
 
 SPEC = OpSpec(
     name="MoE",
-    inputs=("input", "router_probs", "fc1_experts_weights", "fc2_experts_weights"),
+    inputs=("input", "router_probs", "fc1_packed", "fc2_packed"),
     optional_inputs=(),
     outputs=("output",),
     attributes={"k": 1, "normalize_routing_weights": 1},
     domain=CPU_DOMAIN,
 )
+
+PANEL = 32  # weight rows per packed panel (moe_cpu.cc kPanel)
+
+
+def pack_experts(fc1: np.ndarray, fc2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`com.microsoft.MoE`'s interleaved SwiGLU weights in the kernel's packed layout (moe_cpu.cc's header):
+    (`pack_fc1(fc1)`, `pack_fc2(fc2)`). Raises ValueError when fc1 [E, 2I, H] and fc2 [E, H, I] disagree."""
+    e, two_i, hidden = fc1.shape
+    if two_i % 2 or fc2.shape != (e, hidden, two_i // 2):
+        raise ValueError(f"pack_experts: fc1 [E, 2I, H] and fc2 [E, H, I] disagree: {fc1.shape}, {fc2.shape}")
+    return pack_fc1(fc1), pack_fc2(fc2)
+
+
+def packed_shape(which: str, shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """The packed shape of `which` ("fc1": [E, 2I, H] -> [E, P1, H, 32]; "fc2": [E, H, I] -> [E, P2, 16 P1, 32])."""
+    half = PANEL // 2
+    if which == "fc1":
+        e, two_i, hidden = shape
+        return e, -(-(two_i // 2) // half), hidden, PANEL
+    e, hidden, inter = shape
+    return e, -(-hidden // PANEL), -(-inter // half) * half, PANEL
+
+
+def pack_fc1(fc1: np.ndarray) -> np.ndarray:
+    """fc1 [E, 2I, H] (rows gate 0, up 0, gate 1, ...) -> [E, P1, H, 32] float32, P1 = ceil(I / 16): panel p holds,
+    for each input index, the gates of intermediates 16p .. 16p + 15, then their up weights; zero past I."""
+    e, p1, hidden, _ = packed_shape("fc1", fc1.shape)
+    inter, half = fc1.shape[1] // 2, PANEL // 2
+    gate = np.zeros((e, p1 * half, hidden), np.float32)
+    up = np.zeros_like(gate)
+    gate[:, :inter], up[:, :inter] = fc1[:, 0::2], fc1[:, 1::2]
+    rows = np.concatenate([gate.reshape(e, p1, half, hidden), up.reshape(e, p1, half, hidden)], axis=2)
+    return np.ascontiguousarray(rows.transpose(0, 1, 3, 2))
+
+
+def pack_fc2(fc2: np.ndarray) -> np.ndarray:
+    """fc2 [E, H, I] -> [E, P2, 16 P1, 32] float32, P2 = ceil(H / 32), P1 = ceil(I / 16): panel q holds output rows
+    32q .. 32q + 31 for each intermediate; zero past H and past I."""
+    e, p2, i16, _ = packed_shape("fc2", fc2.shape)
+    hidden, inter = fc2.shape[1:]
+    down = np.zeros((e, p2 * PANEL, i16), np.float32)
+    down[:, :hidden, :inter] = fc2
+    return np.ascontiguousarray(down.reshape(e, p2, PANEL, i16).transpose(0, 1, 3, 2))
