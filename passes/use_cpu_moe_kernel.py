@@ -72,6 +72,7 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
         count = 0
         for node in ort_moe_nodes(graph, why_not, "use_cpu_moe_kernel", "left to ONNX Runtime"):
             x, probs, fc1, _, fc2 = node.inputs
+            assert fc1 is not None and fc2 is not None  # why_not
             attrs = SPEC.attrs(k=attr_int(node, "k", 1),
                                normalize_routing_weights=attr_int(node, "normalize_routing_weights", 0))
             w1, w2 = _packed(graph, fc1, "fc1"), _packed(graph, fc2, "fc2")
@@ -84,7 +85,7 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
             old.replace_all_uses_with(out, replace_graph_outputs=True)
             graph.remove(node, safe=True)
             for old_w in (fc1, fc2):
-                graph.initializers.pop(old_w.name)  # read by the removed node alone (why_not)
+                graph.initializers.pop(str(old_w.name))  # read by the removed node alone (why_not)
             count += 1
         self.report["nodes"] = count
         if count:
@@ -108,5 +109,5 @@ def _packed(graph: ir.Graph, weight: ir.Value, which: str) -> ir.Value:
 PACK: dict[str, Callable[[np.ndarray], np.ndarray]] = {"fc1": pack_fc1, "fc2": pack_fc2}
 
 
-def _pack_now(source: ir.TensorProtocol, pack: Callable[[np.ndarray], np.ndarray]) -> ir.Tensor:
+def _pack_now(source: ir.TensorProtocol, pack: Callable[[np.ndarray], np.ndarray]) -> ir.TensorProtocol:
     return ir.tensor(pack(np.asarray(source.numpy(), dtype=np.float32)))
