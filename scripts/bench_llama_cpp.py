@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import shutil
 import sys
 import tarfile
 import time
@@ -97,17 +98,19 @@ def prepare(workdir: Path, llama_src: Path | None, seed: int) -> dict[str, Path]
     if not (ckpt / "config.json").is_file():
         say("making the checkpoint with transformers")
         make_checkpoint(ckpt, seed)
-    if not (export / "model.onnx").is_file():
-        r1c_cli("export", str(ckpt), "-o", str(export), "--no-progress")
+    # r1c's export and bundles are made anew by every run (seconds): what is measured is this r1c, never a bundle
+    # an older r1c left in the workdir; the checkpoint and llama.cpp's GGUFs (minutes) are kept
+    shutil.rmtree(export, ignore_errors=True)
+    r1c_cli("export", str(ckpt), "-o", str(export), "--no-progress")
     paths = {"ckpt": ckpt}
     for precision in dict.fromkeys(p for p, _ in PAIRS):
         bundle = workdir / f"r1c-{precision}"
-        if not (bundle / "manifest.json").is_file():
-            r1c_cli("build", str(export), "-o", str(bundle), "--precision", precision, "--threads", "2")
+        shutil.rmtree(bundle, ignore_errors=True)
+        r1c_cli("build", str(export), "-o", str(bundle), "--precision", precision, "--threads", "2")
         paths[precision] = bundle
     ort_moe = workdir / "r1c-fp32-ort-moe"  # the fp32 bundle with ONNX Runtime's MoE instead of r1c's CPU kernel
-    if not (ort_moe / "manifest.json").is_file():
-        r1c_cli("build", str(export), "-o", str(ort_moe), "--precision", "fp32", "--threads", "2", "--cpu-moe", "ort")
+    shutil.rmtree(ort_moe, ignore_errors=True)
+    r1c_cli("build", str(export), "-o", str(ort_moe), "--precision", "fp32", "--threads", "2", "--cpu-moe", "ort")
     paths[ORT_MOE] = ort_moe
     f32 = workdir / "llama-F32.gguf"
     if not f32.is_file():
@@ -269,7 +272,8 @@ def tables(speed_rows: list[dict[str, Any]], acc_rows: list[dict[str, Any]], gre
 
 @click.command(help=(__doc__ or "").replace("\n\n", "\n\n\b\n"))  # \b: click prints the paragraph as written
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/r1c-vs-llama"), show_default=True,
-              help="checkpoint, bundles, GGUFs and the report go here (kept: a later run reuses them)")
+              help="checkpoint, bundles, GGUFs and the report go here (the checkpoint and GGUFs are kept "
+                   "for a later run; r1c's bundles are rebuilt every run)")
 @click.option("--llama-src", type=click.Path(path_type=Path), default=None,
               help="llama.cpp source tree (has convert_hf_to_gguf.py)")
 @click.option("--threads", default="1,2", show_default=True, help="thread counts, comma-separated")
