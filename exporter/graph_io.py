@@ -1,8 +1,9 @@
 """The exported graph's inputs and outputs, and `graph_io.json`, their description for runtimes.
 
-Legend: L layers, C kv_lora_rank, R qk_rope_head_dim, V vocab. The latent cache and `new_c`/`new_pe` are in
-the export dtype (float32 | bfloat16 | float16); `logits` are float32 whatever the dtype (the head's
-MatMul runs in the export dtype, its result is widened once).
+Legend: L layers, C kv_lora_rank, R qk_rope_head_dim, V vocab; batch B, seq S (new tokens per row), kept K
+(positions per row whose logits are computed: `logits_index` [B, K], each < S; logits [B, K, V]).
+The latent cache and `new_c`/`new_pe` are in the export dtype (float32 | bfloat16 | float16); `logits` are
+float32 whatever the dtype (the head's MatMul runs in the export dtype, its result is widened once).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from r1c.config import ModelConfig
+from r1c.graph_io import LOGITS_INDEX
 
 GRAPH_IO_FILE = "graph_io.json"
 GRAPH_IO_SCHEMA = 1
@@ -23,12 +25,13 @@ def model_io(config: ModelConfig, dtype: int) -> tuple[list[onnx.ValueInfoProto]
     """The graph's inputs and outputs; `dtype` (ONNX) is the latent cache's."""
     c, L = config, config.num_hidden_layers
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info("past_lengths", TensorProto.INT64, ["batch"])]
+              helper.make_tensor_value_info("past_lengths", TensorProto.INT64, ["batch"]),
+              helper.make_tensor_value_info(LOGITS_INDEX, TensorProto.INT64, ["batch", "kept"])]
     for i in range(L):
         inputs.append(helper.make_tensor_value_info(f"past_c.{i}", dtype, ["batch", c.kv_lora_rank, "capacity"]))
         inputs.append(helper.make_tensor_value_info(f"past_pe.{i}", dtype, ["batch", c.qk_rope_head_dim, "capacity"]))
     outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", c.vocab_size]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", c.vocab_size]),
         helper.make_tensor_value_info("new_c", dtype, [L, "batch", "seq", c.kv_lora_rank]),
         helper.make_tensor_value_info("new_pe", dtype, [L, "batch", "seq", c.qk_rope_head_dim]),
     ]
@@ -43,11 +46,12 @@ def graph_io(config: ModelConfig, quant: str, dtype: str = "float32") -> dict[st
         "inputs": [
             {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
             {"name": "past_lengths", "dtype": "int64", "shape": ["batch"]},
+            {"name": LOGITS_INDEX, "dtype": "int64", "shape": ["batch", "kept"]},
             *[{"name": f"past_c.{i}", "dtype": dtype, "shape": ["batch", C, "capacity"]} for i in range(L)],
             *[{"name": f"past_pe.{i}", "dtype": dtype, "shape": ["batch", R, "capacity"]} for i in range(L)],
         ],
         "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", config.vocab_size]},
+            {"name": "logits", "dtype": "float32", "shape": ["batch", "kept", config.vocab_size]},
             {"name": "new_c", "dtype": dtype, "shape": [L, "batch", "seq", C]},
             {"name": "new_pe", "dtype": dtype, "shape": [L, "batch", "seq", R]},
         ],

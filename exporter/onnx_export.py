@@ -8,8 +8,12 @@ them without a transpose (all heads share one latent, so the heads fold into the
     past_c.{l}  [B, kv_lora_rank, P]     normalized compressed KV (keys and values after absorption)
     past_pe.{l} [B, qk_rope_head_dim, P] the shared rotary key, already rotated
 Inputs: input_ids int64 [B, S]; past_lengths int64 [B] (valid cached tokens per row, also each row's
-position offset); the caches, P = capacity (entries at p >= past_lengths[b] are ignored).
-Outputs: logits float32 [B, S, V]; new_c [L, B, S, kv_lora_rank]; new_pe [L, B, S, qk_rope_head_dim].
+position offset); logits_index int64 [B, K] (the positions, < S, whose logits are computed: a sampling step asks
+for each row's last token, scoring for all); the caches, P = capacity (entries at p >= past_lengths[b] are ignored).
+Outputs: logits float32 [B, K, V]; new_c [L, B, S, kv_lora_rank]; new_pe [L, B, S, qk_rope_head_dim].
+As llama.cpp does (its `inp_out_ids`), the last layer keeps only the K positions after its attention: its
+residual, MLP/MoE, the final norm and the head run on B*K tokens, not B*S (a 128-token prefill runs the last
+layer's experts and the head once, not 128 times); every layer still writes all S tokens' latents.
 
 Legend: B = batch, S = new tokens, P = cache capacity, N = heads, H = hidden, C = kv_lora_rank,
 R = qk_rope_head_dim, D = qk_nope_head_dim, Vd = v_head_dim, T = B*S tokens, E = experts.
@@ -35,6 +39,7 @@ from r1c.exporter.model import MLA_NORM_EPS, rope_parameters, router_attributes
 from r1c.exporter.onnx_functions import experts_function, router_function
 from r1c.exporter.onnx_graph import DATA_FILE, DEFAULT_MAX_FILE_BYTES, DTYPES, Graph, WeightWriter, np_dtype, to_numpy
 from r1c.exporter.tensor_source import DictSource, TensorSource
+from r1c.graph_io import LOGITS_INDEX
 from r1c.outdir import atomic_output_dir, check_output_dir
 from r1c.plugins import PLUGIN_NAMESPACE, R1C_DOMAIN, R1C_OPSET_VERSION
 from r1c.plugins.moe_experts import SPEC as EXPERTS_SPEC
@@ -204,6 +209,8 @@ class _Lowering:
                                                  past_valid, causal_rows)
             new_cs.append(new_c)
             new_pes.append(new_pe)
+            if i == n_layers - 1:  # past the last attention only the kept positions matter
+                x, attn = self.keep_positions(x), self.keep_positions(attn)
             x = g.op("Add", [x, attn])
             h = self.rms_norm(x, p + ".post_attention_layernorm.weight", c.rms_norm_eps)
             mlp = self.moe(h, p + ".mlp") if c.is_moe_layer(i) else self.mlp(h, p + ".mlp")
@@ -224,6 +231,14 @@ class _Lowering:
                                         ["new_pe"], axis=0, name="new_pe_out"))
         self.src.release()
         return self.model()
+
+    def keep_positions(self, x: str) -> str:
+        """x [B, S, H] -> [B, K, H]: the rows at `logits_index` [B, K] (GatherElements along S)."""
+        g = self.g
+        index = g.op("Unsqueeze", [LOGITS_INDEX, g.const([2])])  # [B, K, 1]
+        shape = g.op("Concat", [g.op("Shape", [LOGITS_INDEX]), g.op("Slice", [g.op("Shape", [x]), g.const([2]),
+                                                                                g.const([3])])], axis=0)
+        return g.op("GatherElements", [x, g.op("Expand", [index, shape])], axis=1)
 
     def attention(self, h: str, p: str, layer: int, b_dim: str, s_dim: str, cos: str, sin: str, cos_q: str,
                   sin_q: str, past_valid: str, causal_rows: str) -> tuple[str, str, str]:

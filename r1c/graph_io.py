@@ -2,7 +2,7 @@
 
 Two kinds:
 - r1c's own export (no `kind`, or `kind: "r1c"`): written by `r1c export` (exporter/graph_io.py):
-  input_ids, past_lengths and the MLA latent cache in, logits and the new latents out.
+  input_ids, past_lengths, logits_index and the MLA latent cache in, logits and the new latents out.
 - `kind: "foreign"`: described here from the graph itself (`describe_foreign`), for a model r1c did not
   export (e.g. the stock `torch.onnx` export of a transformers model) once `r1c optimize` has run on it:
     inputs   input_ids [B, S] int; optional attention_mask [B, P + S] int, position_ids [B, S] int;
@@ -26,6 +26,9 @@ from r1c.errors import R1CError
 
 FILE = "graph_io.json"
 SCHEMA = 1
+# r1c's export: the input naming, per row, the positions (< S) whose logits the graph computes ([B, K] int64;
+# logits come out [B, K, V]). Graphs exported before it have no such input and compute all S (the runtime copes).
+LOGITS_INDEX = "logits_index"
 FOREIGN = "foreign"
 _PAST = re.compile(r"^(?:past_key_values|past)[._](\d+)[._](key|value)$")
 _PRESENT = re.compile(r"^(?:present_key_values|present)[._](\d+)[._](key|value)$")

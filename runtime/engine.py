@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from r1c.errors import BundleError, RuntimeInputError
+from r1c.graph_io import LOGITS_INDEX
 from r1c.manifest import Manifest, read_manifest
 from r1c.runtime.kvcache import CacheLayout, LatentCache, budget_for, cache_dtype
 from r1c.runtime.step import StepRunner, backend_alloc, host_view, to_host
@@ -46,6 +47,11 @@ class Engine:
         return self.config.vocab_size
 
     @property
+    def selects_logits(self) -> bool:
+        """Whether the graph takes `logits_index` (computes logits only where asked; exports before it do not)."""
+        return any(i["name"] == LOGITS_INDEX for i in self.manifest.graph_io["inputs"])
+
+    @property
     def cache_layout(self) -> CacheLayout:
         return CacheLayout.from_graph_io(self.manifest.graph_io)
 
@@ -60,7 +66,8 @@ class Engine:
         alloc = backend_alloc(self.backend)
         cache = LatentCache(layout, budget_for(layout, batch, max_len), max_rows=batch, max_len=max_len,
                             min_bucket=min_bucket, alloc=alloc)
-        return StepRunner(self.backend, cache, self.vocab_size, step_tokens, alloc=alloc)
+        return StepRunner(self.backend, cache, self.vocab_size, step_tokens, alloc=alloc,
+                          logits_index=self.selects_logits)
 
     def forward(self, input_ids: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
         """Logits float32 [B, S, V] of a batch of equal-length sequences, with no cache."""
@@ -107,7 +114,7 @@ class Engine:
             cache.add_row()
         cache.resize(longest)
         logits = runner.step(ids, 0, lengths)  # padded tail tokens are not stored
-        token = to_host(logits[np.arange(batch), lengths - 1]).argmax(-1).astype(np.int64)
+        token = to_host(logits[:, 0]).argmax(-1).astype(np.int64)  # each row's last prompt token
         out = [[int(t)] for t in token]
         done = np.zeros(batch, dtype=bool) if eos_token_id is None else token == eos_token_id
         if on_step is not None:

@@ -6,9 +6,14 @@ right-padded). The caller (`StepRunner`, used by `Engine.generate` and by the se
 
     io.input_ids    [n, S] int64        host; row i's real tokens are the first n_new[i]
     io.past_lengths [n] int64           host; cached tokens per row (also each row's position offset)
+    io.logits_index [n, K] int64 | None host; the positions (< S) of each row whose logits the graph computes
+                                        (graph input `logits_index`: a step that samples asks for each row's last
+                                        real token, K = 1; a scoring step for all, K = S); None for a graph
+                                        without that input (exported before it), which computes all S
     io.past         {"past_c.{l}": [n, C, P], "past_pe.{l}": [n, R, P]}  views into the cache's arenas
                     (`kvcache.LatentCache.feeds`): contiguous, bound by pointer, never copied
-    io.logits       [n, S, V] float32   preallocated output buffer (a view); the backend writes into it
+    io.logits       [n, K, V] float32   preallocated output buffer (a view; K = S without logits_index); the
+                                        backend writes into it
     io.new          {"c": [L, n, S, C], "pe": [L, n, S, R]}  preallocated output buffers for the new latents
     io.key          hashable or None    names the buffers (below)
     io.r0, io.cache the first row and the `LatentCache` the views come from (for a backend that keeps a copy of
@@ -43,8 +48,8 @@ device-resident rewrite) is wrapped by `FeedsStepBackend`, which copies the (sma
 A backend whose buffers live on a device says so with an `alloc(shape, dtype)` attribute (`backend_alloc`): the
 cache manager and the runner then allocate their arenas and output buffers with it, once.
 
-Legend: n = rows in the step, S = tokens per row, P = capacity bucket, L = layers, C = kv_lora_rank,
-R = qk_rope_head_dim, V = vocab size.
+Legend: n = rows in the step, S = tokens per row, K = positions per row whose logits are computed, P = capacity
+bucket, L = layers, C = kv_lora_rank, R = qk_rope_head_dim, V = vocab size.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from r1c.graph_io import LOGITS_INDEX
 from r1c.runtime.kvcache import TENSORS, Alloc, LatentCache, numpy_alloc
 
 
@@ -69,6 +75,7 @@ class StepIO:
     key: Hashable | None = None  # equal keys: equal buffers (module docstring); None: bind afresh
     r0: int = 0
     cache: LatentCache | None = None
+    logits_index: np.ndarray | None = None  # [n, K] int64 (module docstring); None: the graph has no such input
     # what the backend that steps this io keeps for it while the io lives (OrtBackend: (itself, its IOBinding)):
     # dies with the runner's cache entry, so nothing outlives the buffers it points at. A StepIO is stepped by one
     # backend, its runner's, from one thread at a time.
@@ -76,7 +83,8 @@ class StepIO:
 
     def feeds(self) -> dict[str, Any]:
         """All graph inputs by name (for `run(feeds)` backends)."""
-        return {"input_ids": self.input_ids, "past_lengths": self.past_lengths, **self.past}
+        index = {} if self.logits_index is None else {LOGITS_INDEX: self.logits_index}
+        return {"input_ids": self.input_ids, "past_lengths": self.past_lengths, **index, **self.past}
 
     def outputs(self) -> dict[str, Any]:
         """All graph outputs by name."""
@@ -137,11 +145,14 @@ _runner_serials = itertools.count()
 
 class StepRunner:
     """Runs steps over a cache's rows with every buffer allocated once: output buffers for `max_tokens` tokens
-    (n * S), the ids and lengths inputs, and one `StepIO` per step shape (r0, n, S, P), keyed for the backend."""
+    (n * S), the ids, lengths and logits-index inputs, and one `StepIO` per step shape (r0, n, S, K, P), keyed for
+    the backend. `logits_index`: whether the graph takes that input (graph_io; graphs exported before it compute
+    the logits of every position, and the runner picks the asked ones out)."""
 
     def __init__(self, backend: Any, cache: LatentCache, vocab_size: int, max_tokens: int,
-                 alloc: Alloc = numpy_alloc, *, bind_once: bool = True) -> None:
+                 alloc: Alloc = numpy_alloc, *, bind_once: bool = True, logits_index: bool = True) -> None:
         self.backend = as_step_backend(backend)
+        self.selects = logits_index
         self.bind_once = bind_once  # False: a fresh unkeyed StepIO every step, bound afresh (the pre-issue-11 path)
         self.cache = cache
         self.vocab_size = vocab_size
@@ -152,14 +163,17 @@ class StepRunner:
                      for name, ch in zip(TENSORS, cache.layout.channels)}
         self._ids = np.zeros(max_tokens, dtype=np.int64)  # host, as the interface says
         self._lengths = np.zeros(cache.max_rows, dtype=np.int64)
+        self._index = np.zeros(max_tokens, dtype=np.int64)
         self._serial = next(_runner_serials)
-        self._ios: dict[tuple[int, int, int, int], StepIO] = {}  # least recently used first
+        self._ios: dict[tuple[int, int, int, int, int], StepIO] = {}  # least recently used first
 
-    def io(self, r0: int, n: int, s: int) -> StepIO:
-        """The `StepIO` of rows [r0, r0 + n), S = s tokens each, at the cache's current bucket P: made once per
-        shape (r0, n, S, P) and keyed (runner serial, r0, n, S, P) — or, with `bind_once=False`, made afresh with
-        key None. Its ids and lengths are filled by `step`."""
-        shape = (r0, n, s, self.cache.bucket)
+    def io(self, r0: int, n: int, s: int, k: int | None = None) -> StepIO:
+        """The `StepIO` of rows [r0, r0 + n), S = s tokens each, logits at K = k positions per row (default S), at
+        the cache's current bucket P: made once per shape (r0, n, S, K, P) and keyed (runner serial, r0, n, S, K,
+        P) — or, with `bind_once=False`, made afresh with key None. Its ids, lengths and index are filled by
+        `step`. A graph without `logits_index` always computes K = S."""
+        k = s if k is None or not self.selects else k
+        shape = (r0, n, s, k, self.cache.bucket)
         if not self.bind_once:
             return self._make_io(shape, None)
         io = self._ios.pop(shape, None)  # re-inserted below: the dict's order is least recently used first
@@ -170,32 +184,41 @@ class StepRunner:
         self._ios[shape] = io
         return io
 
-    def _make_io(self, shape: tuple[int, int, int, int], key: Hashable | None) -> StepIO:
-        r0, n, s, _ = shape  # the cache's bucket is P: its views are [n, ch, P]
+    def _make_io(self, shape: tuple[int, int, int, int, int], key: Hashable | None) -> StepIO:
+        r0, n, s, k, _ = shape  # the cache's bucket is P: its views are [n, ch, P]
         L = self.cache.layout.layers
         return StepIO(
             input_ids=self._ids[: n * s].reshape(n, s),
             past_lengths=self._lengths[:n],
             past=self.cache.feeds(r0, r0 + n),
-            logits=self._logits[: n * s * self.vocab_size].reshape(n, s, self.vocab_size),
+            logits=self._logits[: n * k * self.vocab_size].reshape(n, k, self.vocab_size),
             new={name: self._new[name][: L * n * s * ch].reshape(L, n, s, ch)
                  for name, ch in zip(TENSORS, self.cache.layout.channels)},
             key=key, r0=r0, cache=self.cache,
+            logits_index=self._index[: n * k].reshape(n, k) if self.selects else None,
         )
 
     def step(self, input_ids: np.ndarray, r0: int, n_new: Sequence[int] | np.ndarray | None) -> Any:
-        """Run rows [r0, r0 + n) on `input_ids` [n, S] (integer ids, copied into the runner's int64 buffer);
-        returns the logits view [n, S, V] float32 (the runner's buffer: valid until the next step). With `n_new`
-        ([n] int: real tokens per row) the new latents are stored and the lengths advanced; with None nothing is
-        written (scoring only). The caller resizes the cache first so every row fits. Per step, besides the
-        backend's run: two small copies (ids, lengths) and, when the shape (r0, n, S, P) is new, one `StepIO`."""
+        """Run rows [r0, r0 + n) on `input_ids` [n, S] (integer ids, copied into the runner's int64 buffer).
+
+        With `n_new` ([n] int: real tokens per row) the new latents are stored, the lengths advanced, and the
+        logits computed at each row's last real token only (position n_new[i] - 1): returns [n, 1, V] float32.
+        With None nothing is written (scoring) and every position's logits come back: [n, S, V]. The result is
+        the runner's buffer (valid until the next step), or for a graph without `logits_index` a copy of the asked
+        positions. The caller resizes the cache first so every row fits. Per step, besides the backend's run: three
+        small copies (ids, lengths, index) and, when the shape (r0, n, S, K, P) is new, one `StepIO`."""
         n, s = input_ids.shape
         if n * s > self.max_tokens:
             raise AssertionError(f"step of {n}x{s} tokens exceeds the runner's {self.max_tokens}")
-        io = self.io(r0, n, s)
+        last = None if n_new is None else np.asarray(n_new, dtype=np.int64) - 1
+        io = self.io(r0, n, s, None if last is None else 1)
         io.input_ids[...] = input_ids
         io.past_lengths[...] = self.cache.lengths[r0:r0 + n]
+        if io.logits_index is not None:
+            io.logits_index[...] = np.arange(s) if last is None else last[:, None]
         self.backend.step(io)
         if n_new is not None:
             self.cache.write(r0, n_new, io.new)
+        if last is not None and io.logits_index is None:  # a graph that computed every position
+            return io.logits[np.arange(n), last][:, None]
         return io.logits

@@ -156,7 +156,8 @@ class TensorRTBackend:
         from r1c.runtime.trt_device import step_bindings
 
         ids, lengths = self._staging.upload(io.input_ids, io.past_lengths, self._stream)
-        bindings = step_bindings(io, ids, lengths)
+        index = None if io.logits_index is None else self._staging.upload_index(io.logits_index, self._stream)
+        bindings = step_bindings(io, ids, lengths, index)
         self._bound.apply(self._context, bindings)
         if self._graphs is not None and io.input_ids.shape[1] == 1:
             with self._torch.cuda.stream(self._stream):

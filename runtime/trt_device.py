@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from r1c.errors import BundleError
+from r1c.graph_io import LOGITS_INDEX
 
-INPUTS = ("input_ids", "past_lengths")
+INPUTS = ("input_ids", "past_lengths", LOGITS_INDEX)  # host int64 inputs, uploaded each step (Staging)
 OUTPUTS = {"logits": "logits", "new_c": "c", "new_pe": "pe"}  # engine output -> StepIO.new key (logits: io.logits)
 
 
@@ -65,10 +66,13 @@ def _device_buffer(name: str, t: Any) -> tuple[tuple[int, ...], int]:
     return tuple(int(d) for d in t.shape), int(t.data_ptr())
 
 
-def step_bindings(io: Any, ids: Any, lengths: Any) -> list[Binding]:
-    """Every engine tensor of one step: the uploaded ids/lengths, the cache views, the output buffers."""
+def step_bindings(io: Any, ids: Any, lengths: Any, index: Any = None) -> list[Binding]:
+    """Every engine tensor of one step: the uploaded ids/lengths/logits index (None: a graph without
+    `logits_index`), the cache views, the output buffers."""
     out = [Binding("input_ids", *_device_buffer("input_ids", ids), True),
            Binding("past_lengths", *_device_buffer("past_lengths", lengths), True)]
+    if index is not None:
+        out.append(Binding(LOGITS_INDEX, *_device_buffer(LOGITS_INDEX, index), True))
     out += [Binding(name, *_device_buffer(name, view), True) for name, view in io.past.items()]
     for engine_name, key in OUTPUTS.items():
         buf = io.logits if engine_name == "logits" else io.new[key]
@@ -99,7 +103,7 @@ class BindingCache:
 
 
 class Staging:
-    """Fixed device buffers for the per-step token ids and past lengths, filled from pinned host memory.
+    """Fixed device buffers for the per-step token ids, past lengths and logits index, filled from pinned host memory.
 
     Allocated once for `max_tokens` ids and `max_rows` rows; `upload` returns views whose addresses depend only on
     the step's shape, so a captured decode graph keeps reading the right buffers.
@@ -111,26 +115,36 @@ class Staging:
         self._torch = torch
         self.host_ids = torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pin)
         self.host_lengths = torch.zeros(max_rows, dtype=torch.int64, pin_memory=pin)
+        self.host_index = torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pin)
         self.ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.lengths = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.index = torch.zeros(max_tokens, dtype=torch.int64, device=device)
 
     def upload(self, input_ids: np.ndarray, past_lengths: np.ndarray, stream: Any = None) -> tuple[Any, Any]:
         """Copy [n, S] ids and [n] lengths to the device (asynchronously on `stream`); returns the device views.
 
         The caller synchronizes once per step (it reads the chosen tokens) before the pinned buffers are reused."""
-        torch = self._torch
         n, s = input_ids.shape
         if n * s > self.ids.numel() or n > self.lengths.numel():
             raise BundleError(f"tensorrt: a step of {n}x{s} tokens exceeds the staging buffers "
                               f"({self.ids.numel()} tokens, {self.lengths.numel()} rows)")
-        self.host_ids[: n * s].numpy()[:] = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        self.host_lengths[:n].numpy()[:] = np.asarray(past_lengths, dtype=np.int64)
-        ids, lengths = self.ids[: n * s], self.lengths[:n]
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
-        with ctx:
-            ids.copy_(self.host_ids[: n * s], non_blocking=True)
-            lengths.copy_(self.host_lengths[:n], non_blocking=True)
-        return ids.view(n, s), lengths
+        ids = self._copy(self.host_ids, self.ids, input_ids, stream).view(n, s)
+        return ids, self._copy(self.host_lengths, self.lengths, past_lengths, stream)
+
+    def upload_index(self, logits_index: np.ndarray, stream: Any = None) -> Any:
+        """Copy the [n, K] logits index to the device the same way; returns its device view."""
+        n, k = logits_index.shape
+        if n * k > self.index.numel():
+            raise BundleError(f"tensorrt: a logits index of {n}x{k} exceeds the staging buffer ({self.index.numel()})")
+        return self._copy(self.host_index, self.index, logits_index, stream).view(n, k)
+
+    def _copy(self, host: Any, device: Any, values: np.ndarray, stream: Any) -> Any:
+        m = values.size
+        host[:m].numpy()[:] = np.asarray(values, dtype=np.int64).reshape(-1)
+        out = device[:m]
+        with self._torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            out.copy_(host[:m], non_blocking=True)
+        return out
 
 
 class _nullcontext:

@@ -8,6 +8,7 @@ from typing import Any
 
 from r1c.config import ModelConfig
 from r1c.errors import BuildError
+from r1c.graph_io import LOGITS_INDEX
 
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada; Hopper 9.0; Blackwell 10.x / 12.x
 
@@ -27,7 +28,8 @@ def profile_shapes(config: ModelConfig, input_names: list[str], options: dict[st
                    ) -> dict[str, dict[str, list[int]]]:
     """The optimization profile: input name -> {"min", "opt", "max"} shapes.
 
-    input_ids [batch, seq]; past_lengths [batch]; past_c.{l} [batch, kv_lora_rank, capacity];
+    input_ids [batch, seq]; past_lengths [batch]; logits_index [batch, kept] (kept: 1 for a sampling step, up to
+    seq for scoring; opt 1); past_c.{l} [batch, kv_lora_rank, capacity];
     past_pe.{l} [batch, qk_rope_head_dim, capacity]. Capacity 1 is the "no cache" call (`Engine.forward`).
     """
     opts = {**PROFILE_OPTIONS, **(options or {})}
@@ -49,14 +51,14 @@ def profile_shapes(config: ModelConfig, input_names: list[str], options: dict[st
         raise BuildError(f"build: max_seq ({max_seq}) and max_capacity ({max_cap}) must not exceed the model's "
                          f"max_position_embeddings ({mpe})")
 
-    def dims(batch: int, seq: int, cap: int) -> dict[str, list[int]]:
-        d = {"input_ids": [batch, seq], "past_lengths": [batch]}
+    def dims(batch: int, seq: int, cap: int, kept: int) -> dict[str, list[int]]:
+        d = {"input_ids": [batch, seq], "past_lengths": [batch], LOGITS_INDEX: [batch, kept]}
         for layer in range(config.num_hidden_layers):
             d[f"past_c.{layer}"] = [batch, config.kv_lora_rank, cap]
             d[f"past_pe.{layer}"] = [batch, config.qk_rope_head_dim, cap]
         return d
 
-    low, opt, high = dims(1, 1, 1), dims(opt_batch, opt_seq, opt_cap), dims(max_batch, max_seq, max_cap)
+    low, opt, high = dims(1, 1, 1, 1), dims(opt_batch, opt_seq, opt_cap, 1), dims(max_batch, max_seq, max_cap, max_seq)
     missing = [n for n in input_names if n not in low]
     if missing:
         raise BuildError(f"build: no optimization profile rule for graph inputs {missing}")

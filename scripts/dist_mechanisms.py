@@ -46,7 +46,8 @@ def main(bundle: Path, rank: int, steps: int, context: int, prefill: int) -> Non
     c = m.config
 
     def feeds(new: int) -> dict[str, np.ndarray]:
-        f = {"input_ids": np.full((1, new), 5, np.int64), "past_lengths": np.array([context - new], np.int64)}
+        f = {"input_ids": np.full((1, new), 5, np.int64), "past_lengths": np.array([context - new], np.int64),
+             "logits_index": np.array([[new - 1]], np.int64)}  # the last token's logits, as a sampling step
         for layer in range(c.num_hidden_layers):
             f[f"past_c.{layer}"] = np.zeros((1, c.kv_lora_rank, context), np.float32)
             f[f"past_pe.{layer}"] = np.zeros((1, c.qk_rope_head_dim, context), np.float32)

@@ -307,9 +307,11 @@ def _cpu_logits(export: Path, bundle: Path, ids: Any) -> tuple[Any, str]:
     from r1c.config import ModelConfig
 
     c = ModelConfig.from_json(export / "config.json")
+    sess = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids.astype(np.int64), "past_lengths": np.zeros(ids.shape[0], np.int64)}
+    if any(i.name == "logits_index" for i in sess.get_inputs()):  # every position's logits
+        feeds["logits_index"] = np.tile(np.arange(ids.shape[1], dtype=np.int64), (ids.shape[0], 1))
     for layer in range(c.num_hidden_layers):
         feeds[f"past_c.{layer}"] = np.zeros((ids.shape[0], c.kv_lora_rank, 1), np.float32)
         feeds[f"past_pe.{layer}"] = np.zeros((ids.shape[0], c.qk_rope_head_dim, 1), np.float32)
-    sess = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
     return sess.run(["logits"], feeds)[0], "ORT on export"

@@ -152,6 +152,8 @@ def r1c_taps(bundle: Path, ids: np.ndarray, config: ModelConfig) -> tuple[list[n
     backend = OrtBackend(path, {})
     b = ids.shape[0]
     feeds: dict[str, np.ndarray] = {"input_ids": ids, "past_lengths": np.zeros(b, np.int64)}
+    if any(i.name == "logits_index" for i in backend.session.get_inputs()):  # every position
+        feeds["logits_index"] = np.tile(np.arange(ids.shape[1], dtype=np.int64), (b, 1))
     cache = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     for i in backend.session.get_inputs():
         if i.name.startswith(("past_c.", "past_pe.")):

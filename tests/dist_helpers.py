@@ -61,10 +61,12 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 def feeds_with_past(config: ModelConfig, batch: int = 2, new: int = 4, capacity: int = 6, seed: int = 0
                     ) -> dict[str, np.ndarray]:
-    """A step of `new` tokens per row over a random cache (rows filled to different lengths)."""
+    """A step of `new` tokens per row over a random cache (rows filled to different lengths), logits at every
+    position."""
     rng = np.random.default_rng(seed)
     feeds = {"input_ids": rng.integers(0, config.vocab_size, (batch, new)).astype(np.int64),
-             "past_lengths": np.arange(batch, dtype=np.int64) % (capacity + 1)}
+             "past_lengths": np.arange(batch, dtype=np.int64) % (capacity + 1),
+             "logits_index": np.tile(np.arange(new, dtype=np.int64), (batch, 1))}
     for layer in range(config.num_hidden_layers):
         feeds[f"past_c.{layer}"] = rng.standard_normal((batch, config.kv_lora_rank, capacity)).astype(np.float32)
         feeds[f"past_pe.{layer}"] = rng.standard_normal((batch, config.qk_rope_head_dim, capacity)).astype(np.float32)

@@ -84,6 +84,28 @@ def test_runtime_logits_equal_transformers(tiny: dict[str, Path]) -> None:
     assert rel_err(engine.forward(ids), want) < REL_TOL
 
 
+def test_prefill_logits_of_each_rows_last_token_equal_transformers(tiny: dict[str, Path]) -> None:
+    """A sampling prefill of right-padded rows computes logits at each row's last token only (`logits_index`: the
+    last layer's MLP and the head run on those positions): equal to transformers' logits there, row by row."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tiny["ckpt"]), dtype=torch.float32).eval()
+    engine = load(tiny["bundle"])
+    assert engine.selects_logits
+    rng = np.random.default_rng(4)
+    lengths = np.array([5, 9, 2])
+    ids = rng.integers(2, engine.vocab_size, size=(3, 9))
+    runner = engine._runner(3, 16, ids.size, 16)
+    for _ in range(3):
+        runner.cache.add_row()
+    runner.cache.resize(9)
+    got = np.array(runner.step(ids, 0, lengths))
+    assert got.shape == (3, 1, engine.vocab_size)
+    for row, n in enumerate(lengths):
+        with torch.no_grad():
+            want = hf(torch.from_numpy(ids[row:row + 1, :n])).logits[0, -1].numpy()
+        assert rel_err(got[row, 0], want) < REL_TOL
+
+
 def test_generate_batch_of_different_lengths_equals_transformers_greedy(tiny: dict[str, Path]) -> None:
     transformers = pytest.importorskip("transformers")
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tiny["ckpt"]), dtype=torch.float32).eval()

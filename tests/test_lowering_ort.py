@@ -182,7 +182,8 @@ def test_onnxruntime_pipeline_on_an_r1c_export(tmp_path: Path) -> None:
     assert counts["com.microsoft::QuickGelu"] == config.first_k_dense_replace + config.num_moe_layers
     assert counts.get("com.microsoft::MoE", 0) == (config.num_moe_layers if ort_runs("MoE") is None else 0)
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, config.vocab_size, (2, 5)), "past_lengths": np.array([3, 0])}
+    feeds = {"input_ids": rng.integers(0, config.vocab_size, (2, 5)), "past_lengths": np.array([3, 0]),
+             "logits_index": np.array([[4, 0, 2], [1, 3, 3]])}  # any positions, in any order, repeated
     for i in range(config.num_hidden_layers):
         feeds[f"past_c.{i}"] = rng.standard_normal((2, config.kv_lora_rank, 4)).astype(np.float32)
         feeds[f"past_pe.{i}"] = rng.standard_normal((2, config.qk_rope_head_dim, 4)).astype(np.float32)

@@ -52,7 +52,8 @@ class Recorder:
         self.steps += 1
         seen = buffers(io)
         n = len(io.past_lengths)
-        assert io.input_ids.shape[0] == n and io.logits.shape[:2] == io.input_ids.shape
+        assert io.input_ids.shape[0] == n and io.logits_index is not None
+        assert io.logits.shape[:2] == io.logits_index.shape and io.logits_index.shape[0] == n
         current = {name: fingerprint(v) for name, v in self.cache.feeds(self.r0, self.r0 + n).items()}
         assert {k: seen[k] for k in current} == current  # the cache's views now, not those of an older bucket
         assert self.by_key.setdefault(io.key, seen) == seen  # equal keys: equal buffers
@@ -110,8 +111,8 @@ def test_equal_keys_mean_equal_buffers_across_buckets_rows_and_runners(monkeypat
         serials.add(exercise(rec))
         gc.collect()
     assert len(serials) == 2 and rec.steps == 2 * 12
-    assert len(rec.by_key) == 2 * 7  # per runner: (r0, n, S, P) = (0,3,6,8) (0,3,1,8) (0,3,1,16) (1,2,1,16)
-    #                                  (0,2,1,16) (1,1,4,16) (0,2,1,64)
+    assert len(rec.by_key) == 2 * 7  # per runner: (r0, n, S, K, P) = (0,3,6,1,8) (0,3,1,1,8) (0,3,1,1,16)
+    #                                  (1,2,1,1,16) (0,2,1,1,16) (1,1,4,1,16) (0,2,1,1,64)
 
 
 def test_unkeyed_runner_makes_every_step_afresh() -> None:
@@ -147,7 +148,7 @@ def run_sequence(engine: Any, bind_once: bool, max_tokens: int) -> list[np.ndarr
     cache.resize(6)
     lengths = np.array([6, 3, 5])
     logits = step(rng.integers(2, engine.vocab_size, (3, 6)), 0, lengths)  # bucket 8
-    tokens = logits[np.arange(3), lengths - 1].argmax(-1)[:, None]
+    tokens = logits[:, 0].argmax(-1)[:, None]  # each row's last prompt token
     for _ in range(5):
         tokens = decode(tokens, 0)  # 8 -> 16 on the third step
     cache.move_row(2, 0)
@@ -199,4 +200,31 @@ def test_keyed_bindings_give_the_logits_of_fresh_bindings(tmp_path_factory: pyte
     # one binding per distinct key, and the keys of the two runners differ; steps of a known key bind nothing
     assert len(binds) == len(set(binds)) and len({k[0] for k in binds}) == 2
     assert len(binds) < 2 * len(fresh)
-    assert len({k[1:] for k in binds if k[4] == 16}) >= 3  # bucket 16: (0, 3), (0, 2), (1, 1) rows rebound
+    assert len({k[1:] for k in binds if k[5] == 16}) >= 3  # bucket 16: (0, 3), (0, 2), (1, 1) rows rebound
+
+
+class Marker:
+    """A step backend whose logits mark where they come from: logits[i, j, :] = the token id at the position they
+    are computed for (the graph's `logits_index`, or position j for a graph without that input)."""
+
+    def step(self, io: StepIO) -> None:
+        n, s = io.input_ids.shape
+        positions = np.tile(np.arange(s), (n, 1)) if io.logits_index is None else io.logits_index
+        io.logits[...] = np.take_along_axis(io.input_ids, positions, 1)[:, :, None]
+
+
+@pytest.mark.parametrize("selects", [True, False])
+def test_a_sampling_step_returns_each_rows_last_token_logits(selects: bool) -> None:
+    """With n_new the runner asks the graph for each row's last real token (n_new - 1) and returns [n, 1, V]; a
+    scoring step (None) every position, [n, S, V]. A graph without `logits_index` computes all S: the runner picks
+    the same positions out."""
+    cache = LatentCache(LAYOUT, 3 * 16 * LAYOUT.bytes_per_token, max_rows=3, max_len=16, min_bucket=4)
+    runner = StepRunner(Marker(), cache, 7, 24, logits_index=selects)
+    for _ in range(3):
+        cache.add_row()
+    cache.resize(6)
+    ids = np.arange(18, dtype=np.int64).reshape(3, 6)
+    np.testing.assert_array_equal(runner.step(ids, 0, None), np.repeat(ids[:, :, None], 7, axis=2))
+    got = runner.step(ids, 0, [6, 2, 4])
+    assert got.shape == (3, 1, 7)
+    np.testing.assert_array_equal(got[:, 0, 0], [5, 7, 15])

@@ -170,9 +170,11 @@ class CacheReplica:
                               f"(lengths {cache.lengths[r0:r0 + n].tolist()} vs {past_lengths.tolist()})")
         return cache.feeds(r0, r0 + n)
 
-    def step_io(self, key: int, r0: int, input_ids: np.ndarray, past_lengths: np.ndarray) -> StepIO:
-        """The `StepIO` of a step over rows [r0, r0 + n) of cache `key` on `input_ids` [n, S] int64 (this copy's
-        views, checked as by `feeds`), with output buffers kept per cache: `logits` [n, S, V] float32 and `new`
+    def step_io(self, key: int, r0: int, input_ids: np.ndarray, past_lengths: np.ndarray,
+                logits_index: np.ndarray | None = None) -> StepIO:
+        """The `StepIO` of a step over rows [r0, r0 + n) of cache `key` on `input_ids` [n, S] int64 and, for a graph
+        that takes it, `logits_index` [n, K] (this copy's views, checked as by `feeds`), with output buffers kept
+        per cache: `logits` [n, K, V] float32 (K = S without an index) and `new`
         {"c": [L, n, S, C], "pe": [L, n, S, R]} (the cache's dtype; legend in `r1c.runtime.step`), views into flat
         buffers made when a step of this cache needs more tokens than any before and reused after. Per cache, not
         shared: a step's new latents stay in them until the WRITE that the next step of the same cache carries.
@@ -186,10 +188,12 @@ class CacheReplica:
             buffers = self._buffers[key] = {"logits": np.empty(tokens * self._vocab(), np.float32), **{
                 name: np.empty(L * tokens * ch, self.layout.dtype)
                 for name, ch in zip(TENSORS, self.layout.channels)}}
+        k = s if logits_index is None else logits_index.shape[1]
         return StepIO(input_ids=input_ids, past_lengths=past_lengths, past=past,
-                      logits=buffers["logits"][: tokens * self._vocab()].reshape(n, s, self._vocab()),
+                      logits=buffers["logits"][: n * k * self._vocab()].reshape(n, k, self._vocab()),
                       new={name: buffers[name][: L * tokens * ch].reshape(L, n, s, ch)
-                           for name, ch in zip(TENSORS, self.layout.channels)}, r0=r0, cache=self.caches[key])
+                           for name, ch in zip(TENSORS, self.layout.channels)}, r0=r0, cache=self.caches[key],
+                      logits_index=logits_index)
 
     def _vocab(self) -> int:
         """V: the last dimension of the graph's `logits` output."""

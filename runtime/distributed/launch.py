@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from r1c.errors import BundleError
+from r1c.graph_io import LOGITS_INDEX
 from r1c.manifest import Manifest, read_manifest
 from r1c.runtime.distributed.cache_replay import CacheJournals, CacheReplica, cache_inputs
 from r1c.runtime.distributed.control import READY, RUN, STOP, Step, StepChannel
@@ -100,7 +101,8 @@ def follow(bundle: Path, manifest: Manifest, rank: int, mechanism: str, options:
             break
         replica.apply(step.key, step.words)
         ids, lengths = step.feeds["input_ids"], step.feeds["past_lengths"]
-        io = replica.step_io(step.key, step.r0, ids, lengths)  # this cache's output buffers, reused across steps
+        io = replica.step_io(step.key, step.r0, ids, lengths,  # this cache's output buffers, reused across steps
+                             step.feeds.get(LOGITS_INDEX))
         runner.step(io)
         replica.stepped(step.key, io.outputs())
 

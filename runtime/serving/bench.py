@@ -203,7 +203,7 @@ def bucket_effect(engine: Engine, rows: int, filled: int, reps: int = 5) -> dict
         cache.lengths[:rows] = filled
         cache.contents_unused = True  # lengths without latents: timing only (a sharded engine copies the lengths)
         cache.resize(filled + 1)
-        runners[name] = StepRunner(engine.backend, cache, engine.vocab_size, rows)
+        runners[name] = StepRunner(engine.backend, cache, engine.vocab_size, rows, logits_index=engine.selects_logits)
     ids = np.random.default_rng(0).integers(2, engine.vocab_size, size=(rows, 1))
     times: dict[str, list[float]] = {k: [] for k in runners}
     for r in range(reps + 1):

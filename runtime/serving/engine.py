@@ -106,7 +106,8 @@ class ServingEngine:
                             min_bucket=cfg.min_bucket, alloc=alloc)
         # output buffers for the largest call: the budget, or the decode rows with a chunk riding along
         step_tokens = max(cfg.max_tokens_per_step, cfg.min_prefill_chunk) + cfg.max_num_seqs + cfg.prefill_pad_tokens
-        runner = StepRunner(engine.backend, cache, engine.vocab_size, step_tokens, alloc=alloc)
+        runner = StepRunner(engine.backend, cache, engine.vocab_size, step_tokens, alloc=alloc,
+                            logits_index=engine.selects_logits)
         self.codec = TextCodec.from_dir(engine.bundle_dir)
         eos = engine.config.eos_token_id
         self.eos_token_ids = [eos] if eos is not None else []

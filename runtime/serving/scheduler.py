@@ -218,7 +218,7 @@ class Scheduler:
                     completed += 1
                     self.counters["prompt_tokens"] += len(rows[r].prompt)
                 sampled.append(r)
-                last.append(to_host(logits[i, n - 1]))
+                last.append(to_host(logits[i, 0]))  # the row's last token (StepRunner.step)
         finished: list[int] = []
         if sampled:
             now_choices = sample(np.stack(last), [rows[r].state for r in sampled])
