@@ -61,7 +61,7 @@ constexpr int kW = 16;  // floats per vector register
 #define R1C_TILE_TOKENS 12  // 24 accumulators + 2 weight vectors + 1 broadcast of the 32 registers
 #elif defined(__AVX__)
 constexpr int kW = 8;
-#define R1C_TILE_TOKENS 2   // 8 accumulators + 4 weight vectors + 1 broadcast of the 16 registers
+#define R1C_TILE_TOKENS 3   // 12 accumulators + 3 broadcasts + 1 weight vector of the 16 registers
 #else
 constexpr int kW = 4;
 #define R1C_TILE_TOKENS 1
@@ -120,11 +120,20 @@ inline void panel_tile(const float* panel, int64_t K, const float* const* xs, vf
     for (int v = 0; v < kNV; ++v) acc[c][v] = vf{};
   for (int64_t k = 0; k < K; ++k) {
     const float* wk = panel + k * kPanel;
-    vf w[kNV];
-    for (int v = 0; v < kNV; ++v) w[v] = load(wk + v * kW);
-    for (int c = 0; c < C; ++c) {
-      const vf b = splat(x[c][k]);
-      for (int v = 0; v < kNV; ++v) acc[c][v] += w[v] * b;
+    if constexpr (kNV > 2) {  // 16 registers: the C broadcasts held, one weight vector at a time
+      vf b[C];
+      for (int c = 0; c < C; ++c) b[c] = splat(x[c][k]);
+      for (int v = 0; v < kNV; ++v) {
+        const vf w = load(wk + v * kW);
+        for (int c = 0; c < C; ++c) acc[c][v] += w * b[c];
+      }
+    } else {  // 32 registers: the panel row's weight vectors held, one broadcast at a time
+      vf w[kNV];
+      for (int v = 0; v < kNV; ++v) w[v] = load(wk + v * kW);
+      for (int c = 0; c < C; ++c) {
+        const vf b = splat(x[c][k]);
+        for (int v = 0; v < kNV; ++v) acc[c][v] += w[v] * b;
+      }
     }
   }
 }
