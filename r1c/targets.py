@@ -2,6 +2,7 @@
 fast; `r1c.runtime.trt_profiles` and the TensorRT builds take them from here)."""
 
 DEFAULT_RTX_COMPUTE_CAPABILITY = "SM89"  # Ada (compute capability 8.9): the oldest architecture with FP8 tensor cores
-# `r1c build --cpu-moe`: float32 routed experts on r1c's CPU kernel ("r1c"), on ONNX Runtime's MoE ("ort"), or the
-# first where it builds ("auto"; runtime/build.py resolve_cpu_moe)
+# `r1c build --cpu-kernels` (older name --cpu-moe): float32 routed experts and MatMuls by a constant on r1c's CPU
+# kernels ("r1c"), on ONNX Runtime's MoE and MLAS ("ort"), or the first where they build ("auto";
+# runtime/build.py resolve_cpu_moe)
 CPU_MOE_CHOICES = ("auto", "r1c", "ort")

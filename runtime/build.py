@@ -194,8 +194,9 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                             threads=int(session_opts["intra_op_num_threads"]), precision=precision,
                             max_file_bytes=max_file_bytes, cpu_moe=cpu_moe)
             libraries["onnxruntime"] = ort.__version__
-            if cpu_moe == "r1c" and not report.get("use_cpu_moe_kernel", {}).get("nodes"):
-                cpu_moe = "ort"  # no float MoE left for the kernel (int8/int4 experts run on QMoE): no library
+            if cpu_moe == "r1c" and not any(report.get(p, {}).get("nodes")
+                                            for p in ("use_cpu_moe_kernel", "use_cpu_linear_kernel")):
+                cpu_moe = "ort"  # nothing float32 left for r1c's kernels (int8/int4 weights run on ORT's): no library
             target_options = {"model": MODEL_FILE, "session": session_opts, "cpu_moe": cpu_moe}
             if cpu_moe == "r1c":
                 from r1c.plugins.cpu_moe.library import copy_libraries

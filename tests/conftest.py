@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import pytest
+from cpu_kernels import any_level, kernel, kernels  # noqa: F401  (r1c's CPU kernel libraries, shared fixtures)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

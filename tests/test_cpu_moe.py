@@ -13,7 +13,6 @@ session; without a compiler or ONNX Runtime's headers the tests skip saying so, 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,35 +31,6 @@ from r1c.plugins.cpu_moe import library as cpu_library
 
 TOL = 1e-5
 SENTINEL = -1e30
-
-
-@pytest.fixture(scope="session")
-def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The library compiled for every level (into a temporary `kernels/`): level -> path."""
-    why = cpu_library.why_unavailable()
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must build r1c's CPU kernels (.ci/run fetches the headers): {why}")
-        pytest.skip(f"r1c's CPU kernels cannot be built here: {why}")
-    dest = tmp_path_factory.mktemp("kernels")
-    files = cpu_library.copy_libraries(cpu_library.compile_libraries(), dest)
-    return {level: dest / name for level, name in files.items()}
-
-
-@pytest.fixture(scope="session")
-def kernel(kernels: dict[str, Path]) -> Path:
-    """The library a bundle would load on this host (its highest level)."""
-    names = {level: path.name for level, path in kernels.items()}
-    return next(iter(kernels.values())).with_name(cpu_library.for_host(names))
-
-
-@pytest.fixture(params=list(cpu_library.LEVELS))
-def any_level(request: pytest.FixtureRequest, kernels: dict[str, Path]) -> Path:
-    """Each level's library that this CPU can run (an AVX-512 host runs the AVX2 build too)."""
-    level = request.param
-    if not cpu_library.LEVELS[level][1] <= cpu_library.host_flags():
-        pytest.skip(f"this CPU lacks {level}'s flags {sorted(cpu_library.LEVELS[level][1] - cpu_library.host_flags())}")
-    return kernels[level]
 
 
 def reference(x: np.ndarray, probs: np.ndarray, w13: np.ndarray, w2: np.ndarray, k: int, normalize: int
@@ -224,7 +194,8 @@ def test_host_level_choice() -> None:
 
 
 def test_bundles_r1c_kernel_equals_ort_moe(kernel: Path, tmp_path: Path) -> None:
-    """The tiny preset built both ways: same logits (1e-5) and greedy tokens; the manifest names the kernels."""
+    """The tiny preset built both ways: same logits (1e-5) and greedy tokens; the manifest names the kernels; the
+    r1c build runs its routed experts on MoE and its dense float32 MatMuls on Linear, the ORT build neither."""
     from r1c.config import preset
     from r1c.exporter.checkpoint import random_checkpoint
     from r1c.exporter.onnx_export import export_onnx
@@ -240,6 +211,10 @@ def test_bundles_r1c_kernel_equals_ort_moe(kernel: Path, tmp_path: Path) -> None
     opts = read_manifest(a).target_options
     assert opts["cpu_moe"] == "r1c" and set(opts["cpu_kernels"]) == set(cpu_library.LEVELS)
     assert read_manifest(b).target_options["cpu_moe"] == "ort" and "cpu_kernels" not in read_manifest(b).target_options
+    ours, theirs = op_counts(ir.load(a / "model.onnx")), op_counts(ir.load(b / "model.onnx"))
+    assert ours[f"{SPEC.domain}::MoE"] == config.num_moe_layers
+    assert ours[f"{SPEC.domain}::Linear"] >= 4 * config.num_hidden_layers  # attention projections at least
+    assert not any(op.startswith(f"{SPEC.domain}::") for op in theirs)
     ea, eb = load(a), load(b)
     ids = np.random.default_rng(0).integers(0, 100, size=(2, 7))
     assert max_rel_err(ea.forward(ids), eb.forward(ids)) < TOL
@@ -357,7 +332,7 @@ def test_kernel_source_compiles_without_warnings(tmp_path: Path) -> None:
     if include is None or cpu_library.why_unavailable():
         pytest.skip(f"r1c's CPU kernels cannot be built here: {cpu_library.why_unavailable()}")
     for level, (march, _) in cpu_library.LEVELS.items():
-        cmd = ["g++", *cpu_library.FLAGS, "-Werror", f"-march={march}", "-I", str(include), str(cpu_library.SOURCE),
-               "-o", str(tmp_path / f"{level}.so")]
+        cmd = ["g++", *cpu_library.FLAGS, "-Werror", f"-march={march}", "-I", str(include),
+               *map(str, cpu_library.SOURCES), "-o", str(tmp_path / f"{level}.so")]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr

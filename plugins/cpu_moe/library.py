@@ -1,9 +1,10 @@
-"""Build r1c's CPU kernel library (`moe_cpu.cc`, the `r1c.cpu` custom-op domain) and pick the build a host can run.
+"""Build r1c's CPU kernel library (the `r1c.cpu` custom-op domain: `MoE` in moe_cpu.cc, `Linear` in linear_cpu.cc,
+both over panels.h; register.cc the entry point) and pick the build a host can run.
 
 A bundle carries the library compiled for two x86-64 micro-architecture levels (the psABI's levels, as GCC's
 `-march=x86-64-v3` / `-v4` name them): v4 (AVX-512 F/BW/CD/DQ/VL: 16-float registers) and v3 (AVX2 + FMA: 8).
 `r1c build` compiles both (g++, about 3 s each, cached under `${R1C_CACHE:-~/.cache/r1c}/cpu-kernels/<key>/`,
-the key hashing the source, the headers, the compiler's version and the flags) against ONNX Runtime's C/C++ API
+the key hashing the sources, the headers, the compiler's version and the flags) against ONNX Runtime's C/C++ API
 headers, found at `$R1C_ORT_INCLUDE` when it is set (only there), else in the cache `scripts/fetch_ort_headers.sh`
 fills, then at `/usr/include/onnxruntime` (Debian's `libonnxruntime-dev`). At load, `for_host` picks the highest
 level whose CPU flags the host has (`/proc/cpuinfo`). The headers' C API version must not be newer than the installed
@@ -27,8 +28,9 @@ from r1c.errors import BuildError, BundleError
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("moe_cpu.cc")
-HEADERS = ("onnxruntime_cxx_api.h", "onnxruntime_c_api.h", "onnxruntime_lite_custom_op.h")  # what moe_cpu.cc includes
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("moe_cpu.cc", "linear_cpu.cc", "register.cc"))
+LOCAL_HEADERS = (Path(__file__).with_name("panels.h"),)  # what the sources include from beside them
+HEADERS = ("onnxruntime_cxx_api.h", "onnxruntime_c_api.h", "onnxruntime_lite_custom_op.h")  # what panels.h includes
 SYSTEM_HEADERS = Path("/usr/include/onnxruntime")
 # level -> (g++ -march value, the /proc/cpuinfo flags the level requires; x86-64 psABI levels)
 LEVELS: dict[str, tuple[str, frozenset[str]]] = {
@@ -109,8 +111,8 @@ def _compile(level: str, include: Path) -> Path:
     flags = (*FLAGS, f"-march={march}", "-mtune=generic")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), *((include / h).read_bytes() for h in HEADERS), version.encode(),
-                 " ".join(flags).encode()):
+    for part in (*(f.read_bytes() for f in (*SOURCES, *LOCAL_HEADERS)), *((include / h).read_bytes() for h in HEADERS),
+                 version.encode(), " ".join(flags).encode()):
         key.update(hashlib.sha256(part).digest())
     out = cache_dir() / "cpu-kernels" / key.hexdigest()[:16] / f"libr1c_cpu.{level}.so"
     if out.is_file():
@@ -122,7 +124,7 @@ def _compile(level: str, include: Path) -> Path:
     except OSError as e:
         raise KernelLibraryError(f"build: r1c's kernel cache {cache_dir()} is not writable ({e.strerror}; set "
                                  "R1C_CACHE to a writable directory)") from None
-    cmd = [cxx, *flags, "-I", str(include), str(SOURCE), "-o", str(tmp)]
+    cmd = [cxx, *flags, "-I", str(include), *map(str, SOURCES), "-o", str(tmp)]
     logger.info("compiling r1c's CPU kernels for %s: %s", level, " ".join(cmd))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)

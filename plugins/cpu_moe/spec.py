@@ -33,7 +33,29 @@ SPEC = OpSpec(
     domain=CPU_DOMAIN,
 )
 
-PANEL = 32  # weight rows per packed panel (moe_cpu.cc kPanel)
+PANEL = 32  # weight rows per packed panel (panels.h kPanel)
+
+# `r1c.cpu::Linear`: y [.., N] = input [.., K] @ W [K, N] float32, W a constant stored packed (`pack_linear`):
+# weight_packed [ceil(N / 32), K, 32]; attribute n = N. The kernel is linear_cpu.cc; passes/use_cpu_linear_kernel.py
+# swaps it in for ONNX MatMul nodes whose second input is such a constant.
+LINEAR_SPEC = OpSpec(
+    name="Linear",
+    inputs=("input", "weight_packed"),
+    optional_inputs=(),
+    outputs=("output",),
+    attributes={"n": 1},
+    domain=CPU_DOMAIN,
+)
+
+
+def pack_linear(w: np.ndarray) -> np.ndarray:
+    """A MatMul's constant [K, N] -> [ceil(N / 32), K, 32] float32 (panel p = columns 32p .. 32p + 31 for each input
+    index, zero past N), C-contiguous."""
+    k, n = w.shape
+    p = -(-n // PANEL)
+    padded = np.zeros((k, p * PANEL), np.float32)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, p, PANEL).transpose(1, 0, 2))
 
 
 def pack_experts(fc1: np.ndarray, fc2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

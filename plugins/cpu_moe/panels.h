@@ -1,0 +1,142 @@
+// r1c's CPU kernels: what the kernels share (r1c/plugins/cpu_moe: moe_cpu.cc, linear_cpu.cc, register.cc, built
+// into one library by library.py). The packed panel layout, the register tiles over it, a vector exp, scratch
+// handling. Everything here is inline / internal to the library (hidden visibility).
+#pragma once
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#include "onnxruntime_lite_custom_op.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace r1c_cpu {
+
+
+// The packed layout (r1c/plugins/cpu_moe/spec.py `pack_experts`, written once by the build's pass): every weight
+// matrix is cut into panels of kPanel output rows, each panel stored k-major ([K][kPanel]: for each input index k
+// the panel's kPanel weights side by side). A panel is one sequential stream, and a tile is an outer product: per
+// k, kPanel / kW weight vectors times one broadcast activation per token, with no horizontal reduction. fc1's
+// panel p holds gate rows 16p .. 16p + 15 in its first half and the up rows of the same intermediates in its
+// second, so SwiGLU is applied to whole vectors as the tile ends. Rows past the matrix's end are zero.
+constexpr int kPanel = 32;  // rows per panel; the layout is the same for every instruction-set level
+constexpr int kHalf = kPanel / 2;
+#if defined(__AVX512F__)
+constexpr int kW = 16;  // floats per vector register
+#define R1C_TILE_TOKENS 12  // 24 accumulators + 2 weight vectors + 1 broadcast of the 32 registers
+#elif defined(__AVX__)
+constexpr int kW = 8;
+#define R1C_TILE_TOKENS 3   // 12 accumulators + 3 broadcasts + 1 weight vector of the 16 registers
+#else
+constexpr int kW = 4;
+#define R1C_TILE_TOKENS 1
+#endif
+constexpr int kTileTokens = R1C_TILE_TOKENS;  // tokens per register tile
+constexpr int kNV = kPanel / kW;               // vectors per panel row
+// Activation rows (the input's, the SwiGLU outputs) are re-strided by kPad floats so that a tile's rows, H or I
+// floats apart (4 KiB for H = 1024), do not all fall into one L1 set (measured +25% for 4 and 32 tokens).
+constexpr int64_t kPad = 16;
+
+typedef float vf __attribute__((vector_size(kW * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t))));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+inline vf splat(float s) { return vf{} + s; }
+
+// exp on every lane: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to r^7
+// (relative error below 2e-7 on that interval), x clamped to [-87.3, 88.7] (float's normal range). NaN stays NaN.
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.3f), hi = splat(88.7f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vf n = (x * splat(1.44269504f) + magic) - magic;
+  const vf r = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);  // ln 2 in two parts (Cody-Waite)
+  vf p = splat(1.f / 5040.f);
+  p = p * r + splat(1.f / 720.f);
+  p = p * r + splat(1.f / 120.f);
+  p = p * r + splat(1.f / 24.f);
+  p = p * r + splat(1.f / 6.f);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.f);
+  p = p * r + splat(1.f);
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline vf vsilu(vf g) { return g / (splat(1.f) + vexp(-g)); }
+
+// acc[c][v] = sum over k < K of panel[k][v * kW .. v * kW + kW) * xs[c][k], for C tokens: an outer-product tile
+// over one panel ([K][kPanel], read once from start to end).
+template <int C>
+inline void panel_tile(const float* panel, int64_t K, const float* const* xs, vf (&acc)[C][kNV]) {
+  const float* x[C];  // held in registers: loads through `xs` inside the loop would be re-read after every store
+  for (int c = 0; c < C; ++c) x[c] = xs[c];
+  for (int c = 0; c < C; ++c)
+    for (int v = 0; v < kNV; ++v) acc[c][v] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = panel + k * kPanel;
+    if constexpr (kNV > 2) {  // 16 registers: the C broadcasts held, one weight vector at a time
+      vf b[C];
+      for (int c = 0; c < C; ++c) b[c] = splat(x[c][k]);
+      for (int v = 0; v < kNV; ++v) {
+        const vf w = load(wk + v * kW);
+        for (int c = 0; c < C; ++c) acc[c][v] += w * b[c];
+      }
+    } else {  // 32 registers: the panel row's weight vectors held, one broadcast at a time
+      vf w[kNV];
+      for (int v = 0; v < kNV; ++v) w[v] = load(wk + v * kW);
+      for (int c = 0; c < C; ++c) {
+        const vf b = splat(x[c][k]);
+        for (int v = 0; v < kNV; ++v) acc[c][v] += w[v] * b;
+      }
+    }
+  }
+}
+
+// fn(c, acc) for the `cols` tokens xs[0 .. cols) against one panel, in tiles of at most kTileTokens tokens
+// (each tile's token count a compile-time constant).
+template <int C, typename Fn>
+inline void tile_then(const float* panel, int64_t K, const float* const* xs, int c0, Fn& fn) {
+  vf acc[C][kNV];
+  panel_tile<C>(panel, K, xs + c0, acc);
+  for (int c = 0; c < C; ++c) fn(c0 + c, acc[c]);
+}
+
+template <int C, typename Fn>
+inline void remainder_tile(const float* panel, int64_t K, const float* const* xs, int c0, int n, Fn& fn) {
+  if constexpr (C > 0) {
+    if (n == C) return tile_then<C>(panel, K, xs, c0, fn);
+    remainder_tile<C - 1>(panel, K, xs, c0, n, fn);
+  }
+}
+
+template <typename Fn>
+inline void panel_times_tokens(const float* panel, int64_t K, const float* const* xs, int cols, Fn&& fn) {
+  int c0 = 0;
+  for (; c0 + kTileTokens <= cols; c0 += kTileTokens) tile_then<kTileTokens>(panel, K, xs, c0, fn);
+  if (c0 < cols) remainder_tile<kTileTokens - 1>(panel, K, xs, c0, cols - c0, fn);
+}
+
+// Scratch kept after a long prefill would stay with the thread for good (4096 tokens x 8 experts x I 2048 floats
+// is 270 MB); past kKeepBytes, a buffer four times larger than the call needs is let go and allocated anew.
+constexpr size_t kKeepBytes = size_t{64} << 20;
+
+template <typename T>
+void release_if_oversized(std::vector<T>& v, size_t needed) {
+  if (v.capacity() * sizeof(T) > kKeepBytes && v.capacity() > 4 * needed) std::vector<T>().swap(v);
+}
+
+}  // namespace r1c_cpu
