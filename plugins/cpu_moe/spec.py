@@ -1,9 +1,10 @@
-"""`r1c.cpu::MoE`'s definition: r1c's CPU kernel for routed experts, an ONNX Runtime custom op.
+"""The definitions of r1c's CPU kernels (ONNX Runtime custom ops, domain `r1c.cpu`): `MoE` (SPEC, below) and
+`Linear` (LINEAR_SPEC, further down), and the packed weight layout both read.
 
-It takes the inputs and computes the function of ONNX Runtime's `com.microsoft.MoE` in the one form r1c's
+`MoE` takes the inputs and computes the function of ONNX Runtime's `com.microsoft.MoE` in the one form r1c's
 lowering emits (passes/lower_moe_to_ort.py: interleaved SwiGLU, silu, no biases), so that a pass can swap one for
 the other (passes/use_cpu_moe_kernel.py). The kernel is `moe_cpu.cc` beside this file (its header comment has the
-formulas); `library.py` builds it.
+formulas); `library.py` builds the library.
 
 Inputs (float32): input [.., H]; router_probs [T, E] (T = the product of input's leading dims); the expert weights
 in the kernel's packed layout (`pack_experts`, applied once by the pass): fc1_packed [E, P1, H, 32] from
