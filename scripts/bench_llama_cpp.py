@@ -40,7 +40,7 @@ import click
 import numpy as np
 
 PAIRS = (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"))
-ORT_MOE = "fp32 ORT MoE"  # timed beside the fp32 pair when the fp32 bundle runs r1c's CPU MoE kernel
+ORT_MOE = "fp32 ORT MoE"  # timed beside the fp32 pair when the fp32 bundle runs r1c's CPU kernels (MoE, Linear)
 
 
 def bench_config() -> Any:
@@ -108,7 +108,7 @@ def prepare(workdir: Path, llama_src: Path | None, seed: int) -> dict[str, Path]
         shutil.rmtree(bundle, ignore_errors=True)
         r1c_cli("build", str(export), "-o", str(bundle), "--precision", precision, "--threads", "2")
         paths[precision] = bundle
-    ort_moe = workdir / "r1c-fp32-ort-moe"  # the fp32 bundle with ONNX Runtime's MoE instead of r1c's CPU kernel
+    ort_moe = workdir / "r1c-fp32-ort-moe"  # the fp32 bundle on ONNX Runtime's MoE and MLAS instead of r1c's kernels
     shutil.rmtree(ort_moe, ignore_errors=True)
     r1c_cli("build", str(export), "-o", str(ort_moe), "--precision", "fp32", "--threads", "2", "--cpu-moe", "ort")
     paths[ORT_MOE] = ort_moe
@@ -226,7 +226,7 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
                     row["ort_moe_tpot_ms"], row["ort_moe_ttft_ms"] = summ["tpot_s"].p50 * 1e3, summ["ttft_s"].p50 * 1e3
                     row["kernel_vs_ort_moe"] = {m[:4]: {k: om[m][k] for k in ("ratio", "low", "high")}
                                                 for m in ("tpot_s", "ttft_s")}
-                    say(f"  B={b}: r1c's CPU MoE kernel vs ORT's MoE: decode x{om['tpot_s']['ratio']:.2f}, "
+                    say(f"  B={b}: r1c's CPU kernels vs ORT's MoE and MLAS: decode x{om['tpot_s']['ratio']:.2f}, "
                         f"prefill x{om['ttft_s']['ratio']:.2f}")
                 rows.append(row)
                 say(f"  B={b}: TPOT r1c {row['r1c_tpot_ms']:.2f} ms llama {row['llama_tpot_ms']:.2f} ms "
@@ -252,8 +252,8 @@ def tables(speed_rows: list[dict[str, Any]], acc_rows: list[dict[str, Any]], gre
                    f"{'-' if r['tokens_match'] is None else 'yes' if r['tokens_match'] else 'no'} |")
     kernel_rows = [r for r in speed_rows if "kernel_vs_ort_moe" in r]
     if kernel_rows:
-        out += ["", "r1c fp32 with r1c's CPU MoE kernel against the same bundle with ONNX Runtime's MoE (speedup > 1: "
-                "the kernel is faster)", "",
+        out += ["", "r1c fp32 with r1c's CPU kernels (MoE, Linear) against the same export built with ONNX "
+                "Runtime's MoE and MLAS (`--cpu-kernels ort`; speedup > 1: r1c's kernels are faster)", "",
                 "| threads | batch | decode ms kernel / ORT MoE | speedup (95% CI) | prefill ms kernel / ORT MoE | "
                 "speedup (95% CI) |", "| --- | --- | --- | --- | --- | --- |"]
         for r in kernel_rows:
