@@ -9,8 +9,9 @@ bundle in which the pass swapped a node carries the library and its manifest nam
 build's report; an int8/int4 bundle, whose experts run on ORT's QMoE, has none). A node is swapped when it is
 exactly what the kernel computes: five inputs with no fc1 bias (input, router_probs, fc1, -, fc2), float32,
 SwiGLU with interleaved rows (swiglu_fusion=1) and alpha 1 / beta 0 (silu(g) * u), no other attribute, and
-fc1 / fc2 initializers that only this node reads; any other MoE is left to ORT and the pass says why. With
-`cpu_moe="r1c"`, `split_moe_experts` leaves the experts whole (the kernel balances them).
+fc1 / fc2 initializers that only this node reads and that are not graph inputs or outputs (an overridable
+initializer stays as it is); any other MoE is left to ORT and the pass says why. With `cpu_moe="r1c"`,
+`split_moe_experts` leaves the experts whole (the kernel balances them).
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def why_not(node: ir.Node) -> str | None:
     if extra:
         return f"attributes the kernel does not implement: {sorted(extra)}"
     if any(w is None or w.const_value is None or len(w.uses()) != 1 or w.const_value.shape.rank() != 3
-           for w in (ins[2], ins[4])):
-        return "fc1 / fc2 are not [E, rows, cols] initializers read by this node alone (they are repacked)"
+           or w.is_graph_input() or w.is_graph_output() for w in (ins[2], ins[4])):
+        # a graph input with an initializer is only a default the caller may override: repacking it would leave
+        # the input unread (and, with its initializer gone, required)
+        return ("fc1 / fc2 are not [E, rows, cols] initializers read by this node alone, nor graph inputs or "
+                "outputs (they are repacked)")
     alpha = node.attributes.get("activation_alpha")
     beta = node.attributes.get("activation_beta")
     if (alpha is None or alpha.as_float() != 1.0) or (beta is not None and beta.as_float() != 0.0):

@@ -30,14 +30,14 @@ writes only the new tokens' latents into the cache (`LatentCache.write`) and adv
 backend never touches the cache beyond reading it. The arenas' addresses never change (allocated once); a view's
 address and shape change only when rows are added/removed or the capacity bucket changes.
 
-Bindings made once. Every buffer of a `StepIO` is allocated once by its `StepRunner` (the ids and lengths too:
-the runner copies each step's few values into them) or is a view into the cache's arenas (allocated once, never
-replaced), so a step's buffers are a function of (runner, r0, n, S, P). The runner keeps one `StepIO` per such
-shape (the most recent `MAX_CACHED_STEPS`) and gives it the `key` (runner serial, r0, n, S, P), the serial unique
-in the process (never reused, even after the runner is garbage-collected): two `StepIO`s with the same non-None key
-have the same address, shape, strides and dtype in every field; only the contents of `input_ids` and
-`past_lengths` (and of the cache) differ. A backend may therefore bind once per key and reuse the binding
-(`OrtBackend` keeps its `IOBinding` on the keyed `StepIO` itself, in `StepIO.bound`, so a decode step of an
+Bindings made once. Every buffer of a `StepIO` is allocated once by its `StepRunner` (the ids, lengths and logits
+index too: the runner copies each step's few values into them) or is a view into the cache's arenas (allocated once,
+never replaced), so a step's buffers are a function of (runner, r0, n, S, K, P). The runner keeps one `StepIO` per
+such shape (the most recent `MAX_CACHED_STEPS`) and gives it the `key` (runner serial, r0, n, S, K, P), the serial
+unique in the process (never reused, even after the runner is garbage-collected): two `StepIO`s with the same
+non-None key have the same address, shape, strides and dtype in every field; only the contents of `input_ids`,
+`past_lengths` and `logits_index` (and of the cache) differ. A backend may therefore bind once per key and reuse the
+binding (`OrtBackend` keeps its `IOBinding` on the keyed `StepIO` itself, in `StepIO.bound`, so a decode step of an
 unchanged batch composition and bucket costs one `run_with_iobinding`, and the binding is dropped with the
 `StepIO` when the runner evicts it or is collected; the TensorRT backend compares addresses). A bucket change (P),
 rows added or removed (n) or a different row range (r0) is a new key, so a new binding. A `StepIO` with key None
@@ -202,15 +202,17 @@ class StepRunner:
         """Run rows [r0, r0 + n) on `input_ids` [n, S] (integer ids, copied into the runner's int64 buffer).
 
         With `n_new` ([n] int: real tokens per row) the new latents are stored, the lengths advanced, and the
-        logits computed at each row's last real token only (position n_new[i] - 1): returns [n, 1, V] float32.
-        With None nothing is written (scoring) and every position's logits come back: [n, S, V]. The result is
-        the runner's buffer (valid until the next step), or for a graph without `logits_index` a copy of the asked
-        positions. The caller resizes the cache first so every row fits. Per step, besides the backend's run: three
-        small copies (ids, lengths, index) and, when the shape (r0, n, S, K, P) is new, one `StepIO`."""
+        logits computed at each row's last real token only (position n_new[i] - 1; 0 for a row with none): returns
+        [n, 1, V] float32. With None nothing is written (scoring) and every position's logits come back: [n, S, V].
+        The result is the runner's buffer (valid until the next step), or for a graph without `logits_index` a copy
+        of the asked positions. The caller resizes the cache first so every row fits. Per step, besides the backend's
+        run: three small copies (ids, lengths, index) and, when the shape (r0, n, S, K, P) is new, one `StepIO`."""
         n, s = input_ids.shape
         if n * s > self.max_tokens:
             raise AssertionError(f"step of {n}x{s} tokens exceeds the runner's {self.max_tokens}")
-        last = None if n_new is None else np.asarray(n_new, dtype=np.int64) - 1
+        # a row with no new token (n_new 0: nothing stored, nothing to sample) asks for position 0, never -1 (a
+        # negative index means "from the end" in ONNX and is not one every backend's gather takes)
+        last = None if n_new is None else np.maximum(np.asarray(n_new, dtype=np.int64) - 1, 0)
         io = self.io(r0, n, s, None if last is None else 1)
         io.input_ids[...] = input_ids
         io.past_lengths[...] = self.cache.lengths[r0:r0 + n]

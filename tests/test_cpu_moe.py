@@ -182,6 +182,42 @@ def test_pass_leaves_what_the_kernel_does_not_compute() -> None:
         assert not UseCpuMoEKernelPass(cpu_moe="r1c")(model).modified, name
 
 
+def test_pass_leaves_weights_it_cannot_repack_alone(kernel: Path) -> None:
+    """fc1 / fc2 are repacked in place of the originals, so the pass swaps only a node that is their sole reader:
+    weights shared by two MoE nodes, a graph input (no initializer), and an initializer that is also a graph input
+    (a default the caller may override: repacking it left `w13` an unread, required input) stay with ORT, and the
+    models still run (against the float64 reference)."""
+    info = onnx.helper.make_tensor_value_info
+    rng = np.random.default_rng(6)
+    w13 = rng.standard_normal((4, 16, 8)).astype(np.float32)
+    w2 = rng.standard_normal((4, 8, 8)).astype(np.float32)
+    weights = [onnx.numpy_helper.from_array(w13, "w13"), onnx.numpy_helper.from_array(w2, "w2")]
+    inputs = [info("x", 1, ["T", 8]), info("probs", 1, ["T", 4])]
+    attrs = {"k": 2, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 1,
+             "activation_alpha": 1.0, "activation_beta": 0.0}
+    moe = onnx.helper.make_node("MoE", ["x", "probs", "w13", "", "w2"], ["y"], domain="com.microsoft", **attrs)
+    first = onnx.helper.make_node("MoE", ["x", "probs", "w13", "", "w2"], ["y1"], domain="com.microsoft", **attrs)
+    second = onnx.helper.make_node("MoE", ["y1", "probs", "w13", "", "w2"], ["y"], domain="com.microsoft", **attrs)
+    opsets = {"com.microsoft": 1}
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    probs = routed(rng, 5, 4, 2, 1)
+    once = reference(x, probs, w13, w2, 2, 1)
+    cases = {
+        "shared": (make_model([first, second], inputs, [info("y", 1, None)], weights, extra_opsets=opsets),
+                   {}, reference(once, probs, w13, w2, 2, 1)),
+        "graph input": (make_model([moe], [*inputs, info("w13", 1, [4, 16, 8])], [info("y", 1, None)], weights[1:],
+                                   extra_opsets=opsets), {"w13": w13}, once),
+        "overridable": (make_model([moe], [*inputs, info("w13", 1, [4, 16, 8])], [info("y", 1, None)], weights,
+                                   extra_opsets=opsets), {"w13": w13}, once),
+    }
+    for name, (proto, extra, want) in cases.items():
+        model = copy(proto)  # type: ignore[arg-type]
+        assert not UseCpuMoEKernelPass(cpu_moe="r1c")(model).modified, name  # type: ignore[arg-type]
+        assert op_counts(model).get("com.microsoft::MoE") in (1, 2), name  # type: ignore[arg-type]
+        got = run(model, {"x": x, "probs": probs, **extra}, custom_ops=[kernel])[0]  # type: ignore[arg-type]
+        assert max_rel_err(got, want) < TOL, name
+
+
 def test_host_level_choice() -> None:
     files = {"x86-64-v4": "v4.so", "x86-64-v3": "v3.so"}
     v3 = cpu_library.LEVELS["x86-64-v3"][1]

@@ -210,6 +210,7 @@ class Marker:
     def step(self, io: StepIO) -> None:
         n, s = io.input_ids.shape
         positions = np.tile(np.arange(s), (n, 1)) if io.logits_index is None else io.logits_index
+        assert ((positions >= 0) & (positions < s)).all(), positions  # in range, never "from the end"
         io.logits[...] = np.take_along_axis(io.input_ids, positions, 1)[:, :, None]
 
 
@@ -228,3 +229,5 @@ def test_a_sampling_step_returns_each_rows_last_token_logits(selects: bool) -> N
     got = runner.step(ids, 0, [6, 2, 4])
     assert got.shape == (3, 1, 7)
     np.testing.assert_array_equal(got[:, 0, 0], [5, 7, 15])
+    got = runner.step(ids, 0, [0, 1, 2])  # a row with no new token: nothing stored, position 0 asked
+    np.testing.assert_array_equal(got[:, 0, 0], [0, 6, 13])

@@ -88,9 +88,13 @@ def test_backend_without_tensorrt_raises_bundle_error(monkeypatch: pytest.Monkey
 
 def test_profile_covers_decode_prefill_and_no_cache_calls() -> None:
     c = preset("tiny")
-    names = ["input_ids", "past_lengths", *[f"past_{k}.{i}" for i in range(c.num_hidden_layers) for k in ("c", "pe")]]
+    names = ["input_ids", "past_lengths", "logits_index",
+             *[f"past_{k}.{i}" for i in range(c.num_hidden_layers) for k in ("c", "pe")]]
     p = profile_shapes(c, names, PROFILE)
     assert p["input_ids"] == {"min": [1, 1], "opt": [4, 1], "max": [4, 32]}
+    # kept positions: 1 for a sampling step (prefill or decode), up to every new token for scoring / forward
+    assert p["logits_index"] == {"min": [1, 1], "opt": [4, 1], "max": [4, 32]}
+    assert "logits_index" not in profile_shapes(c, [n for n in names if n != "logits_index"])  # an older export
     assert p["past_lengths"] == {"min": [1], "opt": [4], "max": [4]}
     assert p["past_c.2"] == {"min": [1, c.kv_lora_rank, 1], "opt": [4, c.kv_lora_rank, 64],
                              "max": [4, c.kv_lora_rank, 64]}
