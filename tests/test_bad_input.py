@@ -259,7 +259,7 @@ CASES = [
     Case("build-output-exists", lambda w: ["build", w.export, "-o", _existing_output(w)],
          "exists and is not an empty directory"),
     Case("build-cpu-moe-unknown", lambda w: ["build", w.export, "-o", w.tmp / "out", "--cpu-moe", "fast"],
-         "Invalid value for '--cpu-moe'", code=2),
+         "Invalid value for '--cpu-kernels' / '--cpu-moe'", code=2),
     Case("build-cpu-moe-r1c-for-tensorrt-rtx",
          lambda w: ["build", w.export, "-o", w.tmp / "out", "--target", "tensorrt-rtx", "--cpu-moe", "r1c"],
          "--cpu-moe r1c is for a one-rank onnxruntime bundle"),

@@ -68,7 +68,9 @@ def test_bundle_reads_follow_its_formats(bundles: dict[str, Path]) -> None:
     fp32 = bundle_reads(bundles["fp32"], read_manifest(bundles["fp32"]))
     assert fp32[1] == "bundle"
     active, executed = weight_bytes(fp32[0], c, 1)
-    assert active == executed == pytest.approx(want, rel=0.01)  # + rope tables and small constants
+    # + rope tables and small constants; r1c's Linear and MoE kernels read their weights packed in panels of 32
+    # rows, zero-padded (the tiny preset's odd sizes: ~3%), and the roofline counts what is read
+    assert active == executed and want <= active <= want * 1.05
 
     int8, _ = bundle_reads(bundles["int8"], read_manifest(bundles["int8"]))
     i_active, i_executed = weight_bytes(int8, c, 1)
@@ -77,7 +79,9 @@ def test_bundle_reads_follow_its_formats(bundles: dict[str, Path]) -> None:
 
     fp8, _ = bundle_reads(bundles["fp8_as_fp32"], read_manifest(bundles["fp8_as_fp32"]))
     f_active, f_executed = weight_bytes(fp8, c, 1)
-    assert f_executed == pytest.approx(executed, rel=0.01)  # ORT folds the FP8 weights to float32 at load
+    # ORT folds the FP8 weights to float32 at load: read as the float32 model (dense ones unpadded: a MatMul by a
+    # DequantizeLinear's output is not a constant at build, so it stays on ORT's MatMul)
+    assert f_executed == pytest.approx(want, rel=0.01)
     assert f_active < 0.7 * f_executed  # what the step needs: the stored FP8 bytes
     dq_scales = [r for r in fp8 if r.name.endswith("_scale")]
     assert dq_scales and all(r.read == 0 for r in dq_scales)  # folded into the weights, never read per step
