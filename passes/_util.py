@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -131,3 +132,21 @@ def ort_moe_nodes(graph: ir.Graph, why_not: Callable[[ir.Node], str | None], pas
             logger.info("%s: %s %s: %s", pass_name, node.name, left, reason)
             continue
         yield node
+
+
+def packed_initializer(graph: ir.Graph, weight: ir.Value, pack: Callable[[np.ndarray], np.ndarray],
+                       shape: Sequence[int]) -> ir.Value:
+    """A new float32 initializer `<weight>.packed` = pack(weight's constant) of `shape`, computed when the model is
+    saved (one tensor at a time: no whole-model copy in memory). The caller removes the old one."""
+    source = weight.const_value
+    if source is None:
+        raise PassError(f"packed_initializer: {weight.name} is not a constant")
+    lazy = ir.LazyTensor(functools.partial(_pack_now, source, pack), dtype=ir.DataType.FLOAT, shape=ir.Shape(shape),
+                         name=f"{weight.name}.packed")
+    value = ir.Value(name=lazy.name, shape=lazy.shape, type=ir.TensorType(ir.DataType.FLOAT), const_value=lazy)
+    graph.register_initializer(value)
+    return value
+
+
+def _pack_now(source: ir.TensorProtocol, pack: Callable[[np.ndarray], np.ndarray]) -> ir.TensorProtocol:
+    return ir.tensor(pack(np.asarray(source.numpy(), dtype=np.float32)))

@@ -14,13 +14,12 @@ weight) is left to ONNX Runtime.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
+from r1c.passes._util import packed_initializer
 from r1c.plugins.cpu_moe import LINEAR_SPEC, PANEL, pack_linear
 
 logger = logging.getLogger(__name__)
@@ -63,12 +62,7 @@ class UseCpuLinearKernelPass(ir.passes.InPlacePass):
             x, w = node.inputs
             assert x is not None and w is not None and w.const_value is not None  # why_not
             k, n = (int(d) for d in w.const_value.shape.numpy())
-            source = w.const_value
-            lazy = ir.LazyTensor(functools.partial(_pack_now, source), dtype=ir.DataType.FLOAT,
-                                 shape=ir.Shape([-(-n // PANEL), k, PANEL]), name=f"{w.name}.packed")
-            packed = ir.Value(name=lazy.name, shape=lazy.shape, type=ir.TensorType(ir.DataType.FLOAT),
-                              const_value=lazy)
-            graph.register_initializer(packed)
+            packed = packed_initializer(graph, w, pack_linear, (-(-n // PANEL), k, PANEL))
             new = ir.node(LINEAR_SPEC.name, [x, packed], attributes=LINEAR_SPEC.attrs(n=n), domain=LINEAR_SPEC.domain,
                           version=LINEAR_SPEC.version, name=node.name)
             out, old = new.outputs[0], node.outputs[0]
@@ -84,7 +78,3 @@ class UseCpuLinearKernelPass(ir.passes.InPlacePass):
             model.opset_imports[LINEAR_SPEC.domain] = LINEAR_SPEC.version
             logger.info("use_cpu_linear_kernel: %d MatMul nodes run on r1c's CPU kernel", count)
         return ir.passes.PassResult(model, count > 0)
-
-
-def _pack_now(source: ir.TensorProtocol) -> ir.TensorProtocol:
-    return ir.tensor(pack_linear(np.asarray(source.numpy(), dtype=np.float32)))

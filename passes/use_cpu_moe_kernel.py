@@ -16,15 +16,12 @@ initializer stays as it is); any other MoE is left to ORT and the pass says why.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
-from r1c.passes._util import attr_int, ort_moe_nodes, swiglu_moe_problem
+from r1c.passes._util import attr_int, ort_moe_nodes, packed_initializer, swiglu_moe_problem
 from r1c.plugins.cpu_moe import SPEC, pack_fc1, pack_fc2, packed_shape
 
 logger = logging.getLogger(__name__)
@@ -79,7 +76,9 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
             assert fc1 is not None and fc2 is not None  # why_not
             attrs = SPEC.attrs(k=attr_int(node, "k", 1),
                                normalize_routing_weights=attr_int(node, "normalize_routing_weights", 0))
-            w1, w2 = _packed(graph, fc1, "fc1"), _packed(graph, fc2, "fc2")
+            assert fc1.const_value is not None and fc2.const_value is not None  # why_not
+            w1 = packed_initializer(graph, fc1, pack_fc1, packed_shape("fc1", fc1.const_value.shape.numpy()))
+            w2 = packed_initializer(graph, fc2, pack_fc2, packed_shape("fc2", fc2.const_value.shape.numpy()))
             new = ir.node(SPEC.name, [x, probs, w1, w2], attributes=attrs, domain=SPEC.domain,
                           version=SPEC.version, name=node.name)
             out, old = new.outputs[0], node.outputs[0]
@@ -96,22 +95,3 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
             model.opset_imports[SPEC.domain] = SPEC.version
             logger.info("use_cpu_moe_kernel: %d MoE nodes run on r1c's CPU kernel", count)
         return ir.passes.PassResult(model, count > 0)
-
-
-def _packed(graph: ir.Graph, weight: ir.Value, which: str) -> ir.Value:
-    """A new initializer `<name>.packed`: `which` ("fc1" | "fc2") packed (computed when the model is saved)."""
-    source = weight.const_value
-    assert source is not None  # why_not
-    pack = PACK[which]
-    lazy = ir.LazyTensor(functools.partial(_pack_now, source, pack), dtype=ir.DataType.FLOAT,
-                         shape=ir.Shape(packed_shape(which, source.shape.numpy())), name=f"{weight.name}.packed")
-    value = ir.Value(name=lazy.name, shape=lazy.shape, type=ir.TensorType(ir.DataType.FLOAT), const_value=lazy)
-    graph.register_initializer(value)
-    return value
-
-
-PACK: dict[str, Callable[[np.ndarray], np.ndarray]] = {"fc1": pack_fc1, "fc2": pack_fc2}
-
-
-def _pack_now(source: ir.TensorProtocol, pack: Callable[[np.ndarray], np.ndarray]) -> ir.TensorProtocol:
-    return ir.tensor(pack(np.asarray(source.numpy(), dtype=np.float32)))
