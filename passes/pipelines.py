@@ -4,9 +4,9 @@
   standard ONNX plus r1c ops carrying their function bodies. Runnable by ONNX Runtime as it is.
 - `onnxruntime`: the same fusions, then ONNX Runtime's fused kernels (RMSNorm, SwiGLU activation, MoE),
   the remaining r1c bodies inlined, the MoE split for balanced threads (or, with `--cpu-moe r1c`, r1c's CPU MoE
-  kernel, passes/use_cpu_moe_kernel.py, and its Linear kernel for float32 MatMuls by a constant,
-  passes/use_cpu_linear_kernel.py), weights quantized at the build's
-  precision; float32 casts around the bfloat16/float16 nodes ORT's CPU cannot run.
+  kernel, passes/use_cpu_moe_kernel.py, its Linear kernel for float32 MatMuls by a constant,
+  passes/use_cpu_linear_kernel.py, and its MLA attention kernel, passes/use_cpu_attention_kernel.py), weights
+  quantized at the build's precision; float32 casts around the bfloat16/float16 nodes ORT's CPU cannot run.
 - `tensorrt` (and `tensorrt-rtx`): the same MoE fusions, FP8 linear layers (blocked DequantizeLinear + MatMul) into
   `r1c::FP8Linear`, r1c nodes kept as plugin nodes without bodies, every other node checked against TensorRT's
   ONNX parser.
@@ -51,6 +51,7 @@ from r1c.passes.name_deterministically import NameDeterministicallyPass
 from r1c.passes.quantize_weights import PRECISIONS, QuantizeWeightsPass
 from r1c.passes.remove_dead_code import RemoveDeadCodePass
 from r1c.passes.split_moe_experts import SplitMoEExpertsPass
+from r1c.passes.use_cpu_attention_kernel import UseCpuAttentionKernelPass
 from r1c.passes.use_cpu_linear_kernel import UseCpuLinearKernelPass
 from r1c.passes.use_cpu_moe_kernel import UseCpuMoEKernelPass
 from r1c.passes.widen_experts import WidenExpertsPass
@@ -72,8 +73,9 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
         FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass, FuseRotaryEmbeddingPass,
         FuseSkipRMSNormPass, RemoveDeadCodePass, WidenExpertsPass, LowerMoEToOrtPass, QuantizeWeightsPass,
         SplitMoEExpertsPass, FoldMoEOutputScalePass, UseCpuMoEKernelPass, InlineR1CFunctionsPass,
-        FoldConstantsPass, UseCpuLinearKernelPass, RemoveDeadCodePass, CommonSubexpressionEliminationPass,
-        DeduplicateSmallInitializersPass, InferShapesPass, CastForOrtKernelsPass, ClearMetadataAndDocStringPass,
+        FoldConstantsPass, UseCpuAttentionKernelPass, UseCpuLinearKernelPass, RemoveDeadCodePass,
+        CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass, InferShapesPass, CastForOrtKernelsPass,
+        ClearMetadataAndDocStringPass,
         NameDeterministicallyPass,
     ),
     "tensorrt": (

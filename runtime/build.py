@@ -195,7 +195,8 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                             max_file_bytes=max_file_bytes, cpu_moe=cpu_moe)
             libraries["onnxruntime"] = ort.__version__
             if cpu_moe == "r1c" and not any(report.get(p, {}).get("nodes")
-                                            for p in ("use_cpu_moe_kernel", "use_cpu_linear_kernel")):
+                                            for p in ("use_cpu_moe_kernel", "use_cpu_linear_kernel",
+                                                      "use_cpu_attention_kernel")):
                 cpu_moe = "ort"  # nothing float32 left for r1c's kernels (int8/int4 weights run on ORT's): no library
             target_options = {"model": MODEL_FILE, "session": session_opts, "cpu_moe": cpu_moe}
             if cpu_moe == "r1c":

@@ -1,8 +1,10 @@
 """r1c's CPU kernels as ONNX Runtime custom ops: `r1c.cpu::MoE` (routed experts) and `r1c.cpu::Linear` (a MatMul by
-a constant), over one packed panel layout (spec.py the ops' definitions; moe_cpu.cc, linear_cpu.cc, panels.h,
-register.cc the kernels; library.py their build)."""
+a constant), over one packed panel layout, and `r1c.cpu::MLAAttention` (a layer's absorbed latent attention)
+(spec.py the ops' definitions; moe_cpu.cc, linear_cpu.cc, attention_cpu.cc, panels.h, register.cc the kernels;
+library.py their build)."""
 
 from r1c.plugins.cpu_moe.spec import (
+    ATTENTION_SPEC,
     CPU_DOMAIN,
     LINEAR_SPEC,
     PANEL,
@@ -14,5 +16,5 @@ from r1c.plugins.cpu_moe.spec import (
     packed_shape,
 )
 
-__all__ = ["CPU_DOMAIN", "LINEAR_SPEC", "PANEL", "SPEC", "pack_experts", "pack_fc1", "pack_fc2", "pack_linear",
-           "packed_shape"]
+__all__ = ["ATTENTION_SPEC", "CPU_DOMAIN", "LINEAR_SPEC", "PANEL", "SPEC", "pack_experts", "pack_fc1", "pack_fc2",
+           "pack_linear", "packed_shape"]

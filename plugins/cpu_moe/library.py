@@ -28,7 +28,8 @@ from r1c.errors import BuildError, BundleError
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("moe_cpu.cc", "linear_cpu.cc", "register.cc"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("moe_cpu.cc", "linear_cpu.cc", "attention_cpu.cc",
+                                                                  "register.cc"))
 LOCAL_HEADERS = (Path(__file__).with_name("panels.h"),)  # what the sources include from beside them
 HEADERS = ("onnxruntime_cxx_api.h", "onnxruntime_c_api.h", "onnxruntime_lite_custom_op.h")  # what panels.h includes
 SYSTEM_HEADERS = Path("/usr/include/onnxruntime")

@@ -1,5 +1,5 @@
-"""The definitions of r1c's CPU kernels (ONNX Runtime custom ops, domain `r1c.cpu`): `MoE` (SPEC, below) and
-`Linear` (LINEAR_SPEC, further down), and the packed weight layout both read.
+"""The definitions of r1c's CPU kernels (ONNX Runtime custom ops, domain `r1c.cpu`): `MoE` (SPEC, below), `Linear`
+(LINEAR_SPEC, further down), the packed weight layout both read, and `MLAAttention` (ATTENTION_SPEC, at the end).
 
 `MoE` takes the inputs and computes the function of ONNX Runtime's `com.microsoft.MoE` in the one form r1c's
 lowering emits (passes/lower_moe_to_ort.py: interleaved SwiGLU, silu, no biases), so that a pass can swap one for
@@ -98,3 +98,24 @@ def pack_fc2(fc2: np.ndarray) -> np.ndarray:
     down = np.zeros((e, p2 * PANEL, i16), np.float32)
     down[:, :hidden, :inter] = fc2
     return np.ascontiguousarray(down.reshape(e, p2, PANEL, i16).transpose(0, 1, 3, 2))
+
+
+# `r1c.cpu::MLAAttention`: one layer's absorbed multi-head latent attention (DeepSeek-V2 paper, section 2.1; the
+# export's form, r1c/exporter/onnx_export.py `_Lowering.attention`), the latent cache read in place. Inputs
+# (float32 unless said): q_nope [B, S, N, D]; q_pe (rotated) with B*S*N*R elements in (b, s, n, r) order; c_new
+# [B, S, C] (normalized latents of the new tokens); pe_new [B, S, R] (their rotated key); past_c [B, C, P] and
+# past_pe [B, R, P] (the cache, latent-major); past_valid and new_valid (bool, broadcastable to [B, S*N, P] and
+# [B, S*N, S]: which cache columns and which new tokens row s*N + n attends to); w_uk [N, D, C]; w_uv_t [N, C, Vd].
+# Attribute scale (the softmax scale, config.softmax_scale). Output [B, S, N*Vd]: softmax(scale * (q_nope W_UK .
+# latents + q_pe . keys_pe), masked with -inf, over P + S) times the latents, times W_UV. The kernel is
+# attention_cpu.cc (its header has the formulas); passes/use_cpu_attention_kernel.py swaps it in.
+# Legend: B rows, S new tokens, N heads, D qk_nope_head_dim, R qk_rope_head_dim, C kv_lora_rank, P cache columns,
+# Vd v_head_dim.
+ATTENTION_SPEC = OpSpec(
+    name="MLAAttention",
+    inputs=("q_nope", "q_pe", "c_new", "pe_new", "past_c", "past_pe", "past_valid", "new_valid", "w_uk", "w_uv_t"),
+    optional_inputs=(),
+    outputs=("output",),
+    attributes={"scale": 1.0},
+    domain=CPU_DOMAIN,
+)

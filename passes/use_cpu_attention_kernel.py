@@ -1,0 +1,207 @@
+"""Run each layer's absorbed MLA attention on r1c's CPU kernel: the ~35 nodes the export writes for it
+(r1c/exporter/onnx_export.py `_Lowering.attention`, from the W_UK absorption to the [B, S, N*Vd] reshape before
+o_proj) become one `r1c.cpu::MLAAttention` (r1c/plugins/cpu_moe/spec.py `ATTENTION_SPEC`, attention_cpu.cc).
+
+The form matched, float32 (B rows, S new tokens, N heads, C kv_lora_rank, R rope dim; all transposes as written):
+
+    qa = Mul(Reshape(Transpose(MatMul(Transpose(q_nope), w_uk)), [0, -1, C]), scale)
+    qp = Mul(Reshape(q_pe, [0, -1, R]), scale)
+    z  = Concat(Where(past_valid, qa @ past_c + qp @ past_pe, -inf),
+                Where(new_valid, qa @ c_new^T + qp @ pe_new^T, -inf))
+    pp, pn = Split(Softmax(z))
+    o  = Reshape(Transpose(MatMul(Transpose(Reshape(Transpose(past_c @ pp^T + c_new^T @ pn^T), [0, -1, N, C])),
+                                  w_uv_t)), [0, 0, N*Vd])
+
+Every value inside must be read only inside (the two scale constants equal, both fills -inf); anything else is
+left to ONNX Runtime and the reason logged. On the issue-11 benchmark model (4 layers) a decode step runs 158
+nodes instead of 266 (scripts/profile_step.py). Only with `r1c build --cpu-kernels r1c` (the build option that
+selects r1c's CPU kernels; `auto` resolves to it where the library builds). In int8/int4 bundles W_UK's MatMul is
+quantized, so their attention stays with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import onnx_ir as ir
+
+from r1c.passes._util import attr_int, const_ints, const_scalar
+from r1c.plugins.cpu_moe import ATTENTION_SPEC
+
+logger = logging.getLogger(__name__)
+
+
+class _Match:
+    """Walks the export's attention form back from its Softmax; `nodes` collects what the kernel replaces."""
+
+    def __init__(self) -> None:
+        self.nodes: list[ir.Node] = []
+
+    def node(self, value: ir.Value | None, op_type: str, n_inputs: int | None = None) -> ir.Node:
+        node = None if value is None else value.producer()
+        if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+            raise _Miss(f"expected {op_type} producing {value.name if value is not None else None}")
+        if n_inputs is not None and len(node.inputs) != n_inputs:
+            raise _Miss(f"{node.name}: {len(node.inputs)} inputs")
+        if node not in self.nodes:
+            self.nodes.append(node)
+        return node
+
+    def transpose(self, value: ir.Value | None, perm: list[int]) -> ir.Value:
+        node = self.node(value, "Transpose", 1)
+        attr = node.attributes.get("perm")
+        if attr is None or list(attr.as_ints()) != perm:
+            raise _Miss(f"{node.name}: perm is not {perm}")
+        return _input(node, 0)
+
+    def only_reader(self, value: ir.Value, op_type: str) -> ir.Node:
+        readers = [use.node for use in value.uses()]
+        if len(readers) != 1 or readers[0].op_type != op_type or value.is_graph_output():
+            raise _Miss(f"{value.name} is not read by one {op_type}")
+        if readers[0] not in self.nodes:
+            self.nodes.append(readers[0])
+        return readers[0]
+
+
+class _Miss(Exception):
+    """The form did not match (the message says where)."""
+
+
+def _input(node: ir.Node, i: int) -> ir.Value:
+    value = node.inputs[i] if i < len(node.inputs) else None
+    if value is None:
+        raise _Miss(f"{node.name}: input {i} missing")
+    return value
+
+
+def _reshape_to(m: _Match, value: ir.Value, n_dims: int) -> tuple[ir.Value, list[int]]:
+    node = m.node(value, "Reshape", 2)
+    shape = const_ints(node.inputs[1])
+    if shape is None or len(shape) != n_dims:
+        raise _Miss(f"{node.name}: shape is not a constant of {n_dims} values")
+    return _input(node, 0), shape
+
+
+def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.Node]]:
+    """(the kernel's inputs in ATTENTION_SPEC order, scale, the output it replaces, the nodes it replaces) for the
+    attention form around `softmax`; raises _Miss naming the first difference."""
+    m = _Match()
+    m.nodes.append(softmax)
+    if attr_int(softmax, "axis", -1) not in (-1, 2):
+        raise _Miss("softmax not over the last axis")
+    concat = m.node(softmax.inputs[0], "Concat", 2)
+    if attr_int(concat, "axis", 0) not in (-1, 2):
+        raise _Miss("concat not along the last axis")
+    where_p, where_n = m.node(concat.inputs[0], "Where", 3), m.node(concat.inputs[1], "Where", 3)
+    for where in (where_p, where_n):
+        if const_scalar(where.inputs[2]) != -math.inf:
+            raise _Miss(f"{where.name}: the fill is not -inf")
+    scores = []
+    for where in (where_p, where_n):
+        add = m.node(where.inputs[1], "Add", 2)
+        lat, rope = m.node(add.inputs[0], "MatMul", 2), m.node(add.inputs[1], "MatMul", 2)
+        scores.append((_input(lat, 0), _input(lat, 1), _input(rope, 0), _input(rope, 1)))
+    (qa, past_c, qp, past_pe), (qa2, c_new_t, qp2, pe_new_t) = scores
+    if qa is not qa2 or qp is not qp2:
+        raise _Miss("the past and new scores use different queries")
+    mul_a, mul_p = m.node(qa, "Mul", 2), m.node(qp, "Mul", 2)
+    scale = const_scalar(mul_a.inputs[1])
+    if scale is None or scale != const_scalar(mul_p.inputs[1]):
+        raise _Miss("the query scales are not one constant")
+    absorbed, shape_a = _reshape_to(m, _input(mul_a, 0), 3)
+    w_uk_mm = m.node(m.transpose(absorbed, [0, 2, 1, 3]), "MatMul", 2)
+    q_nope, w_uk = m.transpose(w_uk_mm.inputs[0], [0, 2, 1, 3]), _input(w_uk_mm, 1)
+    q_pe, shape_p = _reshape_to(m, _input(mul_p, 0), 3)
+    if shape_a[:2] != [0, -1] or shape_p[:2] != [0, -1]:
+        raise _Miss("the query reshapes are not [0, -1, ..]")
+    c_new, pe_new = m.transpose(c_new_t, [0, 2, 1]), m.transpose(pe_new_t, [0, 2, 1])
+    # after the softmax: Split -> each part transposed -> past_c @ pp^T + c_new^T @ pn^T -> back to heads -> W_UV
+    split = m.only_reader(softmax.outputs[0], "Split")
+    if len(split.outputs) != 2 or attr_int(split, "axis", 0) not in (-1, 2):
+        raise _Miss("the probabilities are not split in two along the last axis")
+    if len(split.inputs) > 1 and split.inputs[1] is not None and split.inputs[1].const_value is None:
+        # the split sizes [P, S]: P read off the past scores' shape (Shape -> Slice -> Concat), replaced too
+        sizes = m.node(split.inputs[1], "Concat")
+        for v in sizes.inputs:
+            node = None if v is None else v.producer()
+            if node is not None and node.op_type == "Slice":
+                shape = node.inputs[0].producer() if node.inputs[0] is not None else None
+                if shape is not None and shape.op_type == "Shape" and shape.inputs[0] is where_p.outputs[0]:
+                    m.nodes += [node, shape]
+    parts = []
+    for out in split.outputs:
+        tr = m.only_reader(out, "Transpose")
+        parts.append(m.only_reader(tr.outputs[0], "MatMul"))
+    o_past, o_new = parts
+    if o_past.inputs[0] is not past_c or o_new.inputs[0] is not c_new_t:
+        raise _Miss("the output does not read the cache and the new latents")
+    for part, k in zip(parts, split.outputs, strict=True):
+        m.transpose(part.inputs[1], [0, 2, 1])
+        if part.inputs[1].producer().inputs[0] is not k:  # type: ignore[union-attr]
+            raise _Miss("the output's probabilities are not the split's")
+    add = m.only_reader(o_past.outputs[0], "Add")
+    if {id(v) for v in add.inputs} != {id(o_past.outputs[0]), id(o_new.outputs[0])}:
+        raise _Miss("the output's two halves are not summed")
+    value = add.outputs[0]
+    for op_type in ("Transpose", "Reshape", "Transpose", "MatMul", "Transpose", "Reshape"):
+        node = m.only_reader(value, op_type)
+        if node.inputs[0] is not value:
+            raise _Miss(f"{node.name}: reads the attention output as its second input")
+        value = node.outputs[0]
+    w_uv_t = _input(m.nodes[-3], 1)  # the MatMul's weight
+    out = value
+    inside = set(map(id, m.nodes))
+    for node in m.nodes:
+        for v in node.outputs:
+            if v is out:
+                continue
+            if v.is_graph_output() or any(id(use.node) not in inside for use in v.uses()):
+                raise _Miss(f"{v.name} is read outside the attention")
+    inputs = [q_nope, q_pe, c_new, pe_new, past_c, past_pe, _input(where_p, 0), _input(where_n, 0), w_uk, w_uv_t]
+    for v in inputs:
+        if v.dtype is not None and v.dtype not in (ir.DataType.FLOAT, ir.DataType.BOOL):
+            raise _Miss(f"{v.name} is {v.dtype}, not float32")
+    return inputs, scale, out, m.nodes
+
+
+class UseCpuAttentionKernelPass(ir.passes.InPlacePass):
+    """The export's absorbed MLA attention -> r1c.cpu::MLAAttention where the build asked for r1c's CPU kernels."""
+
+    uses_build_options = True
+
+    def __init__(self, cpu_moe: str = "ort", report: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.cpu_moe = cpu_moe
+        self.report = report if report is not None else {}  # "nodes": how many attentions the kernel runs
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.cpu_moe != "r1c":
+            return ir.passes.PassResult(model, False)
+        graph = model.graph
+        count = 0
+        for softmax in list(graph):
+            if softmax.op_type != "Softmax" or softmax.domain not in ("", "ai.onnx") or softmax.graph is not graph:
+                continue
+            try:
+                inputs, scale, out, nodes = match(softmax)
+            except _Miss as miss:
+                logger.info("use_cpu_attention_kernel: %s left to ONNX Runtime: %s", softmax.name, miss)
+                continue
+            last = out.producer()
+            assert last is not None
+            new = ir.node(ATTENTION_SPEC.name, inputs, attributes=ATTENTION_SPEC.attrs(scale=scale),
+                          domain=ATTENTION_SPEC.domain, version=ATTENTION_SPEC.version, name=f"{last.name}.mla")
+            result = new.outputs[0]
+            name, out.name = out.name, f"{out.name}.onnx"
+            result.name, result.dtype, result.shape = name, ir.DataType.FLOAT, out.shape
+            graph.insert_before(last, new)
+            out.replace_all_uses_with(result, replace_graph_outputs=True)
+            graph.remove(nodes, safe=True)
+            count += 1
+        self.report["nodes"] = count
+        if count:
+            model.opset_imports[ATTENTION_SPEC.domain] = ATTENTION_SPEC.version
+            logger.info("use_cpu_attention_kernel: %d attention subgraphs run on r1c's CPU kernel", count)
+        return ir.passes.PassResult(model, count > 0)

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Two ONNX Runtime bundles' step time side by side: A/B ratios of one step (decode or prefill) at given cache lengths.
+
+Both bundles are loaded in one process and stepped through the runtime's own `StepRunner` on `--rows` rows whose
+cache holds `--filled` tokens before every step (contents unused: the time does not depend on them), in alternating
+blocks of `--steps` steps (the first 3 of each block untimed: a block's thread pool spins up, the other's goes idle,
+so two pools never compete for the cores). Prints the median step time of each and A / B (> 1: B is faster). Not a
+test: run it on a quiet machine. Example (the attention kernel's A/B in README's CPU performance section):
+
+    r1c build EXPORT -o with.bundle; r1c build EXPORT -o without.bundle --cpu-kernels ort   (or two revisions)
+    python scripts/ab_step.py without.bundle with.bundle --threads 1 --filled 64,512,2000
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+
+def runner(bundle: Path, threads: int, rows: int, tokens: int, filled: int) -> tuple[Any, Any]:
+    from r1c.runtime import load
+
+    engine = load(bundle, session_options={"intra_op_num_threads": threads} if threads else None)
+    step = engine._runner(rows, filled + tokens, rows * tokens, 64)
+    for _ in range(rows):
+        step.cache.add_row()
+    step.cache.lengths[:rows] = filled
+    step.cache.resize(filled + tokens)
+    return engine, step
+
+
+@click.command()
+@click.argument("bundle_a", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle_b", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--threads", type=int, default=0, show_default=True, help="intra-op threads (0: the bundles')")
+@click.option("--rows", type=int, default=1, show_default=True, help="sequences per step (batch)")
+@click.option("--tokens", type=int, default=1, show_default=True, help="new tokens per row (1: decode)")
+@click.option("--filled", default="64,512,2000", show_default=True, help="cached tokens per row, comma-separated")
+@click.option("--blocks", type=int, default=4, show_default=True, help="blocks of steps per bundle")
+@click.option("--steps", type=int, default=15, show_default=True, help="steps per block (3 untimed)")
+def main(bundle_a: Path, bundle_b: Path, threads: int, rows: int, tokens: int, filled: str, blocks: int,
+         steps: int) -> None:
+    """Step time of BUNDLE_A and BUNDLE_B, interleaved in blocks, and their ratio A / B."""
+    if steps < 4 or blocks < 1:
+        raise click.BadParameter("need at least 4 steps per block and 1 block")
+    for length in (int(v) for v in filled.split(",")):
+        pairs = [runner(b, threads, rows, tokens, length) for b in (bundle_a, bundle_b)]
+        vocab = pairs[0][0].vocab_size
+        ids = np.random.default_rng(0).integers(2, vocab, size=(rows, tokens))
+        n_new = np.full(rows, tokens, np.int64)
+        times: list[list[float]] = [[], []]
+        for _ in range(blocks):
+            for (_, step), out in zip(pairs, times, strict=True):
+                for i in range(steps):
+                    step.cache.lengths[:rows] = length
+                    t0 = time.perf_counter()
+                    step.step(ids, 0, n_new)
+                    if i >= 3:
+                        out.append(time.perf_counter() - t0)
+        a, b = (statistics.median(t) * 1e3 for t in times)
+        print(f"filled {length}, rows {rows}, tokens {tokens}, threads {threads or 'bundle'}: "
+              f"A {a:.2f} ms, B {b:.2f} ms, A/B {a / b:.3f}", flush=True)
+        del pairs
+
+
+if __name__ == "__main__":
+    main()

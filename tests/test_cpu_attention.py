@@ -1,0 +1,124 @@
+"""r1c's CPU MLA attention kernel (`r1c.cpu::MLAAttention`, r1c/plugins/cpu_moe/attention_cpu.cc) against a float64
+NumPy model of ATTENTION_SPEC's formula, and the pass that swaps it in for the export's attention subgraph
+(passes/use_cpu_attention_kernel.py) against ONNX Runtime running that subgraph, end to end on the tiny preset.
+
+Tolerance: max |ours - ref| <= 1e-5 * max |ref| (float32 against float64). Shapes cover cache lengths of 0, 1, one
+chunk of 512 columns and across chunks (600), a chunk whose columns are all masked, new tokens 1, 3 and 20 (several
+token blocks of the prefill path), odd head counts and dimensions not multiples of a vector; 1 and 2 threads; every
+instruction-set level this CPU runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from r1c.passes.testing import make_model, max_rel_err, op_counts, run
+from r1c.plugins.cpu_moe import ATTENTION_SPEC
+
+TOL = 1e-5
+info = onnx.helper.make_tensor_value_info
+BOOL, FLOAT = onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT
+
+
+def attention_model(scale: float) -> ir.Model:
+    names = list(ATTENTION_SPEC.inputs)
+    node = onnx.helper.make_node(ATTENTION_SPEC.name, names, ["y"], domain=ATTENTION_SPEC.domain, scale=scale)
+    inputs = [info(n, BOOL if n.endswith("valid") else FLOAT, None) for n in names]
+    return make_model([node], inputs, [info("y", FLOAT, None)], [], extra_opsets={ATTENTION_SPEC.domain: 1})
+
+
+def feeds(rng: np.random.Generator, b: int, s: int, n: int, d: int, r: int, c: int, vd: int, p: int,
+          lengths: list[int]) -> dict[str, np.ndarray]:
+    """Random inputs; row b sees the first lengths[b] cache columns and the new tokens causally (as the export)."""
+    def f(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    past_valid = (np.arange(p)[None, :] < np.asarray(lengths)[:, None])[:, None, :]  # [B, 1, P]
+    causal = np.arange(s)[None, :] <= np.arange(s)[:, None]  # [S, S]
+    new_valid = np.repeat(causal, n, axis=0)[None]  # [1, S*N, S], row s*N + n
+    return {"q_nope": f(b, s, n, d), "q_pe": f(b, s, n * r), "c_new": f(b, s, c), "pe_new": f(b, s, r),
+            "past_c": f(b, c, p), "past_pe": f(b, r, p), "past_valid": past_valid, "new_valid": new_valid,
+            "w_uk": f(n, d, c) / np.float32(d**0.5), "w_uv_t": f(n, c, vd) / np.float32(c**0.5)}
+
+
+def reference(x: dict[str, np.ndarray], scale: float) -> np.ndarray:
+    """ATTENTION_SPEC's formula in float64, head by head."""
+    x64 = {k: v.astype(np.float64) if v.dtype != bool else v for k, v in x.items()}
+    b, s, n, _ = x["q_nope"].shape
+    r = x["pe_new"].shape[2]
+    vd = x["w_uv_t"].shape[2]
+    q_pe = x64["q_pe"].reshape(b, s, n, r)
+    out = np.zeros((b, s, n, vd))
+    past_valid = np.broadcast_to(x["past_valid"], (b, s * n, x["past_c"].shape[2]))
+    new_valid = np.broadcast_to(x["new_valid"], (b, s * n, s))
+    for bi in range(b):
+        keys_c = np.concatenate([x64["past_c"][bi].T, x64["c_new"][bi]])  # [P+S, C]
+        keys_pe = np.concatenate([x64["past_pe"][bi].T, x64["pe_new"][bi]])  # [P+S, R]
+        for si in range(s):
+            for h in range(n):
+                qa = scale * x64["q_nope"][bi, si, h] @ x64["w_uk"][h]
+                z = keys_c @ qa + keys_pe @ (scale * q_pe[bi, si, h])
+                visible = np.concatenate([past_valid[bi, si * n + h], new_valid[bi, si * n + h]])
+                z = np.where(visible, z, -np.inf)
+                p = np.exp(z - z.max())
+                out[bi, si, h] = (p / p.sum()) @ keys_c @ x64["w_uv_t"][h]
+    return out.reshape(b, s, n * vd)
+
+
+@pytest.mark.parametrize("b,s,n,d,r,c,vd,p,lengths", [
+    (1, 1, 16, 64, 32, 256, 64, 64, [40]),  # the benchmark model's decode
+    (2, 1, 3, 8, 4, 40, 12, 600, [600, 5]),  # across chunks; row 1's later chunks all masked
+    (1, 3, 5, 16, 8, 24, 8, 512, [512]),  # one full chunk, a few new tokens
+    (2, 20, 16, 8, 4, 16, 8, 1, [1, 0]),  # several token blocks (8 tokens x 16 heads each), a 1-column cache
+    (1, 7, 2, 4, 2, 9, 3, 0, [0]),  # no cache at all (a first prefill)
+])
+def test_attention_matches_float64(any_level: Path, b: int, s: int, n: int, d: int, r: int, c: int, vd: int, p: int,
+                                   lengths: list[int]) -> None:
+    rng = np.random.default_rng(b * 1000 + s * 100 + p)
+    x = feeds(rng, b, s, n, d, r, c, vd, p, lengths)
+    want = reference(x, 0.125)
+    for threads in (1, 2):
+        got = run(attention_model(0.125), x, threads=threads, custom_ops=[any_level])[0]
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert max_rel_err(got, want) < TOL, threads
+
+
+def test_attention_refuses_shapes_that_disagree(kernel: Path) -> None:
+    x = feeds(np.random.default_rng(0), 1, 2, 4, 8, 4, 16, 8, 10, [10])
+    x["w_uk"] = x["w_uk"][:, :, :8]  # C of 8 against the latents' 16
+    with pytest.raises(Exception, match=r"r1c\.cpu::MLAAttention: shapes disagree"):
+        run(attention_model(1.0), x, custom_ops=[kernel])
+    x = feeds(np.random.default_rng(0), 1, 2, 4, 8, 4, 16, 8, 10, [10])
+    x["past_valid"] = np.ones((1, 3, 10), bool)  # 3 rows: neither 1 nor S*N = 8
+    with pytest.raises(Exception, match=r"past_valid does not broadcast to \[B, S\*N, 10\]"):
+        run(attention_model(1.0), x, custom_ops=[kernel])
+
+
+def test_pass_swaps_every_layers_attention_and_keeps_the_logits(kernel: Path, tmp_path: Path) -> None:
+    """The tiny preset built with r1c's kernels: one MLAAttention per layer and none of the subgraph's Softmax nodes
+    left; logits equal to the same export built with ORT's kernels (1e-5), prefill then decode with a cache."""
+    from r1c.config import preset
+    from r1c.exporter.checkpoint import random_checkpoint
+    from r1c.exporter.onnx_export import export_onnx
+    from r1c.runtime import load
+    from r1c.runtime.build import build_bundle
+
+    config = preset("tiny")
+    export = tmp_path / "tiny"
+    export_onnx(config, random_checkpoint(config, seed=4), export, progress=False)
+    ours = build_bundle(export, tmp_path / "r1c.bundle", cpu_moe="r1c")
+    theirs = build_bundle(export, tmp_path / "ort.bundle", cpu_moe="ort")
+    counts = op_counts(ir.load(ours / "model.onnx"))
+    assert counts[f"{ATTENTION_SPEC.domain}::{ATTENTION_SPEC.name}"] == config.num_hidden_layers
+    assert counts.get("Softmax", 0) == 0
+    assert f"{ATTENTION_SPEC.domain}::{ATTENTION_SPEC.name}" not in op_counts(ir.load(theirs / "model.onnx"))
+    ea, eb = load(ours), load(theirs)
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, size=(2, 9))
+    assert max_rel_err(ea.forward(ids), eb.forward(ids)) < TOL
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    assert ea.generate(prompts, 8) == eb.generate(prompts, 8)
