@@ -2,8 +2,8 @@
 NumPy model of ATTENTION_SPEC's formula, and the pass that swaps it in for the export's attention subgraph
 (passes/use_cpu_attention_kernel.py) against ONNX Runtime running that subgraph, end to end on the tiny preset.
 
-Tolerance: max |ours - ref| <= 1e-5 * max |ref| (float32 against float64). Shapes cover cache lengths of 0, 1, one
-chunk of 512 columns and across chunks (600), a chunk whose columns are all masked, new tokens 1, 3 and 20 (several
+Tolerance: max |ours - ref| <= 1e-5 * max |ref| (float32 against float64). Shapes cover cache lengths of 0, 1, 512
+(8 chunks of 64 columns) and 600 (5 of 128), a chunk whose columns are all masked, new tokens 1, 3 and 20 (several
 token blocks of the prefill path), odd head counts and dimensions not multiples of a vector; 1 and 2 threads; every
 instruction-set level this CPU runs.
 """
@@ -72,8 +72,8 @@ def reference(x: dict[str, np.ndarray], scale: float) -> np.ndarray:
 
 @pytest.mark.parametrize("b,s,n,d,r,c,vd,p,lengths", [
     (1, 1, 16, 64, 32, 256, 64, 64, [40]),  # the benchmark model's decode
-    (2, 1, 3, 8, 4, 40, 12, 600, [600, 5]),  # across chunks; row 1's later chunks all masked
-    (1, 3, 5, 16, 8, 24, 8, 512, [512]),  # one full chunk, a few new tokens
+    (2, 1, 3, 8, 4, 40, 12, 600, [600, 5]),  # 5 chunks; row 1's later ones all masked, its first partly
+    (1, 3, 5, 16, 8, 24, 8, 512, [512]),  # 8 full chunks, a few new tokens
     (2, 20, 16, 8, 4, 16, 8, 1, [1, 0]),  # several token blocks (8 tokens x 16 heads each), a 1-column cache
     (1, 7, 2, 4, 2, 9, 3, 0, [0]),  # no cache at all (a first prefill)
 ])

@@ -10,11 +10,12 @@
 //   p       = softmax(z)                                                             (float32, over P + S)
 //   ol[c]   = sum_t p[t] past_c[b, c, t] + sum_j p[P+j] c_new[b, j, c]
 //   out[b, s, n * Vd + v] = sum_c ol[c] * w_uv_t[n, c, v]
-// Three parallel phases (split over the cache columns, as flash-decoding does, so that a decode step reads the
-// cache once whatever the head count): queries per (b, s, n); per (b, block of tokens, chunk of 512 columns) the
-// scores of every head, the chunk's max m, sum l and ol; per (b, s, n) the chunks combined with weights
-// exp(m - max m), divided by the total, times W_UV. Scratch is the calling thread's and each worker's, kept across
-// calls (released when far larger than needed).
+// Three parallel phases, split over the cache columns as flash-decoding does, so that a step reads the cache once
+// whatever the head count: (1) per head n, the queries of every row and token (W_UK[n] read once); (2) per (b,
+// block of tokens, chunk of 64-512 cache columns: `chunk_columns`), every head's scores, the chunk's max m, sum l
+// and latent sum ol; (3) per head n, the chunks combined with weights exp(m - max m), divided by the total, times
+// W_UV[n] (read once). The new tokens' columns are one more chunk (up to 512).
+// Scratch is the calling thread's and each worker's, kept across calls (released when far larger than needed).
 // Legend: B rows, S new tokens, N heads, D nope head dim, R rope dim, C kv_lora_rank, P cache columns, Vd v dim.
 #include "panels.h"
 
@@ -44,38 +45,6 @@ Mask make_mask(const Ort::Custom::Tensor<bool>& t, int64_t B, int64_t rows, int6
   return m;
 }
 
-// the sum of a vector's lanes by halving (log2(kW) dependent adds rather than kW)
-template <int W>
-inline float hsum_w(const float* lanes) {
-  if constexpr (W == 1) {
-    return lanes[0];
-  } else {
-    typedef float vh __attribute__((vector_size(W / 2 * sizeof(float))));
-    vh a, b;
-    std::memcpy(&a, lanes, sizeof a);
-    std::memcpy(&b, lanes + W / 2, sizeof b);
-    a += b;
-    float half[W / 2];
-    std::memcpy(half, &a, sizeof a);
-    return hsum_w<W / 2>(half);
-  }
-}
-
-inline float hsum(vf v) {
-  float lanes[kW];
-  std::memcpy(lanes, &v, sizeof v);
-  return hsum_w<kW>(lanes);
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  vf acc{};
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) acc += load(a + i) * load(b + i);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
   const vf va = splat(a);
   int64_t i = 0;
@@ -89,24 +58,66 @@ struct AttnJob {
   float scale;
   float* out;
   int64_t B, S, N, D, R, C, P, Vd;
-  int64_t sb, nsb, past_chunks, chunks;  // query tokens per unit, s-blocks, column chunks (past, all)
+  int64_t sb, nsb, chunk, past_chunks, chunks;  // tokens per unit, token blocks, columns per cache chunk, chunks
   float *q, *kt, *part_ol, *part_m, *part_l;  // the caller's scratch (see Compute)
 };
 
-constexpr int64_t kChunk = 512;  // cache columns per unit
+constexpr int64_t kChunk = 512;  // at most, cache columns per unit
+// The cache's columns per unit: at least 8 units per row and token block once the cache has 512 columns (so that
+// one decode row keeps every thread busy), at most kChunk, in steps of 64.
+inline int64_t chunk_columns(int64_t P) {
+  return std::min(kChunk, std::max<int64_t>(64, (P + 8 * 64 - 1) / (8 * 64) * 64));
+}
 
-// phase 1, one unit per (b, s, n): q[b, s, n] = [scale * q_nope W_UK[n] | scale * q_pe] ([C + R])
+// O [M, Nc] = A [M, K] (rows lda apart) times Bm [K, Nc] (rows ldb apart), O's rows ldo apart: register tiles of
+// 4 rows x 4 vectors (outer products over k), tails by axpy
+void gemm_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* O, int64_t ldo, int64_t M,
+               int64_t K, int64_t Nc) {
+  const int64_t M4 = M / 4 * 4;
+  int64_t cb = 0;
+  for (; cb + 4 * kW <= Nc; cb += 4 * kW) {
+    for (int64_t m0 = 0; m0 < M4; m0 += 4) {
+      vf acc[4][4] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const float* w = Bm + k * ldb + cb;
+        const vf b0 = load(w), b1 = load(w + kW), b2 = load(w + 2 * kW), b3 = load(w + 3 * kW);
+        for (int rr = 0; rr < 4; ++rr) {
+          const vf a = splat(A[(m0 + rr) * lda + k]);
+          acc[rr][0] += a * b0;
+          acc[rr][1] += a * b1;
+          acc[rr][2] += a * b2;
+          acc[rr][3] += a * b3;
+        }
+      }
+      for (int rr = 0; rr < 4; ++rr)
+        for (int v = 0; v < 4; ++v) store(O + (m0 + rr) * ldo + cb + v * kW, acc[rr][v]);
+    }
+  }
+  for (int64_t m = 0; m < M4; ++m) {  // the tiles' column tail
+    float* o = O + m * ldo + cb;
+    std::fill(o, o + (Nc - cb), 0.f);
+    for (int64_t k = 0; k < K; ++k) axpy(o, A[m * lda + k], Bm + k * ldb + cb, Nc - cb);
+  }
+  for (int64_t m = M4; m < M; ++m) {  // rows left over (a decode step's one row): Bm read in order, row by row
+    float* o = O + m * ldo;
+    std::fill(o, o + Nc, 0.f);
+    for (int64_t k = 0; k < K; ++k) axpy(o, A[m * lda + k], Bm + k * ldb, Nc);
+  }
+}
+
+// phase 1, one unit per head n, every (b, s): q[b, s, n] = [scale * q_nope W_UK[n] | scale * q_pe] ([C + R]);
+// W_UK[n] is read once
 void query_unit(void* data, size_t unit) {
   const AttnJob& j = *static_cast<const AttnJob*>(data);
-  const int64_t bsn = static_cast<int64_t>(unit), n = bsn % j.N, C = j.C, R = j.R;
-  float* q = j.q + bsn * (C + R);
-  std::fill(q, q + C, 0.f);
-  const float* qn = j.q_nope + bsn * j.D;
-  const float* wk = j.w_uk + n * j.D * C;
-  for (int64_t d = 0; d < j.D; ++d) axpy(q, qn[d], wk + d * C, C);
-  for (int64_t k = 0; k < C; ++k) q[k] *= j.scale;
-  const float* qr = j.q_pe + bsn * R;
-  for (int64_t k = 0; k < R; ++k) q[C + k] = qr[k] * j.scale;
+  const int64_t n = static_cast<int64_t>(unit), C = j.C, R = j.R, N = j.N, M = j.B * j.S;
+  float* q = j.q + n * (C + R);
+  gemm_rows(j.q_nope + n * j.D, N * j.D, j.w_uk + n * j.D * C, C, q, N * (C + R), M, j.D, C);
+  for (int64_t m = 0; m < M; ++m) {
+    float* qm = q + m * N * (C + R);
+    for (int64_t k = 0; k < C; ++k) qm[k] *= j.scale;
+    const float* qr = j.q_pe + (m * N + n) * R;
+    for (int64_t k = 0; k < R; ++k) qm[C + k] = qr[k] * j.scale;
+  }
 }
 
 // z [rows, width] = q [rows, C + R] (rows C + R apart) times the latent rows (c rows then pe rows, `ld` apart):
@@ -136,6 +147,20 @@ void scores_tile(const float* q, int64_t C, int64_t R, const float* src_c, const
     for (; r0 < rows; ++r0)
       for (int64_t k = 0; k < K; ++k)
         axpy(z + r0 * width + cb, q[r0 * K + k], (k < C ? src_c + k * ld : src_pe + (k - C) * ld) + cb, 4 * kW);
+  }
+  for (; cb + kW <= width; cb += kW) {  // single vectors of columns, 4 rows at a time
+    int64_t r0 = 0;
+    for (; r0 + 4 <= rows; r0 += 4) {
+      vf acc[4] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const vf sv = load((k < C ? src_c + k * ld : src_pe + (k - C) * ld) + cb);
+        for (int rr = 0; rr < 4; ++rr) acc[rr] += splat(q[(r0 + rr) * K + k]) * sv;
+      }
+      for (int rr = 0; rr < 4; ++rr) store(z + (r0 + rr) * width + cb, acc[rr]);
+    }
+    for (; r0 < rows; ++r0)
+      for (int64_t k = 0; k < K; ++k)
+        axpy(z + r0 * width + cb, q[r0 * K + k], (k < C ? src_c + k * ld : src_pe + (k - C) * ld) + cb, kW);
   }
   if (cb < width)
     for (int64_t r = 0; r < rows; ++r)
@@ -173,7 +198,7 @@ void latent_rows_product(const float* z, int64_t rows, int64_t width, const floa
       for (int64_t t = 0; t < width; ++t) axpy(ol + r * C + cb, z[r * width + t], lat + t * C + cb, C - cb);
 }
 
-thread_local std::vector<float> chunk_scores;
+thread_local std::vector<float> chunk_scores, chunk_latents;
 
 // phase 2, one unit per (b, block of sb query tokens, chunk of columns), every head: the chunk's scores, their
 // max m and sum of exponentials l per query row, and ol = sum_t exp(z_t - m) latent_t (cache read once here)
@@ -183,9 +208,11 @@ void chunk_unit(void* data, size_t unit) {
   const int64_t C = j.C, R = j.R, N = j.N, P = j.P, S = j.S;
   const int64_t s0 = sbi * j.sb, s1 = std::min(S, s0 + j.sb), rows = (s1 - s0) * N;
   const bool past = ch < j.past_chunks;
-  const int64_t c0 = past ? ch * kChunk : (ch - j.past_chunks) * kChunk;
-  int64_t width = std::min(kChunk, (past ? P : S) - c0);
-  {  // columns past the last one any row of the block sees are skipped (the future of a causal prefill)
+  const int64_t c0 = past ? ch * j.chunk : (ch - j.past_chunks) * kChunk;
+  const int64_t full = std::min(past ? j.chunk : kChunk, (past ? P : S) - c0);
+  int64_t width = full;
+  {  // columns past the last one any row of the block sees are skipped (the future of a causal prefill), in whole
+     // vectors where the chunk has them (the extra columns are masked like any invisible one)
     int64_t seen = 0;
     for (int64_t r = 0; r < rows && seen < width; ++r) {
       const int64_t i = (s0 + r / N) * N + r % N;
@@ -195,7 +222,7 @@ void chunk_unit(void* data, size_t unit) {
           break;
         }
     }
-    width = seen;
+    width = std::min(full, (seen + kW - 1) / kW * kW);
   }
   const float* src_c = past ? j.past_c + b * C * P + c0 : j.kt + b * (C + R) * S + c0;  // rows of stride `ld`
   const float* src_pe = past ? j.past_pe + b * R * P + c0 : j.kt + b * (C + R) * S + C * S + c0;
@@ -237,59 +264,46 @@ void chunk_unit(void* data, size_t unit) {
     latent_rows_product(z.data(), rows, width, j.c_new + (b * S + c0) * C, C, ol);
     return;
   }
-  int64_t c = 0;
-  for (; c + 4 <= C; c += 4) {  // four latent rows at a time: each z load feeds four products
-    const float* g[4] = {src_c + c * ld, src_c + (c + 1) * ld, src_c + (c + 2) * ld, src_c + (c + 3) * ld};
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* zr = z.data() + r * width;
-      vf a0{}, a1{}, a2{}, a3{};
-      int64_t t = 0;
-      for (; t + kW <= width; t += kW) {
-        const vf p = load(zr + t);
-        a0 += p * load(g[0] + t);
-        a1 += p * load(g[1] + t);
-        a2 += p * load(g[2] + t);
-        a3 += p * load(g[3] + t);
-      }
-      float o[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (; t < width; ++t)
-        for (int e = 0; e < 4; ++e) o[e] += zr[t] * g[e][t];
-      for (int e = 0; e < 4; ++e) ol[r * C + c + e] = o[e];
-    }
-  }
-  for (; c < C; ++c) {
+  // the cache chunk [C, width] turned to [width, C] once, then the same outer products (no lane sums)
+  std::vector<float>& lt = chunk_latents;
+  release_if_oversized(lt, static_cast<size_t>(kChunk * C));
+  lt.resize(static_cast<size_t>(width * C));
+  for (int64_t c = 0; c < C; ++c) {
     const float* seg = src_c + c * ld;
-    for (int64_t r = 0; r < rows; ++r) ol[r * C + c] = dot(z.data() + r * width, seg, width);
+    for (int64_t t = 0; t < width; ++t) lt[t * C + c] = seg[t];
   }
+  latent_rows_product(z.data(), rows, width, lt.data(), C, ol);
 }
 
 thread_local std::vector<float> combined;
 
-// phase 3, one unit per (b, s, n): the chunks combined (each scaled by exp(m - max m)), divided by the total sum,
-// times W_UV[n]
+// phase 3, one unit per head n, every (b, s): the chunks combined (each scaled by exp(m - max m)) and divided by
+// the total sum, then times W_UV[n] (read once)
 void output_unit(void* data, size_t unit) {
   const AttnJob& j = *static_cast<const AttnJob*>(data);
-  const int64_t bsn = static_cast<int64_t>(unit), n = bsn % j.N, s = bsn / j.N % j.S, b = bsn / j.N / j.S;
-  const int64_t C = j.C, sbi = s / j.sb, r = (s - sbi * j.sb) * j.N + n;
-  const int64_t u0 = (b * j.nsb + sbi) * j.chunks;
-  float mx = -INFINITY;
-  for (int64_t ch = 0; ch < j.chunks; ++ch) mx = std::max(mx, j.part_m[(u0 + ch) * j.sb * j.N + r]);
+  const int64_t n = static_cast<int64_t>(unit), C = j.C, N = j.N, M = j.B * j.S;
   std::vector<float>& ol = combined;
-  ol.assign(static_cast<size_t>(C), 0.f);
-  float total = 0.f;
-  for (int64_t ch = 0; ch < j.chunks; ++ch) {
-    const int64_t u = u0 + ch;
-    const float m = j.part_m[u * j.sb * j.N + r];
-    if (m == -INFINITY) continue;
-    const float w = std::exp(m - mx);
-    total += w * j.part_l[u * j.sb * j.N + r];
-    axpy(ol.data(), w, j.part_ol + (u * j.sb * j.N + r) * C, C);
+  release_if_oversized(ol, static_cast<size_t>(M * C));
+  ol.assign(static_cast<size_t>(M * C), 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t b = m / j.S, s = m % j.S, sbi = s / j.sb, r = (s - sbi * j.sb) * N + n;
+    const int64_t u0 = (b * j.nsb + sbi) * j.chunks;
+    float mx = -INFINITY;
+    for (int64_t ch = 0; ch < j.chunks; ++ch) mx = std::max(mx, j.part_m[(u0 + ch) * j.sb * N + r]);
+    float total = 0.f;
+    float* o = ol.data() + m * C;
+    for (int64_t ch = 0; ch < j.chunks; ++ch) {
+      const int64_t u = u0 + ch;
+      const float mu = j.part_m[u * j.sb * N + r];
+      if (mu == -INFINITY) continue;
+      const float w = std::exp(mu - mx);
+      total += w * j.part_l[u * j.sb * N + r];
+      axpy(o, w, j.part_ol + (u * j.sb * N + r) * C, C);
+    }
+    const float inv = 1.f / total;  // no visible column at all: 1 / 0 and NaN, as softmax over all -inf
+    for (int64_t k = 0; k < C; ++k) o[k] *= inv;
   }
-  const float inv = 1.f / total;  // no visible column at all: 1 / 0 and NaN, as softmax over all -inf
-  float* o = j.out + bsn * j.Vd;
-  std::fill(o, o + j.Vd, 0.f);
-  const float* wv = j.w_uv + n * C * j.Vd;
-  for (int64_t k = 0; k < C; ++k) axpy(o, ol[k] * inv, wv + k * j.Vd, j.Vd);
+  gemm_rows(ol.data(), C, j.w_uv + n * C * j.Vd, j.Vd, j.out + n * j.Vd, N * j.Vd, M, C, j.Vd);
 }
 
 struct AttnScratch {  // the calling thread's, kept across calls
@@ -340,7 +354,8 @@ struct AttentionKernel {
       float* y = output.Allocate({B, S, N * Vd});
       if (B * S * N == 0) return Ort::Status{nullptr};
       const int64_t sb = std::max<int64_t>(1, kBlockRows / N), nsb = (S + sb - 1) / sb;
-      const int64_t past_chunks = (P + kChunk - 1) / kChunk, chunks = past_chunks + (S + kChunk - 1) / kChunk;
+      const int64_t chunk = chunk_columns(P), past_chunks = (P + chunk - 1) / chunk;
+      const int64_t chunks = past_chunks + (S + kChunk - 1) / kChunk;
       AttnScratch& s = attn_scratch;
       fit(s.q, static_cast<size_t>(B * S * N * (C + R)));
       fit(s.kt, static_cast<size_t>(B * (C + R) * S));
@@ -357,12 +372,12 @@ struct AttentionKernel {
         }
       AttnJob job{q_nope.Data(), q_pe.Data(), cn, pn, past_c.Data(), past_pe.Data(), w_uk.Data(), w_uv_t.Data(),
                   make_mask(past_valid, B, S * N, P, "past_valid"), make_mask(new_valid, B, S * N, S, "new_valid"),
-                  scale_, y, B, S, N, D, R, C, P, Vd, sb, nsb, past_chunks, chunks, s.q.data(), s.kt.data(),
+                  scale_, y, B, S, N, D, R, C, P, Vd, sb, nsb, chunk, past_chunks, chunks, s.q.data(), s.kt.data(),
                   s.part_ol.data(), s.part_m.data(), s.part_l.data()};
       Ort::KernelContext ctx(context);
-      ctx.ParallelFor(query_unit, static_cast<size_t>(B * S * N), 0, &job);
+      ctx.ParallelFor(query_unit, static_cast<size_t>(N), 0, &job);
       ctx.ParallelFor(chunk_unit, static_cast<size_t>(units), 0, &job);
-      ctx.ParallelFor(output_unit, static_cast<size_t>(B * S * N), 0, &job);
+      ctx.ParallelFor(output_unit, static_cast<size_t>(N), 0, &job);
     } catch (const Ort::Exception& e) {
       return Ort::Status(e.what(), e.GetOrtErrorCode());
     } catch (const std::exception& e) {
