@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -150,3 +152,43 @@ def packed_initializer(graph: ir.Graph, weight: ir.Value, pack: Callable[[np.nda
 
 def _pack_now(source: ir.TensorProtocol, pack: Callable[[np.ndarray], np.ndarray]) -> ir.TensorProtocol:
     return ir.tensor(pack(np.asarray(source.numpy(), dtype=np.float32)))
+
+
+class CpuKernelPass(ir.passes.InPlacePass):
+    """A pass that swaps nodes for one of r1c's CPU kernels (r1c/plugins/cpu_moe) where the build asked for them
+    (`BuildOptions.cpu_moe == "r1c"`; any other value leaves the model as it is). `swap` does the work and returns
+    how many kernel nodes it inserted; the build's report records that under the pass's name (`nodes`), and the
+    kernel's domain is imported when there is one."""
+
+    uses_build_options = True
+    spec: OpSpec  # the kernel's op
+    counted = "nodes"  # what the log line counts
+
+    def __init__(self, cpu_moe: str = "ort", report: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.cpu_moe = cpu_moe
+        self.report = report if report is not None else {}
+
+    @abc.abstractmethod
+    def swap(self, graph: ir.Graph) -> int:
+        """Replace what the kernel computes in `graph`; the number of kernel nodes inserted."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.cpu_moe != "r1c":
+            return ir.passes.PassResult(model, False)
+        count = self.swap(model.graph)
+        self.report["nodes"] = count
+        if count:
+            model.opset_imports[self.spec.domain] = self.spec.version
+            logger.info("%s: %d %s run on r1c's CPU kernel", type(self).__name__, count, self.counted)
+        return ir.passes.PassResult(model, count > 0)
+
+
+def take_over(graph: ir.Graph, new: ir.Node, before: ir.Node, old: ir.Value, suffix: str) -> None:
+    """Insert `new` before `before`; its (float32) output takes `old`'s name, shape and readers (graph outputs
+    included), `old` is renamed `<name><suffix>` for the nodes the caller then removes."""
+    out = new.outputs[0]
+    name, old.name = old.name, f"{old.name}{suffix}"
+    out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, old.shape
+    graph.insert_before(before, new)
+    old.replace_all_uses_with(out, replace_graph_outputs=True)

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 import onnx_ir as ir
 
-from r1c.passes._util import attr_int, const_ints, const_scalar
+from r1c.passes._util import CpuKernelPass, attr_int, const_ints, const_scalar, take_over
 from r1c.plugins.cpu_moe import ATTENTION_SPEC
 
 logger = logging.getLogger(__name__)
@@ -166,23 +165,16 @@ def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.No
     return inputs, scale, out, m.nodes
 
 
-class UseCpuAttentionKernelPass(ir.passes.InPlacePass):
+class UseCpuAttentionKernelPass(CpuKernelPass):
     """The export's absorbed MLA attention -> r1c.cpu::MLAAttention where the build asked for r1c's CPU kernels."""
 
-    uses_build_options = True
+    spec = ATTENTION_SPEC
+    counted = "attention subgraphs"
 
-    def __init__(self, cpu_moe: str = "ort", report: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.cpu_moe = cpu_moe
-        self.report = report if report is not None else {}  # "nodes": how many attentions the kernel runs
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.cpu_moe != "r1c":
-            return ir.passes.PassResult(model, False)
-        graph = model.graph
+    def swap(self, graph: ir.Graph) -> int:
         count = 0
         for softmax in list(graph):
-            if softmax.op_type != "Softmax" or softmax.domain not in ("", "ai.onnx") or softmax.graph is not graph:
+            if softmax.op_type != "Softmax" or softmax.domain not in ("", "ai.onnx"):
                 continue
             try:
                 inputs, scale, out, nodes = match(softmax)
@@ -193,15 +185,7 @@ class UseCpuAttentionKernelPass(ir.passes.InPlacePass):
             assert last is not None
             new = ir.node(ATTENTION_SPEC.name, inputs, attributes=ATTENTION_SPEC.attrs(scale=scale),
                           domain=ATTENTION_SPEC.domain, version=ATTENTION_SPEC.version, name=f"{last.name}.mla")
-            result = new.outputs[0]
-            name, out.name = out.name, f"{out.name}.onnx"
-            result.name, result.dtype, result.shape = name, ir.DataType.FLOAT, out.shape
-            graph.insert_before(last, new)
-            out.replace_all_uses_with(result, replace_graph_outputs=True)
+            take_over(graph, new, last, out, ".onnx")
             graph.remove(nodes, safe=True)
             count += 1
-        self.report["nodes"] = count
-        if count:
-            model.opset_imports[ATTENTION_SPEC.domain] = ATTENTION_SPEC.version
-            logger.info("use_cpu_attention_kernel: %d attention subgraphs run on r1c's CPU kernel", count)
-        return ir.passes.PassResult(model, count > 0)
+        return count

@@ -15,11 +15,10 @@ weight) is left to ONNX Runtime.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import onnx_ir as ir
 
-from r1c.passes._util import packed_initializer
+from r1c.passes._util import CpuKernelPass, packed_initializer, take_over
 from r1c.plugins.cpu_moe import LINEAR_SPEC, PANEL, pack_linear
 
 logger = logging.getLogger(__name__)
@@ -37,20 +36,13 @@ def why_not(node: ir.Node) -> str | None:
     return None
 
 
-class UseCpuLinearKernelPass(ir.passes.InPlacePass):
+class UseCpuLinearKernelPass(CpuKernelPass):
     """MatMul(x, constant W) -> r1c.cpu::Linear where the build asked for r1c's CPU kernels."""
 
-    uses_build_options = True
+    spec = LINEAR_SPEC
+    counted = "MatMul nodes"
 
-    def __init__(self, cpu_moe: str = "ort", report: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.cpu_moe = cpu_moe
-        self.report = report if report is not None else {}  # "nodes": how many MatMuls the kernel runs
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.cpu_moe != "r1c":
-            return ir.passes.PassResult(model, False)
-        graph = model.graph
+    def swap(self, graph: ir.Graph) -> int:
         count = 0
         for node in list(graph):
             if node.domain not in ("", "ai.onnx") or node.op_type != "MatMul":
@@ -65,16 +57,8 @@ class UseCpuLinearKernelPass(ir.passes.InPlacePass):
             packed = packed_initializer(graph, w, pack_linear, (-(-n // PANEL), k, PANEL))
             new = ir.node(LINEAR_SPEC.name, [x, packed], attributes=LINEAR_SPEC.attrs(n=n), domain=LINEAR_SPEC.domain,
                           version=LINEAR_SPEC.version, name=node.name)
-            out, old = new.outputs[0], node.outputs[0]
-            name, old.name = old.name, f"{old.name}.mlas"
-            out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, old.shape
-            graph.insert_before(node, new)
-            old.replace_all_uses_with(out, replace_graph_outputs=True)
+            take_over(graph, new, node, node.outputs[0], ".mlas")
             graph.remove(node, safe=True)
             graph.initializers.pop(str(w.name))  # read by the removed node alone (why_not)
             count += 1
-        self.report["nodes"] = count
-        if count:
-            model.opset_imports[LINEAR_SPEC.domain] = LINEAR_SPEC.version
-            logger.info("use_cpu_linear_kernel: %d MatMul nodes run on r1c's CPU kernel", count)
-        return ir.passes.PassResult(model, count > 0)
+        return count

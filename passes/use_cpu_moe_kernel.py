@@ -17,11 +17,17 @@ initializer stays as it is); any other MoE is left to ORT and the pass says why.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import onnx_ir as ir
 
-from r1c.passes._util import attr_int, ort_moe_nodes, packed_initializer, swiglu_moe_problem
+from r1c.passes._util import (
+    CpuKernelPass,
+    attr_int,
+    ort_moe_nodes,
+    packed_initializer,
+    swiglu_moe_problem,
+    take_over,
+)
 from r1c.plugins.cpu_moe import SPEC, pack_fc1, pack_fc2, packed_shape
 
 logger = logging.getLogger(__name__)
@@ -56,20 +62,13 @@ def why_not(node: ir.Node) -> str | None:
     return None
 
 
-class UseCpuMoEKernelPass(ir.passes.InPlacePass):
+class UseCpuMoEKernelPass(CpuKernelPass):
     """com.microsoft.MoE -> r1c.cpu::MoE where the build asked for r1c's CPU kernel."""
 
-    uses_build_options = True
+    spec = SPEC
+    counted = "MoE nodes"
 
-    def __init__(self, cpu_moe: str = "ort", report: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.cpu_moe = cpu_moe
-        self.report = report if report is not None else {}  # "nodes": how many MoE nodes the kernel runs
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.cpu_moe != "r1c":
-            return ir.passes.PassResult(model, False)
-        graph = model.graph
+    def swap(self, graph: ir.Graph) -> int:
         count = 0
         for node in ort_moe_nodes(graph, why_not, "use_cpu_moe_kernel", "left to ONNX Runtime"):
             x, probs, fc1, _, fc2 = node.inputs
@@ -81,17 +80,9 @@ class UseCpuMoEKernelPass(ir.passes.InPlacePass):
             w2 = packed_initializer(graph, fc2, pack_fc2, packed_shape("fc2", fc2.const_value.shape.numpy()))
             new = ir.node(SPEC.name, [x, probs, w1, w2], attributes=attrs, domain=SPEC.domain,
                           version=SPEC.version, name=node.name)
-            out, old = new.outputs[0], node.outputs[0]
-            name, old.name = old.name, f"{old.name}.ort"
-            out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, old.shape
-            graph.insert_before(node, new)
-            old.replace_all_uses_with(out, replace_graph_outputs=True)
+            take_over(graph, new, node, node.outputs[0], ".ort")
             graph.remove(node, safe=True)
             for old_w in (fc1, fc2):
                 graph.initializers.pop(str(old_w.name))  # read by the removed node alone (why_not)
             count += 1
-        self.report["nodes"] = count
-        if count:
-            model.opset_imports[SPEC.domain] = SPEC.version
-            logger.info("use_cpu_moe_kernel: %d MoE nodes run on r1c's CPU kernel", count)
-        return ir.passes.PassResult(model, count > 0)
+        return count

@@ -69,15 +69,19 @@ inline int64_t chunk_columns(int64_t P) {
   return std::min(kChunk, std::max<int64_t>(64, (P + 8 * 64 - 1) / (8 * 64) * 64));
 }
 
-// O [M, Nc] = A [M, K] (rows lda apart) times Bm [K, Nc] (rows ldb apart), O's rows ldo apart: register tiles of
-// 4 rows x 4 vectors (outer products over k), tails by axpy
+// O [M, Nc] (+)= A [M, K] (rows lda apart) times Bm [K, Nc] (rows ldb apart), O's rows ldo apart (`accumulate`:
+// added to what O holds): register tiles of 4 rows x 4 vectors, then 4 rows x 1 vector (outer products over k, Bm
+// read once per tile); rows left over (a decode step's one row) read Bm in order, row by row
 void gemm_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* O, int64_t ldo, int64_t M,
-               int64_t K, int64_t Nc) {
+               int64_t K, int64_t Nc, bool accumulate = false) {
   const int64_t M4 = M / 4 * 4;
   int64_t cb = 0;
-  for (; cb + 4 * kW <= Nc; cb += 4 * kW) {
+  for (; cb + 4 * kW <= Nc; cb += 4 * kW)
     for (int64_t m0 = 0; m0 < M4; m0 += 4) {
       vf acc[4][4] = {};
+      if (accumulate)
+        for (int rr = 0; rr < 4; ++rr)
+          for (int v = 0; v < 4; ++v) acc[rr][v] = load(O + (m0 + rr) * ldo + cb + v * kW);
       for (int64_t k = 0; k < K; ++k) {
         const float* w = Bm + k * ldb + cb;
         const vf b0 = load(w), b1 = load(w + kW), b2 = load(w + 2 * kW), b3 = load(w + 3 * kW);
@@ -92,16 +96,23 @@ void gemm_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb, float*
       for (int rr = 0; rr < 4; ++rr)
         for (int v = 0; v < 4; ++v) store(O + (m0 + rr) * ldo + cb + v * kW, acc[rr][v]);
     }
-  }
-  for (int64_t m = 0; m < M4; ++m) {  // the tiles' column tail
-    float* o = O + m * ldo + cb;
-    std::fill(o, o + (Nc - cb), 0.f);
-    for (int64_t k = 0; k < K; ++k) axpy(o, A[m * lda + k], Bm + k * ldb + cb, Nc - cb);
-  }
-  for (int64_t m = M4; m < M; ++m) {  // rows left over (a decode step's one row): Bm read in order, row by row
-    float* o = O + m * ldo;
-    std::fill(o, o + Nc, 0.f);
-    for (int64_t k = 0; k < K; ++k) axpy(o, A[m * lda + k], Bm + k * ldb, Nc);
+  for (; cb + kW <= Nc; cb += kW)
+    for (int64_t m0 = 0; m0 < M4; m0 += 4) {
+      vf acc[4] = {};
+      if (accumulate)
+        for (int rr = 0; rr < 4; ++rr) acc[rr] = load(O + (m0 + rr) * ldo + cb);
+      for (int64_t k = 0; k < K; ++k) {
+        const vf w = load(Bm + k * ldb + cb);
+        for (int rr = 0; rr < 4; ++rr) acc[rr] += splat(A[(m0 + rr) * lda + k]) * w;
+      }
+      for (int rr = 0; rr < 4; ++rr) store(O + (m0 + rr) * ldo + cb, acc[rr]);
+    }
+  for (int64_t m = 0; m < M; ++m) {  // the tiles' last columns (under a vector), and the rows left over, whole
+    const int64_t c0 = m < M4 ? cb : 0;
+    if (c0 == Nc) continue;
+    float* o = O + m * ldo + c0;
+    if (!accumulate) std::fill(o, o + (Nc - c0), 0.f);
+    for (int64_t k = 0; k < K; ++k) axpy(o, A[m * lda + k], Bm + k * ldb + c0, Nc - c0);
   }
 }
 
@@ -118,84 +129,6 @@ void query_unit(void* data, size_t unit) {
     const float* qr = j.q_pe + (m * N + n) * R;
     for (int64_t k = 0; k < R; ++k) qm[C + k] = qr[k] * j.scale;
   }
-}
-
-// z [rows, width] = q [rows, C + R] (rows C + R apart) times the latent rows (c rows then pe rows, `ld` apart):
-// register tiles of 4 query rows x 4 vectors of columns (outer products, no stores inside the k loop)
-void scores_tile(const float* q, int64_t C, int64_t R, const float* src_c, const float* src_pe, int64_t ld,
-                 int64_t rows, int64_t width, float* z) {
-  const int64_t K = C + R;
-  int64_t cb = 0;
-  for (; cb + 4 * kW <= width; cb += 4 * kW) {
-    int64_t r0 = 0;
-    for (; r0 + 4 <= rows; r0 += 4) {
-      vf acc[4][4] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const float* seg = (k < C ? src_c + k * ld : src_pe + (k - C) * ld) + cb;
-        const vf s0 = load(seg), s1 = load(seg + kW), s2 = load(seg + 2 * kW), s3 = load(seg + 3 * kW);
-        for (int rr = 0; rr < 4; ++rr) {
-          const vf a = splat(q[(r0 + rr) * K + k]);
-          acc[rr][0] += a * s0;
-          acc[rr][1] += a * s1;
-          acc[rr][2] += a * s2;
-          acc[rr][3] += a * s3;
-        }
-      }
-      for (int rr = 0; rr < 4; ++rr)
-        for (int v = 0; v < 4; ++v) store(z + (r0 + rr) * width + cb + v * kW, acc[rr][v]);
-    }
-    for (; r0 < rows; ++r0)
-      for (int64_t k = 0; k < K; ++k)
-        axpy(z + r0 * width + cb, q[r0 * K + k], (k < C ? src_c + k * ld : src_pe + (k - C) * ld) + cb, 4 * kW);
-  }
-  for (; cb + kW <= width; cb += kW) {  // single vectors of columns, 4 rows at a time
-    int64_t r0 = 0;
-    for (; r0 + 4 <= rows; r0 += 4) {
-      vf acc[4] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const vf sv = load((k < C ? src_c + k * ld : src_pe + (k - C) * ld) + cb);
-        for (int rr = 0; rr < 4; ++rr) acc[rr] += splat(q[(r0 + rr) * K + k]) * sv;
-      }
-      for (int rr = 0; rr < 4; ++rr) store(z + (r0 + rr) * width + cb, acc[rr]);
-    }
-    for (; r0 < rows; ++r0)
-      for (int64_t k = 0; k < K; ++k)
-        axpy(z + r0 * width + cb, q[r0 * K + k], (k < C ? src_c + k * ld : src_pe + (k - C) * ld) + cb, kW);
-  }
-  if (cb < width)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < K; ++k)
-        axpy(z + r * width + cb, q[r * K + k], (k < C ? src_c + k * ld : src_pe + (k - C) * ld) + cb, width - cb);
-}
-
-// ol [rows, C] = z [rows, width] times lat [width, C] (rows C apart): tiles of 4 query rows x 4 vectors of C
-void latent_rows_product(const float* z, int64_t rows, int64_t width, const float* lat, int64_t C, float* ol) {
-  std::fill(ol, ol + rows * C, 0.f);
-  int64_t cb = 0;
-  for (; cb + 4 * kW <= C; cb += 4 * kW) {
-    int64_t r0 = 0;
-    for (; r0 + 4 <= rows; r0 += 4) {
-      vf acc[4][4] = {};
-      for (int64_t t = 0; t < width; ++t) {
-        const float* l = lat + t * C + cb;
-        const vf l0 = load(l), l1 = load(l + kW), l2 = load(l + 2 * kW), l3 = load(l + 3 * kW);
-        for (int rr = 0; rr < 4; ++rr) {
-          const vf p = splat(z[(r0 + rr) * width + t]);
-          acc[rr][0] += p * l0;
-          acc[rr][1] += p * l1;
-          acc[rr][2] += p * l2;
-          acc[rr][3] += p * l3;
-        }
-      }
-      for (int rr = 0; rr < 4; ++rr)
-        for (int v = 0; v < 4; ++v) store(ol + (r0 + rr) * C + cb + v * kW, acc[rr][v]);
-    }
-    for (; r0 < rows; ++r0)
-      for (int64_t t = 0; t < width; ++t) axpy(ol + r0 * C + cb, z[r0 * width + t], lat + t * C + cb, 4 * kW);
-  }
-  if (cb < C)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t t = 0; t < width; ++t) axpy(ol + r * C + cb, z[r * width + t], lat + t * C + cb, C - cb);
 }
 
 thread_local std::vector<float> chunk_scores, chunk_latents;
@@ -229,9 +162,10 @@ void chunk_unit(void* data, size_t unit) {
   const int64_t ld = past ? P : S;
   std::vector<float>& z = chunk_scores;
   release_if_oversized(z, static_cast<size_t>(rows * kChunk));
-  z.assign(static_cast<size_t>(rows * width), 0.f);
+  z.resize(static_cast<size_t>(rows * width));
   const float* q0 = j.q + (b * S + s0) * N * (C + R);  // rows (s, n) of this block, consecutive
-  scores_tile(q0, C, R, src_c, src_pe, ld, rows, width, z.data());
+  gemm_rows(q0, C + R, src_c, ld, z.data(), width, rows, C, width);  // latents, then rope keys
+  gemm_rows(q0 + C, C + R, src_pe, ld, z.data(), width, rows, R, width, true);
   float* m = j.part_m + u * j.sb * N;
   float* l = j.part_l + u * j.sb * N;
   float* ol = j.part_ol + u * j.sb * N * C;
@@ -261,7 +195,7 @@ void chunk_unit(void* data, size_t unit) {
     l[r] = sum;
   }
   if (!past) {  // the new tokens' latents are [S, C] rows: ol = z times them as outer products
-    latent_rows_product(z.data(), rows, width, j.c_new + (b * S + c0) * C, C, ol);
+    gemm_rows(z.data(), width, j.c_new + (b * S + c0) * C, C, ol, C, rows, width, C);
     return;
   }
   // the cache chunk [C, width] turned to [width, C] once, then the same outer products (no lane sums)
@@ -272,7 +206,7 @@ void chunk_unit(void* data, size_t unit) {
     const float* seg = src_c + c * ld;
     for (int64_t t = 0; t < width; ++t) lt[t * C + c] = seg[t];
   }
-  latent_rows_product(z.data(), rows, width, lt.data(), C, ol);
+  gemm_rows(z.data(), width, lt.data(), C, ol, C, rows, width, C);
 }
 
 thread_local std::vector<float> combined;
