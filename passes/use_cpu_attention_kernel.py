@@ -2,7 +2,8 @@
 (r1c/exporter/onnx_export.py `_Lowering.attention`, from the W_UK absorption to the [B, S, N*Vd] reshape before
 o_proj) become one `r1c.cpu::MLAAttention` (r1c/plugins/cpu_moe/spec.py `ATTENTION_SPEC`, attention_cpu.cc).
 
-The form matched, float32 (B rows, S new tokens, N heads, C kv_lora_rank, R rope dim; all transposes as written):
+The form matched, float32 (B rows, S new tokens, N heads, C kv_lora_rank, R rope dim; every transpose's perm, the
+reshapes' shapes and q_pe's [B, S, N*R] or [B, S, N, R] checked):
 
     qa = Mul(Reshape(Transpose(MatMul(Transpose(q_nope), w_uk)), [0, -1, C]), scale)
     qp = Mul(Reshape(q_pe, [0, -1, R]), scale)
@@ -15,8 +16,9 @@ The form matched, float32 (B rows, S new tokens, N heads, C kv_lora_rank, R rope
 Every value inside must be read only inside (the two scale constants equal, both fills -inf); anything else is
 left to ONNX Runtime and the reason logged. On the issue-11 benchmark model (4 layers) a decode step runs 158
 nodes instead of 266 (scripts/profile_step.py). Only with `r1c build --cpu-kernels r1c` (the build option that
-selects r1c's CPU kernels; `auto` resolves to it where the library builds). In int8/int4 bundles W_UK's MatMul is
-quantized, so their attention stays with ONNX Runtime.
+selects r1c's CPU kernels; `auto` resolves to it where the library builds). In int8/int4 bundles of a float32
+export W_UK's MatMul is quantized first, so their attention stays with ONNX Runtime; an FP8 export's W_UK is
+computed from the dequantized kv_b_proj, so its bundles use the kernel at every precision.
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ def _reshape_to(m: _Match, value: ir.Value, n_dims: int) -> tuple[ir.Value, list
     return _input(node, 0), shape
 
 
+def _last_dim(value: ir.Value) -> int | None:
+    dims = None if value.shape is None else list(value.shape.dims)
+    return dims[-1] if dims and isinstance(dims[-1], int) else None
+
+
 def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.Node]]:
     """(the kernel's inputs in ATTENTION_SPEC order, scale, the output it replaces, the nodes it replaces) for the
     attention form around `softmax`; raises _Miss naming the first difference."""
@@ -120,15 +127,13 @@ def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.No
     split = m.only_reader(softmax.outputs[0], "Split")
     if len(split.outputs) != 2 or attr_int(split, "axis", 0) not in (-1, 2):
         raise _Miss("the probabilities are not split in two along the last axis")
-    if len(split.inputs) > 1 and split.inputs[1] is not None and split.inputs[1].const_value is None:
-        # the split sizes [P, S]: P read off the past scores' shape (Shape -> Slice -> Concat), replaced too
-        sizes = m.node(split.inputs[1], "Concat")
-        for v in sizes.inputs:
-            node = None if v is None else v.producer()
-            if node is not None and node.op_type == "Slice":
-                shape = node.inputs[0].producer() if node.inputs[0] is not None else None
-                if shape is not None and shape.op_type == "Shape" and shape.inputs[0] is where_p.outputs[0]:
-                    m.nodes += [node, shape]
+    # the split sizes [P, S]: P read off the past scores' shape (Shape -> Slice -> Concat), replaced too
+    sizes = m.node(split.inputs[1] if len(split.inputs) > 1 else None, "Concat")
+    first = sizes.inputs[0].producer() if sizes.inputs and sizes.inputs[0] is not None else None
+    shape = None if first is None or first.op_type != "Slice" or first.inputs[0] is None else first.inputs[0].producer()
+    if shape is None or shape.op_type != "Shape" or shape.inputs[0] is not where_p.outputs[0]:
+        raise _Miss("the split sizes are not [the past scores' length, S]")
+    m.nodes += [first, shape]  # type: ignore[list-item]  # both checked above
     parts = []
     for out in split.outputs:
         tr = m.only_reader(out, "Transpose")
@@ -143,13 +148,38 @@ def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.No
     add = m.only_reader(o_past.outputs[0], "Add")
     if {id(v) for v in add.inputs} != {id(o_past.outputs[0]), id(o_new.outputs[0])}:
         raise _Miss("the output's two halves are not summed")
+    # o^T [B, C, S*N] -> [B, S*N, C] -> [B, S, N, C] -> [B, N, S, C] @ W_UV -> [B, S, N, Vd] -> [B, S, N*Vd]
     value = add.outputs[0]
-    for op_type in ("Transpose", "Reshape", "Transpose", "MatMul", "Transpose", "Reshape"):
+    chain: list[ir.Node] = []
+    for op_type, perm in (("Transpose", [0, 2, 1]), ("Reshape", None), ("Transpose", [0, 2, 1, 3]),
+                          ("MatMul", None), ("Transpose", [0, 2, 1, 3]), ("Reshape", None)):
         node = m.only_reader(value, op_type)
         if node.inputs[0] is not value:
             raise _Miss(f"{node.name}: reads the attention output as its second input")
+        if perm is not None:
+            attr = node.attributes.get("perm")
+            if attr is None or list(attr.as_ints()) != perm:
+                raise _Miss(f"{node.name}: perm is not {perm}")
+        chain.append(node)
         value = node.outputs[0]
-    w_uv_t = _input(m.nodes[-3], 1)  # the MatMul's weight
+    heads_shape, out_shape = const_ints(chain[1].inputs[1]), const_ints(chain[5].inputs[1])
+    if heads_shape is None or len(heads_shape) != 4 or heads_shape[:2] != [0, -1]:
+        raise _Miss("the output is not reshaped to [0, -1, N, C]")
+    n_heads, kv_rank = heads_shape[2:]
+    w_uv_t = _input(chain[3], 1)  # the MatMul's weight [N, C, Vd]
+    v_dim = _last_dim(w_uv_t)
+    if out_shape is None or v_dim is None or out_shape != [0, 0, n_heads * v_dim]:
+        raise _Miss("the output is not reshaped to [0, 0, N*Vd]")
+    if shape_a[2] != kv_rank or _last_dim(w_uk) not in (None, kv_rank):
+        raise _Miss("the absorbed query's width is not the latent rank")
+    rope_dim = shape_p[2]
+    rotary = q_pe.producer()
+    q_pe_shape = q_pe.shape
+    if q_pe_shape is None and rotary is not None and rotary.op_type == "RotaryEmbedding" and rotary.inputs[0]:
+        q_pe_shape = rotary.inputs[0].shape  # ORT's RotaryEmbedding keeps its input's shape (not inferred here)
+    q_pe_dims = None if q_pe_shape is None else list(q_pe_shape.dims)
+    if q_pe_dims is None or q_pe_dims[2:] not in ([n_heads * rope_dim], [n_heads, rope_dim]):
+        raise _Miss("q_pe is not [B, S, N*R] or [B, S, N, R]")
     out = value
     inside = set(map(id, m.nodes))
     for node in m.nodes:

@@ -5,10 +5,14 @@ Both bundles are loaded in one process and stepped through the runtime's own `St
 cache holds `--filled` tokens before every step (contents unused: the time does not depend on them), in alternating
 blocks of `--steps` steps (the first 3 of each block untimed: a block's thread pool spins up, the other's goes idle,
 so two pools never compete for the cores). Prints the median step time of each and A / B (> 1: B is faster). Not a
-test: run it on a quiet machine. Example (the attention kernel's A/B in README's CPU performance section):
+test: run it on a quiet machine. Example: two revisions of r1c (or two build options) on one export,
 
-    r1c build EXPORT -o with.bundle; r1c build EXPORT -o without.bundle --cpu-kernels ort   (or two revisions)
-    python scripts/ab_step.py without.bundle with.bundle --threads 1 --filled 64,512,2000
+    r1c build EXPORT -o before.bundle   (with the older revision checked out)
+    r1c build EXPORT -o after.bundle    (with the newer one)
+    python scripts/ab_step.py before.bundle after.bundle --threads 1 --filled 64,512,2000
+
+(README's A/B of the attention kernel compared a build whose `use_cpu_attention_kernel` swapped nothing with a
+normal one, both with r1c's other kernels; `--cpu-kernels ort` against the default would compare all three.)
 """
 
 from __future__ import annotations

@@ -3,13 +3,14 @@ NumPy model of ATTENTION_SPEC's formula, and the pass that swaps it in for the e
 (passes/use_cpu_attention_kernel.py) against ONNX Runtime running that subgraph, end to end on the tiny preset.
 
 Tolerance: max |ours - ref| <= 1e-5 * max |ref| (float32 against float64). Shapes cover cache lengths of 0, 1, 512
-(8 chunks of 64 columns) and 600 (5 of 128), a chunk whose columns are all masked, new tokens 1, 3 and 20 (several
+(8 chunks of 64 columns) and 600 (10 of 64), a chunk whose columns are all masked, new tokens 1, 3 and 20 (several
 token blocks of the prefill path), odd head counts and dimensions not multiples of a vector; 1 and 2 threads; every
 instruction-set level this CPU runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ def reference(x: dict[str, np.ndarray], scale: float) -> np.ndarray:
 
 @pytest.mark.parametrize("b,s,n,d,r,c,vd,p,lengths", [
     (1, 1, 16, 64, 32, 256, 64, 64, [40]),  # the benchmark model's decode
-    (2, 1, 3, 8, 4, 40, 12, 600, [600, 5]),  # 5 chunks; row 1's later ones all masked, its first partly
+    (2, 1, 3, 8, 4, 40, 12, 600, [600, 5]),  # 10 chunks; row 1's later ones all masked, its first partly
     (1, 3, 5, 16, 8, 24, 8, 512, [512]),  # 8 full chunks, a few new tokens
     (2, 20, 16, 8, 4, 16, 8, 1, [1, 0]),  # several token blocks (8 tokens x 16 heads each), a 1-column cache
     (1, 7, 2, 4, 2, 9, 3, 0, [0]),  # no cache at all (a first prefill)
@@ -99,20 +100,25 @@ def test_attention_refuses_shapes_that_disagree(kernel: Path) -> None:
         run(attention_model(1.0), x, custom_ops=[kernel])
 
 
-def test_pass_swaps_every_layers_attention_and_keeps_the_logits(kernel: Path, tmp_path: Path) -> None:
-    """The tiny preset built with r1c's kernels: one MLAAttention per layer and none of the subgraph's Softmax nodes
-    left; logits equal to the same export built with ORT's kernels (1e-5), prefill then decode with a cache."""
+@pytest.mark.parametrize("fp8", [False, True], ids=["float32-export", "fp8-export"])
+def test_pass_swaps_every_layers_attention_and_keeps_the_logits(kernel: Path, tmp_path: Path, fp8: bool) -> None:
+    """The tiny preset (a float32 export, and an FP8 one, whose W_UK is computed from the dequantized kv_b_proj) built
+    with r1c's kernels: one MLAAttention per layer and none of the subgraph's Softmax nodes left; logits equal to the
+    same export built with ORT's kernels (1e-5), greedy tokens equal."""
     from r1c.config import preset
-    from r1c.exporter.checkpoint import random_checkpoint
+    from r1c.exporter.checkpoint import quantize_checkpoint_fp8, random_checkpoint
     from r1c.exporter.onnx_export import export_onnx
     from r1c.runtime import load
     from r1c.runtime.build import build_bundle
 
     config = preset("tiny")
     export = tmp_path / "tiny"
-    export_onnx(config, random_checkpoint(config, seed=4), export, progress=False)
-    ours = build_bundle(export, tmp_path / "r1c.bundle", cpu_moe="r1c")
-    theirs = build_bundle(export, tmp_path / "ort.bundle", cpu_moe="ort")
+    tensors = random_checkpoint(config, seed=4)
+    if fp8:
+        config, tensors = quantize_checkpoint_fp8(config, tensors)
+    export_onnx(config, tensors, export, progress=False)
+    ours = build_bundle(export, tmp_path / "r1c.bundle", cpu_moe="r1c", precision="fp32")
+    theirs = build_bundle(export, tmp_path / "ort.bundle", cpu_moe="ort", precision="fp32")
     counts = op_counts(ir.load(ours / "model.onnx"))
     assert counts[f"{ATTENTION_SPEC.domain}::{ATTENTION_SPEC.name}"] == config.num_hidden_layers
     assert counts.get("Softmax", 0) == 0
@@ -122,3 +128,47 @@ def test_pass_swaps_every_layers_attention_and_keeps_the_logits(kernel: Path, tm
     assert max_rel_err(ea.forward(ids), eb.forward(ids)) < TOL
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     assert ea.generate(prompts, 8) == eb.generate(prompts, 8)
+
+
+def test_pass_leaves_other_forms_to_onnx_runtime(tmp_path: Path) -> None:
+    """The attention subgraph of an ORT-kernel build of the tiny preset: swapped as it is; left alone when W_UV's
+    output is transposed another way (the same shapes, other columns), or when a value inside is also a graph
+    output."""
+    from r1c.config import preset
+    from r1c.exporter.checkpoint import random_checkpoint
+    from r1c.exporter.onnx_export import export_onnx
+    from r1c.passes.use_cpu_attention_kernel import UseCpuAttentionKernelPass
+    from r1c.runtime.build import build_bundle
+
+    config = preset("tiny")
+    export_onnx(config, random_checkpoint(config, seed=5), tmp_path / "e", progress=False)
+    bundle = build_bundle(tmp_path / "e", tmp_path / "ort.bundle", cpu_moe="ort", precision="fp32")
+    layers = config.num_hidden_layers
+
+    def swapped(edit: Callable[[ir.Model], None]) -> int:
+        model = ir.load(bundle / "model.onnx")
+        edit(model)
+        report: dict[str, int] = {}
+        UseCpuAttentionKernelPass("r1c", report)(model)
+        return report["nodes"]
+
+    def w_uv_transposes(model: ir.Model) -> list[ir.Node]:
+        out = []
+        for node in model.graph:
+            mm = node.inputs[0].producer() if node.op_type == "Transpose" and node.inputs[0] is not None else None
+            if mm is not None and mm.op_type == "MatMul" and "w_uv" in str(mm.inputs[1].name if mm.inputs[1] else ""):
+                out.append(node)
+        return out
+
+    def permute(model: ir.Model) -> None:
+        for node in w_uv_transposes(model):
+            node.attributes["perm"] = ir.AttrInt64s("perm", [0, 2, 3, 1])
+
+    def expose(model: ir.Model) -> None:  # the first layer's masked past scores become a graph output
+        where = next(n for n in model.graph if n.op_type == "Where")
+        model.graph.outputs.append(where.outputs[0])
+
+    assert swapped(lambda m: None) == layers
+    assert len(w_uv_transposes(ir.load(bundle / "model.onnx"))) == layers
+    assert swapped(permute) == 0
+    assert swapped(expose) == layers - 1

@@ -14,7 +14,7 @@
 // whatever the head count: (1) per head n, the queries of every row and token (W_UK[n] read once); (2) per (b,
 // block of tokens, chunk of 64-512 cache columns: `chunk_columns`), every head's scores, the chunk's max m, sum l
 // and latent sum ol; (3) per head n, the chunks combined with weights exp(m - max m), divided by the total, times
-// W_UV[n] (read once). The new tokens' columns are one more chunk (up to 512).
+// W_UV[n] (read once). The new tokens' columns come after, in chunks of up to 512.
 // Scratch is the calling thread's and each worker's, kept across calls (released when far larger than needed).
 // Legend: B rows, S new tokens, N heads, D nope head dim, R rope dim, C kv_lora_rank, P cache columns, Vd v dim.
 #include "panels.h"
@@ -63,11 +63,9 @@ struct AttnJob {
 };
 
 constexpr int64_t kChunk = 512;  // at most, cache columns per unit
-// The cache's columns per unit: at least 8 units per row and token block once the cache has 512 columns (so that
-// one decode row keeps every thread busy), at most kChunk, in steps of 64.
-inline int64_t chunk_columns(int64_t P) {
-  return std::min(kChunk, std::max<int64_t>(64, (P + 8 * 64 - 1) / (8 * 64) * 64));
-}
+// The cache's columns per unit: a multiple of 64 from 64 to kChunk, P / 8 rounded down, so that a row's cache of
+// 512 columns or more is at least 8 units (one decode row keeps every thread busy).
+inline int64_t chunk_columns(int64_t P) { return std::min(kChunk, std::max<int64_t>(64, P / (8 * 64) * 64)); }
 
 // O [M, Nc] (+)= A [M, K] (rows lda apart) times Bm [K, Nc] (rows ldb apart), O's rows ldo apart (`accumulate`:
 // added to what O holds): register tiles of 4 rows x 4 vectors, then 4 rows x 1 vector (outer products over k, Bm

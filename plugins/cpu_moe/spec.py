@@ -104,8 +104,9 @@ def pack_fc2(fc2: np.ndarray) -> np.ndarray:
 # export's form, r1c/exporter/onnx_export.py `_Lowering.attention`), the latent cache read in place. Inputs
 # (float32 unless said): q_nope [B, S, N, D]; q_pe (rotated) with B*S*N*R elements in (b, s, n, r) order; c_new
 # [B, S, C] (normalized latents of the new tokens); pe_new [B, S, R] (their rotated key); past_c [B, C, P] and
-# past_pe [B, R, P] (the cache, latent-major); past_valid and new_valid (bool, broadcastable to [B, S*N, P] and
-# [B, S*N, S]: which cache columns and which new tokens row s*N + n attends to); w_uk [N, D, C]; w_uv_t [N, C, Vd].
+# past_pe [B, R, P] (the cache, latent-major); past_valid and new_valid (bool, [B or 1, S*N or 1, P] and [B or 1,
+# S*N or 1, S], rank 3 or less, left-padded with 1s: which cache columns and which new tokens row s*N + n attends
+# to); w_uk [N, D, C]; w_uv_t [N, C, Vd].
 # Attribute scale (the softmax scale, config.softmax_scale). Output [B, S, N*Vd]: softmax(scale * (q_nope W_UK .
 # latents + q_pe . keys_pe), masked with -inf, over P + S) times the latents, times W_UV. The kernel is
 # attention_cpu.cc (its header has the formulas); passes/use_cpu_attention_kernel.py swaps it in.
