@@ -75,8 +75,7 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
         SplitMoEExpertsPass, FoldMoEOutputScalePass, UseCpuMoEKernelPass, InlineR1CFunctionsPass,
         FoldConstantsPass, UseCpuAttentionKernelPass, UseCpuLinearKernelPass, RemoveDeadCodePass,
         CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass, InferShapesPass, CastForOrtKernelsPass,
-        ClearMetadataAndDocStringPass,
-        NameDeterministicallyPass,
+        ClearMetadataAndDocStringPass, NameDeterministicallyPass,
     ),
     "tensorrt": (
         InferShapesPass, FoldConstantsPass, RemoveDeadCodePass,

@@ -52,9 +52,7 @@ class _Match:
 
     def transpose(self, value: ir.Value | None, perm: list[int]) -> ir.Value:
         node = self.node(value, "Transpose", 1)
-        attr = node.attributes.get("perm")
-        if attr is None or list(attr.as_ints()) != perm:
-            raise _Miss(f"{node.name}: perm is not {perm}")
+        _check_perm(node, perm)
         return _input(node, 0)
 
     def only_reader(self, value: ir.Value, op_type: str) -> ir.Node:
@@ -68,6 +66,12 @@ class _Match:
 
 class _Miss(Exception):
     """The form did not match (the message says where)."""
+
+
+def _check_perm(transpose: ir.Node, perm: list[int]) -> None:
+    attr = transpose.attributes.get("perm")
+    if attr is None or list(attr.as_ints()) != perm:
+        raise _Miss(f"{transpose.name}: perm is not {perm}")
 
 
 def _input(node: ir.Node, i: int) -> ir.Value:
@@ -157,9 +161,7 @@ def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.No
         if node.inputs[0] is not value:
             raise _Miss(f"{node.name}: reads the attention output as its second input")
         if perm is not None:
-            attr = node.attributes.get("perm")
-            if attr is None or list(attr.as_ints()) != perm:
-                raise _Miss(f"{node.name}: perm is not {perm}")
+            _check_perm(node, perm)
         chain.append(node)
         value = node.outputs[0]
     heads_shape, out_shape = const_ints(chain[1].inputs[1]), const_ints(chain[5].inputs[1])

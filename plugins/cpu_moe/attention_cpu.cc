@@ -268,8 +268,7 @@ struct AttentionKernel {
                       const Ort::Custom::Tensor<float>& past_pe, const Ort::Custom::Tensor<bool>& past_valid,
                       const Ort::Custom::Tensor<bool>& new_valid, const Ort::Custom::Tensor<float>& w_uk,
                       const Ort::Custom::Tensor<float>& w_uv_t, Ort::Custom::Tensor<float>& output) {
-    if (!error_.empty()) return Ort::Status(error_.c_str(), ORT_INVALID_ARGUMENT);
-    try {
+    return as_status("r1c.cpu::MLAAttention", error_, [&] {
       const std::vector<int64_t> qs = q_nope.Shape(), cs = c_new.Shape(), ps = pe_new.Shape(),
                                  pcs = past_c.Shape(), pps = past_pe.Shape(), ks = w_uk.Shape(), vs = w_uv_t.Shape();
       if (qs.size() != 4 || cs.size() != 3 || ps.size() != 3 || pcs.size() != 3 || pps.size() != 3 ||
@@ -284,7 +283,7 @@ struct AttentionKernel {
                           "[B, S, C], pe_new [B, S, R], past_c [B, C, P], past_pe [B, R, P], w_uk [N, D, C], "
                           "w_uv_t [N, C, Vd])", ORT_INVALID_ARGUMENT);
       float* y = output.Allocate({B, S, N * Vd});
-      if (B * S * N == 0) return Ort::Status{nullptr};
+      if (B * S * N == 0) return;
       const int64_t sb = std::max<int64_t>(1, kBlockRows / N), nsb = (S + sb - 1) / sb;
       const int64_t chunk = chunk_columns(P), past_chunks = (P + chunk - 1) / chunk;
       const int64_t chunks = past_chunks + (S + kChunk - 1) / kChunk;
@@ -310,12 +309,7 @@ struct AttentionKernel {
       ctx.ParallelFor(query_unit, static_cast<size_t>(N), 0, &job);
       ctx.ParallelFor(chunk_unit, static_cast<size_t>(units), 0, &job);
       ctx.ParallelFor(output_unit, static_cast<size_t>(N), 0, &job);
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e.what(), e.GetOrtErrorCode());
-    } catch (const std::exception& e) {
-      return Ort::Status((std::string("r1c.cpu::MLAAttention: ") + e.what()).c_str(), ORT_FAIL);
-    }
-    return Ort::Status{nullptr};
+    });
   }
 };
 

@@ -1,5 +1,6 @@
 """Build r1c's CPU kernel library (the `r1c.cpu` custom-op domain: `MoE` in moe_cpu.cc, `Linear` in linear_cpu.cc,
-both over panels.h; register.cc the entry point) and pick the build a host can run.
+both over panels.h, `MLAAttention` in attention_cpu.cc; register.cc the entry point) and pick the build a host can
+run.
 
 A bundle carries the library compiled for two x86-64 micro-architecture levels (the psABI's levels, as GCC's
 `-march=x86-64-v3` / `-v4` name them): v4 (AVX-512 F/BW/CD/DQ/VL: 16-float registers) and v3 (AVX2 + FMA: 8).

@@ -50,8 +50,7 @@ struct LinearKernel {
 
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,
                       const Ort::Custom::Tensor<float>& weight, Ort::Custom::Tensor<float>& output) {
-    if (!error_.empty()) return Ort::Status(error_.c_str(), ORT_INVALID_ARGUMENT);
-    try {
+    return as_status("r1c.cpu::Linear", error_, [&] {
       std::vector<int64_t> shape = input.Shape();
       const std::vector<int64_t> w = weight.Shape();
       if (shape.empty() || w.size() != 3 || w[2] != kPanel || w[1] != shape.back() || n_ < 1 ||
@@ -61,7 +60,7 @@ struct LinearKernel {
       const int64_t T = K > 0 ? input.NumberOfElement() / K : 0;
       shape.back() = n_;
       float* y = output.Allocate(shape);
-      if (T == 0) return Ort::Status{nullptr};
+      if (T == 0) return;
       LinearScratch& s = linear_scratch;
       const float* x = input.Data();
       s.xs.resize(T);
@@ -77,12 +76,7 @@ struct LinearKernel {
       }
       LinearJob job{weight.Data(), y, T, K, n_, s.xs.data()};
       Ort::KernelContext(context).ParallelFor(linear_block, static_cast<size_t>(w[0]), 0, &job);
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e.what(), e.GetOrtErrorCode());
-    } catch (const std::exception& e) {
-      return Ort::Status((std::string("r1c.cpu::Linear: ") + e.what()).c_str(), ORT_FAIL);
-    }
-    return Ort::Status{nullptr};
+    });
   }
 };
 

@@ -119,15 +119,7 @@ struct MoEKernel {
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,
                       const Ort::Custom::Tensor<float>& router_probs, const Ort::Custom::Tensor<float>& fc1,
                       const Ort::Custom::Tensor<float>& fc2, Ort::Custom::Tensor<float>& output) {
-    if (!error_.empty()) return Ort::Status(error_.c_str(), ORT_INVALID_ARGUMENT);
-    try {
-      Run(context, input, router_probs, fc1, fc2, output);
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e.what(), e.GetOrtErrorCode());
-    } catch (const std::exception& e) {
-      return Ort::Status((std::string("r1c.cpu::MoE: ") + e.what()).c_str(), ORT_FAIL);
-    }
-    return Ort::Status{nullptr};
+    return as_status("r1c.cpu::MoE", error_, [&] { Run(context, input, router_probs, fc1, fc2, output); });
   }
 
   void Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& input,

@@ -139,4 +139,20 @@ void release_if_oversized(std::vector<T>& v, size_t needed) {
   if (v.capacity() * sizeof(T) > kKeepBytes && v.capacity() > 4 * needed) std::vector<T>().swap(v);
 }
 
+// What every kernel's Compute returns: `body` run as an Ort::Status (no exception leaves the library: ORT calls
+// it through C function pointers). `error`, a constructor's message (a bad attribute), is returned first; ORT's
+// exceptions keep their code; any other becomes ORT_FAIL named after `op`.
+template <class Body>
+Ort::Status as_status(const char* op, const std::string& error, Body&& body) {
+  if (!error.empty()) return Ort::Status(error.c_str(), ORT_INVALID_ARGUMENT);
+  try {
+    body();
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(e.what(), e.GetOrtErrorCode());
+  } catch (const std::exception& e) {
+    return Ort::Status((std::string(op) + ": " + e.what()).c_str(), ORT_FAIL);
+  }
+  return Ort::Status{nullptr};
+}
+
 }  // namespace r1c_cpu
