@@ -197,6 +197,9 @@ def test_bench_serving_runs_and_reports(bundle: Path) -> None:
     assert [lv["streams"] for lv in report.summary["levels"]] == [1, 2]
     assert all(lv["tokens"] >= 8 and lv["tok_s"] > 0 for lv in report.levels)
     assert [r["budget"] for r in report.long_prompt] == [9, 41]
-    assert report.long_prompt[0]["steps"] >= 40 // 8 > report.long_prompt[1]["steps"] - 2  # chunked vs one piece
+    # chunked (8 prompt tokens beside the running row's 1 a step: 5 steps) vs one piece (1 step); a step under way
+    # when the prompt arrives counts too
+    assert 40 // 8 <= report.long_prompt[0]["steps"] <= 40 // 8 + 1
+    assert 1 <= report.long_prompt[1]["steps"] <= 2
     assert report.bucket is not None and report.bucket["bucket"] < report.bucket["capacity"]
     assert "x one-at-a-time" in report.table() and '"schema"' in report.to_json()

@@ -166,9 +166,7 @@ def long_prompt_gap(engine: Engine, config: SchedulerConfig, long_len: int, budg
         for _ in range(14):  # its usual pace before
             running.next(timeout=600)
         late = se.submit(long_prompt, greedy(1))
-        steps0 = se.stats()["steps"]
         lout = late.result(timeout=3600)
-        steps = se.stats()["steps"] - steps0
         t_end = time.perf_counter()
         while running.next(timeout=600) is not None and time.perf_counter() < t_end + 0.5:  # and after
             pass
@@ -180,6 +178,10 @@ def long_prompt_gap(engine: Engine, config: SchedulerConfig, long_len: int, budg
     pairs = list(itertools.pairwise(rout.token_times))
     usual_gaps = [b - a for a, b in pairs[1:] if b < arrival or a > first + 0.1]  # before and after the prefill
     during = [b - a for a, b in pairs if b > arrival and a < first]
+    # steps the prefill spanned: the running stream's tokens released after the arrival, up to the step that gave
+    # the long prompt its first token (one release time per step; a step under way at the arrival counts too).
+    # Read from the scheduler's own time stamps: a counter read from this thread would race with it.
+    steps = sum(1 for t in rout.token_times if arrival < t <= first)
     usual = statistics.median(usual_gaps)
     row: dict[str, Any] = {"budget": budget, "long_prompt": long_len, "usual_gap_ms": usual * 1e3,
                            "long_ttft_s": lout.ttft_s, "steps": steps, "gaps": len(during)}
