@@ -16,9 +16,12 @@ reshapes' shapes and q_pe's [B, S, N*R] or [B, S, N, R] checked):
 Every value inside must be read only inside (the two scale constants equal, both fills -inf); anything else is
 left to ONNX Runtime and the reason logged. On the issue-11 benchmark model (4 layers) a decode step runs 158
 nodes instead of 266 (scripts/profile_step.py). Only with `r1c build --cpu-kernels r1c` (the build option that
-selects r1c's CPU kernels; `auto` resolves to it where the library builds). In int8/int4 bundles of a float32
-export W_UK's MatMul is quantized first, so their attention stays with ONNX Runtime; an FP8 export's W_UK is
-computed from the dequantized kv_b_proj, so its bundles use the kernel at every precision.
+selects r1c's CPU kernels; `auto` resolves to it where the library builds).
+
+In int8/int4 bundles of a float32 export, passes/quantize_weights.py has made both per-head products
+`com.microsoft.DynamicQuantizeMatMul(x, w_q int8 [N, K, M], scale [N, 1, M])` (int8 per head and output column):
+that form becomes `r1c.cpu::MLAAttentionInt8` (ATTENTION_INT8_SPEC), which reads the same int8 weights with float
+activations. An FP8 export's W_UK is computed from the dequantized kv_b_proj and stays float32 at every precision.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import math
 
 import onnx_ir as ir
 
-from r1c.passes._util import CpuKernelPass, attr_int, const_ints, const_scalar, take_over
-from r1c.plugins.cpu_moe import ATTENTION_SPEC
+from r1c.passes._util import ORT_DOMAIN, CpuKernelPass, attr_int, const_ints, const_scalar, take_over
+from r1c.plugins import OpSpec
+from r1c.plugins.cpu_moe import ATTENTION_INT8_SPEC, ATTENTION_SPEC
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,28 @@ def _input(node: ir.Node, i: int) -> ir.Value:
     return value
 
 
+WEIGHT_PRODUCTS = ("MatMul", "DynamicQuantizeMatMul")
+
+
+def _weights(node: ir.Node) -> list[ir.Value]:
+    """A per-head product's weight inputs: [w] (float32 MatMul) or [w_q, scale] (DynamicQuantizeMatMul, int8 per
+    head and output column, no zero point or bias); raises _Miss for any other form."""
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+        return [_input(node, 1)]
+    ins = list(node.inputs)
+    if (node.op_type != "DynamicQuantizeMatMul" or node.domain != ORT_DOMAIN or len(ins) < 3
+            or any(v is not None for v in ins[3:])):
+        raise _Miss(f"{node.name}: not a MatMul or a DynamicQuantizeMatMul without zero point and bias")
+    w, scale = _input(node, 1), _input(node, 2)
+    wv, sv = w.const_value, scale.const_value
+    if wv is None or sv is None or wv.dtype != ir.DataType.INT8 or sv.dtype != ir.DataType.FLOAT:
+        raise _Miss(f"{node.name}: the weight is not an int8 constant with a float32 scale constant")
+    w_shape = tuple(wv.shape)
+    if len(w_shape) != 3 or tuple(sv.shape) != (w_shape[0], 1, w_shape[2]):
+        raise _Miss(f"{node.name}: the int8 weight is not [N, K, M] with a scale [N, 1, M]")
+    return [w, scale]
+
+
 def _reshape_to(m: _Match, value: ir.Value, n_dims: int) -> tuple[ir.Value, list[int]]:
     node = m.node(value, "Reshape", 2)
     shape = const_ints(node.inputs[1])
@@ -95,8 +121,9 @@ def _last_dim(value: ir.Value) -> int | None:
 
 
 def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.Node]]:
-    """(the kernel's inputs in ATTENTION_SPEC order, scale, the output it replaces, the nodes it replaces) for the
-    attention form around `softmax`; raises _Miss naming the first difference."""
+    """(the kernel's inputs in ATTENTION_SPEC or ATTENTION_INT8_SPEC order (`spec_for`), scale, the output it
+    replaces, the nodes it replaces) for the attention form around `softmax`; raises _Miss naming the first
+    difference."""
     m = _Match()
     m.nodes.append(softmax)
     if attr_int(softmax, "axis", -1) not in (-1, 2):
@@ -121,8 +148,13 @@ def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.No
     if scale is None or scale != const_scalar(mul_p.inputs[1]):
         raise _Miss("the query scales are not one constant")
     absorbed, shape_a = _reshape_to(m, _input(mul_a, 0), 3)
-    w_uk_mm = m.node(m.transpose(absorbed, [0, 2, 1, 3]), "MatMul", 2)
-    q_nope, w_uk = m.transpose(w_uk_mm.inputs[0], [0, 2, 1, 3]), _input(w_uk_mm, 1)
+    w_uk_value = m.transpose(absorbed, [0, 2, 1, 3])
+    w_uk_mm = w_uk_value.producer() if w_uk_value is not None else None
+    if w_uk_mm is None or w_uk_mm.op_type not in WEIGHT_PRODUCTS:
+        raise _Miss("the absorbed query is not a per-head product with W_UK")
+    w_uk_ins = _weights(w_uk_mm)
+    m.nodes.append(w_uk_mm)
+    q_nope, w_uk = m.transpose(w_uk_mm.inputs[0], [0, 2, 1, 3]), w_uk_ins[0]
     q_pe, shape_p = _reshape_to(m, _input(mul_p, 0), 3)
     if shape_a[:2] != [0, -1] or shape_p[:2] != [0, -1]:
         raise _Miss("the query reshapes are not [0, -1, ..]")
@@ -156,8 +188,8 @@ def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.No
     value = add.outputs[0]
     chain: list[ir.Node] = []
     for op_type, perm in (("Transpose", [0, 2, 1]), ("Reshape", None), ("Transpose", [0, 2, 1, 3]),
-                          ("MatMul", None), ("Transpose", [0, 2, 1, 3]), ("Reshape", None)):
-        node = m.only_reader(value, op_type)
+                          (w_uk_mm.op_type, None), ("Transpose", [0, 2, 1, 3]), ("Reshape", None)):
+        node = m.only_reader(value, op_type)  # W_UV's product: the same kind as W_UK's
         if node.inputs[0] is not value:
             raise _Miss(f"{node.name}: reads the attention output as its second input")
         if perm is not None:
@@ -168,7 +200,8 @@ def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.No
     if heads_shape is None or len(heads_shape) != 4 or heads_shape[:2] != [0, -1]:
         raise _Miss("the output is not reshaped to [0, -1, N, C]")
     n_heads, kv_rank = heads_shape[2:]
-    w_uv_t = _input(chain[3], 1)  # the MatMul's weight [N, C, Vd]
+    w_uv_ins = _weights(chain[3])
+    w_uv_t = w_uv_ins[0]  # the product's weight [N, C, Vd]
     v_dim = _last_dim(w_uv_t)
     if out_shape is None or v_dim is None or out_shape != [0, 0, n_heads * v_dim]:
         raise _Miss("the output is not reshaped to [0, 0, N*Vd]")
@@ -190,11 +223,17 @@ def match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value, list[ir.No
                 continue
             if v.is_graph_output() or any(id(use.node) not in inside for use in v.uses()):
                 raise _Miss(f"{v.name} is read outside the attention")
-    inputs = [q_nope, q_pe, c_new, pe_new, past_c, past_pe, _input(where_p, 0), _input(where_n, 0), w_uk, w_uv_t]
-    for v in inputs:
+    inputs = [q_nope, q_pe, c_new, pe_new, past_c, past_pe, _input(where_p, 0), _input(where_n, 0)]
+    float_weights = [w_uk_ins[0], w_uv_ins[0]] if len(w_uk_ins) == 1 else []  # int8 ones: checked by _weights
+    for v in inputs + float_weights:
         if v.dtype is not None and v.dtype not in (ir.DataType.FLOAT, ir.DataType.BOOL):
             raise _Miss(f"{v.name} is {v.dtype}, not float32")
-    return inputs, scale, out, m.nodes
+    return inputs + w_uk_ins + w_uv_ins, scale, out, m.nodes
+
+
+def spec_for(inputs: list[ir.Value]) -> OpSpec:
+    """The kernel op for `match`'s inputs: MLAAttention (10 inputs, float32 weights) or MLAAttentionInt8 (12)."""
+    return ATTENTION_INT8_SPEC if len(inputs) == len(ATTENTION_INT8_SPEC.inputs) else ATTENTION_SPEC
 
 
 class UseCpuAttentionKernelPass(CpuKernelPass):
@@ -215,8 +254,9 @@ class UseCpuAttentionKernelPass(CpuKernelPass):
                 continue
             last = out.producer()
             assert last is not None
-            new = ir.node(ATTENTION_SPEC.name, inputs, attributes=ATTENTION_SPEC.attrs(scale=scale),
-                          domain=ATTENTION_SPEC.domain, version=ATTENTION_SPEC.version, name=f"{last.name}.mla")
+            spec = spec_for(inputs)
+            new = ir.node(spec.name, inputs, attributes=spec.attrs(scale=scale), domain=spec.domain,
+                          version=spec.version, name=f"{last.name}.mla")
             take_over(graph, new, last, out, ".onnx")
             graph.remove(nodes, safe=True)
             count += 1

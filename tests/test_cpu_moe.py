@@ -256,8 +256,13 @@ def test_bundles_r1c_kernel_equals_ort_moe(kernel: Path, tmp_path: Path) -> None
     assert max_rel_err(ea.forward(ids), eb.forward(ids)) < TOL
     prompts = [[1, 2, 3], [4, 5]]
     assert ea.generate(prompts, 6) == eb.generate(prompts, 6)
-    q = build_bundle(export, tmp_path / "int8.bundle", cpu_moe="r1c", precision="int8")  # experts on ORT's QMoE
-    assert read_manifest(q).target_options["cpu_moe"] == "ort" and not (q / "kernels").exists()
+    # int8: experts on ORT's QMoE, dense weights on MatMulNBits, the attention on r1c's int8 kernel (so the bundle
+    # ships the library)
+    q = build_bundle(export, tmp_path / "int8.bundle", cpu_moe="r1c", precision="int8")
+    counts = op_counts(ir.load(q / "model.onnx"))
+    assert counts["com.microsoft::QMoE"] == config.num_moe_layers and f"{SPEC.domain}::MoE" not in counts
+    assert counts[f"{SPEC.domain}::MLAAttentionInt8"] == config.num_hidden_layers
+    assert read_manifest(q).target_options["cpu_moe"] == "r1c" and (q / "kernels").exists()
 
 
 def test_build_without_headers_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

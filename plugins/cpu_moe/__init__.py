@@ -1,9 +1,11 @@
 """r1c's CPU kernels as ONNX Runtime custom ops: `r1c.cpu::MoE` (routed experts) and `r1c.cpu::Linear` (a MatMul by
-a constant), over one packed panel layout, and `r1c.cpu::MLAAttention` (a layer's absorbed latent attention)
+a constant), over one packed panel layout, and `r1c.cpu::MLAAttention` / `MLAAttentionInt8` (a layer's absorbed
+latent attention, W_UK and W_UV float32 or int8)
 (spec.py the ops' definitions; moe_cpu.cc, linear_cpu.cc, attention_cpu.cc, panels.h, register.cc the kernels;
 library.py their build)."""
 
 from r1c.plugins.cpu_moe.spec import (
+    ATTENTION_INT8_SPEC,
     ATTENTION_SPEC,
     CPU_DOMAIN,
     LINEAR_SPEC,
@@ -16,5 +18,5 @@ from r1c.plugins.cpu_moe.spec import (
     packed_shape,
 )
 
-__all__ = ["ATTENTION_SPEC", "CPU_DOMAIN", "LINEAR_SPEC", "PANEL", "SPEC", "pack_experts", "pack_fc1", "pack_fc2",
-           "pack_linear", "packed_shape"]
+__all__ = ["ATTENTION_INT8_SPEC", "ATTENTION_SPEC", "CPU_DOMAIN", "LINEAR_SPEC", "PANEL", "SPEC", "pack_experts",
+           "pack_fc1", "pack_fc2", "pack_linear", "packed_shape"]

@@ -16,8 +16,14 @@
 // and latent sum ol; (3) per head n, the chunks combined with weights exp(m - max m), divided by the total, times
 // W_UV[n] (read once). The new tokens' columns come after, in chunks of up to 512.
 // Scratch is the calling thread's and each worker's, kept across calls (released when far larger than needed).
+// `MLAAttentionInt8` (spec.py ATTENTION_INT8_SPEC) is the same function with W_UK and W_UV stored as int8 with one
+// float scale per head and output column (quantize_weights' per-column form): w_uk = w_uk_q * w_uk_scale[n, c],
+// w_uv_t = w_uv_t_q * w_uv_t_scale[n, v]; the int8 values are widened to float in registers as they are read (a
+// step reads 1 byte per weight) and the column scales applied to the sums; activations stay float32.
 // Legend: B rows, S new tokens, N heads, D nope head dim, R rope dim, C kv_lora_rank, P cache columns, Vd v dim.
 #include "panels.h"
+
+#include <immintrin.h>
 
 namespace r1c_cpu {
 namespace {
@@ -45,15 +51,36 @@ Mask make_mask(const Ort::Custom::Tensor<bool>& t, int64_t B, int64_t rows, int6
   return m;
 }
 
-inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
-  const vf va = splat(a);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) store(y + i, load(y + i) + va * load(x + i));
-  for (; i < n; ++i) y[i] += a * x[i];
+inline vf load_w(const float* p) { return load(p); }
+inline vf load_w(const int8_t* p) {  // kW int8 weights widened to float (sign-extend, convert: 2 instructions;
+                                     // GCC 12 scalarizes __builtin_convertvector from int8 lanes, measured 2x slower)
+#if defined(__AVX512F__)
+  // the zero-masking forms: the plain ones start from _mm512_undefined, which GCC 12 flags as maybe-uninitialized
+  const __m512i i = _mm512_maskz_cvtepi8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return reinterpret_cast<vf>(_mm512_maskz_cvtepi32_ps(0xFFFF, i));
+#elif defined(__AVX2__)
+  return reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+      reinterpret_cast<const __m128i*>(p)))));
+#else
+  vf v;
+  for (int i = 0; i < kW; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
 }
 
+template <class W>
+inline void axpy(float* y, float a, const W* x, int64_t n) {  // y += a * x
+  const vf va = splat(a);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) store(y + i, load(y + i) + va * load_w(x + i));
+  for (; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
+}
+
+template <class W>  // W: the type W_UK and W_UV are stored in (float, or int8 with column scales)
 struct AttnJob {
-  const float *q_nope, *q_pe, *c_new, *pe_new, *past_c, *past_pe, *w_uk, *w_uv;
+  const float *q_nope, *q_pe, *c_new, *pe_new, *past_c, *past_pe;
+  const W *w_uk, *w_uv;
+  const float *uk_scale, *uv_scale;  // int8: [N, C] and [N, Vd]; float: null
   Mask past_valid, new_valid;
   float scale;
   float* out;
@@ -67,10 +94,40 @@ constexpr int64_t kChunk = 512;  // at most, cache columns per unit
 // 512 columns or more is at least 8 units (one decode row keeps every thread busy).
 inline int64_t chunk_columns(int64_t P) { return std::min(kChunk, std::max<int64_t>(64, P / (8 * 64) * 64)); }
 
+// o[c0 .. Nc) (+)= sum over k < K of a[k] * Bm[k, c0 .. Nc) (rows ldb apart): one row (a decode step's query or
+// latent sum) in register tiles of 4 vectors, then 1, then single columns; Bm read once, o written once
+template <class W>
+void row_times(const float* a, const W* Bm, int64_t ldb, float* o, int64_t K, int64_t c0, int64_t Nc,
+               bool accumulate) {
+  int64_t c = c0;
+  for (; c + 4 * kW <= Nc; c += 4 * kW) {
+    vf acc[4] = {};
+    if (accumulate)
+      for (int v = 0; v < 4; ++v) acc[v] = load(o + c + v * kW);
+    for (int64_t k = 0; k < K; ++k) {
+      const W* w = Bm + k * ldb + c;
+      const vf x = splat(a[k]);
+      for (int v = 0; v < 4; ++v) acc[v] += x * load_w(w + v * kW);
+    }
+    for (int v = 0; v < 4; ++v) store(o + c + v * kW, acc[v]);
+  }
+  for (; c + kW <= Nc; c += kW) {
+    vf acc = accumulate ? load(o + c) : vf{};
+    for (int64_t k = 0; k < K; ++k) acc += splat(a[k]) * load_w(Bm + k * ldb + c);
+    store(o + c, acc);
+  }
+  for (; c < Nc; ++c) {
+    float acc = accumulate ? o[c] : 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += a[k] * static_cast<float>(Bm[k * ldb + c]);
+    o[c] = acc;
+  }
+}
+
 // O [M, Nc] (+)= A [M, K] (rows lda apart) times Bm [K, Nc] (rows ldb apart), O's rows ldo apart (`accumulate`:
 // added to what O holds): register tiles of 4 rows x 4 vectors, then 4 rows x 1 vector (outer products over k, Bm
 // read once per tile); rows left over (a decode step's one row) read Bm in order, row by row
-void gemm_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* O, int64_t ldo, int64_t M,
+template <class W>
+void gemm_rows(const float* A, int64_t lda, const W* Bm, int64_t ldb, float* O, int64_t ldo, int64_t M,
                int64_t K, int64_t Nc, bool accumulate = false) {
   const int64_t M4 = M / 4 * 4;
   int64_t cb = 0;
@@ -81,8 +138,8 @@ void gemm_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb, float*
         for (int rr = 0; rr < 4; ++rr)
           for (int v = 0; v < 4; ++v) acc[rr][v] = load(O + (m0 + rr) * ldo + cb + v * kW);
       for (int64_t k = 0; k < K; ++k) {
-        const float* w = Bm + k * ldb + cb;
-        const vf b0 = load(w), b1 = load(w + kW), b2 = load(w + 2 * kW), b3 = load(w + 3 * kW);
+        const W* w = Bm + k * ldb + cb;
+        const vf b0 = load_w(w), b1 = load_w(w + kW), b2 = load_w(w + 2 * kW), b3 = load_w(w + 3 * kW);
         for (int rr = 0; rr < 4; ++rr) {
           const vf a = splat(A[(m0 + rr) * lda + k]);
           acc[rr][0] += a * b0;
@@ -100,41 +157,90 @@ void gemm_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb, float*
       if (accumulate)
         for (int rr = 0; rr < 4; ++rr) acc[rr] = load(O + (m0 + rr) * ldo + cb);
       for (int64_t k = 0; k < K; ++k) {
-        const vf w = load(Bm + k * ldb + cb);
+        const vf w = load_w(Bm + k * ldb + cb);
         for (int rr = 0; rr < 4; ++rr) acc[rr] += splat(A[(m0 + rr) * lda + k]) * w;
       }
       for (int rr = 0; rr < 4; ++rr) store(O + (m0 + rr) * ldo + cb, acc[rr]);
     }
-  for (int64_t m = 0; m < M; ++m) {  // the tiles' last columns (under a vector), and the rows left over, whole
-    const int64_t c0 = m < M4 ? cb : 0;
-    if (c0 == Nc) continue;
-    float* o = O + m * ldo + c0;
-    if (!accumulate) std::fill(o, o + (Nc - c0), 0.f);
-    for (int64_t k = 0; k < K; ++k) axpy(o, A[m * lda + k], Bm + k * ldb + c0, Nc - c0);
+  for (int64_t m = 0; m < M; ++m)  // the tiles' last columns (under a vector), and the rows left over, whole
+    row_times(A + m * lda, Bm, ldb, O + m * ldo, K, m < M4 ? cb : 0, Nc, accumulate);
+}
+
+thread_local std::vector<float> nt_scratch;
+
+// O [M, Nc] = A [M, K] (rows lda apart) times Bt [Nc, K]^T (rows ldb apart), O's rows ldo apart, with Bt read as it
+// lies (the cache chunk, latent-major: no transposed copy of it): A (a block's probabilities, small) is transposed
+// once into at [K, Mp] (Mp: M rounded up to whole vectors, zero-filled), then for 4 rows of Bt at a time an outer
+// product over k: 4 broadcast Bt values times up to 2 vectors of at (no lane sums), O written by columns
+void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* O, int64_t ldo, int64_t M, int64_t K,
+             int64_t Nc) {
+  const int64_t G = (M + kW - 1) / kW, Mp = G * kW;
+  std::vector<float>& at = nt_scratch;
+  release_if_oversized(at, static_cast<size_t>(K * Mp));
+  at.assign(static_cast<size_t>(K * Mp), 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) at[k * Mp + m] = A[m * lda + k];
+  for (int64_t n0 = 0; n0 < Nc; n0 += 4) {
+    const int nn = static_cast<int>(std::min<int64_t>(4, Nc - n0));
+    const float* b[4];
+    for (int j = 0; j < 4; ++j) b[j] = Bt + (n0 + std::min(j, nn - 1)) * ldb;  // past Nc: a repeat, not stored
+    for (int64_t g0 = 0; g0 < G; g0 += 2) {
+      const int gg = static_cast<int>(std::min<int64_t>(2, G - g0));
+      vf acc[4][2] = {};
+      const float* a0 = at.data() + g0 * kW;
+      if (gg == 2) {
+        for (int64_t k = 0; k < K; ++k) {
+          const vf x0 = load(a0 + k * Mp), x1 = load(a0 + k * Mp + kW);
+          for (int j = 0; j < 4; ++j) {
+            const vf bj = splat(b[j][k]);
+            acc[j][0] += bj * x0;
+            acc[j][1] += bj * x1;
+          }
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const vf x0 = load(a0 + k * Mp);
+          for (int j = 0; j < 4; ++j) acc[j][0] += splat(b[j][k]) * x0;
+        }
+      }
+      for (int j = 0; j < nn; ++j)
+        for (int g = 0; g < gg; ++g)
+          for (int l = 0; l < kW; ++l) {
+            const int64_t m = (g0 + g) * kW + l;
+            if (m < M) O[m * ldo + n0 + j] = acc[j][g][l];
+          }
+    }
   }
 }
 
 // phase 1, one unit per head n, every (b, s): q[b, s, n] = [scale * q_nope W_UK[n] | scale * q_pe] ([C + R]);
 // W_UK[n] is read once
+template <class W>
 void query_unit(void* data, size_t unit) {
-  const AttnJob& j = *static_cast<const AttnJob*>(data);
+  const AttnJob<W>& j = *static_cast<const AttnJob<W>*>(data);
   const int64_t n = static_cast<int64_t>(unit), C = j.C, R = j.R, N = j.N, M = j.B * j.S;
   float* q = j.q + n * (C + R);
   gemm_rows(j.q_nope + n * j.D, N * j.D, j.w_uk + n * j.D * C, C, q, N * (C + R), M, j.D, C);
   for (int64_t m = 0; m < M; ++m) {
     float* qm = q + m * N * (C + R);
-    for (int64_t k = 0; k < C; ++k) qm[k] *= j.scale;
+    if (j.uk_scale != nullptr) {
+      const float* sc = j.uk_scale + n * C;
+      for (int64_t k = 0; k < C; ++k) qm[k] *= j.scale * sc[k];
+    } else {
+      for (int64_t k = 0; k < C; ++k) qm[k] *= j.scale;
+    }
     const float* qr = j.q_pe + (m * N + n) * R;
     for (int64_t k = 0; k < R; ++k) qm[C + k] = qr[k] * j.scale;
   }
 }
 
-thread_local std::vector<float> chunk_scores, chunk_latents;
+thread_local std::vector<float> chunk_scores;
 
 // phase 2, one unit per (b, block of sb query tokens, chunk of columns), every head: the chunk's scores, their
 // max m and sum of exponentials l per query row, and ol = sum_t exp(z_t - m) latent_t (cache read once here)
+template <class W>
 void chunk_unit(void* data, size_t unit) {
-  const AttnJob& j = *static_cast<const AttnJob*>(data);
+  const AttnJob<W>& j = *static_cast<const AttnJob<W>*>(data);
   const int64_t u = static_cast<int64_t>(unit), ch = u % j.chunks, sbi = u / j.chunks % j.nsb, b = u / j.chunks / j.nsb;
   const int64_t C = j.C, R = j.R, N = j.N, P = j.P, S = j.S;
   const int64_t s0 = sbi * j.sb, s1 = std::min(S, s0 + j.sb), rows = (s1 - s0) * N;
@@ -196,23 +302,17 @@ void chunk_unit(void* data, size_t unit) {
     gemm_rows(z.data(), width, j.c_new + (b * S + c0) * C, C, ol, C, rows, width, C);
     return;
   }
-  // the cache chunk [C, width] turned to [width, C] once, then the same outer products (no lane sums)
-  std::vector<float>& lt = chunk_latents;
-  release_if_oversized(lt, static_cast<size_t>(kChunk * C));
-  lt.resize(static_cast<size_t>(width * C));
-  for (int64_t c = 0; c < C; ++c) {
-    const float* seg = src_c + c * ld;
-    for (int64_t t = 0; t < width; ++t) lt[t * C + c] = seg[t];
-  }
-  gemm_rows(z.data(), width, lt.data(), C, ol, C, rows, width, C);
+  // the cache chunk [C, width] as it lies: ol[r, c] = z[r, :] . chunk[c, :]
+  gemm_nt(z.data(), width, src_c, ld, ol, C, rows, width, C);
 }
 
 thread_local std::vector<float> combined;
 
 // phase 3, one unit per head n, every (b, s): the chunks combined (each scaled by exp(m - max m)) and divided by
 // the total sum, then times W_UV[n] (read once)
+template <class W>
 void output_unit(void* data, size_t unit) {
-  const AttnJob& j = *static_cast<const AttnJob*>(data);
+  const AttnJob<W>& j = *static_cast<const AttnJob<W>*>(data);
   const int64_t n = static_cast<int64_t>(unit), C = j.C, N = j.N, M = j.B * j.S;
   std::vector<float>& ol = combined;
   release_if_oversized(ol, static_cast<size_t>(M * C));
@@ -236,6 +336,13 @@ void output_unit(void* data, size_t unit) {
     for (int64_t k = 0; k < C; ++k) o[k] *= inv;
   }
   gemm_rows(ol.data(), C, j.w_uv + n * C * j.Vd, j.Vd, j.out + n * j.Vd, N * j.Vd, M, C, j.Vd);
+  if (j.uv_scale != nullptr) {
+    const float* sc = j.uv_scale + n * j.Vd;
+    for (int64_t m = 0; m < M; ++m) {
+      float* o = j.out + m * N * j.Vd + n * j.Vd;
+      for (int64_t v = 0; v < j.Vd; ++v) o[v] *= sc[v];
+    }
+  }
 }
 
 struct AttnScratch {  // the calling thread's, kept across calls
@@ -249,17 +356,79 @@ void fit(std::vector<T>& v, size_t n) {
   v.resize(n);
 }
 
-struct AttentionKernel {
+// One call of either kernel: shapes checked, scratch fitted, the three phases run. `uk_scale` / `uv_scale`
+// (int8 weights: the column scales, N*C and N*Vd values) are null for float weights.
+template <class W>
+void run_attention(OrtKernelContext* context, float scale, const Ort::Custom::Tensor<float>& q_nope,
+                   const Ort::Custom::Tensor<float>& q_pe, const Ort::Custom::Tensor<float>& c_new,
+                   const Ort::Custom::Tensor<float>& pe_new, const Ort::Custom::Tensor<float>& past_c,
+                   const Ort::Custom::Tensor<float>& past_pe, const Ort::Custom::Tensor<bool>& past_valid,
+                   const Ort::Custom::Tensor<bool>& new_valid, const Ort::Custom::Tensor<W>& w_uk,
+                   const Ort::Custom::Tensor<float>* uk_scale, const Ort::Custom::Tensor<W>& w_uv_t,
+                   const Ort::Custom::Tensor<float>* uv_scale, Ort::Custom::Tensor<float>& output) {
+  const std::vector<int64_t> qs = q_nope.Shape(), cs = c_new.Shape(), ps = pe_new.Shape(), pcs = past_c.Shape(),
+                             pps = past_pe.Shape(), ks = w_uk.Shape(), vs = w_uv_t.Shape();
+  if (qs.size() != 4 || cs.size() != 3 || ps.size() != 3 || pcs.size() != 3 || pps.size() != 3 || ks.size() != 3 ||
+      vs.size() != 3)
+    ORT_CXX_API_THROW("r1c.cpu::MLAAttention: ranks: q_nope 4, c_new/pe_new/past_c/past_pe/w_uk/w_uv_t 3",
+                      ORT_INVALID_ARGUMENT);
+  const int64_t B = qs[0], S = qs[1], N = qs[2], D = qs[3], C = cs[2], R = ps[2], P = pcs[2], Vd = vs[2];
+  if (cs[0] != B || cs[1] != S || ps[0] != B || ps[1] != S || pcs[0] != B || pcs[1] != C || pps[0] != B ||
+      pps[1] != R || pps[2] != P || ks[0] != N || ks[1] != D || ks[2] != C || vs[0] != N || vs[1] != C ||
+      q_pe.NumberOfElement() != B * S * N * R)
+    ORT_CXX_API_THROW("r1c.cpu::MLAAttention: shapes disagree (q_nope [B, S, N, D], q_pe B*S*N*R, c_new "
+                      "[B, S, C], pe_new [B, S, R], past_c [B, C, P], past_pe [B, R, P], w_uk [N, D, C], "
+                      "w_uv_t [N, C, Vd])", ORT_INVALID_ARGUMENT);
+  if ((uk_scale != nullptr && uk_scale->NumberOfElement() != N * C) ||
+      (uv_scale != nullptr && uv_scale->NumberOfElement() != N * Vd))
+    ORT_CXX_API_THROW("r1c.cpu::MLAAttentionInt8: w_uk_scale needs N*C values and w_uv_t_scale N*Vd ([N, 1, C], "
+                      "[N, 1, Vd])", ORT_INVALID_ARGUMENT);
+  float* y = output.Allocate({B, S, N * Vd});
+  if (B * S * N == 0) return;
+  const int64_t sb = std::max<int64_t>(1, kBlockRows / N), nsb = (S + sb - 1) / sb;
+  const int64_t chunk = chunk_columns(P), past_chunks = (P + chunk - 1) / chunk;
+  const int64_t chunks = past_chunks + (S + kChunk - 1) / kChunk;
+  AttnScratch& s = attn_scratch;
+  fit(s.q, static_cast<size_t>(B * S * N * (C + R)));
+  fit(s.kt, static_cast<size_t>(B * (C + R) * S));
+  const int64_t units = B * nsb * chunks;
+  fit(s.part_m, static_cast<size_t>(units * sb * N));
+  fit(s.part_l, static_cast<size_t>(units * sb * N));
+  fit(s.part_ol, static_cast<size_t>(units * sb * N * C));
+  const float *cn = c_new.Data(), *pn = pe_new.Data();
+  for (int64_t b = 0; b < B; ++b)  // the new tokens' latents as columns, [C + R, S] per row
+    for (int64_t t = 0; t < S; ++t) {
+      float* kt = s.kt.data() + b * (C + R) * S + t;
+      for (int64_t k = 0; k < C; ++k) kt[k * S] = cn[(b * S + t) * C + k];
+      for (int64_t k = 0; k < R; ++k) kt[(C + k) * S] = pn[(b * S + t) * R + k];
+    }
+  AttnJob<W> job{q_nope.Data(), q_pe.Data(), cn, pn, past_c.Data(), past_pe.Data(), w_uk.Data(), w_uv_t.Data(),
+                 uk_scale != nullptr ? uk_scale->Data() : nullptr, uv_scale != nullptr ? uv_scale->Data() : nullptr,
+                 make_mask(past_valid, B, S * N, P, "past_valid"), make_mask(new_valid, B, S * N, S, "new_valid"),
+                 scale, y, B, S, N, D, R, C, P, Vd, sb, nsb, chunk, past_chunks, chunks, s.q.data(), s.kt.data(),
+                 s.part_ol.data(), s.part_m.data(), s.part_l.data()};
+  Ort::KernelContext ctx(context);
+  ctx.ParallelFor(query_unit<W>, static_cast<size_t>(N), 0, &job);
+  ctx.ParallelFor(chunk_unit<W>, static_cast<size_t>(units), 0, &job);
+  ctx.ParallelFor(output_unit<W>, static_cast<size_t>(N), 0, &job);
+}
+
+struct ScaleAttr {  // the `scale` attribute, or the constructor's error (returned by Compute)
   float scale_ = 1.f;
   std::string error_;
 
-  AttentionKernel(const OrtApi* api, const OrtKernelInfo* info) {
-    (void)api;
+  ScaleAttr(const OrtKernelInfo* info, const char* op) {
     try {
       scale_ = Ort::ConstKernelInfo(info).GetAttribute<float>("scale");
     } catch (const std::exception& e) {
-      error_ = std::string("r1c.cpu::MLAAttention: ") + e.what();
+      error_ = std::string(op) + ": " + e.what();
     }
+  }
+};
+
+struct AttentionKernel : ScaleAttr {
+  AttentionKernel(const OrtApi* api, const OrtKernelInfo* info) : ScaleAttr(info, "r1c.cpu::MLAAttention") {
+    (void)api;
   }
 
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& q_nope,
@@ -269,46 +438,28 @@ struct AttentionKernel {
                       const Ort::Custom::Tensor<bool>& new_valid, const Ort::Custom::Tensor<float>& w_uk,
                       const Ort::Custom::Tensor<float>& w_uv_t, Ort::Custom::Tensor<float>& output) {
     return as_status("r1c.cpu::MLAAttention", error_, [&] {
-      const std::vector<int64_t> qs = q_nope.Shape(), cs = c_new.Shape(), ps = pe_new.Shape(),
-                                 pcs = past_c.Shape(), pps = past_pe.Shape(), ks = w_uk.Shape(), vs = w_uv_t.Shape();
-      if (qs.size() != 4 || cs.size() != 3 || ps.size() != 3 || pcs.size() != 3 || pps.size() != 3 ||
-          ks.size() != 3 || vs.size() != 3)
-        ORT_CXX_API_THROW("r1c.cpu::MLAAttention: ranks: q_nope 4, c_new/pe_new/past_c/past_pe/w_uk/w_uv_t 3",
-                          ORT_INVALID_ARGUMENT);
-      const int64_t B = qs[0], S = qs[1], N = qs[2], D = qs[3], C = cs[2], R = ps[2], P = pcs[2], Vd = vs[2];
-      if (cs[0] != B || cs[1] != S || ps[0] != B || ps[1] != S || pcs[0] != B || pcs[1] != C || pps[0] != B ||
-          pps[1] != R || pps[2] != P || ks[0] != N || ks[1] != D || ks[2] != C || vs[0] != N || vs[1] != C ||
-          q_pe.NumberOfElement() != B * S * N * R)
-        ORT_CXX_API_THROW("r1c.cpu::MLAAttention: shapes disagree (q_nope [B, S, N, D], q_pe B*S*N*R, c_new "
-                          "[B, S, C], pe_new [B, S, R], past_c [B, C, P], past_pe [B, R, P], w_uk [N, D, C], "
-                          "w_uv_t [N, C, Vd])", ORT_INVALID_ARGUMENT);
-      float* y = output.Allocate({B, S, N * Vd});
-      if (B * S * N == 0) return;
-      const int64_t sb = std::max<int64_t>(1, kBlockRows / N), nsb = (S + sb - 1) / sb;
-      const int64_t chunk = chunk_columns(P), past_chunks = (P + chunk - 1) / chunk;
-      const int64_t chunks = past_chunks + (S + kChunk - 1) / kChunk;
-      AttnScratch& s = attn_scratch;
-      fit(s.q, static_cast<size_t>(B * S * N * (C + R)));
-      fit(s.kt, static_cast<size_t>(B * (C + R) * S));
-      const int64_t units = B * nsb * chunks;
-      fit(s.part_m, static_cast<size_t>(units * sb * N));
-      fit(s.part_l, static_cast<size_t>(units * sb * N));
-      fit(s.part_ol, static_cast<size_t>(units * sb * N * C));
-      const float *cn = c_new.Data(), *pn = pe_new.Data();
-      for (int64_t b = 0; b < B; ++b)  // the new tokens' latents as columns, [C + R, S] per row
-        for (int64_t t = 0; t < S; ++t) {
-          float* kt = s.kt.data() + b * (C + R) * S + t;
-          for (int64_t k = 0; k < C; ++k) kt[k * S] = cn[(b * S + t) * C + k];
-          for (int64_t k = 0; k < R; ++k) kt[(C + k) * S] = pn[(b * S + t) * R + k];
-        }
-      AttnJob job{q_nope.Data(), q_pe.Data(), cn, pn, past_c.Data(), past_pe.Data(), w_uk.Data(), w_uv_t.Data(),
-                  make_mask(past_valid, B, S * N, P, "past_valid"), make_mask(new_valid, B, S * N, S, "new_valid"),
-                  scale_, y, B, S, N, D, R, C, P, Vd, sb, nsb, chunk, past_chunks, chunks, s.q.data(), s.kt.data(),
-                  s.part_ol.data(), s.part_m.data(), s.part_l.data()};
-      Ort::KernelContext ctx(context);
-      ctx.ParallelFor(query_unit, static_cast<size_t>(N), 0, &job);
-      ctx.ParallelFor(chunk_unit, static_cast<size_t>(units), 0, &job);
-      ctx.ParallelFor(output_unit, static_cast<size_t>(N), 0, &job);
+      run_attention<float>(context, scale_, q_nope, q_pe, c_new, pe_new, past_c, past_pe, past_valid, new_valid,
+                           w_uk, nullptr, w_uv_t, nullptr, output);
+    });
+  }
+};
+
+struct AttentionInt8Kernel : ScaleAttr {
+  AttentionInt8Kernel(const OrtApi* api, const OrtKernelInfo* info)
+      : ScaleAttr(info, "r1c.cpu::MLAAttentionInt8") {
+    (void)api;
+  }
+
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& q_nope,
+                      const Ort::Custom::Tensor<float>& q_pe, const Ort::Custom::Tensor<float>& c_new,
+                      const Ort::Custom::Tensor<float>& pe_new, const Ort::Custom::Tensor<float>& past_c,
+                      const Ort::Custom::Tensor<float>& past_pe, const Ort::Custom::Tensor<bool>& past_valid,
+                      const Ort::Custom::Tensor<bool>& new_valid, const Ort::Custom::Tensor<int8_t>& w_uk_q,
+                      const Ort::Custom::Tensor<float>& w_uk_scale, const Ort::Custom::Tensor<int8_t>& w_uv_t_q,
+                      const Ort::Custom::Tensor<float>& w_uv_t_scale, Ort::Custom::Tensor<float>& output) {
+    return as_status("r1c.cpu::MLAAttentionInt8", error_, [&] {
+      run_attention<int8_t>(context, scale_, q_nope, q_pe, c_new, pe_new, past_c, past_pe, past_valid, new_valid,
+                            w_uk_q, &w_uk_scale, w_uv_t_q, &w_uv_t_scale, output);
     });
   }
 };
@@ -317,6 +468,10 @@ struct AttentionKernel {
 
 Ort::Custom::OrtLiteCustomOp* make_attention_op() {
   return Ort::Custom::CreateLiteCustomOp<AttentionKernel>("MLAAttention", "CPUExecutionProvider");
+}
+
+Ort::Custom::OrtLiteCustomOp* make_attention_int8_op() {
+  return Ort::Custom::CreateLiteCustomOp<AttentionInt8Kernel>("MLAAttentionInt8", "CPUExecutionProvider");
 }
 
 }  // namespace r1c_cpu

@@ -1,6 +1,6 @@
 // r1c's CPU kernel library: the entry point ONNX Runtime calls (SessionOptions.register_custom_ops_library):
-// registers the `r1c.cpu` domain with `MoE` (moe_cpu.cc), `Linear` (linear_cpu.cc) and `MLAAttention`
-// (attention_cpu.cc).
+// registers the `r1c.cpu` domain with `MoE` (moe_cpu.cc), `Linear` (linear_cpu.cc), `MLAAttention` and
+// `MLAAttentionInt8` (attention_cpu.cc).
 #include "panels.h"
 
 #include <memory>
@@ -13,6 +13,7 @@ namespace r1c_cpu {
 Ort::Custom::OrtLiteCustomOp* make_moe_op();
 Ort::Custom::OrtLiteCustomOp* make_linear_op();
 Ort::Custom::OrtLiteCustomOp* make_attention_op();
+Ort::Custom::OrtLiteCustomOp* make_attention_int8_op();
 }  // namespace r1c_cpu
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -24,7 +25,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api);
   static std::once_flag once;
   static std::unique_ptr<Ort::CustomOpDomain> domain;
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> moe, linear, attention;
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> moe, linear, attention, attention_int8;
   try {
     std::call_once(once, [] {
       domain = std::make_unique<Ort::CustomOpDomain>("r1c.cpu");
@@ -34,6 +35,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       domain->Add(linear.get());
       attention.reset(r1c_cpu::make_attention_op());
       domain->Add(attention.get());
+      attention_int8.reset(r1c_cpu::make_attention_int8_op());
+      domain->Add(attention_int8.get());
     });
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const Ort::Exception& e) {

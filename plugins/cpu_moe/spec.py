@@ -1,5 +1,6 @@
 """The definitions of r1c's CPU kernels (ONNX Runtime custom ops, domain `r1c.cpu`): `MoE` (SPEC, below), `Linear`
-(LINEAR_SPEC, further down), the packed weight layout both read, and `MLAAttention` (ATTENTION_SPEC, at the end).
+(LINEAR_SPEC, further down), the packed weight layout both read, and `MLAAttention` / `MLAAttentionInt8`
+(ATTENTION_SPEC, ATTENTION_INT8_SPEC, at the end).
 
 `MoE` takes the inputs and computes the function of ONNX Runtime's `com.microsoft.MoE` in the one form r1c's
 lowering emits (passes/lower_moe_to_ort.py: interleaved SwiGLU, silu, no biases), so that a pass can swap one for
@@ -115,6 +116,20 @@ def pack_fc2(fc2: np.ndarray) -> np.ndarray:
 ATTENTION_SPEC = OpSpec(
     name="MLAAttention",
     inputs=("q_nope", "q_pe", "c_new", "pe_new", "past_c", "past_pe", "past_valid", "new_valid", "w_uk", "w_uv_t"),
+    optional_inputs=(),
+    outputs=("output",),
+    attributes={"scale": 1.0},
+    domain=CPU_DOMAIN,
+)
+
+# `r1c.cpu::MLAAttentionInt8`: the same function and attribute, W_UK and W_UV as int8 with a float32 scale per head and
+# output column (r1c/plugins/int_block.py `quantize_columns`, what passes/quantize_weights.py makes of MLA's batched
+# absorbed matrices at --precision int8/int4): w_uk = w_uk_q [N, D, C] * w_uk_scale [N, 1, C], w_uv_t = w_uv_t_q
+# [N, C, Vd] * w_uv_t_scale [N, 1, Vd]. The kernel widens the int8 values as it reads them (1 byte per weight a
+# step); activations stay float32 (ONNX Runtime's DynamicQuantizeMatMul, which it replaces, rounds them to int8).
+ATTENTION_INT8_SPEC = OpSpec(
+    name="MLAAttentionInt8",
+    inputs=(*ATTENTION_SPEC.inputs[:8], "w_uk_q", "w_uk_scale", "w_uv_t_q", "w_uv_t_scale"),
     optional_inputs=(),
     outputs=("output",),
     attributes={"scale": 1.0},
