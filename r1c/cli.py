@@ -301,8 +301,28 @@ def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: i
     if quant:
         click.echo(f"int{quant['bits']}: quantized {quant['tensors']} tensors; relative error mean "
                    f"{quant['mean_relative_error']:.4f}, max {quant['max_relative_error']:.4f}", err=True)
-    kernels = ", r1c CPU MoE kernel" if target_options.get("cpu_kernels") else ""
+    kernels = ""
+    if target_options.get("cpu_kernels"):
+        ops = _cpu_kernel_ops(out / str(target_options.get("model", "model.onnx")))
+        kernels = f", r1c CPU kernels: {', '.join(ops)}" if ops else ", r1c CPU kernels"
     click.echo(_summary("built", out, start, f" ({target}{kernels})"))
+
+
+def _cpu_kernel_ops(model_path: Path) -> list[str]:
+    """The r1c.cpu ops a built model runs (MoE, Linear, MLAAttention, MLAAttentionInt8), each with its count, in the
+    graph's order: what the build summary names (an int8/int4 bundle ships the library for the attention alone,
+    its experts on ONNX Runtime's QMoE). The graph only: the weights stay on disk."""
+    import onnx
+
+    from r1c.plugins.cpu_moe import CPU_DOMAIN
+
+    if not model_path.is_file():
+        return []
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
+        if node.domain == CPU_DOMAIN:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return [f"{op} x{n}" for op, n in counts.items()]
 
 
 def _parse_ids(text: str) -> list[int]:

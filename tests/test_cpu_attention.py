@@ -263,3 +263,22 @@ def test_pass_swaps_int8_attention_in_quantized_bundles(kernel: Path, tmp_path: 
     assert max_rel_err(ea.forward(ids), ref.forward(ids)) < TOL
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     assert ea.generate(prompts, 8) == ref.generate(prompts, 8)
+
+
+def test_build_summary_names_the_kernels_the_bundle_runs(kernel: Path, tmp_path: Path) -> None:
+    """`r1c build` names the r1c.cpu ops in the built graph: an int8 bundle runs only the attention kernel (its
+    experts on ONNX Runtime's QMoE), not "r1c CPU MoE kernel"; a float32 one runs all three kinds."""
+    from click.testing import CliRunner
+
+    from r1c.cli import main
+
+    cli = CliRunner()
+    r = cli.invoke(main, ["export", "--preset", "tiny", "-o", str(tmp_path / "e"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = cli.invoke(main, ["build", str(tmp_path / "e"), "-o", str(tmp_path / "q"), "--precision", "int8",
+                          "--cpu-kernels", "r1c"])
+    assert r.exit_code == 0, r.output
+    assert "(onnxruntime, r1c CPU kernels: MLAAttentionInt8 x3)" in r.output and "MoE" not in r.output
+    r = cli.invoke(main, ["build", str(tmp_path / "e"), "-o", str(tmp_path / "f"), "--cpu-kernels", "r1c"])
+    assert r.exit_code == 0, r.output
+    assert "MLAAttention x3" in r.output and "MoE x2" in r.output and "Linear x" in r.output
