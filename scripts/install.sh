@@ -36,7 +36,7 @@ plugin_ok() {
 if ! python -c "$NEEDS" 2>/dev/null || ! plugin_ok || [ "${R1C_REINSTALL:-0}" = 1 ]; then
   python -m pip install -q -e ".$EXTRAS"
 fi
-# ONNX Runtime's C/C++ headers, so that `r1c build` can compile r1c's CPU MoE kernel (the default where it builds;
+# ONNX Runtime's C/C++ headers, so that `r1c build` can compile r1c's CPU kernels (the default where it builds;
 # without them builds use ONNX Runtime's MoE and say so). Best effort: Debian/Ubuntu with g++ only.
 if ! python -c "from r1c.plugins.cpu_moe.library import find_headers; raise SystemExit(find_headers() is None)" \
     && command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null && command -v g++ >/dev/null; then
