@@ -277,9 +277,10 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
                    "auto: the export's, FP8 weights as int8 blocks (1 byte a weight).")
 @click.option("--cpu-kernels", "--cpu-moe", "cpu_moe", type=click.Choice(CPU_MOE_CHOICES), default="auto",
               show_default=True,
-              help="onnxruntime, float32 routed experts and MatMuls by a constant: r1c's CPU kernels (compiled here "
-                   "with g++ against ONNX Runtime's headers: scripts/fetch_ort_headers.sh), ORT's own (MoE, MLAS), "
-                   "or auto: r1c's where they build. --cpu-moe is the older name.")
+              help="onnxruntime: float32 routed experts, float32 MatMuls by a constant and MLA attention (float32 "
+                   "or int8 absorbed weights) on r1c's CPU kernels (compiled here with g++ against ONNX Runtime's "
+                   "headers: scripts/fetch_ort_headers.sh), on ORT's own (MoE, MLAS, its attention nodes), or auto: "
+                   "r1c's where they build. --cpu-moe is the older name.")
 def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: int, dump_after: str | None, tp: int,
           ep: int, precision: str, cpu_moe: str) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.
