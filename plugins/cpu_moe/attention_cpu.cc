@@ -94,33 +94,45 @@ constexpr int64_t kChunk = 512;  // at most, cache columns per unit
 // 512 columns or more is at least 8 units (one decode row keeps every thread busy).
 inline int64_t chunk_columns(int64_t P) { return std::min(kChunk, std::max<int64_t>(64, P / (8 * 64) * 64)); }
 
+// o[c .. c + V kW) (+)= sum over k < K of a[k] * Bm[k, c .. c + V kW): V vectors of accumulators held over all k
+template <int V, class W>
+inline void row_tile(const float* a, const W* Bm, int64_t ldb, float* o, int64_t K, int64_t c, bool accumulate) {
+  vf acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = accumulate ? load(o + c + v * kW) : vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    const W* w = Bm + k * ldb + c;
+    const vf x = splat(a[k]);
+    for (int v = 0; v < V; ++v) acc[v] += x * load_w(w + v * kW);
+  }
+  for (int v = 0; v < V; ++v) store(o + c + v * kW, acc[v]);
+}
+
+// Vectors of accumulators in a one-row tile: a whole 256-column row of W_UK (C = 256) per pass on AVX-512 (16 of
+// its 32 registers), 64 columns on AVX2 (8 of 16); wider tiles read each weight row in fewer, longer runs
+constexpr int kRowVecs = kW >= 16 ? 16 : 8;
+
 // o[c0 .. Nc) (+)= sum over k < K of a[k] * Bm[k, c0 .. Nc) (rows ldb apart): one row (a decode step's query or
-// latent sum) in register tiles of 4 vectors, then 1, then single columns; Bm read once, o written once
+// latent sum) in register tiles of kRowVecs, 4, then 1 vector, then the columns under a vector; Bm read once, o
+// written once
 template <class W>
 void row_times(const float* a, const W* Bm, int64_t ldb, float* o, int64_t K, int64_t c0, int64_t Nc,
                bool accumulate) {
   int64_t c = c0;
-  for (; c + 4 * kW <= Nc; c += 4 * kW) {
-    vf acc[4] = {};
-    if (accumulate)
-      for (int v = 0; v < 4; ++v) acc[v] = load(o + c + v * kW);
-    for (int64_t k = 0; k < K; ++k) {
-      const W* w = Bm + k * ldb + c;
-      const vf x = splat(a[k]);
-      for (int v = 0; v < 4; ++v) acc[v] += x * load_w(w + v * kW);
-    }
-    for (int v = 0; v < 4; ++v) store(o + c + v * kW, acc[v]);
+  for (; c + kRowVecs * kW <= Nc; c += kRowVecs * kW) row_tile<kRowVecs>(a, Bm, ldb, o, K, c, accumulate);
+  for (; c + 4 * kW <= Nc; c += 4 * kW) row_tile<4>(a, Bm, ldb, o, K, c, accumulate);
+  for (; c + kW <= Nc; c += kW) row_tile<1>(a, Bm, ldb, o, K, c, accumulate);
+  if (c == Nc) return;
+  // under a vector of columns left (a cache chunk's last few columns): every k's row of them at once, so that the
+  // loads are contiguous and the columns' sums (each in k order, as above) run side by side
+  const int64_t n = Nc - c;
+  float acc[kW];
+  for (int64_t i = 0; i < n; ++i) acc[i] = accumulate ? o[c + i] : 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const W* w = Bm + k * ldb + c;
+    const float x = a[k];
+    for (int64_t i = 0; i < n; ++i) acc[i] += x * static_cast<float>(w[i]);
   }
-  for (; c + kW <= Nc; c += kW) {
-    vf acc = accumulate ? load(o + c) : vf{};
-    for (int64_t k = 0; k < K; ++k) acc += splat(a[k]) * load_w(Bm + k * ldb + c);
-    store(o + c, acc);
-  }
-  for (; c < Nc; ++c) {
-    float acc = accumulate ? o[c] : 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += a[k] * static_cast<float>(Bm[k * ldb + c]);
-    o[c] = acc;
-  }
+  for (int64_t i = 0; i < n; ++i) o[c + i] = acc[i];
 }
 
 // O [M, Nc] (+)= A [M, K] (rows lda apart) times Bm [K, Nc] (rows ldb apart), O's rows ldo apart (`accumulate`:
