@@ -197,7 +197,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
             if cpu_moe == "r1c" and not any(report.get(p, {}).get("nodes")
                                             for p in ("use_cpu_moe_kernel", "use_cpu_linear_kernel",
                                                       "use_cpu_attention_kernel")):
-                cpu_moe = "ort"  # nothing float32 left for r1c's kernels (int8/int4 weights run on ORT's): no library
+                cpu_moe = "ort"  # no node in a form r1c's kernels take (each pass logs why): no library
             target_options = {"model": MODEL_FILE, "session": session_opts, "cpu_moe": cpu_moe}
             if cpu_moe == "r1c":
                 from r1c.plugins.cpu_moe.library import copy_libraries

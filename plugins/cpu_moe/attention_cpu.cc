@@ -68,12 +68,11 @@ inline vf load_w(const int8_t* p) {  // kW int8 weights widened to float (sign-e
 #endif
 }
 
-template <class W>
-inline void axpy(float* y, float a, const W* x, int64_t n) {  // y += a * x
+inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
   const vf va = splat(a);
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) store(y + i, load(y + i) + va * load_w(x + i));
-  for (; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
+  for (; i + kW <= n; i += kW) store(y + i, load(y + i) + va * load(x + i));
+  for (; i < n; ++i) y[i] += a * x[i];
 }
 
 template <class W>  // W: the type W_UK and W_UV are stored in (float, or int8 with column scales)
@@ -180,6 +179,28 @@ void gemm_rows(const float* A, int64_t lda, const W* Bm, int64_t ldb, float* O, 
 
 thread_local std::vector<float> nt_scratch;
 
+// gemm_nt's tile: O[m, n0 + j] for the GG vectors of rows from g0 and the nn (<= 4) rows b[j] of Bt, over all k
+template <int GG>
+inline void nt_tile(const float* at, int64_t Mp, const float* const (&b)[4], int64_t K, int64_t g0, int64_t M,
+                    float* O, int64_t ldo, int64_t n0, int nn) {
+  vf acc[4][GG] = {};
+  const float* a0 = at + g0 * kW;
+  for (int64_t k = 0; k < K; ++k) {
+    vf x[GG];
+    for (int g = 0; g < GG; ++g) x[g] = load(a0 + k * Mp + g * kW);
+    for (int j = 0; j < 4; ++j) {
+      const vf bj = splat(b[j][k]);
+      for (int g = 0; g < GG; ++g) acc[j][g] += bj * x[g];
+    }
+  }
+  for (int j = 0; j < nn; ++j)
+    for (int g = 0; g < GG; ++g)
+      for (int l = 0; l < kW; ++l) {
+        const int64_t m = (g0 + g) * kW + l;
+        if (m < M) O[m * ldo + n0 + j] = acc[j][g][l];
+      }
+}
+
 // O [M, Nc] = A [M, K] (rows lda apart) times Bt [Nc, K]^T (rows ldb apart), O's rows ldo apart, with Bt read as it
 // lies (the cache chunk, latent-major: no transposed copy of it): A (a block's probabilities, small) is transposed
 // once into at [K, Mp] (Mp: M rounded up to whole vectors, zero-filled), then for 4 rows of Bt at a time an outer
@@ -196,32 +217,9 @@ void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* O
     const int nn = static_cast<int>(std::min<int64_t>(4, Nc - n0));
     const float* b[4];
     for (int j = 0; j < 4; ++j) b[j] = Bt + (n0 + std::min(j, nn - 1)) * ldb;  // past Nc: a repeat, not stored
-    for (int64_t g0 = 0; g0 < G; g0 += 2) {
-      const int gg = static_cast<int>(std::min<int64_t>(2, G - g0));
-      vf acc[4][2] = {};
-      const float* a0 = at.data() + g0 * kW;
-      if (gg == 2) {
-        for (int64_t k = 0; k < K; ++k) {
-          const vf x0 = load(a0 + k * Mp), x1 = load(a0 + k * Mp + kW);
-          for (int j = 0; j < 4; ++j) {
-            const vf bj = splat(b[j][k]);
-            acc[j][0] += bj * x0;
-            acc[j][1] += bj * x1;
-          }
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          const vf x0 = load(a0 + k * Mp);
-          for (int j = 0; j < 4; ++j) acc[j][0] += splat(b[j][k]) * x0;
-        }
-      }
-      for (int j = 0; j < nn; ++j)
-        for (int g = 0; g < gg; ++g)
-          for (int l = 0; l < kW; ++l) {
-            const int64_t m = (g0 + g) * kW + l;
-            if (m < M) O[m * ldo + n0 + j] = acc[j][g][l];
-          }
-    }
+    int64_t g0 = 0;
+    for (; g0 + 2 <= G; g0 += 2) nt_tile<2>(at.data(), Mp, b, K, g0, M, O, ldo, n0, nn);
+    if (g0 < G) nt_tile<1>(at.data(), Mp, b, K, g0, M, O, ldo, n0, nn);
   }
 }
 
