@@ -31,10 +31,11 @@ appended to it as a tuple of ints, in order — (ADD_ROW,), (POP_ROW,), (MOVE_RO
 (WRITE, r0, *n_new) — so that another process holding a cache of the same size can redo them with its own step
 outputs (the follower ranks of a sharded bundle: `r1c.runtime.distributed.cache_replay`).
 
-Arrays. The arenas come from `alloc(shape, dtype)` (numpy by default); everything else is slicing, reshape,
-`swapaxes` and item assignment, which torch tensors support as well, so a device backend can keep the same cache
-on CUDA tensors (`alloc=lambda shape, dtype: torch.zeros(shape, dtype=..., device="cuda")`). Row lengths live on
-the host (`lengths`, int64).
+Arrays. The arenas come from `alloc(shape, dtype)` (numpy by default, its pages written at allocation:
+`numpy_alloc`); everything else is slicing, reshape, `swapaxes` and item assignment, which torch tensors support
+as well, so a device backend can keep the same cache on CUDA tensors
+(`alloc=lambda shape, dtype: torch.zeros(shape, dtype=..., device="cuda")`). Row lengths live on the host
+(`lengths`, int64).
 
 Legend: L = layers, B = live rows, C = kv_lora_rank, R = qk_rope_head_dim, ch = C or R, P = capacity bucket,
 T = token capacity of the budget, S = tokens of a step per row.
@@ -64,7 +65,13 @@ class OverCapacityError(RuntimeInputError):
 
 
 def numpy_alloc(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    return np.zeros(shape, dtype=dtype)
+    """Zeros on the host, every page written once here (committed memory). `np.zeros` alone maps pages lazily, so
+    the first step or relayout that reaches fresh pages would pay their faults: a relayout of the small preset's
+    two rows to the 2,048-token bucket took 34 ms instead of ~1 ms, a 7x inter-token gap (`r1c bench-serving`'s
+    long-prompt measurement)."""
+    a = np.empty(shape, dtype=dtype)
+    a.fill(0)
+    return a
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,6 +68,52 @@ inline vf load_w(const int8_t* p) {  // kW int8 weights widened to float (sign-e
 #endif
 }
 
+// The first n < kW values at p as a vector (the other lanes zero), without reading past p + n; store_part writes
+// only the first n lanes
+inline vf load_part(const float* p, int n) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p));
+#else
+  vf v = {};
+  for (int i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+inline vf load_w_part(const float* p, int n) { return load_part(p, n); }
+inline vf load_w_part(const int8_t* p, int n) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  const __m128i b = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), p);
+  return reinterpret_cast<vf>(_mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, b)));
+#else
+  int8_t t[kW] = {};
+  for (int i = 0; i < n; ++i) t[i] = p[i];
+  return load_w(t);
+#endif
+}
+inline void store_part(float* p, vf v, int n) {
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
+#else
+  for (int i = 0; i < n; ++i) p[i] = v[i];
+#endif
+}
+
+// sum over i < n of a[i] * b[i]: two vectors of partial sums, then the lanes
+inline float dot(const float* a, const float* b, int64_t n) {
+  vf s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    s0 += load(a + i) * load(b + i);
+    s1 += load(a + i + kW) * load(b + i + kW);
+  }
+  for (; i + kW <= n; i += kW) s0 += load(a + i) * load(b + i);
+  if (i < n) s0 += load_part(a + i, static_cast<int>(n - i)) * load_part(b + i, static_cast<int>(n - i));
+  s0 += s1;
+  float t = 0.f;
+  for (int l = 0; l < kW; ++l) t += s0[l];
+  return t;
+}
+
 inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
   const vf va = splat(a);
   int64_t i = 0;
@@ -121,17 +167,12 @@ void row_times(const float* a, const W* Bm, int64_t ldb, float* o, int64_t K, in
   for (; c + 4 * kW <= Nc; c += 4 * kW) row_tile<4>(a, Bm, ldb, o, K, c, accumulate);
   for (; c + kW <= Nc; c += kW) row_tile<1>(a, Bm, ldb, o, K, c, accumulate);
   if (c == Nc) return;
-  // under a vector of columns left (a cache chunk's last few columns): every k's row of them at once, so that the
-  // loads are contiguous and the columns' sums (each in k order, as above) run side by side
-  const int64_t n = Nc - c;
-  float acc[kW];
-  for (int64_t i = 0; i < n; ++i) acc[i] = accumulate ? o[c + i] : 0.f;
-  for (int64_t k = 0; k < K; ++k) {
-    const W* w = Bm + k * ldb + c;
-    const float x = a[k];
-    for (int64_t i = 0; i < n; ++i) acc[i] += x * static_cast<float>(w[i]);
-  }
-  for (int64_t i = 0; i < n; ++i) o[c + i] = acc[i];
+  // under a vector of columns left (a cache chunk's last few columns, or a single new token's): one vector of
+  // accumulators over all k as above, each k's n columns read by a masked load (zeros past n), n lanes stored
+  const int n = static_cast<int>(Nc - c);
+  vf acc = accumulate ? load_part(o + c, n) : vf{};
+  for (int64_t k = 0; k < K; ++k) acc += splat(a[k]) * load_w_part(Bm + k * ldb + c, n);
+  store_part(o + c, acc, n);
 }
 
 // O [M, Nc] (+)= A [M, K] (rows lda apart) times Bm [K, Nc] (rows ldb apart), O's rows ldo apart (`accumulate`:
@@ -179,16 +220,20 @@ void gemm_rows(const float* A, int64_t lda, const W* Bm, int64_t ldb, float* O, 
 
 thread_local std::vector<float> nt_scratch;
 
-// gemm_nt's tile: O[m, n0 + j] for the GG vectors of rows from g0 and the nn (<= 4) rows b[j] of Bt, over all k
+// gemm_nt's tile: O[m, n0 + j] for the GG vectors of rows from g0 and the nn (<= kNtCols) rows b[j] of Bt, over
+// all k. kNtCols independent accumulator chains per vector of rows: an FMA's latency (4 cycles) is covered when a
+// k step has at least as many independent FMAs as that (4 columns alone made the loop latency-bound)
+constexpr int kNtCols = 8;
+
 template <int GG>
-inline void nt_tile(const float* at, int64_t Mp, const float* const (&b)[4], int64_t K, int64_t g0, int64_t M,
+inline void nt_tile(const float* at, int64_t Mp, const float* const (&b)[kNtCols], int64_t K, int64_t g0, int64_t M,
                     float* O, int64_t ldo, int64_t n0, int nn) {
-  vf acc[4][GG] = {};
+  vf acc[kNtCols][GG] = {};
   const float* a0 = at + g0 * kW;
   for (int64_t k = 0; k < K; ++k) {
     vf x[GG];
     for (int g = 0; g < GG; ++g) x[g] = load(a0 + k * Mp + g * kW);
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kNtCols; ++j) {
       const vf bj = splat(b[j][k]);
       for (int g = 0; g < GG; ++g) acc[j][g] += bj * x[g];
     }
@@ -203,8 +248,9 @@ inline void nt_tile(const float* at, int64_t Mp, const float* const (&b)[4], int
 
 // O [M, Nc] = A [M, K] (rows lda apart) times Bt [Nc, K]^T (rows ldb apart), O's rows ldo apart, with Bt read as it
 // lies (the cache chunk, latent-major: no transposed copy of it): A (a block's probabilities, small) is transposed
-// once into at [K, Mp] (Mp: M rounded up to whole vectors, zero-filled), then for 4 rows of Bt at a time an outer
-// product over k: 4 broadcast Bt values times up to 2 vectors of at (no lane sums), O written by columns
+// once into at [K, Mp] (Mp: M rounded up to whole vectors, zero-filled), then for kNtCols rows of Bt at a time an
+// outer product over k: broadcast Bt values times 1 vector of at (2 where 8 x 2 accumulators fit the registers:
+// AVX-512), no lane sums, O written by columns
 void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* O, int64_t ldo, int64_t M, int64_t K,
              int64_t Nc) {
   const int64_t G = (M + kW - 1) / kW, Mp = G * kW;
@@ -213,13 +259,14 @@ void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* O
   at.assign(static_cast<size_t>(K * Mp), 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) at[k * Mp + m] = A[m * lda + k];
-  for (int64_t n0 = 0; n0 < Nc; n0 += 4) {
-    const int nn = static_cast<int>(std::min<int64_t>(4, Nc - n0));
-    const float* b[4];
-    for (int j = 0; j < 4; ++j) b[j] = Bt + (n0 + std::min(j, nn - 1)) * ldb;  // past Nc: a repeat, not stored
+  for (int64_t n0 = 0; n0 < Nc; n0 += kNtCols) {
+    const int nn = static_cast<int>(std::min<int64_t>(kNtCols, Nc - n0));
+    const float* b[kNtCols];
+    for (int j = 0; j < kNtCols; ++j) b[j] = Bt + (n0 + std::min(j, nn - 1)) * ldb;  // past Nc: a repeat, not stored
     int64_t g0 = 0;
-    for (; g0 + 2 <= G; g0 += 2) nt_tile<2>(at.data(), Mp, b, K, g0, M, O, ldo, n0, nn);
-    if (g0 < G) nt_tile<1>(at.data(), Mp, b, K, g0, M, O, ldo, n0, nn);
+    if constexpr (kW >= 16)
+      for (; g0 + 2 <= G; g0 += 2) nt_tile<2>(at.data(), Mp, b, K, g0, M, O, ldo, n0, nn);
+    for (; g0 < G; ++g0) nt_tile<1>(at.data(), Mp, b, K, g0, M, O, ldo, n0, nn);
   }
 }
 
@@ -278,8 +325,16 @@ void chunk_unit(void* data, size_t unit) {
   release_if_oversized(z, static_cast<size_t>(rows * kChunk));
   z.resize(static_cast<size_t>(rows * width));
   const float* q0 = j.q + (b * S + s0) * N * (C + R);  // rows (s, n) of this block, consecutive
-  gemm_rows(q0, C + R, src_c, ld, z.data(), width, rows, C, width);  // latents, then rope keys
-  gemm_rows(q0 + C, C + R, src_pe, ld, z.data(), width, rows, R, width, true);
+  if (!past && width < kW) {  // a few new tokens (a decode step's one): dot products along their latent rows
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = 0; t < width; ++t) {
+        const int64_t tok = b * S + c0 + t;
+        z[r * width + t] = dot(q0 + r * (C + R), j.c_new + tok * C, C) + dot(q0 + r * (C + R) + C, j.pe_new + tok * R, R);
+      }
+  } else {
+    gemm_rows(q0, C + R, src_c, ld, z.data(), width, rows, C, width);  // latents, then rope keys
+    gemm_rows(q0 + C, C + R, src_pe, ld, z.data(), width, rows, R, width, true);
+  }
   float* m = j.part_m + u * j.sb * N;
   float* l = j.part_l + u * j.sb * N;
   float* ol = j.part_ol + u * j.sb * N * C;

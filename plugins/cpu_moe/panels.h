@@ -6,6 +6,8 @@
 #include "onnxruntime_cxx_api.h"
 #include "onnxruntime_lite_custom_op.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -51,7 +53,20 @@ inline vf load(const float* p) {
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-inline vf splat(float s) { return vf{} + s; }
+// every lane = s: one broadcast (vbroadcastss, or folded into the FMA that uses it). Not `vf{} + s`, which GCC
+// must compile as an addition to zero and then a broadcast (0 + -0 is +0, so it cannot drop the addition without
+// -fno-signed-zeros): two dependent instructions per broadcast in every tile's inner loop.
+inline vf splat(float s) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_set1_ps(s));
+#elif defined(__AVX__)
+  return reinterpret_cast<vf>(_mm256_set1_ps(s));
+#else
+  vf v;
+  for (int i = 0; i < kW; ++i) v[i] = s;
+  return v;
+#endif
+}
 
 // exp on every lane: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to r^7
 // (relative error below 2e-7 on that interval), x clamped to [-87.3, 88.7] (float's normal range). NaN stays NaN.
