@@ -8,6 +8,10 @@
 // call. Here the weights are stored in panels of 32 rows (below), the panels of all selected experts are shared
 // among ORT's intra-op threads (KernelContext_ParallelFor), and each panel is read once, front to back, against
 // every token routed to that expert (outer-product register tiles: 32 rows x up to 12 tokens on AVX-512).
+// fc2 runs per output panel over all touched experts (summing into the output as it goes), or, for a step of at
+// most kFewSlots (token, expert) assignments (decode), per run of one expert's consecutive panels into a row per
+// assignment, summed per token after (`fc2_slot_block`): one longer stream per unit; a decode step of the issue-11
+// benchmark model, both libraries reading the same physical weights, 1.04x (1 thread) / 1.02x (2).
 // Measured on a 2-core Zen 4 VM, small preset (H 512, I 256, 64 experts top-8), 1 thread, 5 MoE layers: 32 tokens
 // 39.8 -> 19.8 ms (about the read bandwidth: every expert is touched), 128-token prefill 86.6 -> 48.9 ms
 // (~82 GFLOP/s), against the previous kernel's dot-product tiles over unpacked rows.
@@ -49,6 +53,8 @@ struct Scratch {
   std::vector<const float*> xs;              // [A] activation row of each slot (fc1), h row of each slot (fc2)
   std::vector<const float*> hs;              // [A]
   std::vector<int64_t> touched;              // experts with at least one token
+  std::vector<int64_t> slot_of;              // [A] slot of assignment t*k + i
+  std::vector<float> part;                   // [A, P2 * 32] weighted fc2 output of each slot (the few-slot path)
 };
 
 thread_local Scratch scratch;
@@ -62,6 +68,13 @@ struct Job {
   int64_t tokens, hidden, inter16, p1, p2;
   Scratch* s;
 };
+
+// The few-slot fc2 path (a decode step: at most kFewSlots (token, expert) slots): work unit u is a run of up to
+// kFc2Run consecutive output panels of one touched expert (4 x I16 x 32 floats, 128 KiB at I16 = 256, read front to
+// back as one stream; per output panel over all experts, as below, a unit reads one 32 KiB piece of each expert in
+// turn), each slot's weighted output written to its own row of `part`; the rows are summed per token afterwards.
+constexpr int64_t kFewSlots = 64;
+constexpr int64_t kFc2Run = 4;
 
 // Work unit b: fc1 panel b % P1 of touched expert b / P1, against every token routed to that expert.
 void fc1_block(void* data, size_t b) {
@@ -96,6 +109,22 @@ void fc2_block(void* data, size_t b) {
       } else {
         for (int64_t i = 0; i < rows; ++i) dst[i] += wt * acc[i / kW][i % kW];
       }
+    });
+  }
+}
+
+void fc2_slot_block(void* data, size_t u) {
+  const Job& j = *static_cast<const Job*>(data);
+  Scratch& s = *j.s;
+  const int64_t runs = (j.p2 + kFc2Run - 1) / kFc2Run, ldp = j.p2 * kPanel;
+  const int64_t e = s.touched[static_cast<int64_t>(u) / runs], b0 = static_cast<int64_t>(u) % runs * kFc2Run;
+  const int64_t first = s.offset[e], cols = s.offset[e + 1] - first;
+  for (int64_t b = b0; b < std::min(j.p2, b0 + kFc2Run); ++b) {
+    const float* panel = j.fc2 + (e * j.p2 + b) * j.inter16 * kPanel;
+    panel_times_tokens(panel, j.inter16, s.hs.data() + first, static_cast<int>(cols), [&](int c, const vf* acc) {
+      const int64_t slot = first + c;
+      float* dst = s.part.data() + slot * ldp + b * kPanel;  // rows past H are the panel's zero rows
+      for (int v = 0; v < kNV; ++v) store(dst + v * kW, acc[v] * splat(s.slot_weight[slot]));
     });
   }
 }
@@ -188,8 +217,9 @@ struct MoEKernel {
     s.h.resize(static_cast<size_t>(A * (I16 + kPad)));
     s.xpad.resize(static_cast<size_t>(T * (H + kPad)));
     for (int64_t t = 0; t < T; ++t) std::copy(x + t * H, x + (t + 1) * H, s.xpad.data() + t * (H + kPad));
+    s.slot_of.resize(A);
     for (int64_t a = 0; a < A; ++a) {
-      const int64_t slot = s.fill[s.chosen[a]]++;
+      const int64_t slot = s.slot_of[a] = s.fill[s.chosen[a]]++;
       s.slot_token[slot] = a / K;
       s.slot_weight[slot] = s.chosen_weight[a];
       s.xs[slot] = s.xpad.data() + (a / K) * (H + kPad);
@@ -201,7 +231,22 @@ struct MoEKernel {
     Job job{fc1.Data(), fc2.Data(), y, T, H, I16, P1, P2, &s};
     Ort::KernelContext ctx(context);
     ctx.ParallelFor(fc1_block, s.touched.size() * static_cast<size_t>(P1), 0, &job);
-    ctx.ParallelFor(fc2_block, static_cast<size_t>(P2), 0, &job);
+    if (A > kFewSlots) {
+      ctx.ParallelFor(fc2_block, static_cast<size_t>(P2), 0, &job);
+      return;
+    }
+    const int64_t ldp = P2 * kPanel;
+    s.part.resize(static_cast<size_t>(A * ldp));
+    ctx.ParallelFor(fc2_slot_block, s.touched.size() * static_cast<size_t>((P2 + kFc2Run - 1) / kFc2Run), 0, &job);
+    for (int64_t t = 0; t < T; ++t) {  // each token's k slots summed in the order it chose its experts
+      float* yt = y + t * H;
+      const float* p0 = s.part.data() + s.slot_of[t * K] * ldp;
+      std::copy(p0, p0 + H, yt);
+      for (int64_t i = 1; i < K; ++i) {
+        const float* pi = s.part.data() + s.slot_of[t * K + i] * ldp;
+        for (int64_t n = 0; n < H; ++n) yt[n] += pi[n];
+      }
+    }
   }
 };
 
