@@ -13,7 +13,8 @@ and pairs are timed interleaved (one call of each per round, `r1c.runtime.bench.
 bits) against both Q4_0 (32-blocks, 4.5 bits) and Q4_K_M (256-superblocks). The memory read bandwidth
 is measured in the same run (`measure_read_bandwidth`, before and after each pair's timing; the higher of the two)
 and each system's decode floor is its own bytes per step (r1c: the bundle's initializers; llama.cpp: the GGUF's
-tensors) / that bandwidth.
+tensors) / that bandwidth. Before each pair loads, both systems' weight files are dropped from the page cache
+(`posix_fadvise` DONTNEED), so both read them afresh.
 Accuracy: teacher-forced logits over `--accuracy-tokens` positions against transformers' float32 model
 (relative error per position = max |l - ref| / max |ref|: mean and max over positions; top-1 agreement);
 greedy tokens of r1c fp32, llama.cpp F32 and transformers compared.
@@ -173,6 +174,21 @@ def accuracy(paths: dict[str, Path], tokens: int, seed: int) -> tuple[list[dict[
 
 
 # ---- speed -----------------------------------------------------------------------------------------------------
+def evict_from_page_cache(*paths: Path) -> None:
+    """Drop the clean page-cache pages of these weight files (a bundle's directory: its model.onnx.data), so that
+    both systems map weights freshly read from disk. The page cache's state moved one bundle's decode step by 20-35%
+    against an identical copy here (scripts/ab_step.py), and r1c's bundles are rebuilt every run while the GGUFs
+    are kept: without this, the older files' pages would decide part of the ratio."""
+    for path in paths:
+        for f in ([path / "model.onnx.data"] if path.is_dir() else [path]):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
 def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt_len: int, new_tokens: int,
           repeat: int, warmup: int, clock: str = "wall") -> list[dict[str, Any]]:
     from r1c.manifest import read_manifest
@@ -192,6 +208,7 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
             manifest = read_manifest(paths[precision])
             r1c_reads, _ = bundle_reads(paths[precision], manifest)
             llama_reads = gguf_reads(paths[ftype])
+            evict_from_page_cache(paths[precision], paths[ftype], paths[ORT_MOE])
             engine = load(paths[precision], session_options={"intra_op_num_threads": t})
             llama = LlamaCppGenerator(paths[ftype], threads=t, max_batch=max(batches), max_prompt=prompt_len,
                                       max_tokens=prompt_len + new_tokens)
