@@ -329,7 +329,8 @@ void chunk_unit(void* data, size_t unit) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t t = 0; t < width; ++t) {
         const int64_t tok = b * S + c0 + t;
-        z[r * width + t] = dot(q0 + r * (C + R), j.c_new + tok * C, C) + dot(q0 + r * (C + R) + C, j.pe_new + tok * R, R);
+        const float* qr = q0 + r * (C + R);
+        z[r * width + t] = dot(qr, j.c_new + tok * C, C) + dot(qr + C, j.pe_new + tok * R, R);
       }
   } else {
     gemm_rows(q0, C + R, src_c, ld, z.data(), width, rows, C, width);  // latents, then rope keys
