@@ -14,8 +14,8 @@ test: run it on a quiet machine. Example: two revisions of r1c (or two build opt
 (README's A/B of the attention kernel compared a build whose `use_cpu_attention_kernel` swapped nothing with a
 normal one, both with r1c's other kernels; `--cpu-kernels ort` against the default would compare all three.)
 Weights are read where ONNX Runtime maps them, from each bundle's `model.onnx.data` in the page cache, and the
-state of those pages moved a decode step by 20-35% between identical copies here (e.g. 8.3 vs 10.2 ms;
-pages fragmented by earlier use against freshly read large folios). To compare kernel code alone, let the two
+state of those pages (which physical pages the file's cache holds) moved a decode step by 20-35% between
+identical copies here (e.g. 8.3 vs 10.2 ms). To compare kernel code alone, let the two
 bundles share one weights file: `ln A/model.onnx.data B/model.onnx.data` (replacing B's) when the two builds wrote
 the same bytes (`cmp` them), so both sessions read the same physical pages.
 """
