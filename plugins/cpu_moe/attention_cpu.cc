@@ -51,13 +51,19 @@ Mask make_mask(const Ort::Custom::Tensor<bool>& t, int64_t B, int64_t rows, int6
   return m;
 }
 
-inline vf load_w(const float* p) { return load(p); }
-inline vf load_w(const int8_t* p) {  // kW int8 weights widened to float (sign-extend, convert: 2 instructions;
-                                     // GCC 12 scalarizes __builtin_convertvector from int8 lanes, measured 2x slower)
 #if defined(__AVX512F__)
-  // the zero-masking forms: the plain ones start from _mm512_undefined, which GCC 12 flags as maybe-uninitialized
-  const __m512i i = _mm512_maskz_cvtepi8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return reinterpret_cast<vf>(_mm512_maskz_cvtepi32_ps(0xFFFF, i));
+// 16 int8 lanes widened to float (sign-extend, convert: 2 instructions); the zero-masking forms: the plain ones
+// start from _mm512_undefined, which GCC 12 flags as maybe-uninitialized
+inline vf widen(__m128i b) {
+  return reinterpret_cast<vf>(_mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, b)));
+}
+#endif
+
+inline vf load_w(const float* p) { return load(p); }
+inline vf load_w(const int8_t* p) {  // kW int8 weights widened to float (GCC 12 scalarizes __builtin_convertvector
+                                     // from int8 lanes, measured 2x slower than these intrinsics)
+#if defined(__AVX512F__)
+  return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #elif defined(__AVX2__)
   return reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
       reinterpret_cast<const __m128i*>(p)))));
@@ -82,8 +88,7 @@ inline vf load_part(const float* p, int n) {
 inline vf load_w_part(const float* p, int n) { return load_part(p, n); }
 inline vf load_w_part(const int8_t* p, int n) {
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
-  const __m128i b = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), p);
-  return reinterpret_cast<vf>(_mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, b)));
+  return widen(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), p));
 #else
   int8_t t[kW] = {};
   for (int i = 0; i < n; ++i) t[i] = p[i];
@@ -457,12 +462,13 @@ void run_attention(OrtKernelContext* context, float scale, const Ort::Custom::Te
   AttnScratch& s = attn_scratch;
   fit(s.q, static_cast<size_t>(B * S * N * (C + R)));
   fit(s.kt, static_cast<size_t>(B * (C + R) * S));
+  const bool columns = S >= kW;  // fewer new tokens are scored by dot products from their rows (chunk_unit)
   const int64_t units = B * nsb * chunks;
   fit(s.part_m, static_cast<size_t>(units * sb * N));
   fit(s.part_l, static_cast<size_t>(units * sb * N));
   fit(s.part_ol, static_cast<size_t>(units * sb * N * C));
   const float *cn = c_new.Data(), *pn = pe_new.Data();
-  for (int64_t b = 0; b < B; ++b)  // the new tokens' latents as columns, [C + R, S] per row
+  for (int64_t b = 0; columns && b < B; ++b)  // the new tokens' latents as columns, [C + R, S] per row
     for (int64_t t = 0; t < S; ++t) {
       float* kt = s.kt.data() + b * (C + R) * S + t;
       for (int64_t k = 0; k < C; ++k) kt[k * S] = cn[(b * S + t) * C + k];
