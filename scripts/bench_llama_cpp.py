@@ -10,11 +10,15 @@ Both systems run the same weights:
              -> its quantizer (llama_model_quantize) to Q8_0, Q4_0, Q4_K_M -> llama-cpp-python's llama_decode
 and pairs are timed interleaved (one call of each per round, `r1c.runtime.bench.runner.run_bench`): decode
 (TPOT) and prefill of a 128-token prompt (TTFT), batch 1 and 8, 1 and 2 threads; r1c int4 (128-blocks, 4.25
-bits) against both Q4_0 (32-blocks, 4.5 bits) and Q4_K_M (256-superblocks). The memory read bandwidth
-is measured in the same run (`measure_read_bandwidth`, before and after each pair's timing; the higher of the two)
-and each system's decode floor is its own bytes per step (r1c: the bundle's initializers; llama.cpp: the GGUF's
-tensors) / that bandwidth. Before each pair loads, both systems' weight files are dropped from the page cache
-(`posix_fadvise` DONTNEED), so both read them afresh.
+bits) against both Q4_0 (32-blocks, 4.5 bits) and Q4_K_M (256-superblocks). Each system's decode floor is its
+own bytes per step (r1c: the bundle's initializers; llama.cpp: the GGUF's tensors) / the read bandwidth, which is
+timed as a third system in the same rounds (`roofline.ReadProbe`: r1c's bytes per step streamed from memory
+N times, on the same threads), so a round's floor and steps see the same bandwidth: % of floor = the probe's
+TPOT (scaled to the system's bytes) / the system's, with a bootstrap interval for r1c. The read bandwidth is also
+measured before and after each pair (`measure_read_bandwidth`), and % of floor against the higher of those two
+passes is reported beside it (`*_of_floor_passes`; this VM's bandwidth changes within seconds, so a pass can
+meet another bandwidth than the timing did). Before each pair loads, both systems' weight files are dropped from
+the page cache (`posix_fadvise` DONTNEED), so both read them afresh.
 Accuracy: teacher-forced logits over `--accuracy-tokens` positions against transformers' float32 model
 (relative error per position = max |l - ref| / max |ref|: mean and max over positions; top-1 agreement);
 greedy tokens of r1c fp32, llama.cpp F32 and transformers compared.
@@ -43,6 +47,7 @@ import numpy as np
 
 PAIRS = (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"))
 ORT_MOE = "fp32 ORT MoE"  # timed beside the fp32 pair when the fp32 bundle runs r1c's CPU kernels (MoE, Linear)
+PROBE = "read probe"  # the bandwidth floor timed in the same rounds (roofline.ReadProbe)
 
 
 def bench_config() -> Any:
@@ -195,7 +200,7 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
     from r1c.runtime import load
     from r1c.runtime.bench.compare import ratios
     from r1c.runtime.bench.llama_cpp import LlamaCppGenerator, gguf_reads
-    from r1c.runtime.bench.roofline import bundle_reads, decode_floor, measure_read_bandwidth
+    from r1c.runtime.bench.roofline import ReadProbe, bundle_reads, decode_floor, measure_read_bandwidth
     from r1c.runtime.bench.runner import Settings, System, Workload, run_bench
 
     config = bench_config()
@@ -218,6 +223,11 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
             if with_ort_moe:
                 ort_engine = load(paths[ORT_MOE], session_options={"intra_op_num_threads": t})
                 systems.append(System(f"r1c {ORT_MOE}", ort_engine, required=True))
+            # the floor timed as a peer in the same rounds (roofline.ReadProbe: r1c's bytes per decode step
+            # streamed from memory), so each round's floor and the systems' steps see the same bandwidth
+            probe = ReadProbe(lambda b, reads=r1c_reads: decode_floor(reads, config, b, prompt_len, new_tokens,
+                                                                      bandwidth=1.0).bytes_active, threads=t)
+            systems.append(System(PROBE, probe, info=probe.info, required=True))
             workloads = [Workload(b, prompt_len, new_tokens) for b in batches]
             say(f"timing r1c {precision} vs llama.cpp {ftype}, {t} thread(s), batch {batches}")
             series = run_bench(systems, workloads, config.vocab_size, settings)
@@ -234,13 +244,21 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
                 row: dict[str, Any] = {"threads": t, "batch": b, "r1c": precision, "llama.cpp": ftype, "clock": clock,
                                        "bandwidth_GBs": bandwidth / 1e9, "bandwidth_passes_GBs": passes,
                                        "tokens_match": rr.get("tokens_match")}
+                probe_tpot = by[(PROBE, b)].summary()["tpot_s"].p50
+                r1c_bytes = decode_floor(r1c_reads, config, b, prompt_len, new_tokens, bandwidth=1.0).bytes_active
+                row["probe_GBs"] = r1c_bytes / probe_tpot / 1e9
                 for name, s, reads in (("r1c", r1c_s, r1c_reads), ("llama", llama_s, llama_reads)):
                     summ = s.summary()
                     floor = decode_floor(reads, config, b, prompt_len, new_tokens, bandwidth=bandwidth)
                     tpot, ttft = summ["tpot_s"].p50, summ["ttft_s"].p50
                     row[f"{name}_tpot_ms"], row[f"{name}_ttft_ms"] = tpot * 1e3, ttft * 1e3
-                    row[f"{name}_floor_ms"] = floor.floor_active_s * 1e3
-                    row[f"{name}_of_floor"] = floor.floor_active_s / tpot
+                    # against the probe of the same rounds (the headline), and against the higher of the two
+                    # bandwidth passes around the pair (stricter when the bandwidth changed during the pair)
+                    row[f"{name}_floor_ms"] = probe_tpot * floor.bytes_active / r1c_bytes * 1e3
+                    row[f"{name}_of_floor"] = row[f"{name}_floor_ms"] / 1e3 / tpot
+                    row[f"{name}_of_floor_passes"] = floor.floor_active_s / tpot
+                pr = ratio[(PROBE, b)]["tpot_s"]  # probe TPOT / r1c TPOT per round: r1c's achieved/floor, with CI
+                row["r1c_of_floor_ci"] = {k: pr[k] for k in ("ratio", "low", "high")}
                 for m in ("tpot_s", "ttft_s"):
                     row[f"speedup_{m[:4]}"] = {k: rr[m][k] for k in ("ratio", "low", "high")}
                 if with_ort_moe:  # r1c's kernel against ORT's MoE: speedup = ORT MoE time / kernel time
@@ -254,8 +272,9 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
                 rows.append(row)
                 say(f"  B={b}: TPOT r1c {row['r1c_tpot_ms']:.2f} ms llama {row['llama_tpot_ms']:.2f} ms "
                     f"(x{row['speedup_tpot']['ratio']:.2f}); prefill r1c {row['r1c_ttft_ms']:.0f} llama "
-                    f"{row['llama_ttft_ms']:.0f} ms; r1c {row['r1c_of_floor']:.0%} of floor "
-                    f"(read bandwidth {passes[0]:.1f} / {passes[1]:.1f} GB/s before / after)")
+                    f"{row['llama_ttft_ms']:.0f} ms; r1c {row['r1c_of_floor']:.0%} of floor (probe "
+                    f"{row['probe_GBs']:.1f} GB/s in the same rounds; {row['r1c_of_floor_passes']:.0%} against the "
+                    f"read bandwidth {passes[0]:.1f} / {passes[1]:.1f} GB/s before / after)")
             llama.close()
             del engine
             if with_ort_moe:
@@ -265,14 +284,17 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
 
 def tables(speed_rows: list[dict[str, Any]], acc_rows: list[dict[str, Any]], greedy: dict[str, Any]) -> str:
     out = ["| threads | batch | r1c vs llama.cpp | decode ms/token r1c / llama | speedup (95% CI) | "
-           "prefill 128 ms r1c / llama | speedup (95% CI) | % of floor r1c / llama | same tokens |",
+           "prefill 128 ms r1c / llama | speedup (95% CI) | % of floor r1c [95% CI] / llama (against the passes) | "
+           "same tokens |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in speed_rows:
         d, p = r["speedup_tpot"], r["speedup_ttft"]
         out.append(f"| {r['threads']} | {r['batch']} | {r['r1c']} vs {r['llama.cpp']} | {r['r1c_tpot_ms']:.2f} / "
                    f"{r['llama_tpot_ms']:.2f} | {d['ratio']:.2f} [{d['low']:.2f}, {d['high']:.2f}] | "
                    f"{r['r1c_ttft_ms']:.0f} / {r['llama_ttft_ms']:.0f} | {p['ratio']:.2f} [{p['low']:.2f}, "
-                   f"{p['high']:.2f}] | {r['r1c_of_floor']:.0%} / {r['llama_of_floor']:.0%} | "
+                   f"{p['high']:.2f}] | {r['r1c_of_floor']:.0%} [{r['r1c_of_floor_ci']['low']:.0%}, "
+                   f"{r['r1c_of_floor_ci']['high']:.0%}] / {r['llama_of_floor']:.0%} "
+                   f"({r['r1c_of_floor_passes']:.0%} / {r['llama_of_floor_passes']:.0%}) | "
                    f"{'-' if r['tokens_match'] is None else 'yes' if r['tokens_match'] else 'no'} |")
     kernel_rows = [r for r in speed_rows if "kernel_vs_ort_moe" in r]
     if kernel_rows:

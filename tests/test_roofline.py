@@ -17,6 +17,7 @@ from r1c.config import preset
 from r1c.manifest import read_manifest
 from r1c.runtime.bench.roofline import (
     FP32_BYTES,
+    ReadProbe,
     bundle_reads,
     config_reads,
     decode_floor,
@@ -114,3 +115,30 @@ def test_measure_read_bandwidth() -> None:
     bw = measure_read_bandwidth(64 << 20, repeats=2)
     assert 1e8 < bw < 1e13
     assert torch.get_num_threads() >= 1
+
+
+def test_read_probe_times_one_read_per_step_in_the_runner() -> None:
+    """The probe is a peer of the runner: one on_step per token, each after a read of the step's bytes (a window
+    of a buffer larger than the step, cycled), zeros as tokens; its TPOT gives a bandwidth in the range a
+    machine has, and it leaves torch's thread count as it found it."""
+    from r1c.errors import BenchError
+    from r1c.runtime.bench.runner import Settings, System, Workload, run_bench
+
+    asked: list[int] = []
+
+    def step_bytes(batch: int) -> int:
+        asked.append(batch)
+        return batch * (8 << 20)
+
+    threads = torch.get_num_threads()
+    probe = ReadProbe(step_bytes, threads=1, min_buffer=64 << 20, settle_s=0.0)
+    steps: list[int] = []
+    out = probe.generate([[5, 6], [7, 8]], 5, on_step=lambda i, tok: steps.append(i))
+    assert steps == [0, 1, 2, 3, 4] and out == [[0] * 5, [0] * 5] and asked == [2]
+    assert probe.info["kernel"] in ("sum", "dot", "gemv") and torch.get_num_threads() == threads
+    series = run_bench([System("probe", probe, required=True)], [Workload(2, 4, 6)], 100,
+                       Settings(warmup=1, repeat=3))
+    tpot = series[0].summary()["tpot_s"].p50
+    assert 1e8 < 2 * (8 << 20) / tpot < 1e13
+    with pytest.raises(BenchError, match="positive byte count"):
+        ReadProbe(lambda b: 0, threads=1).generate([[1]], 2)

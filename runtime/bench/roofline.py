@@ -256,3 +256,76 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: 
     logger.info("read bandwidth %.2f GB/s (%s, %d threads, %d MiB; %s)", bandwidth / 1e9, winner, threads, size >> 20,
                 ", ".join(f"{k} {size / t / 1e9:.2f}" for k, t in best.items()))
     return bandwidth
+
+
+class ReadProbe:
+    """The floor as a benchmark peer: a `Generator` whose decode "steps" only stream bytes from memory.
+
+    `generate(prompts, N)` reads `step_bytes(len(prompts))` bytes once for its prefill mark, then once per
+    decode step (N - 1 times), calling `on_step` after each, so the runner times it in the same interleaved
+    rounds as the systems it bounds: its TPOT is the floor time of one decode step at the read bandwidth of
+    that moment, and a system's TPOT ratio against it (compare.ratios) is the system's achieved/floor with a
+    bootstrap interval. The reads are `kernel` (the fastest of measure_read_bandwidth's three, chosen on the
+    first call) over consecutive windows of one float32 buffer of max(step bytes, `min_buffer`) bytes, so no
+    window is still cached from the last step. Tokens returned are zeros (the probe has no model).
+
+    Before timing it sleeps `settle_s` and after the last step again, so thread pools of the system timed
+    just before or after (ONNX Runtime, OpenMP and llama.cpp workers spin for a while after their work) do not
+    share the cores with it: a probe slowed by them would make every system look closer to its floor.
+    Raises BenchError if step_bytes is not positive.
+    """
+
+    def __init__(self, step_bytes: Any, *, threads: int, min_buffer: int = 512 << 20, settle_s: float = 0.05
+                 ) -> None:
+        self.step_bytes, self.threads, self.settle_s = step_bytes, threads, settle_s
+        self.min_buffer = min_buffer
+        self._buf: Any = None
+        self._kernel: str | None = None
+        self.info = {"kind": "read bandwidth probe", "threads": threads}
+
+    def _reader(self, nbytes: int) -> Any:
+        import torch
+
+        from r1c.errors import BenchError
+
+        if nbytes <= 0:
+            raise BenchError(f"benchmark: the read probe needs a positive byte count per step, got {nbytes}")
+        cols = 4096
+        rows = -(-nbytes // 4 // cols)
+        total = max(self.min_buffer // 4 // cols, 2 * rows) * cols
+        if self._buf is None or self._buf.numel() < total:
+            self._buf = torch.ones(total, dtype=torch.float32)
+        buf, v = self._buf, torch.ones(cols, dtype=torch.float32)
+        n_windows = buf.numel() // (rows * cols)
+        windows = [buf[i * rows * cols:(i + 1) * rows * cols] for i in range(n_windows)]
+        kernels = {"sum": lambda x: float(x.sum()), "dot": lambda x: float(torch.dot(x, x)),
+                   "gemv": lambda x: float(torch.mv(x.view(rows, cols), v)[0])}
+        if self._kernel is None:
+            best: dict[str, float] = {}
+            for name, fn in kernels.items():
+                for w in windows[:3]:
+                    t0 = time.perf_counter()
+                    fn(w)
+                    best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+            self._kernel = min(best, key=lambda k: best[k])
+            self.info["kernel"] = self._kernel
+        return kernels[self._kernel], windows
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, eos_token_id: int | None = None,
+                 on_step: Any = None) -> list[list[int]]:
+        import numpy as np
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            read, windows = self._reader(int(self.step_bytes(len(prompts))))
+            time.sleep(self.settle_s)
+            for step in range(max_new_tokens):
+                read(windows[step % len(windows)])
+                if on_step is not None:
+                    on_step(step, np.zeros(len(prompts), np.int64))
+            time.sleep(self.settle_s)
+        finally:
+            torch.set_num_threads(before)
+        return [[0] * max_new_tokens for _ in prompts]
