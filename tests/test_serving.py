@@ -201,5 +201,8 @@ def test_bench_serving_runs_and_reports(bundle: Path) -> None:
     # when the prompt arrives counts too
     assert 40 // 8 <= report.long_prompt[0]["steps"] <= 40 // 8 + 1
     assert 1 <= report.long_prompt[1]["steps"] <= 2
+    # the stream's own gaps before the arrival, over its usual gap: at least the 12 kept for that median
+    assert all(r["alone_gaps"] >= 12 and 0 < r["alone_p50_over_usual"] <= r["alone_p99_over_usual"]
+               <= r["alone_p100_over_usual"] for r in report.long_prompt)
     assert report.bucket is not None and report.bucket["bucket"] < report.bucket["capacity"]
     assert "x one-at-a-time" in report.table() and '"schema"' in report.to_json()

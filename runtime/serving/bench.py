@@ -9,7 +9,8 @@
    of them; ratios are taken within a round.
 2. A long prompt arriving while one stream runs: the stream's usual gap (median before and after), its gaps
    until the long prompt's first token (p50, p90, p99, max), and the long prompt's TTFT, for each step token
-   budget in --chunk-budgets and without chunking (the whole prompt in one step).
+   budget in --chunk-budgets and without chunking (the whole prompt in one step); beside them the p99 and max
+   of the stream's own 400 gaps before the arrival, over the same usual gap (what the machine alone does).
 3. The capacity bucket: one decode step of --bucket-rows rows holding ~100 tokens, binding a bucket over the
    longest row versus the whole capacity (max_model_len), interleaved.
 4. The C ABI: microseconds per call of r1c_engine_info, r1c_next on a ready event and r1c_submit_ids +
@@ -153,17 +154,20 @@ def run_level(engine: Engine, config: SchedulerConfig, requests: list[tuple[list
             "tpot_ms": statistics.fmean(itl) * 1e3 if itl else float("nan")}
 
 
-def long_prompt_gap(engine: Engine, config: SchedulerConfig, long_len: int, budget: int, seed: int
-                    ) -> dict[str, Any]:
+def long_prompt_gap(engine: Engine, config: SchedulerConfig, long_len: int, budget: int, seed: int,
+                    alone: int = 400) -> dict[str, Any]:
     """One stream runs; a `long_len`-token prompt arrives; the stream's gaps while that prompt is prefilled,
-    against its usual gap (the median of its gaps in the 0.5 s before the arrival and after the first token)."""
+    against its usual gap: the median of its gaps before the arrival (`alone` of them) and in the 0.5 s after
+    the prompt's first token. The same percentiles of the stream's gaps before the arrival, over the same usual
+    gap (`alone_p99_over_usual`, `alone_p100_over_usual`), say how far the machine alone moves a gap."""
     rng = np.random.default_rng([seed, long_len])
     long_prompt = rng.integers(2, engine.vocab_size, size=long_len).tolist()
     cfg = dataclasses.replace(config, max_tokens_per_step=budget, min_prefill_chunk=1,  # exactly `budget` tokens
                               max_num_seqs=max(config.max_num_seqs, 2))
     with ServingEngine(engine, cfg) as se:
         running = se.submit(rng.integers(2, engine.vocab_size, size=16).tolist(), greedy(se.max_model_len - 16))
-        for _ in range(14):  # its usual pace before
+        alone = max(12, min(alone, (se.max_model_len - 16) // 4))  # leaves the stream tokens for the rest
+        for _ in range(alone + 2):  # its usual pace before
             running.next(timeout=600)
         late = se.submit(long_prompt, greedy(1))
         lout = late.result(timeout=3600)
@@ -182,9 +186,12 @@ def long_prompt_gap(engine: Engine, config: SchedulerConfig, long_len: int, budg
     # the long prompt its first token (one release time per step; a step under way at the arrival counts too).
     # Read from the scheduler's own time stamps: a counter read from this thread would race with it.
     steps = sum(1 for t in rout.token_times if arrival < t <= first)
+    before = [b - a for a, b in pairs[1:] if b < arrival]
     usual = statistics.median(usual_gaps)
     row: dict[str, Any] = {"budget": budget, "long_prompt": long_len, "usual_gap_ms": usual * 1e3,
-                           "long_ttft_s": lout.ttft_s, "steps": steps, "gaps": len(during)}
+                           "long_ttft_s": lout.ttft_s, "steps": steps, "gaps": len(during), "alone_gaps": len(before)}
+    for q in (50, 99, 100):
+        row[f"alone_p{q}_over_usual"] = _pct(before, q) / usual
     for q in (50, 90, 99, 100):
         row[f"p{q}_gap_ms"] = _pct(during, q) * 1e3
         row[f"p{q}_over_usual"] = _pct(during, q) / usual
@@ -263,12 +270,15 @@ class Report:
             lines += ["", f"A {self.long_prompt[0]['long_prompt']}-token prompt arrives while one stream runs "
                           "(the stream's gaps until that prompt's first token, over its usual gap):",
                       "| step token budget | usual gap ms | p50 gap | p90 gap | p99 gap | max gap | long prompt TTFT s "
-                      "| steps |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                      "| steps | alone before: p99 / max |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
             for r in self.long_prompt:
                 cells = " | ".join(f"{r[f'p{q}_gap_ms']:.1f} ms ({r[f'p{q}_over_usual']:.1f}x)"
                                    for q in (50, 90, 99, 100))
+                alone = (f"{r['alone_p99_over_usual']:.1f}x / {r['alone_p100_over_usual']:.1f}x "
+                         f"({r['alone_gaps']} gaps)" if "alone_gaps" in r else "-")
                 lines.append(f"| {r['budget']} | {r['usual_gap_ms']:.1f} | {cells} | {r['long_ttft_s']:.1f} | "
-                             f"{r['steps']} |")
+                             f"{r['steps']} | {alone} |")
         if self.bucket:
             b = self.bucket
             lines += ["", f"Decode step, {b['rows']} rows of {b['filled']} tokens: bucket {b['bucket']} "
