@@ -164,6 +164,7 @@ class StepRunner:
         self._ids = np.zeros(max_tokens, dtype=np.int64)  # host, as the interface says
         self._lengths = np.zeros(cache.max_rows, dtype=np.int64)
         self._index = np.zeros(max_tokens, dtype=np.int64)
+        self._arange = np.arange(max_tokens, dtype=np.int64)
         self._serial = next(_runner_serials)
         self._ios: dict[tuple[int, int, int, int, int], StepIO] = {}  # least recently used first
 
@@ -206,7 +207,8 @@ class StepRunner:
         [n, 1, V] float32. With None nothing is written (scoring) and every position's logits come back: [n, S, V].
         The result is the runner's buffer (valid until the next step), or for a graph without `logits_index` a copy
         of the asked positions. The caller resizes the cache first so every row fits. Per step, besides the backend's
-        run: three small copies (ids, lengths, index) and, when the shape (r0, n, S, K, P) is new, one `StepIO`."""
+        run: three small copies (ids, lengths, index) and, when the shape (r0, n, S, K, P) is new, one `StepIO`.
+        A row's positions past its n_new real tokens (padding) are given its last real token's id (see below)."""
         n, s = input_ids.shape
         if n * s > self.max_tokens:
             raise AssertionError(f"step of {n}x{s} tokens exceeds the runner's {self.max_tokens}")
@@ -214,7 +216,15 @@ class StepRunner:
         # negative index means "from the end" in ONNX and is not one every backend's gather takes)
         last = None if n_new is None else np.maximum(np.asarray(n_new, dtype=np.int64) - 1, 0)
         io = self.io(r0, n, s, None if last is None else 1)
-        io.input_ids[...] = input_ids
+        if last is not None and s > 1:
+            # padding after a row's real tokens repeats its last real token: a padded position never reaches a
+            # real one (causal attention, per-token MoE; its latents are not stored), so its id is free, and a
+            # copy of the last token routes to (nearly) the experts that token already reads, where a 0 would
+            # pull up to k more experts per MoE layer through memory (a decode row joined to a prompt chunk)
+            io.input_ids[...] = np.take_along_axis(np.asarray(input_ids), np.minimum(self._arange[:s], last[:, None]),
+                                                   axis=1)
+        else:
+            io.input_ids[...] = input_ids
         io.past_lengths[...] = self.cache.lengths[r0:r0 + n]
         if io.logits_index is not None:
             io.logits_index[...] = np.arange(s) if last is None else last[:, None]

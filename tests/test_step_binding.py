@@ -231,3 +231,32 @@ def test_a_sampling_step_returns_each_rows_last_token_logits(selects: bool) -> N
     np.testing.assert_array_equal(got[:, 0, 0], [5, 7, 15])
     got = runner.step(ids, 0, [0, 1, 2])  # a row with no new token: nothing stored, position 0 asked
     np.testing.assert_array_equal(got[:, 0, 0], [0, 6, 13])
+
+
+class IdsCopy:
+    """A step backend that keeps a copy of the ids each step was given."""
+
+    def __init__(self) -> None:
+        self.ids: list[np.ndarray] = []
+
+    def step(self, io: StepIO) -> None:
+        self.ids.append(io.input_ids.copy())
+
+
+def test_padding_repeats_each_rows_last_real_token() -> None:
+    """A row's positions past its n_new real tokens reach the graph as copies of its last real token (so they
+    route like it in an MoE layer instead of pulling other experts through memory); a scoring step (None) and the
+    real tokens are passed as given."""
+    cache = LatentCache(LAYOUT, 3 * 16 * LAYOUT.bytes_per_token, max_rows=3, max_len=16, min_bucket=4)
+    seen = IdsCopy()
+    runner = StepRunner(seen, cache, 7, 24)
+    for _ in range(3):
+        cache.add_row()
+    cache.resize(6)
+    ids = np.arange(18, dtype=np.int64).reshape(3, 6)
+    runner.step(ids, 0, None)
+    np.testing.assert_array_equal(seen.ids[-1], ids)
+    cache.lengths[:3] = 0
+    runner.step(ids, 0, [6, 2, 0])
+    np.testing.assert_array_equal(seen.ids[-1], [[0, 1, 2, 3, 4, 5], [6, 7, 7, 7, 7, 7], [12] * 6])
+    np.testing.assert_array_equal(ids, np.arange(18).reshape(3, 6))  # the caller's array is not touched

@@ -21,8 +21,9 @@ SCHEDULER_OPTIONS = [
     click.option("--max-model-len", type=int, default=None, help="Prompt + output limit (default: the model's)."),
     click.option("--max-queue", type=int, default=4096, show_default=True,
                  help="Waiting requests beyond which new ones get an over-capacity error (HTTP 503)."),
-    click.option("--prefill-pad-tokens", type=int, default=0, show_default=True,
-                 help="Padding a prompt chunk may add to share a backend call with the rows before it."),
+    click.option("--prefill-pad-tokens", type=int, default=4, show_default=True,
+                 help="Padding a prompt chunk may add to share a backend call with the rows before it (one call "
+                      "reads the weights once; padding repeats each row's last token)."),
     click.option("--threads", type=click.IntRange(min=0), default=None,
                  help="ONNX Runtime intra-op threads (0: one per physical core; default: the bundle's)."),
 ]
@@ -35,7 +36,7 @@ def scheduler_options(f: Any) -> Any:
 
 
 def make_config(max_num_seqs: int, max_tokens_per_step: int, kv_cache_bytes: str | None, max_model_len: int | None,
-                max_queue: int, prefill_pad_tokens: int = 0) -> Any:
+                max_queue: int, prefill_pad_tokens: int = 4) -> Any:
     """The scheduler's config from the options, checked before anything is loaded (`RuntimeInputError`)."""
     from r1c.runtime.kvcache import parse_bytes
     from r1c.runtime.serving import SchedulerConfig
