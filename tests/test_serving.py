@@ -188,6 +188,17 @@ def test_text_prompt_streams_text_and_chat_template(engine) -> None:  # type: ig
         assert se.codec.decode(chat, skip_special_tokens=False) == "<bos><|user|>hex the fox\n<|assistant|>"
 
 
+def test_step_bytes_ratio_grows_with_the_experts_rows_touch(engine) -> None:  # type: ignore[no-untyped-def]
+    """The roofline ratio bench-serving prints beside the 8-stream ITL: 1 for one row; for more rows above 1 and
+    at most the row count (the dense weights are shared); the routed experts' share grows as E (1 - (1 - k/E)^B)
+    (tiny preset: 16 experts, top 4), so 8 rows read less than 8 times the bytes but more than 2 rows do."""
+    from r1c.runtime.serving.bench import step_bytes_ratio
+
+    r1, r2, r8 = (step_bytes_ratio(engine, b, 8, 8) for b in (1, 2, 8))
+    assert r1 == pytest.approx(1.0)
+    assert 1.0 < r2 < r8 < 8.0
+
+
 def test_bench_serving_runs_and_reports(bundle: Path) -> None:
     """The benchmark's code paths on a toy size (its numbers come from `r1c bench-serving`, not from tests)."""
     from r1c.runtime.serving.bench import BenchSettings, run_bench

@@ -263,7 +263,10 @@ class Report:
                          f"{lv['steady_ratio']:.2f} | {lv['ttft_p50_ms']:.0f} | "
                          f"{lv['ttft_p99_ms']:.0f} | {lv['itl_p50_ms']:.1f} | {lv['itl_p99_ms']:.1f} | "
                          f"{lv['tpot_ms']:.1f} |")
-        for key, text in (("itl_p99_8_over_tpot_1", "p99 ITL at 8 streams / single-stream TPOT"),):
+        for key, text in (("itl_p99_8_over_tpot_1", "p99 ITL at 8 streams / single-stream TPOT"),
+                          ("tpot_8_over_tpot_1", "mean ITL (TPOT) at 8 streams / single-stream TPOT"),
+                          ("step_bytes_8_over_1", "bytes an 8-row decode step reads / a 1-row step's (this "
+                                                  "bundle's roofline)")):
             if key in self.summary:
                 lines.append(f"{text}: {self.summary[key]:.2f}")
         if self.long_prompt:
@@ -319,7 +322,24 @@ def _summarize(rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
     if 1 in by and 8 in by:
         per_round = [r8["itl_p99_ms"] / r1["tpot_ms"] for r1, r8 in zip(by[1], by[8])]
         out["itl_p99_8_over_tpot_1"] = statistics.median(per_round)
+        out["tpot_8_over_tpot_1"] = statistics.median(r8["tpot_ms"] / r1["tpot_ms"] for r1, r8 in zip(by[1], by[8]))
     return out
+
+
+def step_bytes_ratio(engine: Engine, rows: int, prompt_len: int, new_tokens: int) -> float:
+    """Bytes one decode step of `rows` rows must read over those of a 1-row step, from the bundle's own weights
+    and kernels (`r1c.runtime.bench.roofline`: the routed experts that `rows` tokens touch in expectation, the
+    cache at prompt_len + new_tokens / 2): on a machine whose decode is bound by memory bandwidth, the least the
+    mean inter-token gap at `rows` streams can be over the single-stream TPOT when both run at the same share of
+    their floors."""
+    from r1c.runtime.bench.roofline import bundle_reads, decode_floor
+
+    reads, _ = bundle_reads(engine.bundle_dir, engine.manifest)
+
+    def step_bytes(b: int) -> float:
+        return decode_floor(reads, engine.config, b, prompt_len, new_tokens, bandwidth=1.0).bytes_active
+
+    return step_bytes(rows) / step_bytes(1)
 
 
 def run_bench(bundle: Path, config: SchedulerConfig, settings: BenchSettings, *, threads: int | None = None,
@@ -366,6 +386,10 @@ def run_bench(bundle: Path, config: SchedulerConfig, settings: BenchSettings, *,
     host = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "load_avg": os.getloadavg(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     cfg = dataclasses.asdict(config)
+    summary = _summarize(rounds)
+    if "tpot_8_over_tpot_1" in summary:
+        summary["step_bytes_8_over_1"] = step_bytes_ratio(engine, 8, sum(settings.prompt_len) // 2,
+                                                          sum(settings.new_tokens) // 2)
     return Report(settings={**dataclasses.asdict(settings), "scheduler": cfg, "threads": threads},
-                  bundle=str(bundle), levels=[lv for levels in rounds for lv in levels], summary=_summarize(rounds),
+                  bundle=str(bundle), levels=[lv for levels in rounds for lv in levels], summary=summary,
                   long_prompt=long_rows, bucket=bucket, capi=capi, host=host)
