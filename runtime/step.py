@@ -220,7 +220,8 @@ class StepRunner:
             # padding after a row's real tokens repeats its last real token: a padded position never reaches a
             # real one (causal attention, per-token MoE; its latents are not stored), so its id is free, and a
             # copy of the last token routes to (nearly) the experts that token already reads, where a 0 would
-            # pull up to k more experts per MoE layer through memory (a decode row joined to a prompt chunk)
+            # pull up to k more experts per MoE layer through memory (a decode row joined to a prompt chunk); a
+            # row with no real token (n_new 0, nothing stored) repeats its first id
             io.input_ids[...] = np.take_along_axis(np.asarray(input_ids), np.minimum(self._arange[:s], last[:, None]),
                                                    axis=1)
         else:

@@ -13,12 +13,12 @@ and pairs are timed interleaved (one call of each per round, `r1c.runtime.bench.
 bits) against both Q4_0 (32-blocks, 4.5 bits) and Q4_K_M (256-superblocks). Each system's decode floor is its
 own bytes per step (r1c: the bundle's initializers; llama.cpp: the GGUF's tensors) / the read bandwidth, which is
 timed as a third system in the same rounds (`roofline.ReadProbe`: r1c's bytes per step streamed from memory
-N times, on the same threads), so a round's floor and steps see the same bandwidth: % of floor = the probe's
-TPOT (scaled to the system's bytes) / the system's, with a bootstrap interval for r1c. The read bandwidth is also
-measured before and after each pair (`measure_read_bandwidth`), and % of floor against the higher of those two
-passes is reported beside it (`*_of_floor_passes`; this VM's bandwidth changes within seconds, so a pass can
-meet another bandwidth than the timing did). Before each pair loads, both systems' weight files are dropped from
-the page cache (`posix_fadvise` DONTNEED), so both read them afresh.
+once per token of --new-tokens, on the same threads), so a round's floor and steps see the same bandwidth: % of
+floor = the probe's TPOT (scaled to the system's bytes) / the system's, with a bootstrap interval for r1c. The
+read bandwidth is also measured before and after each pair (`measure_read_bandwidth`), and % of floor against the
+higher of those two passes is reported beside it (`*_of_floor_passes`; this VM's bandwidth changes within
+seconds, so a pass can meet another bandwidth than the timing did). Before each pair loads, both systems'
+weight files are dropped from the page cache (`posix_fadvise` DONTNEED), so both read them afresh.
 Accuracy: teacher-forced logits over `--accuracy-tokens` positions against transformers' float32 model
 (relative error per position = max |l - ref| / max |ref|: mean and max over positions; top-1 agreement);
 greedy tokens of r1c fp32, llama.cpp F32 and transformers compared.

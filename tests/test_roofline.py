@@ -140,5 +140,6 @@ def test_read_probe_times_one_read_per_step_in_the_runner() -> None:
                        Settings(warmup=1, repeat=3))
     tpot = series[0].summary()["tpot_s"].p50
     assert 1e8 < 2 * (8 << 20) / tpot < 1e13
-    with pytest.raises(BenchError, match="positive byte count"):
-        ReadProbe(lambda b: 0, threads=1).generate([[1]], 2)
+    for bad in (0, float("nan"), float("inf")):
+        with pytest.raises(BenchError, match="positive byte count"):
+            ReadProbe(lambda b, v=bad: v, threads=1).generate([[1]], 2)

@@ -265,14 +265,15 @@ class ReadProbe:
     decode step (N - 1 times), calling `on_step` after each, so the runner times it in the same interleaved
     rounds as the systems it bounds: its TPOT is the floor time of one decode step at the read bandwidth of
     that moment, and a system's TPOT ratio against it (compare.ratios) is the system's achieved/floor with a
-    bootstrap interval. The reads are `kernel` (the fastest of measure_read_bandwidth's three, chosen on the
-    first call) over consecutive windows of one float32 buffer of max(step bytes, `min_buffer`) bytes, so no
-    window is still cached from the last step. Tokens returned are zeros (the probe has no model).
+    bootstrap interval. The reads are one kernel (the fastest of measure_read_bandwidth's three, chosen on the
+    first call after an untimed pass of each) over consecutive windows of one float32 buffer of at least
+    max(2 x step bytes, `min_buffer`) bytes, so no window is still cached from the last step. Tokens returned
+    are zeros (the probe has no model).
 
     Before timing it sleeps `settle_s` and after the last step again, so thread pools of the system timed
     just before or after (ONNX Runtime, OpenMP and llama.cpp workers spin for a while after their work) do not
     share the cores with it: a probe slowed by them would make every system look closer to its floor.
-    Raises BenchError if step_bytes is not positive.
+    Raises BenchError if step_bytes(batch) is not a positive number.
     """
 
     def __init__(self, step_bytes: Any, *, threads: int, min_buffer: int = 512 << 20, settle_s: float = 0.05
@@ -283,13 +284,16 @@ class ReadProbe:
         self._kernel: str | None = None
         self.info = {"kind": "read bandwidth probe", "threads": threads}
 
-    def _reader(self, nbytes: int) -> Any:
+    def _reader(self, step_bytes: float) -> Any:
+        import math
+
         import torch
 
         from r1c.errors import BenchError
 
-        if nbytes <= 0:
-            raise BenchError(f"benchmark: the read probe needs a positive byte count per step, got {nbytes}")
+        if not (step_bytes > 0 and math.isfinite(step_bytes)):  # NaN compares false
+            raise BenchError(f"benchmark: the read probe needs a positive byte count per step, got {step_bytes}")
+        nbytes = int(step_bytes)
         cols = 4096
         rows = -(-nbytes // 4 // cols)
         total = max(self.min_buffer // 4 // cols, 2 * rows) * cols
@@ -303,6 +307,7 @@ class ReadProbe:
         if self._kernel is None:
             best: dict[str, float] = {}
             for name, fn in kernels.items():
+                fn(windows[-1])  # untimed: thread-pool start-up
                 for w in windows[:3]:
                     t0 = time.perf_counter()
                     fn(w)
@@ -319,7 +324,7 @@ class ReadProbe:
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            read, windows = self._reader(int(self.step_bytes(len(prompts))))
+            read, windows = self._reader(self.step_bytes(len(prompts)))
             time.sleep(self.settle_s)
             for step in range(max_new_tokens):
                 read(windows[step % len(windows)])

@@ -14,7 +14,8 @@ import click
 SCHEDULER_OPTIONS = [
     click.option("--max-num-seqs", type=int, default=64, show_default=True, help="Sequences running at once."),
     click.option("--max-tokens-per-step", type=int, default=256, show_default=True,
-                 help="Tokens one step runs (decode rows + prefill chunk): bounds every stream's inter-token gap."),
+                 help="Tokens one step runs (decode rows + prefill chunk, padding from a shared call aside: see "
+                      "--prefill-pad-tokens): bounds every stream's inter-token gap."),
     click.option("--kv-cache-bytes", default=None,
                  help="Latent KV cache budget, e.g. 512MiB or 2GiB (default: max-num-seqs sequences of "
                       "max-model-len tokens, at most 1 GiB). Allocated once."),
@@ -23,7 +24,7 @@ SCHEDULER_OPTIONS = [
                  help="Waiting requests beyond which new ones get an over-capacity error (HTTP 503)."),
     click.option("--prefill-pad-tokens", type=int, default=4, show_default=True,
                  help="Padding a prompt chunk may add to share a backend call with the rows before it (one call "
-                      "reads the weights once; padding repeats each row's last token)."),
+                      "reads the weights once; padding repeats each row's last real token)."),
     click.option("--threads", type=click.IntRange(min=0), default=None,
                  help="ONNX Runtime intra-op threads (0: one per physical core; default: the bundle's)."),
 ]
@@ -193,7 +194,9 @@ def bench_serving_cmd(bundle: Path, streams_text: str, n_requests: int, prompt_t
                       kv_cache_bytes: str | None, max_model_len: int | None, max_queue: int,
                       prefill_pad_tokens: int, threads: int | None) -> None:
     """Serving benchmark: tokens/s, TTFT and inter-token latency (p50/p99) at each concurrency against the same
-    requests run one at a time; a running stream's inter-token gap while a long prompt arrives; the capacity
+    requests run one at a time (with 1 and 8 streams also the mean ITL at 8 over the single-stream TPOT, beside
+    the bytes an 8-row decode step reads over a 1-row step's by the bundle's roofline); a running stream's
+    inter-token gap while a long prompt arrives, beside the same stream's gaps before it arrives; the capacity
     bucket against reading the whole cache; the cost of one C ABI call over the Python call. Not a test: run it
     on a quiet machine (levels are interleaved by round; ratios are within a round)."""
     from r1c.errors import BenchError

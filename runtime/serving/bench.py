@@ -10,7 +10,8 @@
 2. A long prompt arriving while one stream runs: the stream's usual gap (median before and after), its gaps
    until the long prompt's first token (p50, p90, p99, max), and the long prompt's TTFT, for each step token
    budget in --chunk-budgets and without chunking (the whole prompt in one step); beside them the p99 and max
-   of the stream's own 400 gaps before the arrival, over the same usual gap (what the machine alone does).
+   of the stream's own gaps before the arrival (400, fewer when max_model_len is short), over the same usual
+   gap (what the machine alone does).
 3. The capacity bucket: one decode step of --bucket-rows rows holding ~100 tokens, binding a bucket over the
    longest row versus the whole capacity (max_model_len), interleaved.
 4. The C ABI: microseconds per call of r1c_engine_info, r1c_next on a ready event and r1c_submit_ids +
@@ -266,12 +267,15 @@ class Report:
         for key, text in (("itl_p99_8_over_tpot_1", "p99 ITL at 8 streams / single-stream TPOT"),
                           ("tpot_8_over_tpot_1", "mean ITL (TPOT) at 8 streams / single-stream TPOT"),
                           ("step_bytes_8_over_1", "bytes an 8-row decode step reads / a 1-row step's (this "
-                                                  "bundle's roofline)")):
+                                                  "bundle's roofline: the mean ITL ratio above where decode is "
+                                                  "bandwidth-bound and both steps run at the same share of "
+                                                  "their floors)")):
             if key in self.summary:
                 lines.append(f"{text}: {self.summary[key]:.2f}")
         if self.long_prompt:
             lines += ["", f"A {self.long_prompt[0]['long_prompt']}-token prompt arrives while one stream runs "
-                          "(the stream's gaps until that prompt's first token, over its usual gap):",
+                          "(the stream's gaps until that prompt's first token, and its gaps before the prompt "
+                          "arrived, over its usual gap):",
                       "| step token budget | usual gap ms | p50 gap | p90 gap | p99 gap | max gap | long prompt TTFT s "
                       "| steps | alone before: p99 / max |",
                       "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -329,9 +333,10 @@ def _summarize(rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
 def step_bytes_ratio(engine: Engine, rows: int, prompt_len: int, new_tokens: int) -> float:
     """Bytes one decode step of `rows` rows must read over those of a 1-row step, from the bundle's own weights
     and kernels (`r1c.runtime.bench.roofline`: the routed experts that `rows` tokens touch in expectation, the
-    cache at prompt_len + new_tokens / 2): on a machine whose decode is bound by memory bandwidth, the least the
-    mean inter-token gap at `rows` streams can be over the single-stream TPOT when both run at the same share of
-    their floors."""
+    cache at prompt_len + new_tokens / 2). Where decode is bound by memory bandwidth and every step of the
+    `rows`-stream run has `rows` rows, the mean inter-token gap at `rows` streams over the single-stream TPOT
+    equals this ratio when both steps run at the same share of their floors (lower only if the larger step is
+    the closer to its floor). A model whose weights fit in cache (the tiny preset) is not bound by it."""
     from r1c.runtime.bench.roofline import bundle_reads, decode_floor
 
     reads, _ = bundle_reads(engine.bundle_dir, engine.manifest)
