@@ -225,8 +225,10 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
                 systems.append(System(f"r1c {ORT_MOE}", ort_engine, required=True))
             # the floor timed as a peer in the same rounds (roofline.ReadProbe: r1c's bytes per decode step
             # streamed from memory), so each round's floor and the systems' steps see the same bandwidth
-            probe = ReadProbe(lambda b, reads=r1c_reads: decode_floor(reads, config, b, prompt_len, new_tokens,
-                                                                      bandwidth=1.0).bytes_active, threads=t)
+            def r1c_step_bytes(b: int, reads: Any = r1c_reads) -> float:  # r1c's bytes per decode step at batch b
+                return decode_floor(reads, config, b, prompt_len, new_tokens, bandwidth=1.0).bytes_active
+
+            probe = ReadProbe(r1c_step_bytes, threads=t)
             systems.append(System(PROBE, probe, info=probe.info, required=True))
             workloads = [Workload(b, prompt_len, new_tokens) for b in batches]
             say(f"timing r1c {precision} vs llama.cpp {ftype}, {t} thread(s), batch {batches}")
@@ -245,7 +247,7 @@ def speed(paths: dict[str, Path], threads: list[int], batches: list[int], prompt
                                        "bandwidth_GBs": bandwidth / 1e9, "bandwidth_passes_GBs": passes,
                                        "tokens_match": rr.get("tokens_match")}
                 probe_tpot = by[(PROBE, b)].summary()["tpot_s"].p50
-                r1c_bytes = decode_floor(r1c_reads, config, b, prompt_len, new_tokens, bandwidth=1.0).bytes_active
+                r1c_bytes = r1c_step_bytes(b)
                 row["probe_GBs"] = r1c_bytes / probe_tpot / 1e9
                 for name, s, reads in (("r1c", r1c_s, r1c_reads), ("llama", llama_s, llama_reads)):
                     summ = s.summary()
