@@ -222,13 +222,28 @@ def bundle_reads(bundle_dir: str | Path, manifest: Any) -> tuple[list[TensorRead
     return config_reads(manifest.config, fp8=manifest.precision.startswith("fp8")), "config"
 
 
+def huge_ones(n: int) -> Any:
+    """A float32 torch tensor of n ones in memory advised for transparent huge pages (`r1c.runtime.hugepages`,
+    where the ONNX Runtime backend puts r1c's kernel weights): the floor is read from the same kind of memory as
+    the weights it bounds (on this project's VM 4 KiB pages read up to 1.17x slower)."""
+    import numpy as np
+    import torch
+
+    from r1c.runtime.hugepages import huge_empty
+
+    x = torch.from_numpy(huge_empty(4 * n).view(np.float32))
+    x.fill_(1.0)
+    return x
+
+
 def measure_read_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: int | None = None) -> float:
     """Memory read bandwidth in bytes/s: the best pass of three streaming kernels over a float32 buffer.
 
-    The kernels are `torch.sum`, `torch.dot(x, x)` and a GEMV (the buffer as a [rows, 4096] matrix times a
-    vector, which is what a decode step does to its weights), each multithreaded with `threads` threads (numpy's
-    sum is single-threaded and slower still); the best of `repeats` passes of each counts, so a pass that a
-    neighbouring process did not disturb sets the figure. `nbytes` should dwarf the last-level cache.
+    The buffer lies in huge pages (`huge_ones`). The kernels are `torch.sum`, `torch.dot(x, x)` and a GEMV (the
+    buffer as a [rows, 4096] matrix times a vector, which is what a decode step does to its weights), each
+    multithreaded with `threads` threads (numpy's sum is single-threaded and slower still); the best of `repeats`
+    passes of each counts, so a pass that a neighbouring process did not disturb sets the figure. `nbytes` should
+    dwarf the last-level cache.
     """
     import torch
 
@@ -237,7 +252,7 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: 
     torch.set_num_threads(threads)
     cols = 4096
     try:
-        x = torch.ones(max(cols, nbytes // 4 // cols * cols), dtype=torch.float32)
+        x = huge_ones(max(cols, nbytes // 4 // cols * cols))
         size = x.numel() * 4
         m, v = x.view(-1, cols), torch.ones(cols, dtype=torch.float32)
         kernels = {"sum": lambda: float(x.sum()), "dot": lambda: float(torch.dot(x, x)),
@@ -267,7 +282,8 @@ class ReadProbe:
     that moment, and a system's TPOT ratio against it (compare.ratios) is the system's achieved/floor with a
     bootstrap interval. The reads are one kernel (the fastest of measure_read_bandwidth's three, chosen on the
     first call after an untimed pass of each) over consecutive windows of one float32 buffer of at least
-    max(2 x step bytes, `min_buffer`) bytes, so no window is still cached from the last step. Tokens returned
+    max(2 x step bytes, `min_buffer`) bytes in huge pages (`huge_ones`), so no window is still cached from the
+    last step. Tokens returned
     are zeros (the probe has no model).
 
     Before timing it sleeps `settle_s` and after the last step again, so thread pools of the system timed
@@ -298,7 +314,7 @@ class ReadProbe:
         rows = -(-nbytes // 4 // cols)
         total = max(self.min_buffer // 4 // cols, 2 * rows) * cols
         if self._buf is None or self._buf.numel() < total:
-            self._buf = torch.ones(total, dtype=torch.float32)
+            self._buf = huge_ones(total)
         buf, v = self._buf, torch.ones(cols, dtype=torch.float32)
         n_windows = buf.numel() // (rows * cols)
         windows = [buf[i * rows * cols:(i + 1) * rows * cols] for i in range(n_windows)]
