@@ -284,8 +284,9 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
 @click.option("--weights-memory", type=click.Choice(["hugepages", "onnxruntime"]), default="hugepages",
               show_default=True,
               help="onnxruntime: where the weights of r1c's CPU kernels lie when the bundle is loaded: read into "
-                   "memory advised for transparent huge pages (fewer TLB misses per step: a faster decode), or "
-                   "loaded by ONNX Runtime like its other weights. Recorded in the manifest.")
+                   "the process's own memory advised for transparent huge pages (fewer TLB misses per step: a "
+                   "faster decode), or mapped by ONNX Runtime from the weights file (the page cache: shared by "
+                   "every process that loads the bundle). Recorded in the manifest.")
 def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: int, dump_after: str | None, tp: int,
           ep: int, precision: str, cpu_moe: str, weights_memory: str) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.

@@ -110,6 +110,7 @@ def test_kernel_weights_in_huge_pages_give_the_same_logits(tiny_bundles: Any) ->
     for node in graph.node:  # handed over only where nothing but r1c's kernels reads them (no ORT prepacking)
         if node.domain != "r1c.cpu":
             assert not names & set(node.input), node.op_type
+    assert load(bundle).manifest.target_options["session"]["weights_memory"] == "hugepages"  # r1c build's default
     pinned = load(bundle, session_options={"intra_op_num_threads": 1, "weights_memory": "hugepages"})
     plain = load(bundle, session_options={"intra_op_num_threads": 1, "weights_memory": "onnxruntime"})
     assert len(pinned.backend._weights) == len(names & set(load_external(model, names))) > 0
