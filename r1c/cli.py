@@ -283,10 +283,12 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
                    "r1c's where they build. --cpu-moe is the older name.")
 @click.option("--weights-memory", type=click.Choice(["hugepages", "onnxruntime"]), default="hugepages",
               show_default=True,
-              help="onnxruntime: where the weights of r1c's CPU kernels lie when the bundle is loaded: read into "
-                   "the process's own memory advised for transparent huge pages (fewer TLB misses per step: a "
-                   "faster decode), or mapped by ONNX Runtime from the weights file (the page cache: shared by "
-                   "every process that loads the bundle). Recorded in the manifest.")
+              help="Where the weights of r1c's CPU kernels lie when the bundle is loaded (a bundle without those "
+                   "kernels: no effect). hugepages: read into this process's own memory, advised for transparent "
+                   "huge pages (a private copy the size of those weights; a faster decode). onnxruntime: mapped by "
+                   "ONNX Runtime from model.onnx.data (the page cache, shared by every process that loads the "
+                   "bundle). Recorded in the manifest; load(..., session_options={'weights_memory': ...}) "
+                   "overrides it in Python.")
 def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: int, dump_after: str | None, tp: int,
           ep: int, precision: str, cpu_moe: str, weights_memory: str) -> None:
     """Build an engine bundle (manifest.json + engine files) from the output of `r1c export`.

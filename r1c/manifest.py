@@ -148,19 +148,25 @@ def _check_types(raw: dict[str, Any]) -> None:
 
 
 SESSION_COUNTS = ("intra_op_num_threads", "inter_op_num_threads")  # ONNX Runtime thread counts (0: its default)
+# where r1c's CPU kernels' weights lie at load (r1c.runtime.kernel_weights): the session option weights_memory
+WEIGHTS_MEMORY = ("hugepages", "onnxruntime")
 
 
 def check_session(session: dict[str, Any], error_cls: type[R1CError], where: str) -> None:
     """The one rule for ONNX Runtime session options: each of `SESSION_COUNTS` is an integer >= 0 (0: ONNX Runtime
-    picks, one thread per physical core). `r1c build` checks what it will write, `read_manifest` what a
-    (hand-edited) manifest holds, so that a bad count is refused naming its field, not by ONNX Runtime blaming the
-    model. Raises `error_cls` with "`where`.FIELD must be an integer >= 0 ...".
+    picks, one thread per physical core), and weights_memory, when present, one of `WEIGHTS_MEMORY`. `r1c build`
+    checks what it will write, `read_manifest` what a (hand-edited) manifest holds, so that a bad value is refused
+    naming its field, not by ONNX Runtime blaming the model. Raises `error_cls` with "`where`.FIELD must be ...".
     """
     for name in SESSION_COUNTS:
         value = session.get(name, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise error_cls(f"{where}.{name} must be an integer >= 0 (0: ONNX Runtime picks), got "
                             f"{json.dumps(value, default=repr)[:60]}")
+    memory = session.get("weights_memory", WEIGHTS_MEMORY[0])
+    if memory not in WEIGHTS_MEMORY:
+        raise error_cls(f"{where}.weights_memory must be one of {', '.join(WEIGHTS_MEMORY)}, got "
+                        f"{json.dumps(memory, default=repr)[:60]}")
 
 
 def read_manifest(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Manifest:

@@ -211,8 +211,9 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
                                                                         "mean_relative_error", "max_relative_error")}
             elif quant.get("precision") == "fp32":
                 bundle_precision = "none"
-            # Load once now so a bundle that ONNX Runtime cannot run is never written.
-            backend = OrtBackend(tmp / MODEL_FILE, target_options["session"],
+            # Load once now so a bundle that ONNX Runtime cannot run is never written (ONNX Runtime mapping the
+            # weights is enough for that: no huge-page arena of every weight at build time)
+            backend = OrtBackend(tmp / MODEL_FILE, {**target_options["session"], "weights_memory": "onnxruntime"},
                                  custom_op_libraries(tmp, target_options))
             if gio.is_foreign(graph_io) and graph_io.get("vocab_size") is None:
                 from r1c.runtime.foreign import probe_vocab_size

@@ -21,6 +21,8 @@ import ml_dtypes
 import numpy as np
 
 from r1c.errors import BundleError
+from r1c.manifest import WEIGHTS_MEMORY
+from r1c.runtime.kernel_weights import pin_kernel_weights
 from r1c.runtime.step import StepIO
 
 logger = logging.getLogger(__name__)
@@ -36,12 +38,12 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # Lets constant folding run DequantizeLinear on FP8 weights once, at load, instead of on every call
     # (weights stay FP8 on disk; in memory they become float32, which the CPU needs anyway).
     "dequantize_weights_at_load": True,
-    # Where the weights of r1c's CPU kernels lie: "hugepages", read at load into anonymous memory advised for
-    # transparent huge pages (r1c.runtime.hugepages; measured 1.14x faster decode than ONNX Runtime's own
-    # loading), or "onnxruntime", loaded by ONNX Runtime like every other initializer.
+    # Where the weights of r1c's CPU kernels lie: "hugepages", read at load into this process's memory advised for
+    # transparent huge pages (r1c.runtime.kernel_weights; a decode step up to 1.2x faster, README), or
+    # "onnxruntime", mapped by ONNX Runtime from model.onnx.data like every other initializer (the page cache,
+    # shared between processes). r1c.manifest.WEIGHTS_MEMORY lists them.
     "weights_memory": "hugepages",
 }
-WEIGHTS_MEMORY = ("hugepages", "onnxruntime")
 
 
 def session_options(options: dict[str, Any]) -> Any:
@@ -60,50 +62,10 @@ def session_options(options: dict[str, Any]) -> Any:
     return so
 
 
-def kernel_weight_names(model_path: Path) -> set[str]:
-    """Initializers of the model at `model_path` read only by r1c's CPU kernels (domain `r1c.cpu`): those take
-    their weights as they lie, where ONNX Runtime's own kernels may prepack a constant (which it does not do for
-    an initializer given through `add_initializer`)."""
-    import onnx
-
-    from r1c.plugins.cpu_moe.spec import CPU_DOMAIN
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    ours: set[str] = set()
-    theirs: set[str] = {o.name for o in graph.output}
-    for node in graph.node:
-        (ours if node.domain == CPU_DOMAIN else theirs).update(node.input)
-    return ours - theirs
-
-
-def pin_kernel_weights(so: Any, model_path: Path) -> list[Any]:
-    """Read the external weights of r1c's CPU kernels into one huge-page arena (`r1c.runtime.hugepages`) and give
-    them to ONNX Runtime by address (`SessionOptions.add_initializer`: used in place, not copied). Returns the
-    OrtValues, which must outlive the session (each holds its numpy view, which holds the arena)."""
-    import onnxruntime as ort
-
-    from r1c.runtime.hugepages import load_external
-
-    values = []
-    for name, (raw, elem_type, dims) in load_external(model_path, kernel_weight_names(model_path)).items():
-        value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(_typed(raw, elem_type).reshape(dims), elem_type)
-        so.add_initializer(name, value)
-        values.append(value)
-    return values
-
-
-def _typed(raw: np.ndarray, elem_type: int) -> np.ndarray:
-    """The bytes of a tensor viewed as numpy's type of its ONNX element type (bfloat16 and the float8 types, which
-    numpy lacks, as unsigned integers of their width: ONNX Runtime is told the type separately)."""
-    import onnx
-
-    try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-    except (KeyError, TypeError):
-        dtype = np.dtype(np.uint8)
-    if dtype.kind not in "biuf":  # ml_dtypes' bfloat16 / float8 show as kind 'V'
-        dtype = np.dtype(f"u{dtype.itemsize}")
-    return raw.view(dtype)
+def _load_error(model_path: Path, e: Exception) -> BundleError:
+    """ONNX Runtime's exception (its own types) as a one-line bundle error."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return BundleError(f"bundle: ONNX Runtime could not load {model_path.name}: {msg}")
 
 
 class OrtBackend:
@@ -113,17 +75,20 @@ class OrtBackend:
         where = {**DEFAULT_OPTIONS, **options}["weights_memory"]
         if where not in WEIGHTS_MEMORY:
             raise BundleError(f"bundle: session option weights_memory is {where!r}; one of {', '.join(WEIGHTS_MEMORY)}")
-        self._weights: list[Any] = []  # OrtValues over the huge-page arena, alive as long as the session
         try:
             so = self._session_options(options)
             for library in custom_ops:  # r1c's CPU kernels (r1c/plugins/cpu_moe), when the bundle has them
                 so.register_custom_ops_library(str(library))
-            if custom_ops and where == "hugepages":
-                self._weights = pin_kernel_weights(so, model_path)
-            self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types; report them as bundle errors
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"bundle: ONNX Runtime could not load {model_path.name}: {msg}") from None
+            raise _load_error(model_path, e) from None
+        # the kernels' weights in a huge-page arena (a BundleError of its own when a weights file is bad)
+        self._weights: list[Any] = pin_kernel_weights(so, model_path) if custom_ops and where == "hugepages" else []
+        try:
+            self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise _load_error(model_path, e) from None
+        # the arena's OrtValues live as long as the session, whoever keeps it (ORT reads them in place)
+        self.session._r1c_kernel_weights = self._weights
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._local = threading.local()  # a scratch IOBinding per calling thread, for unkeyed StepIOs
 

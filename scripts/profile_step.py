@@ -36,7 +36,8 @@ def main(bundle: Path, rows: int, tokens: int, filled: int, threads: int, steps:
 
     from r1c.runtime import load
     from r1c.runtime.build import custom_op_libraries
-    from r1c.runtime.ort_backend import session_options
+    from r1c.runtime.kernel_weights import pin_kernel_weights
+    from r1c.runtime.ort_backend import DEFAULT_OPTIONS, session_options
 
     options = {"intra_op_num_threads": threads} if threads else {}
     engine = load(bundle, session_options=options)
@@ -47,10 +48,15 @@ def main(bundle: Path, rows: int, tokens: int, filled: int, threads: int, steps:
         so = session_options({**m.target_options.get("session", {}), **options})
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "step")
-        for library in custom_op_libraries(bundle, m.target_options, m.files):
+        libraries = custom_op_libraries(bundle, m.target_options, m.files)
+        for library in libraries:
             so.register_custom_ops_library(str(library))
+        weights = []  # the kernels' weights where load() puts them (r1c.runtime.kernel_weights), alive with the session
+        if libraries and {**DEFAULT_OPTIONS, **m.target_options.get("session", {})}["weights_memory"] == "hugepages":
+            weights = pin_kernel_weights(so, bundle / m.target_options["model"])
         session = ort.InferenceSession(str(bundle / m.target_options["model"]), so,
                                        providers=["CPUExecutionProvider"])
+        session._r1c_kernel_weights = weights
         engine.backend.session = session
         runner = engine._runner(rows, filled + tokens, rows * tokens, 64)
         cache = runner.cache

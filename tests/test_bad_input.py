@@ -306,6 +306,9 @@ CASES = [
     Case("run-manifest-inter-op-threads-float", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
         "manifest.json", _session("inter_op_num_threads", 1.5))), "--input-ids", "1"],
          "target_options.session.inter_op_num_threads must be an integer >= 0"),
+    Case("run-manifest-weights-memory-word", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
+        "manifest.json", _session("weights_memory", "swap"))), "--input-ids", "1"],
+         'target_options.session.weights_memory must be one of hugepages, onnxruntime, got "swap"'),
     Case("run-manifest-cpu-kernel-outside-kernels", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
         "manifest.json", lambda d: d["target_options"].update(cpu_kernels={"x86-64-v3": "../model.onnx"}))),
         "--input-ids", "1"], "target_options.cpu_kernels must map x86-64 levels to library files under kernels/"),
@@ -492,6 +495,7 @@ def test_logits_out_writes_whole_file(shared: dict[str, Path], tmp_path: Path) -
                                    "picks), got -3"),
     ({"inter_op_num_threads": 1.5}, "build: session.inter_op_num_threads must be an integer >= 0"),
     ({"intra_op_num_threads": True}, "build: session.intra_op_num_threads must be an integer >= 0"),
+    ({"weights_memory": "disk"}, 'build: session.weights_memory must be one of hugepages, onnxruntime, got "disk"'),
 ])
 def test_build_bundle_refuses_bad_session(session: dict[str, object], message: str, shared: dict[str, Path],
                                           tmp_path: Path) -> None:

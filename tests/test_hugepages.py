@@ -1,15 +1,21 @@
-"""Weights of r1c's CPU kernels in huge-page memory (r1c/runtime/hugepages.py, `OrtBackend`'s `weights_memory`).
+"""Weights of r1c's CPU kernels in huge-page memory (r1c/runtime/hugepages.py, r1c/runtime/kernel_weights.py,
+`OrtBackend`'s `weights_memory`).
 
 The arena loader against ONNX's own reader of external data (the bytes of every tensor equal, for several dtypes
 and odd sizes); its refusals (a short weights file, a location outside the model's directory); the advice the
 kernel records for the arena (`THPeligible` in /proc/self/smaps); and a tiny bundle whose kernel weights lie in the
 arena against the same bundle loaded by ONNX Runtime: logits bitwise equal over a prefill and decode steps (the same
-kernels read the same bytes), with exactly the initializers only r1c.cpu nodes read handed over.
+kernels read the same bytes), with exactly the initializers only r1c.cpu nodes read handed over, read by the
+session in place (zeroing one through its address changes the logits), alive as long as the session; a truncated
+weights file refused in one line naming the tensor.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +27,8 @@ from onnx import numpy_helper
 
 from r1c.errors import BundleError
 from r1c.runtime import load
-from r1c.runtime.hugepages import ALIGN, HUGE_PAGE, huge_empty, load_external, thp_mode
-from r1c.runtime.ort_backend import kernel_weight_names
+from r1c.runtime.hugepages import HUGE_PAGE, huge_empty, thp_mode
+from r1c.runtime.kernel_weights import ALIGN, kernel_weight_names, load_external
 
 
 def model_with_external(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
@@ -45,32 +51,44 @@ def model_with_external(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 def test_load_external_reads_each_tensor_as_stored(tmp_path: Path) -> None:
     path, arrays = model_with_external(tmp_path)
-    got = load_external(path, [*arrays, "not-a-tensor"])
+    graph = onnx.load(str(path), load_external_data=False).graph
+    got = load_external(path, graph, {*arrays, "not-a-tensor"})
     assert set(got) == set(arrays)
     reference = onnx.load(str(path))  # ONNX's reader of the same external data
     for t in reference.graph.initializer:
-        raw, elem_type, dims = got[t.name]
-        assert elem_type == t.data_type and dims == tuple(t.dims)
-        assert raw.tobytes() == numpy_helper.to_array(t).tobytes(), t.name
-        assert raw.ctypes.data % ALIGN == 0
-    first = min(raw.ctypes.data for raw, _, _ in got.values())
+        p = got[t.name]
+        assert p.elem_type == t.data_type and p.dims == tuple(t.dims)
+        assert p.raw.tobytes() == numpy_helper.to_array(t).tobytes(), t.name
+        assert p.raw.ctypes.data % ALIGN == 0
+    first = min(p.raw.ctypes.data for p in got.values())
     assert first % HUGE_PAGE == 0  # the arena starts on a huge-page boundary
+    assert load_external(path, graph, set()) == {}
 
 
 def test_load_external_refuses_a_short_file_and_a_location_outside(tmp_path: Path) -> None:
     path, arrays = model_with_external(tmp_path)
     data = tmp_path / "m.onnx.data"
     data.write_bytes(data.read_bytes()[:-10])
-    with pytest.raises(BundleError, match="shorter than tensor"):
-        load_external(path, arrays)
     model = onnx.load(str(path), load_external_data=False)
+    with pytest.raises(BundleError, match="shorter than tensor"):
+        load_external(path, model.graph, set(arrays))
     for t in model.graph.initializer:
         for e in t.external_data:
             if e.key == "location":
                 e.value = "../elsewhere.data"
-    onnx.save(model, str(path))
     with pytest.raises(BundleError, match="outside"):
-        load_external(path, arrays)
+        load_external(path, model.graph, set(arrays))
+
+
+def thp_eligible(address: int) -> bool:
+    """Whether the mapping holding `address` may get transparent huge pages (its `THPeligible` in
+    /proc/self/smaps); fails the test when no mapping holds it."""
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        lo, hi = (int(x, 16) for x in block.split(" ", 1)[0].split("-"))
+        if lo <= address < hi:
+            eligible = re.search(r"THPeligible:\s+(\d)", block)
+            return eligible is not None and eligible.group(1) == "1"
+    pytest.fail(f"no mapping holds {address:#x} in /proc/self/smaps")
 
 
 def test_huge_empty_is_advised_for_huge_pages() -> None:
@@ -79,15 +97,7 @@ def test_huge_empty_is_advised_for_huge_pages() -> None:
         pytest.skip(f"this kernel offers no transparent huge pages (setting: {mode})")
     buf = huge_empty(3 * HUGE_PAGE)
     buf[:] = 1
-    start = buf.ctypes.data
-    smaps = Path("/proc/self/smaps").read_text()
-    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", smaps):
-        lo, hi = (int(x, 16) for x in block.split(" ", 1)[0].split("-"))
-        if lo <= start < hi:
-            eligible = re.search(r"THPeligible:\s+(\d)", block)
-            assert eligible is not None and eligible.group(1) == "1", block
-            return
-    pytest.fail("the arena's mapping is not in /proc/self/smaps")
+    assert thp_eligible(buf.ctypes.data)
 
 
 def steps(engine: Any) -> list[np.ndarray]:
@@ -103,19 +113,51 @@ def steps(engine: Any) -> list[np.ndarray]:
 def test_kernel_weights_in_huge_pages_give_the_same_logits(tiny_bundles: Any) -> None:
     bundle = tiny_bundles["single"]
     model = bundle / "model.onnx"
-    names = kernel_weight_names(model)
+    graph = onnx.load(str(model), load_external_data=False).graph
+    names = kernel_weight_names(graph)
     if not names:
         pytest.skip("this bundle runs no r1c CPU kernel (no compiler or ONNX Runtime headers at build)")
-    graph = onnx.load(str(model), load_external_data=False).graph
-    for node in graph.node:  # handed over only where nothing but r1c's kernels reads them (no ORT prepacking)
+    for node in graph.node:  # handed over only where nothing but r1c's kernels reads them
         if node.domain != "r1c.cpu":
             assert not names & set(node.input), node.op_type
     assert load(bundle).manifest.target_options["session"]["weights_memory"] == "hugepages"  # r1c build's default
     pinned = load(bundle, session_options={"intra_op_num_threads": 1, "weights_memory": "hugepages"})
     plain = load(bundle, session_options={"intra_op_num_threads": 1, "weights_memory": "onnxruntime"})
-    assert len(pinned.backend._weights) == len(names & set(load_external(model, names))) > 0
+    assert len(pinned.backend._weights) == len(load_external(model, graph, names)) > 0
     assert not plain.backend._weights
     for a, b in zip(steps(pinned), steps(plain), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(BundleError, match="weights_memory"):
         load(bundle, session_options={"weights_memory": "swap"})
+
+
+def test_the_session_reads_the_arena_in_place_and_keeps_it(tiny_bundles: Any) -> None:
+    bundle = tiny_bundles["single"]
+    engine = load(bundle, session_options={"intra_op_num_threads": 1})
+    if not engine.backend._weights:
+        pytest.skip("this bundle runs no r1c CPU kernel (no compiler or ONNX Runtime headers at build)")
+    before = steps(engine)
+    session = engine.backend.session
+    del engine  # the session alone keeps the arena (a dropped backend must not unmap what ORT reads)
+    gc.collect()
+    again = load(bundle, session_options={"intra_op_num_threads": 1})
+    again.backend.session = session
+    for a, b in zip(steps(again), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    if thp_mode() in ("always", "madvise"):  # the arena, not a copy in ordinary memory
+        assert all(thp_eligible(value.data_ptr()) for value in session._r1c_kernel_weights)
+    for value in session._r1c_kernel_weights:  # zeroed through their addresses: the session reads them there
+        ctypes.memset(value.data_ptr(), 0, int(np.prod(value.shape())) * np.dtype(value.numpy().dtype).itemsize)
+    assert not np.array_equal(steps(again)[0], before[0])
+
+
+def test_a_short_weights_file_is_one_line_naming_the_tensor(tiny_bundles: Any, tmp_path: Path) -> None:
+    bundle = tmp_path / "short.bundle"
+    shutil.copytree(tiny_bundles["single"], bundle)
+    data = bundle / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4096])
+    if not kernel_weight_names(onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph):
+        pytest.skip("this bundle runs no r1c CPU kernel (no compiler or ONNX Runtime headers at build)")
+    with pytest.raises(BundleError, match=r"^bundle: model.onnx.data is shorter than tensor \S+ needs") as e:
+        load(bundle, verify_hashes=False)
+    assert "\n" not in str(e.value)

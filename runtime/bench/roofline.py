@@ -239,11 +239,11 @@ def huge_ones(n: int) -> Any:
 def measure_read_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: int | None = None) -> float:
     """Memory read bandwidth in bytes/s: the best pass of three streaming kernels over a float32 buffer.
 
-    The buffer lies in huge pages (`huge_ones`). The kernels are `torch.sum`, `torch.dot(x, x)` and a GEMV (the
-    buffer as a [rows, 4096] matrix times a vector, which is what a decode step does to its weights), each
-    multithreaded with `threads` threads (numpy's sum is single-threaded and slower still); the best of `repeats`
-    passes of each counts, so a pass that a neighbouring process did not disturb sets the figure. `nbytes` should
-    dwarf the last-level cache.
+    The buffer lies in huge pages where the kernel offers them (`huge_ones`). The kernels are `torch.sum`,
+    `torch.dot(x, x)` and a GEMV (the buffer as a [rows, 4096] matrix times a vector, which is what a decode step
+    does to its weights), each multithreaded with `threads` threads (numpy's sum is single-threaded and slower
+    still); the best of `repeats` passes of each counts, so a pass that a neighbouring process did not disturb
+    sets the figure. `nbytes` should dwarf the last-level cache.
     """
     import torch
 
