@@ -13,11 +13,13 @@ test: run it on a quiet machine. Example: two revisions of r1c (or two build opt
 
 (README's A/B of the attention kernel compared a build whose `use_cpu_attention_kernel` swapped nothing with a
 normal one, both with r1c's other kernels; `--cpu-kernels ort` against the default would compare all three.)
-Weights are read where ONNX Runtime maps them, from each bundle's `model.onnx.data` in the page cache, and the
-state of those pages (which physical pages the file's cache holds) moved a decode step by 20-35% between
-identical copies here (e.g. 8.3 vs 10.2 ms). To compare kernel code alone, let the two
-bundles share one weights file: `ln A/model.onnx.data B/model.onnx.data` (replacing B's) when the two builds wrote
-the same bytes (`cmp` them), so both sessions read the same physical pages.
+The weights of r1c's CPU kernels are read at load into each process's own huge-page memory (the default
+`weights_memory`, r1c.runtime.kernel_weights), so the page cache's state does not reach them. A bundle built with
+`--weights-memory onnxruntime` (or without r1c's kernels) reads its weights where ONNX Runtime maps them, from its
+`model.onnx.data` in the page cache, and the state of those pages (which physical pages the file's cache holds)
+moved a decode step by 20-35% between identical copies here (e.g. 8.3 vs 10.2 ms); to compare kernel code alone
+there, let the two bundles share one weights file: `ln A/model.onnx.data B/model.onnx.data` (replacing B's) when
+the two builds wrote the same bytes (`cmp` them), so both sessions read the same physical pages.
 """
 
 from __future__ import annotations

@@ -283,8 +283,7 @@ class ReadProbe:
     bootstrap interval. The reads are one kernel (the fastest of measure_read_bandwidth's three, chosen on the
     first call after an untimed pass of each) over consecutive windows of one float32 buffer of at least
     max(2 x step bytes, `min_buffer`) bytes in huge pages (`huge_ones`), so no window is still cached from the
-    last step. Tokens returned
-    are zeros (the probe has no model).
+    last step. Tokens returned are zeros (the probe has no model).
 
     Before timing it sleeps `settle_s` and after the last step again, so thread pools of the system timed
     just before or after (ONNX Runtime, OpenMP and llama.cpp workers spin for a while after their work) do not
