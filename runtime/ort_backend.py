@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from r1c.errors import BundleError
-from r1c.manifest import WEIGHTS_MEMORY
+from r1c.manifest import check_session
 from r1c.runtime.kernel_weights import pin_kernel_weights
 from r1c.runtime.step import StepIO
 
@@ -73,8 +73,7 @@ class OrtBackend:
         import onnxruntime as ort
 
         where = {**DEFAULT_OPTIONS, **options}["weights_memory"]
-        if where not in WEIGHTS_MEMORY:
-            raise BundleError(f"bundle: session option weights_memory is {where!r}; one of {', '.join(WEIGHTS_MEMORY)}")
+        check_session({"weights_memory": where}, BundleError, "bundle: session")  # a load-time override too
         try:
             so = self._session_options(options)
             for library in custom_ops:  # r1c's CPU kernels (r1c/plugins/cpu_moe), when the bundle has them

@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -32,12 +33,9 @@ import numpy as np
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: the bundle's).")
 @click.option("--steps", default=20, show_default=True, help="Profiled steps (after 3 untimed ones).")
 def main(bundle: Path, rows: int, tokens: int, filled: int, threads: int, steps: int) -> None:
-    import onnxruntime as ort
-
     from r1c.runtime import load
     from r1c.runtime.build import custom_op_libraries
-    from r1c.runtime.kernel_weights import pin_kernel_weights
-    from r1c.runtime.ort_backend import DEFAULT_OPTIONS, session_options
+    from r1c.runtime.ort_backend import OrtBackend
 
     options = {"intra_op_num_threads": threads} if threads else {}
     engine = load(bundle, session_options=options)
@@ -45,18 +43,16 @@ def main(bundle: Path, rows: int, tokens: int, filled: int, threads: int, steps:
     if m.target != "onnxruntime" or "distributed" in m.target_options:
         raise click.UsageError("profile_step: a one-rank onnxruntime bundle")
     with tempfile.TemporaryDirectory(prefix="r1c-profile-") as tmp:
-        so = session_options({**m.target_options.get("session", {}), **options})
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tmp) / "step")
-        libraries = custom_op_libraries(bundle, m.target_options, m.files)
-        for library in libraries:
-            so.register_custom_ops_library(str(library))
-        weights = []  # the kernels' weights where load() puts them (r1c.runtime.kernel_weights), alive with the session
-        if libraries and {**DEFAULT_OPTIONS, **m.target_options.get("session", {})}["weights_memory"] == "hugepages":
-            weights = pin_kernel_weights(so, bundle / m.target_options["model"])
-        session = ort.InferenceSession(str(bundle / m.target_options["model"]), so,
-                                       providers=["CPUExecutionProvider"])
-        session._r1c_kernel_weights = weights
+
+        class Profiled(OrtBackend):  # the session load() makes (weights where it puts them), profiler on
+            def _session_options(self, opts: dict[str, Any]) -> Any:
+                so = super()._session_options(opts)
+                so.enable_profiling = True
+                so.profile_file_prefix = str(Path(tmp) / "step")
+                return so
+
+        session = Profiled(bundle / m.target_options["model"], {**m.target_options.get("session", {}), **options},
+                           custom_op_libraries(bundle, m.target_options, m.files)).session
         engine.backend.session = session
         runner = engine._runner(rows, filled + tokens, rows * tokens, 64)
         cache = runner.cache

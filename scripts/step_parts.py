@@ -71,21 +71,19 @@ def cut(graph: Any, keep: list[Any], values: dict[str, np.ndarray], pad: int = 0
 @click.option("--pad", default="1,4,16", show_default=True, help="Identity counts after each streaming node.")
 def main(bundle: Path, threads: int, filled: int, rounds: int, pad: str) -> None:
     import onnx
-    import onnxruntime as ort
     import torch
 
     from r1c.runtime import load
     from r1c.runtime.bench.roofline import huge_ones
     from r1c.runtime.build import custom_op_libraries
-    from r1c.runtime.kernel_weights import pin_kernel_weights
-    from r1c.runtime.ort_backend import session_options
+    from r1c.runtime.ort_backend import OrtBackend
 
     engine = load(bundle, session_options={"intra_op_num_threads": threads})
     m = engine.manifest
     if m.target != "onnxruntime" or "distributed" in m.target_options:
         raise click.UsageError("step_parts: a one-rank onnxruntime bundle")
     model_path = bundle / m.target_options["model"]
-    libraries = [str(p) for p in custom_op_libraries(bundle, m.target_options, m.files)]
+    libraries = custom_op_libraries(bundle, m.target_options, m.files)
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     runner = engine._runner(1, filled + 1, 1, 64)
@@ -106,17 +104,12 @@ def main(bundle: Path, threads: int, filled: int, rounds: int, pad: str) -> None
         for f in {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}:
             os.link(bundle / f, work / f)  # the same file: parts read the bytes the bundle holds
 
-        def session(g: Any, name: str) -> Any:
+        def session(g: Any, name: str) -> Any:  # a part's session as load() makes the bundle's
             path = work / f"{name}.onnx"
             onnx.save(onnx.helper.make_model(g, opset_imports=model.opset_import, ir_version=model.ir_version),
                       str(path))
-            so = session_options({**m.target_options.get("session", {}), "intra_op_num_threads": threads})
-            for library in libraries:
-                so.register_custom_ops_library(library)
-            keep = pin_kernel_weights(so, path) if libraries else []
-            s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            s._r1c_kernel_weights = keep
-            return s
+            return OrtBackend(path, {**m.target_options.get("session", {}), "intra_op_num_threads": threads},
+                              libraries).session
 
         everything = copy.deepcopy(graph)  # every intermediate value of one step
         known = {o.name for o in everything.output}
