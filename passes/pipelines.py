@@ -36,6 +36,7 @@ from r1c.passes.deduplicate_small_initializers import DeduplicateSmallInitialize
 from r1c.passes.drop_r1c_function_bodies import DropR1CFunctionBodiesPass
 from r1c.passes.fold_constants import FoldConstantsPass
 from r1c.passes.fold_moe_output_scale import FoldMoEOutputScalePass
+from r1c.passes.fuse_cpu_mla_block import FuseCpuMLABlockPass
 from r1c.passes.fuse_fp8_linear import FuseFP8LinearPass
 from r1c.passes.fuse_moe_experts import FuseMoEExpertsPass
 from r1c.passes.fuse_moe_router import FuseMoERouterPass
@@ -73,7 +74,7 @@ PIPELINES: dict[str, tuple[PassFactory, ...]] = {
         FuseMoERouterPass, FuseMoEExpertsPass, FuseRMSNormPass, FuseSwiGLUPass, FuseRotaryEmbeddingPass,
         FuseSkipRMSNormPass, RemoveDeadCodePass, WidenExpertsPass, LowerMoEToOrtPass, QuantizeWeightsPass,
         SplitMoEExpertsPass, FoldMoEOutputScalePass, UseCpuMoEKernelPass, InlineR1CFunctionsPass,
-        FoldConstantsPass, UseCpuAttentionKernelPass, UseCpuLinearKernelPass, RemoveDeadCodePass,
+        FoldConstantsPass, UseCpuAttentionKernelPass, UseCpuLinearKernelPass, FuseCpuMLABlockPass, RemoveDeadCodePass,
         CommonSubexpressionEliminationPass, DeduplicateSmallInitializersPass, InferShapesPass, CastForOrtKernelsPass,
         ClearMetadataAndDocStringPass, NameDeterministicallyPass,
     ),

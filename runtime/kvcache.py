@@ -163,6 +163,7 @@ class LatentCache:
         self.relayouts = 0  # how often rows were relaid (for tests and metrics)
         self.moves = 0
         self.journal: list[tuple[int, ...]] | None = None  # module docstring
+        self._views: dict[tuple[str, int, int, int], Any] = {}  # view()
         # True: the rows' lengths were set directly, without their latents (a timing measurement: `r1c
         # bench-serving`'s capacity bucket), so the contents mean nothing and a sharded engine's followers may copy
         # the lengths alone (`cache_replay`); False (default): such a cache is refused there
@@ -268,10 +269,18 @@ class LatentCache:
 
     # ---- what a step binds and writes -------------------------------------------------------------------
     def view(self, name: str, r0: int, r1: int) -> Any:
-        """[L, r1 - r0, ch, P] view of rows [r0, r1) of tensor `name` ("c" or "pe"); [layer] is contiguous."""
-        ch = self.layout.channels[TENSORS.index(name)]
-        P = self.bucket
-        return self.arenas[name][:, r0 * ch * P:r1 * ch * P].reshape(self.layout.layers, r1 - r0, ch, P)
+        """[L, r1 - r0, ch, P] view of rows [r0, r1) of tensor `name` ("c" or "pe"); [layer] is contiguous. Views
+        are kept per (name, rows, bucket) (the arenas never move): a decode step's write takes two of them."""
+        key = (name, r0, r1, self.bucket)
+        v = self._views.get(key)
+        if v is None:
+            if len(self._views) >= 256:
+                self._views.clear()
+            ch = self.layout.channels[TENSORS.index(name)]
+            P = self.bucket
+            v = self._views[key] = self.arenas[name][:, r0 * ch * P:r1 * ch * P].reshape(self.layout.layers, r1 - r0,
+                                                                                          ch, P)
+        return v
 
     def feeds(self, r0: int, r1: int) -> dict[str, Any]:
         """The graph's cache inputs for rows [r0, r1): `past_c.{l}` [n, C, P], `past_pe.{l}` [n, R, P] (views)."""
@@ -284,6 +293,18 @@ class LatentCache:
 
     def write(self, r0: int, n_new: Sequence[int] | np.ndarray, new: dict[str, Any]) -> None:
         """Store the first n_new[i] tokens' latents of row r0 + i (new[name]: [L, n, S, ch]) at its length."""
+        if len(n_new) == 1 and int(n_new[0]) == 1 and next(iter(new.values())).shape[2] == 1:
+            # one row decoding: the same assignment in plain indexing (a decode step at batch 1 runs this after
+            # its weights have streamed through the caches, where each numpy call costs ~10 us: fewer calls)
+            p = int(self.lengths[r0])
+            if p >= self.bucket:
+                raise AssertionError("write beyond the bucket: resize before the step")
+            for name in TENSORS:
+                self.view(name, r0, r0 + 1)[:, 0, :, p] = new[name][:, 0, 0, :]
+            self.lengths[r0] = p + 1
+            if self.journal is not None:
+                self.journal.append((WRITE, r0, 1))
+            return
         n_new = np.asarray(n_new, dtype=np.int64)
         n = len(n_new)
         r1 = r0 + n

@@ -214,6 +214,15 @@ class StepRunner:
             raise AssertionError(f"step of {n}x{s} tokens exceeds the runner's {self.max_tokens}")
         # a row with no new token (n_new 0: nothing stored, nothing to sample) asks for position 0, never -1 (a
         # negative index means "from the end" in ONNX and is not one every backend's gather takes)
+        if s == 1 and n_new is not None:  # decode: every row's logits at its one position (no numpy call here)
+            io = self.io(r0, n, 1, 1)
+            io.input_ids[...] = input_ids
+            io.past_lengths[...] = self.cache.lengths[r0:r0 + n]
+            if io.logits_index is not None:
+                io.logits_index.fill(0)
+            self.backend.step(io)
+            self.cache.write(r0, n_new, io.new)
+            return io.logits
         last = None if n_new is None else np.maximum(np.asarray(n_new, dtype=np.int64) - 1, 0)
         io = self.io(r0, n, s, None if last is None else 1)
         if last is not None and s > 1:

@@ -4,7 +4,9 @@
 Both bundles are loaded in one process and stepped through the runtime's own `StepRunner` on `--rows` rows whose
 cache holds `--filled` tokens before every step (contents unused: the time does not depend on them), in alternating
 blocks of `--steps` steps (the first 3 of each block untimed: a block's thread pool spins up, the other's goes idle,
-so two pools never compete for the cores). Prints the median step time of each and A / B (> 1: B is faster). Not a
+so two pools never compete for the cores). Prints the median step time of each and A / B (> 1: B is faster), and
+the median over block pairs of A's block median / the next B block's, with a 95% bootstrap interval (this VM's read
+bandwidth switches between two levels within seconds; a ratio of back-to-back blocks is what survives that). Not a
 test: run it on a quiet machine. Example: two revisions of r1c (or two build options) on one export,
 
     r1c build EXPORT -o before.bundle   (with the older revision checked out)
@@ -57,6 +59,8 @@ def runner(bundle: Path, threads: int, rows: int, tokens: int, filled: int) -> t
 def main(bundle_a: Path, bundle_b: Path, threads: int, rows: int, tokens: int, filled: str, blocks: int,
          steps: int) -> None:
     """Step time of BUNDLE_A and BUNDLE_B, interleaved in blocks, and their ratio A / B."""
+    from r1c.runtime.bench.stats import median_ci
+
     if steps < 4 or blocks < 1:
         raise click.BadParameter("need at least 4 steps per block and 1 block")
     for length in (int(v) for v in filled.split(",")):
@@ -65,17 +69,25 @@ def main(bundle_a: Path, bundle_b: Path, threads: int, rows: int, tokens: int, f
         ids = np.random.default_rng(0).integers(2, vocab, size=(rows, tokens))
         n_new = np.full(rows, tokens, np.int64)
         times: list[list[float]] = [[], []]
+        blocks_ms: list[list[float]] = [[], []]  # each block's median step, A's and B's blocks back to back
         for _ in range(blocks):
-            for (_, step), out in zip(pairs, times, strict=True):
+            for (_, step), out, per_block in zip(pairs, times, blocks_ms, strict=True):
+                block = []
                 for i in range(steps):
                     step.cache.lengths[:rows] = length
                     t0 = time.perf_counter()
                     step.step(ids, 0, n_new)
                     if i >= 3:
-                        out.append(time.perf_counter() - t0)
+                        block.append(time.perf_counter() - t0)
+                out += block
+                per_block.append(statistics.median(block) * 1e3)
         a, b = (statistics.median(t) * 1e3 for t in times)
+        paired = ""
+        if blocks > 1:  # A's block over the B block right after it: the machine's slower drifts cancel
+            mid, low, high = median_ci([x / y for x, y in zip(*blocks_ms, strict=True)])
+            paired = f"; median of block pairs' A/B {mid:.3f} [95% {low:.3f}, {high:.3f}]"
         print(f"filled {length}, rows {rows}, tokens {tokens}, threads {threads or 'bundle'}: "
-              f"A {a:.2f} ms, B {b:.2f} ms, A/B {a / b:.3f}", flush=True)
+              f"A {a:.2f} ms, B {b:.2f} ms, A/B {a / b:.3f}{paired}", flush=True)
         del pairs
 
 

@@ -118,6 +118,8 @@ def measure(bundle: Path, batch: int, threads: int, prompt_len: int, steps: int,
     io = runner.io(0, batch, 1)
     io.input_ids[...] = ids
     io.past_lengths[...] = prompt_len
+    if io.logits_index is not None:  # a decode step's one position per row (what StepRunner.step writes)
+        io.logits_index[...] = 0
     binding = bare_binding(session, runner, batch)
     ones = np.ones(batch, np.int64)
     samples: dict[str, list[float]] = {p: [] for p in PATHS}

@@ -33,7 +33,7 @@ from typing import Any
 import click
 import numpy as np
 
-STREAMING = {"Linear", "MoE", "MLAAttention", "MLAAttentionInt8"}
+STREAMING = {"Linear", "MoE", "MLAAttention", "MLAAttentionInt8", "MLABlock"}
 
 
 def cut(graph: Any, keep: list[Any], values: dict[str, np.ndarray], pad: int = 0) -> tuple[Any, dict[str, Any]]:

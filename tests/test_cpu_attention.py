@@ -20,10 +20,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from mla_reference import feeds, reference
 
 from r1c.passes.testing import make_model, max_rel_err, op_counts, run
 from r1c.plugins import OpSpec, int_block
-from r1c.plugins.cpu_moe import ATTENTION_INT8_SPEC, ATTENTION_SPEC
+from r1c.plugins.cpu_moe import ATTENTION_INT8_SPEC, ATTENTION_SPEC, MLA_BLOCK_SPEC
 
 TOL = 1e-5
 info = onnx.helper.make_tensor_value_info
@@ -46,44 +47,6 @@ def int8_feeds(x: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[st
         out[f"{name}_q"], out[f"{name}_scale"] = q, scale
         deq[name] = q.astype(np.float32) * scale
     return out, deq
-
-
-def feeds(rng: np.random.Generator, b: int, s: int, n: int, d: int, r: int, c: int, vd: int, p: int,
-          lengths: list[int]) -> dict[str, np.ndarray]:
-    """Random inputs; row b sees the first lengths[b] cache columns and the new tokens causally (as the export)."""
-    def f(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape).astype(np.float32)
-
-    past_valid = (np.arange(p)[None, :] < np.asarray(lengths)[:, None])[:, None, :]  # [B, 1, P]
-    causal = np.arange(s)[None, :] <= np.arange(s)[:, None]  # [S, S]
-    new_valid = np.repeat(causal, n, axis=0)[None]  # [1, S*N, S], row s*N + n
-    return {"q_nope": f(b, s, n, d), "q_pe": f(b, s, n * r), "c_new": f(b, s, c), "pe_new": f(b, s, r),
-            "past_c": f(b, c, p), "past_pe": f(b, r, p), "past_valid": past_valid, "new_valid": new_valid,
-            "w_uk": f(n, d, c) / np.float32(d**0.5), "w_uv_t": f(n, c, vd) / np.float32(c**0.5)}
-
-
-def reference(x: dict[str, np.ndarray], scale: float) -> np.ndarray:
-    """ATTENTION_SPEC's formula in float64, head by head."""
-    x64 = {k: v.astype(np.float64) if v.dtype != bool else v for k, v in x.items()}
-    b, s, n, _ = x["q_nope"].shape
-    r = x["pe_new"].shape[2]
-    vd = x["w_uv_t"].shape[2]
-    q_pe = x64["q_pe"].reshape(b, s, n, r)
-    out = np.zeros((b, s, n, vd))
-    past_valid = np.broadcast_to(x["past_valid"], (b, s * n, x["past_c"].shape[2]))
-    new_valid = np.broadcast_to(x["new_valid"], (b, s * n, s))
-    for bi in range(b):
-        keys_c = np.concatenate([x64["past_c"][bi].T, x64["c_new"][bi]])  # [P+S, C]
-        keys_pe = np.concatenate([x64["past_pe"][bi].T, x64["pe_new"][bi]])  # [P+S, R]
-        for si in range(s):
-            for h in range(n):
-                qa = scale * x64["q_nope"][bi, si, h] @ x64["w_uk"][h]
-                z = keys_c @ qa + keys_pe @ (scale * q_pe[bi, si, h])
-                visible = np.concatenate([past_valid[bi, si * n + h], new_valid[bi, si * n + h]])
-                z = np.where(visible, z, -np.inf)
-                p = np.exp(z - z.max())
-                out[bi, si, h] = (p / p.sum()) @ keys_c @ x64["w_uv_t"][h]
-    return out.reshape(b, s, n * vd)
 
 
 @pytest.mark.parametrize("b,s,n,d,r,c,vd,p,lengths", [
@@ -142,8 +105,9 @@ def test_attention_refuses_shapes_that_disagree(kernel: Path) -> None:
 @pytest.mark.parametrize("fp8", [False, True], ids=["float32-export", "fp8-export"])
 def test_pass_swaps_every_layers_attention_and_keeps_the_logits(kernel: Path, tmp_path: Path, fp8: bool) -> None:
     """The tiny preset (a float32 export, and an FP8 one, whose W_UK is computed from the dequantized kv_b_proj) built
-    with r1c's kernels: one MLAAttention per layer and none of the subgraph's Softmax nodes left; logits equal to the
-    same export built with ORT's kernels (1e-5), greedy tokens equal."""
+    with r1c's kernels: one MLAAttention per layer (within its MLABlock: passes/fuse_cpu_mla_block.py) and none
+    of the subgraph's Softmax nodes left; logits equal to the same export built with ORT's kernels (1e-5), greedy
+    tokens equal."""
     from r1c.config import preset
     from r1c.exporter.checkpoint import quantize_checkpoint_fp8, random_checkpoint
     from r1c.exporter.onnx_export import export_onnx
@@ -159,7 +123,9 @@ def test_pass_swaps_every_layers_attention_and_keeps_the_logits(kernel: Path, tm
     ours = build_bundle(export, tmp_path / "r1c.bundle", cpu_moe="r1c", precision="fp32")
     theirs = build_bundle(export, tmp_path / "ort.bundle", cpu_moe="ort", precision="fp32")
     counts = op_counts(ir.load(ours / "model.onnx"))
-    assert counts[f"{ATTENTION_SPEC.domain}::{ATTENTION_SPEC.name}"] == config.num_hidden_layers
+    attention = f"{ATTENTION_SPEC.domain}::{ATTENTION_SPEC.name}"  # each inside its layer's MLABlock by now
+    assert counts.get(attention, 0) + counts.get(f"{MLA_BLOCK_SPEC.domain}::{MLA_BLOCK_SPEC.name}", 0) == \
+        config.num_hidden_layers
     assert counts.get("Softmax", 0) == 0
     assert f"{ATTENTION_SPEC.domain}::{ATTENTION_SPEC.name}" not in op_counts(ir.load(theirs / "model.onnx"))
     ea, eb = load(ours), load(theirs)
@@ -267,7 +233,8 @@ def test_pass_swaps_int8_attention_in_quantized_bundles(kernel: Path, tmp_path: 
 
 def test_build_summary_names_the_kernels_the_bundle_runs(kernel: Path, tmp_path: Path) -> None:
     """`r1c build` names the r1c.cpu ops in the built graph: an int8 bundle runs only the attention kernel (its
-    experts on ONNX Runtime's QMoE), not "r1c CPU MoE kernel"; a float32 one runs all three kinds."""
+    experts on ONNX Runtime's QMoE), not "r1c CPU MoE kernel"; a float32 one runs the MLA block (the attention
+    inside it), Linear and MoE."""
     from click.testing import CliRunner
 
     from r1c.cli import main
@@ -281,4 +248,4 @@ def test_build_summary_names_the_kernels_the_bundle_runs(kernel: Path, tmp_path:
     assert "(onnxruntime, r1c CPU kernels: MLAAttentionInt8 x3)" in r.output and "MoE" not in r.output
     r = cli.invoke(main, ["build", str(tmp_path / "e"), "-o", str(tmp_path / "f"), "--cpu-kernels", "r1c"])
     assert r.exit_code == 0, r.output
-    assert "MLAAttention x3" in r.output and "MoE x2" in r.output and "Linear x" in r.output
+    assert "MLABlock x3" in r.output and "MoE x2" in r.output and "Linear x" in r.output

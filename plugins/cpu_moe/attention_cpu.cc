@@ -21,7 +21,7 @@
 // w_uv_t = w_uv_t_q * w_uv_t_scale[n, v]; the int8 values are widened to float in registers as they are read (a
 // step reads 1 byte per weight) and the column scales applied to the sums; activations stay float32.
 // Legend: B rows, S new tokens, N heads, D nope head dim, R rope dim, C kv_lora_rank, P cache columns, Vd v dim.
-#include "panels.h"
+#include "kernels.h"
 
 #include <immintrin.h>
 
@@ -29,27 +29,6 @@ namespace r1c_cpu {
 namespace {
 
 constexpr int64_t kBlockRows = 128;  // query rows (tokens x heads) per unit, at least one token
-
-struct Mask {  // a bool tensor broadcast to [B, S*N, cols] (its shape left-padded with 1s to rank 3)
-  const bool* data = nullptr;
-  int64_t b_stride = 0, i_stride = 0;
-  bool at(int64_t b, int64_t i, int64_t col) const { return data[b * b_stride + i * i_stride + col]; }
-};
-
-Mask make_mask(const Ort::Custom::Tensor<bool>& t, int64_t B, int64_t rows, int64_t cols, const char* name) {
-  std::vector<int64_t> s = t.Shape();
-  if (s.size() > 3) ORT_CXX_API_THROW(std::string("r1c.cpu::MLAAttention: ") + name + " has rank > 3",
-                                      ORT_INVALID_ARGUMENT);
-  while (s.size() < 3) s.insert(s.begin(), 1);
-  if ((s[0] != 1 && s[0] != B) || (s[1] != 1 && s[1] != rows) || s[2] != cols)
-    ORT_CXX_API_THROW(std::string("r1c.cpu::MLAAttention: ") + name + " does not broadcast to [B, S*N, " +
-                      std::to_string(cols) + "]", ORT_INVALID_ARGUMENT);
-  Mask m;
-  m.data = t.Data();
-  m.i_stride = s[1] == 1 ? 0 : cols;
-  m.b_stride = s[0] == 1 ? 0 : s[1] * cols;
-  return m;
-}
 
 #if defined(__AVX512F__)
 // 16 int8 lanes widened to float (sign-extend, convert: 2 instructions); the zero-masking forms: the plain ones
@@ -427,6 +406,40 @@ void fit(std::vector<T>& v, size_t n) {
   v.resize(n);
 }
 
+// The three phases on raw buffers (shapes checked by the caller): `a`'s pointers and sizes, W_UK / W_UV as `W`
+// (`uk_scale` / `uv_scale`: int8 weights' column scales, N*C and N*Vd values; null for float weights)
+template <class W>
+void attention_core(OrtKernelContext* context, const AttentionArgs& a, const W* w_uk, const W* w_uv,
+                    const float* uk_scale, const float* uv_scale) {
+  const int64_t B = a.B, S = a.S, N = a.N, C = a.C, R = a.R, P = a.P;
+  if (B * S * N == 0) return;
+  const int64_t sb = std::max<int64_t>(1, kBlockRows / N), nsb = (S + sb - 1) / sb;
+  const int64_t chunk = chunk_columns(P), past_chunks = (P + chunk - 1) / chunk;
+  const int64_t chunks = past_chunks + (S + kChunk - 1) / kChunk;
+  AttnScratch& s = attn_scratch;
+  fit(s.q, static_cast<size_t>(B * S * N * (C + R)));
+  fit(s.kt, static_cast<size_t>(B * (C + R) * S));
+  const bool columns = S >= kW;  // fewer new tokens are scored by dot products from their rows (chunk_unit)
+  const int64_t units = B * nsb * chunks;
+  fit(s.part_m, static_cast<size_t>(units * sb * N));
+  fit(s.part_l, static_cast<size_t>(units * sb * N));
+  fit(s.part_ol, static_cast<size_t>(units * sb * N * C));
+  const float *cn = a.c_new, *pn = a.pe_new;
+  for (int64_t b = 0; columns && b < B; ++b)  // the new tokens' latents as columns, [C + R, S] per row
+    for (int64_t t = 0; t < S; ++t) {
+      float* kt = s.kt.data() + b * (C + R) * S + t;
+      for (int64_t k = 0; k < C; ++k) kt[k * S] = cn[(b * S + t) * C + k];
+      for (int64_t k = 0; k < R; ++k) kt[(C + k) * S] = pn[(b * S + t) * R + k];
+    }
+  AttnJob<W> job{a.q_nope, a.q_pe, cn, pn, a.past_c, a.past_pe, w_uk, w_uv, uk_scale, uv_scale, a.past_valid,
+                 a.new_valid, a.scale, a.out, B, S, N, a.D, R, C, P, a.Vd, sb, nsb, chunk, past_chunks, chunks,
+                 s.q.data(), s.kt.data(), s.part_ol.data(), s.part_m.data(), s.part_l.data()};
+  Ort::KernelContext ctx(context);
+  ctx.ParallelFor(query_unit<W>, static_cast<size_t>(N), 0, &job);
+  ctx.ParallelFor(chunk_unit<W>, static_cast<size_t>(units), 0, &job);
+  ctx.ParallelFor(output_unit<W>, static_cast<size_t>(N), 0, &job);
+}
+
 // One call of either kernel: shapes checked, scratch fitted, the three phases run. `uk_scale` / `uv_scale`
 // (int8 weights: the column scales, N*C and N*Vd values) are null for float weights.
 template <class W>
@@ -455,34 +468,13 @@ void run_attention(OrtKernelContext* context, float scale, const Ort::Custom::Te
     ORT_CXX_API_THROW("r1c.cpu::MLAAttentionInt8: w_uk_scale needs N*C values and w_uv_t_scale N*Vd ([N, 1, C], "
                       "[N, 1, Vd])", ORT_INVALID_ARGUMENT);
   float* y = output.Allocate({B, S, N * Vd});
-  if (B * S * N == 0) return;
-  const int64_t sb = std::max<int64_t>(1, kBlockRows / N), nsb = (S + sb - 1) / sb;
-  const int64_t chunk = chunk_columns(P), past_chunks = (P + chunk - 1) / chunk;
-  const int64_t chunks = past_chunks + (S + kChunk - 1) / kChunk;
-  AttnScratch& s = attn_scratch;
-  fit(s.q, static_cast<size_t>(B * S * N * (C + R)));
-  fit(s.kt, static_cast<size_t>(B * (C + R) * S));
-  const bool columns = S >= kW;  // fewer new tokens are scored by dot products from their rows (chunk_unit)
-  const int64_t units = B * nsb * chunks;
-  fit(s.part_m, static_cast<size_t>(units * sb * N));
-  fit(s.part_l, static_cast<size_t>(units * sb * N));
-  fit(s.part_ol, static_cast<size_t>(units * sb * N * C));
-  const float *cn = c_new.Data(), *pn = pe_new.Data();
-  for (int64_t b = 0; columns && b < B; ++b)  // the new tokens' latents as columns, [C + R, S] per row
-    for (int64_t t = 0; t < S; ++t) {
-      float* kt = s.kt.data() + b * (C + R) * S + t;
-      for (int64_t k = 0; k < C; ++k) kt[k * S] = cn[(b * S + t) * C + k];
-      for (int64_t k = 0; k < R; ++k) kt[(C + k) * S] = pn[(b * S + t) * R + k];
-    }
-  AttnJob<W> job{q_nope.Data(), q_pe.Data(), cn, pn, past_c.Data(), past_pe.Data(), w_uk.Data(), w_uv_t.Data(),
-                 uk_scale != nullptr ? uk_scale->Data() : nullptr, uv_scale != nullptr ? uv_scale->Data() : nullptr,
-                 make_mask(past_valid, B, S * N, P, "past_valid"), make_mask(new_valid, B, S * N, S, "new_valid"),
-                 scale, y, B, S, N, D, R, C, P, Vd, sb, nsb, chunk, past_chunks, chunks, s.q.data(), s.kt.data(),
-                 s.part_ol.data(), s.part_m.data(), s.part_l.data()};
-  Ort::KernelContext ctx(context);
-  ctx.ParallelFor(query_unit<W>, static_cast<size_t>(N), 0, &job);
-  ctx.ParallelFor(chunk_unit<W>, static_cast<size_t>(units), 0, &job);
-  ctx.ParallelFor(output_unit<W>, static_cast<size_t>(N), 0, &job);
+  AttentionArgs args{q_nope.Data(), q_pe.Data(), c_new.Data(), pe_new.Data(), past_c.Data(), past_pe.Data(),
+                     nullptr, nullptr,
+                     make_mask(past_valid, B, S * N, P, "r1c.cpu::MLAAttention", "past_valid"),
+                     make_mask(new_valid, B, S * N, S, "r1c.cpu::MLAAttention", "new_valid"),
+                     scale, B, S, N, D, R, C, P, Vd, y};
+  attention_core<W>(context, args, w_uk.Data(), w_uv_t.Data(), uk_scale != nullptr ? uk_scale->Data() : nullptr,
+                    uv_scale != nullptr ? uv_scale->Data() : nullptr);
 }
 
 struct ScaleAttr {  // the `scale` attribute, or the constructor's error (returned by Compute)
@@ -537,6 +529,25 @@ struct AttentionInt8Kernel : ScaleAttr {
 };
 
 }  // namespace
+
+Mask make_mask(const Ort::Custom::Tensor<bool>& t, int64_t B, int64_t rows, int64_t cols, const char* op,
+               const char* name) {
+  std::vector<int64_t> s = t.Shape();
+  if (s.size() > 3) ORT_CXX_API_THROW(std::string(op) + ": " + name + " has rank > 3", ORT_INVALID_ARGUMENT);
+  while (s.size() < 3) s.insert(s.begin(), 1);
+  if ((s[0] != 1 && s[0] != B) || (s[1] != 1 && s[1] != rows) || s[2] != cols)
+    ORT_CXX_API_THROW(std::string(op) + ": " + name + " does not broadcast to [B, S*N, " + std::to_string(cols) +
+                      "]", ORT_INVALID_ARGUMENT);
+  Mask m;
+  m.data = t.Data();
+  m.i_stride = s[1] == 1 ? 0 : cols;
+  m.b_stride = s[0] == 1 ? 0 : s[1] * cols;
+  return m;
+}
+
+void mla_attention(OrtKernelContext* context, const AttentionArgs& a) {
+  attention_core<float>(context, a, a.w_uk, a.w_uv_t, nullptr, nullptr);
+}
 
 Ort::Custom::OrtLiteCustomOp* make_attention_op() {
   return Ort::Custom::CreateLiteCustomOp<AttentionKernel>("MLAAttention", "CPUExecutionProvider");

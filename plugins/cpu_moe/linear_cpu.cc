@@ -1,7 +1,7 @@
 // r1c's CPU kernel library for ONNX Runtime: `r1c.cpu::Linear`, a float32 MatMul by a constant weight packed in
 // panels (spec.py `LINEAR_SPEC`, `pack_linear`; the pass passes/use_cpu_linear_kernel.py swaps it in). The same
 // outer-product tiles as the experts (panels.h): every panel one sequential stream, shared among ORT's threads.
-#include "panels.h"
+#include "kernels.h"
 
 namespace r1c_cpu {
 namespace {
@@ -60,27 +60,62 @@ struct LinearKernel {
       const int64_t T = K > 0 ? input.NumberOfElement() / K : 0;
       shape.back() = n_;
       float* y = output.Allocate(shape);
-      if (T == 0) return;
-      LinearScratch& s = linear_scratch;
-      const float* x = input.Data();
-      s.xs.resize(T);
-      if (T == 1) {
-        s.xs[0] = x;
-      } else {
-        release_if_oversized(s.xpad, static_cast<size_t>(T * (K + kPad)));
-        s.xpad.resize(static_cast<size_t>(T * (K + kPad)));
-        for (int64_t t = 0; t < T; ++t) {
-          std::copy(x + t * K, x + (t + 1) * K, s.xpad.data() + t * (K + kPad));
-          s.xs[t] = s.xpad.data() + t * (K + kPad);
-        }
-      }
-      LinearJob job{weight.Data(), y, T, K, n_, s.xs.data()};
-      Ort::KernelContext(context).ParallelFor(linear_block, static_cast<size_t>(w[0]), 0, &job);
+      linear_rows(context, weight.Data(), K, n_, input.Data(), T, y);
     });
   }
 };
 
 }  // namespace
+
+void linear_rows(OrtKernelContext* context, const float* w, int64_t K, int64_t n, const float* x, int64_t T,
+                 float* y) {
+  if (T == 0) return;
+  LinearScratch& s = linear_scratch;
+  s.xs.resize(T);
+  if (T == 1) {
+    s.xs[0] = x;
+  } else {
+    release_if_oversized(s.xpad, static_cast<size_t>(T * (K + kPad)));
+    s.xpad.resize(static_cast<size_t>(T * (K + kPad)));
+    for (int64_t t = 0; t < T; ++t) {
+      std::copy(x + t * K, x + (t + 1) * K, s.xpad.data() + t * (K + kPad));
+      s.xs[t] = s.xpad.data() + t * (K + kPad);
+    }
+  }
+  LinearJob job{w, y, T, K, n, s.xs.data()};
+  Ort::KernelContext(context).ParallelFor(linear_block, static_cast<size_t>((n + kPanel - 1) / kPanel), 0, &job);
+}
+
+void linear_rows_pair(OrtKernelContext* context, const float* x, int64_t T, int64_t K, const float* w_a, int64_t n_a,
+                      float* y_a, const float* w_b, int64_t n_b, float* y_b) {
+  if (T == 0) return;
+  LinearScratch& s = linear_scratch;
+  s.xs.resize(T);
+  if (T == 1) {
+    s.xs[0] = x;
+  } else {
+    release_if_oversized(s.xpad, static_cast<size_t>(T * (K + kPad)));
+    s.xpad.resize(static_cast<size_t>(T * (K + kPad)));
+    for (int64_t t = 0; t < T; ++t) {
+      std::copy(x + t * K, x + (t + 1) * K, s.xpad.data() + t * (K + kPad));
+      s.xs[t] = s.xpad.data() + t * (K + kPad);
+    }
+  }
+  struct Pair {
+    LinearJob a, b;
+    size_t split;
+  } pair{{w_a, y_a, T, K, n_a, s.xs.data()}, {w_b, y_b, T, K, n_b, s.xs.data()},
+         static_cast<size_t>((n_a + kPanel - 1) / kPanel)};
+  auto unit = [](void* data, size_t u) {
+    Pair& p = *static_cast<Pair*>(data);
+    if (u < p.split)
+      linear_block(&p.a, u);
+    else
+      linear_block(&p.b, u - p.split);
+  };
+  Ort::KernelContext(context).ParallelFor(unit, pair.split + static_cast<size_t>((n_b + kPanel - 1) / kPanel), 0,
+                                          &pair);
+}
 
 Ort::Custom::OrtLiteCustomOp* make_linear_op() {
   return Ort::Custom::CreateLiteCustomOp<LinearKernel>("Linear", "CPUExecutionProvider");

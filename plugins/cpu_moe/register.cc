@@ -1,6 +1,6 @@
 // r1c's CPU kernel library: the entry point ONNX Runtime calls (SessionOptions.register_custom_ops_library):
 // registers the `r1c.cpu` domain with `MoE` (moe_cpu.cc), `Linear` (linear_cpu.cc), `MLAAttention` and
-// `MLAAttentionInt8` (attention_cpu.cc).
+// `MLAAttentionInt8` (attention_cpu.cc), `MLABlock` (mla_block_cpu.cc).
 #include "panels.h"
 
 #include <memory>
@@ -14,6 +14,7 @@ Ort::Custom::OrtLiteCustomOp* make_moe_op();
 Ort::Custom::OrtLiteCustomOp* make_linear_op();
 Ort::Custom::OrtLiteCustomOp* make_attention_op();
 Ort::Custom::OrtLiteCustomOp* make_attention_int8_op();
+Ort::Custom::OrtLiteCustomOp* make_mla_block_op();
 }  // namespace r1c_cpu
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -25,7 +26,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api);
   static std::once_flag once;
   static std::unique_ptr<Ort::CustomOpDomain> domain;
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> moe, linear, attention, attention_int8;
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> moe, linear, attention, attention_int8, mla_block;
   try {
     std::call_once(once, [] {
       domain = std::make_unique<Ort::CustomOpDomain>("r1c.cpu");
@@ -37,6 +38,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       domain->Add(attention.get());
       attention_int8.reset(r1c_cpu::make_attention_int8_op());
       domain->Add(attention_int8.get());
+      mla_block.reset(r1c_cpu::make_mla_block_op());
+      domain->Add(mla_block.get());
     });
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const Ort::Exception& e) {

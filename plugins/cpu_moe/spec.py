@@ -135,3 +135,24 @@ ATTENTION_INT8_SPEC = OpSpec(
     attributes={"scale": 1.0},
     domain=CPU_DOMAIN,
 )
+
+# `r1c.cpu::MLABlock`: one layer's whole MLA attention block in one node (mla_block_cpu.cc's header has the
+# formulas; passes/fuse_cpu_mla_block.py swaps it in for the q/kv projections, their norms, the rotary embeddings,
+# `MLAAttention` and o_proj). Inputs (float32 unless said): hidden [B, S, H] (the normalized layer input); q_a
+# [ceil(QL / 32), H, 32], q_b [ceil(N(D+R) / 32), QL, 32], kv_a [ceil((C+R) / 32), H, 32], o [ceil(H / 32), N*Vd,
+# 32] (packed as `pack_linear`; q_b's and kv_a's rope columns as the export leaves them, each head's D nope columns
+# then its R rope columns, kv_a's C latent columns then R rope columns); q_norm [QL] and kv_norm [C] (RMSNorm
+# weights); position_ids int64 (B*S values, or 1: the first position) and cos_cache / sin_cache [positions, R/2]
+# (com.microsoft.RotaryEmbedding's, non-interleaved); past_c, past_pe, past_valid, new_valid, w_uk, w_uv_t as
+# `MLAAttention`'s. Outputs: output [B, S, H] (o_proj's), c_new [B, S, C] (the normalized latents), pe_new [B, S, R]
+# (the rotated rope key). Attributes: scale (the softmax scale), q_epsilon and kv_epsilon (the two RMSNorms').
+# Legend: as ATTENTION_SPEC's, H hidden, QL q_lora_rank.
+MLA_BLOCK_SPEC = OpSpec(
+    name="MLABlock",
+    inputs=("hidden", "q_a", "q_norm", "q_b", "kv_a", "kv_norm", "position_ids", "cos_cache", "sin_cache",
+            *ATTENTION_SPEC.inputs[4:], "o"),
+    optional_inputs=(),
+    outputs=("output", "c_new", "pe_new"),
+    attributes={"scale": 1.0, "q_epsilon": 1e-6, "kv_epsilon": 1e-6},
+    domain=CPU_DOMAIN,
+)

@@ -1,0 +1,42 @@
+// r1c's CPU kernels: the entry points one kernel calls in another (r1c/plugins/cpu_moe). `MLABlock`
+// (mla_block_cpu.cc) runs the Linear kernel's panels (linear_cpu.cc) and the MLA attention's three phases
+// (attention_cpu.cc) on raw buffers, inside one ONNX Runtime node. Legend as in attention_cpu.cc.
+#pragma once
+#include "panels.h"
+
+namespace r1c_cpu {
+
+// A bool tensor broadcast to [B, S*N, cols] (its shape left-padded with 1s to rank 3): at(b, i, col)
+struct Mask {
+  const bool* data = nullptr;
+  int64_t b_stride = 0, i_stride = 0;
+  bool at(int64_t b, int64_t i, int64_t col) const { return data[b * b_stride + i * i_stride + col]; }
+};
+
+// The mask of `t` for B rows, `rows` = S*N query rows and `cols` columns; throws ORT_INVALID_ARGUMENT (naming
+// `op` and `name`) when its shape does not broadcast
+Mask make_mask(const Ort::Custom::Tensor<bool>& t, int64_t B, int64_t rows, int64_t cols, const char* op,
+               const char* name);
+
+// One layer's absorbed MLA attention over float32 W_UK / W_UV (attention_cpu.cc's formulas): q_nope [B, S, N, D],
+// q_pe [B, S, N, R] (rotated), c_new [B, S, C], pe_new [B, S, R], past_c [B, C, P], past_pe [B, R, P], w_uk
+// [N, D, C], w_uv_t [N, C, Vd] -> out [B, S, N*Vd]. Shapes are the caller's to check.
+struct AttentionArgs {
+  const float *q_nope, *q_pe, *c_new, *pe_new, *past_c, *past_pe, *w_uk, *w_uv_t;
+  Mask past_valid, new_valid;
+  float scale;
+  int64_t B, S, N, D, R, C, P, Vd;
+  float* out;
+};
+void mla_attention(OrtKernelContext* context, const AttentionArgs& a);
+
+// y [T, n] = x [T, K] (rows K apart) @ W, W packed [ceil(n / 32), K, 32] (spec.py pack_linear): the Linear
+// kernel's panels shared among ONNX Runtime's threads
+void linear_rows(OrtKernelContext* context, const float* w, int64_t K, int64_t n, const float* x, int64_t T, float* y);
+
+// y_a [T, n_a] = x @ W_a and y_b [T, n_b] = x @ W_b (both packed, both K rows) in one ParallelFor: the panels of
+// both matrices shared among the threads (one fork and join, balanced over their sum)
+void linear_rows_pair(OrtKernelContext* context, const float* x, int64_t T, int64_t K, const float* w_a, int64_t n_a,
+                      float* y_a, const float* w_b, int64_t n_b, float* y_b);
+
+}  // namespace r1c_cpu
