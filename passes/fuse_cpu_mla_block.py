@@ -1,9 +1,10 @@
 """Run each layer's whole MLA attention block as one node: `r1c.cpu::MLABlock` (r1c/plugins/cpu_moe/spec.py
-`MLA_BLOCK_SPEC`, mla_block_cpu.cc) replaces the 14 nodes from the normalized layer input to o_proj's output that
-the earlier passes leave (fuse_rmsnorm, fuse_rotary_embedding, use_cpu_attention_kernel, use_cpu_linear_kernel).
+`MLA_BLOCK_SPEC`, mla_block_cpu.cc) replaces the 15 nodes from the normalized layer input to o_proj's output that
+the earlier passes leave (fuse_rmsnorm, fuse_rotary_embedding, use_cpu_attention_kernel, use_cpu_linear_kernel):
+4 Linear, 4 Slice, 2 Reshape, 2 RMSNorm, 2 RotaryEmbedding and the MLAAttention.
 
 Why: after a decode step's weights have streamed through the caches, every node starts cold; on this project's VM
-one more node between two weight-streaming nodes cost ~1-3.5 us (scripts/step_parts.py, "+1 identity"), so the 13
+one more node between two weight-streaming nodes cost ~1-3.5 us (scripts/step_parts.py, "+1 identity"), so the 10
 small nodes per layer cost more than their arithmetic. On the issue-11 benchmark model (4 layers) a decode step
 runs 110 nodes instead of 166.
 
@@ -119,6 +120,14 @@ class _Match:
                     raise _Miss(f"{out.name} is read outside the block")
 
 
+def _shape3(value: ir.Value | None) -> list[int] | None:
+    """The static shape of a rank-3 value, or None."""
+    dims = None if value is None or value.shape is None else list(value.shape.dims)
+    if dims is None or len(dims) != 3 or not all(isinstance(v, int) for v in dims):
+        return None
+    return [int(v) for v in dims]  # type: ignore[arg-type]
+
+
 def _dims(value: ir.Value) -> list[int] | None:
     tensor = value.const_value
     return None if tensor is None else [int(d) for d in tensor.shape.numpy()]
@@ -134,11 +143,9 @@ def match(mla: ir.Node) -> tuple[list[ir.Value], dict[str, float], ir.Node, list
         raise _Miss(f"{mla.name}: not MLAAttention's {len(ATTENTION_SPEC.inputs)} inputs")
     q_nope, q_pe, c_new, pe_new, *attn_rest = ins
     assert q_nope is not None and q_pe is not None and c_new is not None and pe_new is not None
-    w_uk = attn_rest[4]
-    assert w_uk is not None
-    wuk = [] if w_uk.shape is None else [v for v in w_uk.shape.dims if isinstance(v, int)]
-    if len(wuk) != 3 or w_uk.shape is None or len(w_uk.shape.dims) != 3:
-        raise _Miss(f"{mla.name}: w_uk's shape [N, D, C] is not known")
+    wuk, wuv = _shape3(attn_rest[4]), _shape3(attn_rest[5])
+    if wuk is None or wuv is None:
+        raise _Miss(f"{mla.name}: the shapes of w_uk [N, D, C] and w_uv_t [N, C, Vd] are not known")
     heads, nope, latent = wuk
     scale = mla.attributes.get("scale")
     # o_proj: the attention output's one reader
@@ -147,10 +154,9 @@ def match(mla: ir.Node) -> tuple[list[ir.Value], dict[str, float], ir.Node, list
             or mla.outputs[0].is_graph_output():
         raise _Miss(f"{mla.name}: its output is not read by one Linear (o_proj)")
     o_node = readers[0]
-    m.nodes.append(o_node)
-    o_w = o_node.inputs[1]
-    if o_w is None:
-        raise _Miss(f"{o_node.name}: no weight")
+    attn_out, o_w, o_n = m.linear(o_node.outputs[0])
+    if attn_out is not mla.outputs[0]:
+        raise _Miss(f"{o_node.name}: o_proj does not read the attention's output")
     # kv: c_new = RMSNorm(Slice(kv, 0, C)), pe_new = RoPE(Slice(kv, C, C + R))
     kv_c, kv_norm, kv_eps = m.rmsnorm(c_new)
     kv, _, end = m.slice_last(kv_c, 0)
@@ -178,10 +184,15 @@ def match(mla: ir.Node) -> tuple[list[ir.Value], dict[str, float], ir.Node, list
         raise _Miss(f"{mla.name}: q_a and kv_a read different inputs")
     if kv_n != latent + rope or q_n != heads * (nope + rope):
         raise _Miss(f"{mla.name}: the projections' widths disagree with the attention's shapes")
-    for w, k, n in ((q_a, None, qa_n), (q_b, qa_n, q_n), (kv_a, None, kv_n)):
-        dims = _dims(w)
-        if dims is None or len(dims) != 3 or dims[0] != -(-n // PANEL) or (k is not None and dims[1] != k):
-            raise _Miss(f"{w.name}: not a packed constant for {n} columns")
+    qa_dims = _dims(q_a)
+    hidden_size = qa_dims[1] if qa_dims is not None and len(qa_dims) == 3 else -1
+    # each packed weight [ceil(n / 32), K, 32]: q_a H -> QL, q_b QL -> N(D+R), kv_a H -> C+R, o N*Vd -> H
+    for w, k, n in ((q_a, hidden_size, qa_n), (q_b, qa_n, q_n), (kv_a, hidden_size, kv_n),
+                    (o_w, heads * wuv[2], hidden_size)):
+        if _dims(w) != [-(-n // PANEL), k, PANEL]:
+            raise _Miss(f"{w.name}: not a packed constant of {k} rows for {n} columns")
+    if o_n != hidden_size:
+        raise _Miss(f"{o_node.name}: o_proj's width {o_n} is not the hidden size {hidden_size}")
     m.check_inside({o_node.outputs[0], c_new, pe_new})
     inputs = [hidden, q_a, q_norm, q_b, kv_a, kv_norm, *rot, *(v for v in attn_rest if v is not None), o_w]
     attrs = {"scale": 1.0 if scale is None else scale.as_float(), "q_epsilon": q_eps, "kv_epsilon": kv_eps}

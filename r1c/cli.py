@@ -318,9 +318,9 @@ def build(export_dir: Path, out: Path, target: str, arch: str | None, threads: i
 
 
 def _cpu_kernel_ops(model_path: Path) -> list[str]:
-    """The r1c.cpu ops a built model runs (MoE, Linear, MLAAttention, MLAAttentionInt8), each with its count, in the
-    graph's order: what the build summary names (an int8/int4 bundle ships the library for the attention alone,
-    its experts on ONNX Runtime's QMoE). The graph only: the weights stay on disk."""
+    """The r1c.cpu ops a built model runs (MoE, Linear, MLABlock, MLAAttention, MLAAttentionInt8), each with its
+    count, in the graph's order: what the build summary names (an int8/int4 bundle ships the library for the
+    attention alone, its experts on ONNX Runtime's QMoE). The graph only: the weights stay on disk."""
     import onnx
 
     from r1c.plugins.cpu_moe import CPU_DOMAIN

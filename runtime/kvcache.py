@@ -312,6 +312,8 @@ class LatentCache:
         if n and int((starts + n_new).max()) > self.bucket:
             raise AssertionError("write beyond the bucket: resize before the step")
         s = next(iter(new.values())).shape[2]
+        if n and (int(n_new.min()) < 0 or int(n_new.max()) > s):
+            raise AssertionError(f"write of {n_new.tolist()} tokens from a step of {s} per row")
         for name in TENSORS:
             dst = self.view(name, r0, r1)
             src = new[name]

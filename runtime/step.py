@@ -205,9 +205,10 @@ class StepRunner:
         With `n_new` ([n] int: real tokens per row) the new latents are stored, the lengths advanced, and the
         logits computed at each row's last real token only (position n_new[i] - 1; 0 for a row with none): returns
         [n, 1, V] float32. With None nothing is written (scoring) and every position's logits come back: [n, S, V].
-        The result is the runner's buffer (valid until the next step), or for a graph without `logits_index` a copy
-        of the asked positions. The caller resizes the cache first so every row fits. Per step, besides the backend's
-        run: three small copies (ids, lengths, index) and, when the shape (r0, n, S, K, P) is new, one `StepIO`.
+        The result is the runner's buffer (valid until the next step), or for a graph without `logits_index` and
+        S > 1 a copy of the asked positions. The caller resizes the cache first so every row fits. Per step, besides
+        the backend's run: three small copies (ids, lengths, index) and, when the shape (r0, n, S, K, P) is new, one
+        `StepIO`.
         A row's positions past its n_new real tokens (padding) are given its last real token's id (see below)."""
         n, s = input_ids.shape
         if n * s > self.max_tokens:

@@ -5,9 +5,10 @@ Both bundles are loaded in one process and stepped through the runtime's own `St
 cache holds `--filled` tokens before every step (contents unused: the time does not depend on them), in alternating
 blocks of `--steps` steps (the first 3 of each block untimed: a block's thread pool spins up, the other's goes idle,
 so two pools never compete for the cores). Prints the median step time of each and A / B (> 1: B is faster), and
-the median over block pairs of A's block median / the next B block's, with a 95% bootstrap interval (this VM's read
-bandwidth switches between two levels within seconds; a ratio of back-to-back blocks is what survives that). Not a
-test: run it on a quiet machine. Example: two revisions of r1c (or two build options) on one export,
+the median over block pairs of A's block median / the B block's next to it (the pairs alternate which runs first),
+with a 95% bootstrap interval (this VM's read bandwidth switches between two levels within seconds; a ratio of
+back-to-back blocks is what survives that). Not a test: run it on a quiet machine. Example: two revisions of r1c
+(or two build options) on one export,
 
     r1c build EXPORT -o before.bundle   (with the older revision checked out)
     r1c build EXPORT -o after.bundle    (with the newer one)
@@ -70,8 +71,10 @@ def main(bundle_a: Path, bundle_b: Path, threads: int, rows: int, tokens: int, f
         n_new = np.full(rows, tokens, np.int64)
         times: list[list[float]] = [[], []]
         blocks_ms: list[list[float]] = [[], []]  # each block's median step, A's and B's blocks back to back
-        for _ in range(blocks):
-            for (_, step), out, per_block in zip(pairs, times, blocks_ms, strict=True):
+        for blk in range(blocks):
+            order = [0, 1] if blk % 2 == 0 else [1, 0]  # A first, then B first: an order effect cancels
+            for k in order:
+                (_, step), out, per_block = pairs[k], times[k], blocks_ms[k]
                 block = []
                 for i in range(steps):
                     step.cache.lengths[:rows] = length
@@ -83,7 +86,7 @@ def main(bundle_a: Path, bundle_b: Path, threads: int, rows: int, tokens: int, f
                 per_block.append(statistics.median(block) * 1e3)
         a, b = (statistics.median(t) * 1e3 for t in times)
         paired = ""
-        if blocks > 1:  # A's block over the B block right after it: the machine's slower drifts cancel
+        if blocks > 1:  # each A block over the B block next to it: the machine's slower drifts cancel
             mid, low, high = median_ci([x / y for x, y in zip(*blocks_ms, strict=True)])
             paired = f"; median of block pairs' A/B {mid:.3f} [95% {low:.3f}, {high:.3f}]"
         print(f"filled {length}, rows {rows}, tokens {tokens}, threads {threads or 'bundle'}: "

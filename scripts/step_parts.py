@@ -7,7 +7,7 @@ and timed in interleaved rounds (blocks of 20 runs, 3 untimed, 20 ms apart) besi
 `r1c.runtime.load`) and a read probe of the step's weight bytes (`torch.sum` over huge-page memory, as the
 benchmark's floor):
 
-  streaming     the nodes that stream weights (r1c.cpu Linear, MoE, MLA attention, and their int8 forms) alone
+  streaming     the nodes that stream weights (r1c.cpu Linear, MoE, MLABlock, MLA attention and its int8 form) alone
   +N identity   the same with N Identity nodes after each (`--pad`): what any node between two of them costs
   others        every other node alone (the small ops, warm: their inputs fed, nothing streamed between them)
   step          the whole step

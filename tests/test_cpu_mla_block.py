@@ -147,26 +147,40 @@ def test_pass_fuses_every_layers_block_and_keeps_the_logits(kernel: Path, tmp_pa
     assert ea.generate(prompts, 8) == eb.generate(prompts, 8)
 
 
-def test_pass_leaves_a_block_whose_inside_is_read_elsewhere(tmp_path: Path) -> None:
-    """A value inside the block that a graph output also reads (here the q_a projection) keeps that layer's nodes
-    (the block could not give it); the other layers fuse."""
+def _edited_first_layer(bundle: Path, edit: str) -> ir.Model:
+    """The unfused bundle's graph with its first layer's block edited so that MLABlock cannot stand for it."""
+    model = ir.load(bundle / "model.onnx")
+    mla = next(n for n in model.graph if n.op_type == ATTENTION_SPEC.name)
+    if edit == "inside value is a graph output":  # the kv_a projection (c_new's RMSNorm reads its slice)
+        model.graph.outputs.append(mla.inputs[2].producer().inputs[0].producer().inputs[0])
+    elif edit == "rotaries read other positions":  # q_pe's rotary gets positions of its own
+        rotary = mla.inputs[1].producer()
+        other = ir.Value(name="other_positions", type=rotary.inputs[1].type, shape=rotary.inputs[1].shape)
+        model.graph.inputs.append(other)
+        rotary.replace_input_with(1, other)
+    elif edit == "attention output read twice":
+        model.graph.outputs.append(mla.outputs[0])
+    return model
+
+
+@pytest.mark.parametrize("edit", ["inside value is a graph output", "rotaries read other positions",
+                                  "attention output read twice"])
+def test_pass_leaves_a_block_it_cannot_stand_for(tmp_path: Path, edit: str) -> None:
+    """A layer whose block is not the form MLABlock computes keeps its nodes (the reason is logged); the other
+    layers fuse."""
     from r1c.config import preset
     from r1c.exporter.checkpoint import random_checkpoint
     from r1c.exporter.onnx_export import export_onnx
-    from r1c.passes.fuse_cpu_mla_block import FuseCpuMLABlockPass
+    from r1c.passes import fuse_cpu_mla_block
     from r1c.runtime.build import build_bundle
 
     config = preset("tiny")
     export_onnx(config, random_checkpoint(config, seed=7), tmp_path / "e", progress=False)
     with pytest.MonkeyPatch.context() as mp:
-        from r1c.passes import fuse_cpu_mla_block
         mp.setattr(fuse_cpu_mla_block.FuseCpuMLABlockPass, "swap", lambda self, graph: 0)
         bundle = build_bundle(tmp_path / "e", tmp_path / "unfused.bundle", cpu_moe="r1c", precision="fp32")
-    model = ir.load(bundle / "model.onnx")
-    mla = next(n for n in model.graph if n.op_type == ATTENTION_SPEC.name)
-    norm = mla.inputs[2].producer()  # c_new's RMSNorm; its input is the kv_a slice
-    kv = norm.inputs[0].producer().inputs[0]
-    model.graph.outputs.append(kv)
     report: dict[str, int] = {}
-    FuseCpuMLABlockPass("r1c", report)(model)
+    fuse_cpu_mla_block.FuseCpuMLABlockPass("r1c", report)(ir.load(bundle / "model.onnx"))
+    assert report["nodes"] == config.num_hidden_layers
+    fuse_cpu_mla_block.FuseCpuMLABlockPass("r1c", report)(_edited_first_layer(bundle, edit))
     assert report["nodes"] == config.num_hidden_layers - 1

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from r1c.runtime.kvcache import (
+    WRITE,
     CacheLayout,
     LatentCache,
     OverCapacityError,
@@ -103,6 +104,29 @@ def test_decode_write_appends_one_token_per_row() -> None:
         for name in a:
             np.testing.assert_array_equal(b[name][..., :-1], a[name])
             np.testing.assert_array_equal(b[name][..., -1], new[name][:, r, 0, :])
+
+
+def test_one_row_decode_write_and_bad_counts() -> None:
+    """The one-row decode write (its own fast path) appends like the general one, journal entry included; more
+    tokens than the step has, or a negative count, is refused before anything is written."""
+    rng = np.random.default_rng(3)
+    cache = LatentCache(LAYOUT, 3 * 64 * LAYOUT.bytes_per_token, max_rows=3, max_len=64, min_bucket=16)
+    fill(cache, rng, [5, 3])
+    cache.journal = []
+    before = rows_of(cache)
+    new = {name: rng.standard_normal((LAYOUT.layers, 1, 1, ch)).astype(np.float32)
+           for name, ch in zip(("c", "pe"), LAYOUT.channels)}
+    cache.write(1, [1], new)
+    after = rows_of(cache)
+    for name in before[1]:
+        np.testing.assert_array_equal(after[0][name], before[0][name])
+        np.testing.assert_array_equal(after[1][name][..., :-1], before[1][name])
+        np.testing.assert_array_equal(after[1][name][..., -1], new[name][:, 0, 0, :])
+    assert cache.journal == [(WRITE, 1, 1)]
+    for counts in ([2], [-1], [1, 2]):
+        with pytest.raises(AssertionError, match="tokens from a step of 1"):
+            cache.write(0, counts, {name: np.repeat(v, len(counts), axis=1) for name, v in new.items()})
+    assert [r["c"].shape[-1] for r in rows_of(cache)] == [5, 4]  # nothing written by the refused calls
 
 
 def test_capacity_rule() -> None:

@@ -35,6 +35,24 @@ struct LinearScratch {
 };
 thread_local LinearScratch linear_scratch;
 
+// The T rows of x [T, K] as the tiles read them: x itself for one token, else copied re-strided by kPad (panels.h)
+// into the calling thread's scratch (valid until its next call)
+const float* const* token_rows(const float* x, int64_t T, int64_t K) {
+  LinearScratch& s = linear_scratch;
+  s.xs.resize(T);
+  if (T == 1) {
+    s.xs[0] = x;
+    return s.xs.data();
+  }
+  release_if_oversized(s.xpad, static_cast<size_t>(T * (K + kPad)));
+  s.xpad.resize(static_cast<size_t>(T * (K + kPad)));
+  for (int64_t t = 0; t < T; ++t) {
+    std::copy(x + t * K, x + (t + 1) * K, s.xpad.data() + t * (K + kPad));
+    s.xs[t] = s.xpad.data() + t * (K + kPad);
+  }
+  return s.xs.data();
+}
+
 struct LinearKernel {
   int64_t n_ = 0;
   std::string error_;
@@ -70,41 +88,19 @@ struct LinearKernel {
 void linear_rows(OrtKernelContext* context, const float* w, int64_t K, int64_t n, const float* x, int64_t T,
                  float* y) {
   if (T == 0) return;
-  LinearScratch& s = linear_scratch;
-  s.xs.resize(T);
-  if (T == 1) {
-    s.xs[0] = x;
-  } else {
-    release_if_oversized(s.xpad, static_cast<size_t>(T * (K + kPad)));
-    s.xpad.resize(static_cast<size_t>(T * (K + kPad)));
-    for (int64_t t = 0; t < T; ++t) {
-      std::copy(x + t * K, x + (t + 1) * K, s.xpad.data() + t * (K + kPad));
-      s.xs[t] = s.xpad.data() + t * (K + kPad);
-    }
-  }
-  LinearJob job{w, y, T, K, n, s.xs.data()};
+  const float* const* xs = token_rows(x, T, K);
+  LinearJob job{w, y, T, K, n, xs};
   Ort::KernelContext(context).ParallelFor(linear_block, static_cast<size_t>((n + kPanel - 1) / kPanel), 0, &job);
 }
 
 void linear_rows_pair(OrtKernelContext* context, const float* x, int64_t T, int64_t K, const float* w_a, int64_t n_a,
                       float* y_a, const float* w_b, int64_t n_b, float* y_b) {
   if (T == 0) return;
-  LinearScratch& s = linear_scratch;
-  s.xs.resize(T);
-  if (T == 1) {
-    s.xs[0] = x;
-  } else {
-    release_if_oversized(s.xpad, static_cast<size_t>(T * (K + kPad)));
-    s.xpad.resize(static_cast<size_t>(T * (K + kPad)));
-    for (int64_t t = 0; t < T; ++t) {
-      std::copy(x + t * K, x + (t + 1) * K, s.xpad.data() + t * (K + kPad));
-      s.xs[t] = s.xpad.data() + t * (K + kPad);
-    }
-  }
+  const float* const* xs = token_rows(x, T, K);
   struct Pair {
     LinearJob a, b;
     size_t split;
-  } pair{{w_a, y_a, T, K, n_a, s.xs.data()}, {w_b, y_b, T, K, n_b, s.xs.data()},
+  } pair{{w_a, y_a, T, K, n_a, xs}, {w_b, y_b, T, K, n_b, xs},
          static_cast<size_t>((n_a + kPanel - 1) / kPanel)};
   auto unit = [](void* data, size_t u) {
     Pair& p = *static_cast<Pair*>(data);

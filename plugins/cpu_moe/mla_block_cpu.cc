@@ -1,7 +1,7 @@
 // r1c's CPU kernel library: `r1c.cpu::MLABlock`, one layer's whole MLA attention block in one ONNX Runtime node
-// (spec.py `MLA_BLOCK_SPEC`; passes/fuse_cpu_mla_block.py swaps it in for the 14 nodes it replaces). After a decode
+// (spec.py `MLA_BLOCK_SPEC`; passes/fuse_cpu_mla_block.py swaps it in for the 15 nodes it replaces). After a decode
 // step's weights have streamed through the caches every node starts cold: ~1-3.5 us per node on this project's VM
-// (scripts/step_parts.py's "+1 identity"), so the block's 13 small nodes per layer (norms, reshapes, slices,
+// (scripts/step_parts.py's "+1 identity"), so the block's 10 small nodes per layer (norms, reshapes, slices,
 // rotary embeddings) cost more than their arithmetic.
 //
 // For the T = B*S tokens of hidden [B, S, H] (the layer's normalized input), DeepSeek-V2 paper section 2.1 /
@@ -12,13 +12,13 @@
 //   pe_new = rope(kv[:, C:])                                      output 2, [B, S, R]
 //   attn   = MLAAttention(q_nope, rope(q_pe), c_new, pe_new, past_c, past_pe, past_valid, new_valid, w_uk, w_uv_t)
 //   output = attn @ W_o                                           output 0, [B, S, H]
-// rmsnorm(x, w, eps) = x / sqrt(mean(x^2) + eps) * w (ONNX SimplifiedLayerNormalization, mean in double as ONNX
-// Runtime's CPU kernel); rope(x) with half = R/2, cos/sin rows at the token's position p (position_ids [B, S], or
+// rmsnorm(x, w, eps) = x / sqrt(mean(x^2) + eps) * w (ONNX SimplifiedLayerNormalization; the sum of squares in
+// double, then times the reciprocal: the form closest to ONNX Runtime 1.32's CPU kernel, within 2e-7); rope(x) with half = R/2, cos/sin rows at the token's position p (position_ids [B, S], or
 // one value: the first position, the others following): x[i] cos[p, i] - x[i + half] sin[p, i] and x[i + half]
 // cos[p, i] + x[i] sin[p, i] (com.microsoft.RotaryEmbedding, interleaved = 0). The four matrices are packed as
 // the Linear kernel's (spec.py pack_linear), their panels shared among ONNX Runtime's threads (q_a's and kv_a's in
-// one ParallelFor: both read the same input); the small steps run on the calling thread; scratch is the calling
-// thread's, kept across calls.
+// one ParallelFor: both read the same input); the small steps (norms, rotations, the q split: ~1 us a token) run
+// on the calling thread, also in a prefill; scratch is the calling thread's, kept across calls.
 // Legend: B rows, S new tokens, T = B*S, H hidden, QL q_lora_rank, N heads, D nope head dim, R rope dim, C
 // kv_lora_rank, P cache columns, Vd v head dim.
 #include "kernels.h"
@@ -36,12 +36,12 @@ void fit(std::vector<float>& v, int64_t n) {
   v.resize(static_cast<size_t>(n));
 }
 
-// y[0 .. n) = x / sqrt(mean(x^2) + eps) * w
+// y[0 .. n) = x * (1 / sqrt(mean(x^2) + eps)) * w, the mean in double
 void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* y) {
   double ss = 0.0;
   for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
-  const float denom = static_cast<float>(std::sqrt(ss / static_cast<double>(n) + eps));
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] / denom * w[i];
+  const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
 }
 
 // y[0 .. 2 half) = x rotated by the cos / sin rows (non-interleaved halves)
