@@ -34,11 +34,13 @@ def thp_mode() -> str:
 
 def huge_empty(nbytes: int) -> np.ndarray:
     """An uninitialized uint8 array of `nbytes` in anonymous memory advised for huge pages, starting on a 2 MiB
-    boundary (so that every whole 2 MiB of it can be one page). The array keeps its mapping alive (numpy holds the
+    boundary and mapped in whole 2 MiB from there (so that each 2 MiB of it can be one page, the last one too, and a
+    buffer under 2 MiB still lies in a mapping the kernel deems eligible: smaps' THPeligible is 1 only for a mapping
+    that holds an aligned 2 MiB). The array keeps its mapping alive (numpy holds the
     `mmap` as the buffer's base). Where `mmap.madvise` or MADV_HUGEPAGE is missing, or the kernel's setting is
     'never', it is plain anonymous memory (still one private allocation, never the page cache). Raises `OSError` or
     `MemoryError` when the mapping fails."""
-    size = max(int(nbytes), 1) + HUGE_PAGE
+    size = -(-max(int(nbytes), 1) // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is not None and thp_mode() in ("always", "madvise"):

@@ -7,7 +7,11 @@ tensor 64-byte aligned, and given to the session options with `SessionOptions.ad
 them in place. Only tensors r1c's kernels alone read go there: ONNX Runtime may prepack (copy into its own
 buffers) a constant that one of its own kernels reads even when given this way, so an arena copy of such a tensor
 would be memory spent twice. Sub-byte types (int4, uint4, float4) stay with ONNX Runtime (no r1c CPU kernel reads
-them). Measured effect: README ("Weights in huge pages") and the closing note of issue 11.
+them). Measured effect: README ("Weights in huge pages") and the closing note of issue 11. The bytes read are
+then dropped from the page cache (`posix_fadvise` DONTNEED, where the OS has it): the process holds its own copy,
+and a checkpoint of hundreds of GB read through the page cache would otherwise stand there twice, pushing out the
+cache's other contents (the rest of the bundle ONNX Runtime maps among them); another process loading the bundle
+reads them from the disk again.
 
 The OrtValues returned must live as long as the session (`OrtBackend` keeps them on the session object itself).
 Errors: `BundleError` when a weights file is missing, shorter than a tensor's offset + length, or outside the
@@ -18,6 +22,7 @@ model's directory (as ONNX Runtime refuses it), or when the arena cannot be mapp
 from __future__ import annotations
 
 import dataclasses
+import os
 from io import BufferedReader
 from pathlib import Path
 from typing import Any
@@ -107,11 +112,24 @@ def load_external(model_path: Path, graph: Any, names: set[str]) -> dict[str, Pi
                 raise BundleError(f"bundle: {location} is shorter than tensor {t.name} needs "
                                   f"({offset} + {length} bytes)")
             out[t.name] = Pinned(dst, int(t.data_type), tuple(int(d) for d in t.dims))
+            _drop_cached(f, offset, length)
             at += -(-length // ALIGN) * ALIGN
     finally:
         for f in opened.values():
             f.close()
     return out
+
+
+def _drop_cached(f: BufferedReader, offset: int, length: int) -> None:
+    """Advise the OS that the page cache need not keep bytes [offset, offset + length) of `f` (best effort: a
+    no-op where posix_fadvise is missing or refuses)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    try:
+        advise(f.fileno(), offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
 
 
 def pin_kernel_weights(so: Any, model_path: Path) -> list[Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import re
 import shutil
 from pathlib import Path
@@ -161,3 +162,82 @@ def test_a_short_weights_file_is_one_line_naming_the_tensor(tiny_bundles: Any, t
     with pytest.raises(BundleError, match=r"^bundle: model.onnx.data is shorter than tensor \S+ needs") as e:
         load(bundle, verify_hashes=False)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_run_and_serve_choose_the_weights_memory_per_process(tiny_bundles: Any, monkeypatch: pytest.MonkeyPatch,
+                                                             command: str) -> None:
+    """`r1c run` / `r1c serve --weights-memory onnxruntime` load the bundle with that session option (the engine's
+    backend then holds no arena) and the same tokens come out; without the option the bundle's own choice holds."""
+    from click.testing import CliRunner
+
+    import r1c.runtime as runtime
+    from r1c.cli import main
+
+    bundle = tiny_bundles["single"]
+    if not kernel_weight_names(onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph):
+        pytest.skip("this bundle runs no r1c CPU kernel (no compiler or ONNX Runtime headers at build)")
+    seen: list[Any] = []
+    real_load = runtime.load
+
+    def spy(path: Any, **kw: Any) -> Any:
+        engine = real_load(path, **kw)
+        seen.append((kw.get("session_options"), engine.backend._weights))
+        if command == "serve":  # stop before uvicorn starts: what matters is how the engine was loaded
+            raise KeyboardInterrupt
+        return engine
+
+    monkeypatch.setattr(runtime, "load", spy)
+    if command == "serve":
+        import r1c.runtime.serving.engine as serving_engine
+        monkeypatch.setattr(serving_engine, "load", spy)
+        pytest.importorskip("uvicorn")
+    args = {"run": ["run", str(bundle), "--input-ids", "3 9 4", "--max-new-tokens", "4", "--json"],
+            "serve": ["serve", str(bundle), "--port", "0"]}[command]
+    outputs = []
+    for extra in ([], ["--weights-memory", "onnxruntime"]):
+        r = CliRunner().invoke(main, [*args, *extra])
+        outputs.append(r.output)
+        if command == "run":
+            assert r.exit_code == 0, r.output
+    (default, default_weights), (chosen, chosen_weights) = seen
+    assert default is None and default_weights  # the bundle's hugepages
+    assert chosen == {"weights_memory": "onnxruntime"} and not chosen_weights
+    if command == "run":
+        assert outputs[0] == outputs[1]
+    r = CliRunner().invoke(main, [*args, "--weights-memory", "swap"])
+    assert r.exit_code == 2 and "'swap' is not one of" in r.output
+
+
+def test_load_external_drops_what_it_read_from_the_page_cache(tmp_path: Path) -> None:
+    """The weights file's pages are resident after a plain read and gone after `load_external` read them into the
+    arena (util-linux `fincore` counts the resident bytes; the file is large enough that its few edge pages do not
+    matter)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("fincore") is None:
+        pytest.skip("util-linux fincore is not installed (it measures the page cache here)")
+    arrays = {f"w{i}": np.full((1 << 18,), i, np.float32) for i in range(8)}  # 8 MiB
+    inits = [numpy_helper.from_array(a, name) for name, a in arrays.items()]
+    nodes = [onnx.helper.make_node("Identity", [n], [n + ".out"]) for n in arrays]
+    outs = [onnx.helper.make_empty_tensor_value_info(n + ".out") for n in arrays]
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [], outs, inits)), str(path),
+              save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    data = tmp_path / "m.onnx.data"
+
+    def resident() -> int:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(data)],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0])
+
+    with data.open("rb+") as f:  # written back first: the OS drops only clean pages
+        os.fsync(f.fileno())
+    data.read_bytes()  # in the page cache now
+    if resident() < data.stat().st_size // 2:
+        pytest.skip("this filesystem does not keep the file in the page cache (nothing to drop)")
+    loaded = load_external(path, onnx.load(str(path), load_external_data=False).graph, set(arrays))
+    assert set(loaded) == set(arrays)
+    np.testing.assert_array_equal(loaded["w7"].raw.view(np.float32), arrays["w7"])
+    assert resident() < data.stat().st_size // 16

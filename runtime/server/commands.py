@@ -1,4 +1,5 @@
-"""The serving commands of the `r1c` CLI: `r1c serve`, `r1c capi`, `r1c bench-serving`.
+"""The serving commands of the `r1c` CLI: `r1c serve`, `r1c capi`, `r1c bench-serving` (and the `--weights-memory`
+option `r1c run` shares with `r1c serve`).
 
 Heavy imports happen inside the commands, so `r1c --help` stays fast. `register(group)` adds them to the CLI.
 """
@@ -78,6 +79,25 @@ def listen_socket(host: str, port: int) -> Any:
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client", "tokenizers", "jinja2")  # pyproject.toml's serve extra
 
+# `r1c serve` and `r1c run`: where this process keeps the weights of r1c's CPU kernels (a session option of the
+# ONNX Runtime backend, r1c.runtime.ort_backend; the bundle's own choice, `r1c build --weights-memory`, otherwise)
+WEIGHTS_MEMORY_OPTION = click.option(
+    "--weights-memory", type=click.Choice(["hugepages", "onnxruntime"]), default=None,
+    help="Where this process keeps the weights of r1c's CPU kernels (default: the bundle's, r1c build "
+         "--weights-memory): hugepages (read into this process's memory in huge pages: the fastest decode) or "
+         "onnxruntime (mapped from model.onnx.data: one copy in the page cache shared by every process that serves "
+         "the bundle).")
+
+
+def session_choices(threads: int | None, weights_memory: str | None) -> dict[str, Any] | None:
+    """The ONNX Runtime session options the command line asked for (None: the bundle's own)."""
+    session: dict[str, Any] = {}
+    if threads is not None:
+        session["intra_op_num_threads"] = threads
+    if weights_memory is not None:
+        session["weights_memory"] = weights_memory
+    return session or None
+
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=Path))
@@ -86,9 +106,10 @@ SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client", "tokenizers", "jinja
               help="Port to listen on (0: a free one, printed at start).")
 @click.option("--model-name", default=None, help="The model id clients send (default: the bundle's folder name).")
 @scheduler_options
+@WEIGHTS_MEMORY_OPTION
 def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_num_seqs: int, max_tokens_per_step: int,
               kv_cache_bytes: str | None, max_model_len: int | None, max_queue: int, prefill_pad_tokens: int,
-              threads: int | None) -> None:
+              threads: int | None, weights_memory: str | None) -> None:
     """Serve a bundle over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions (with a chat
     template), /v1/models, /health, /metrics (Prometheus). Requests are batched continuously; `stream: true`
     answers as server-sent events; a client that disconnects cancels its request.
@@ -116,7 +137,7 @@ def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_nu
     serving = None
     try:
         metrics = Metrics()
-        session = {"intra_op_num_threads": threads} if threads is not None else None
+        session = session_choices(threads, weights_memory)
         serving = ServingEngine.from_bundle(bundle, config, session_options=session, observers=[metrics])
         metrics.attach(serving.stats)
         name = model_name or bundle.resolve().name
