@@ -5,7 +5,9 @@ the same export built with ONNX Runtime's kernels and with the block left unfuse
 
 Tolerance: max |ours - ref| <= 2e-5 * max |ref| per output (float32 against float64; four projections and two norms
 before the attention's 1e-5). Shapes: the benchmark model's decode, rows of different cache lengths, a prefill of
-several token blocks, dimensions not multiples of a vector or a panel; position_ids as [B, S] and as one start;
+several token blocks, dimensions not multiples of a vector or a panel, DeepSeek-V3/R1's attention heads (128 heads,
+nope 128, rope 64, kv_lora 512, v 128; config.json of deepseek-ai/DeepSeek-V3) at a smaller hidden size and
+q_lora; position_ids as [B, S] and as one start;
 1 and 2 threads; every instruction-set level this CPU runs.
 """
 
@@ -89,6 +91,7 @@ def block_case(seed: int, b: int, s: int, n: int, d: int, r: int, c: int, vd: in
     (2, 1, 3, 8, 4, 40, 12, 600, [600, 5], 40, 24, False),  # rows of different lengths, odd sizes
     (2, 20, 16, 8, 4, 16, 8, 1, [1, 0], 64, 48, False),  # a prefill: several token blocks
     (1, 3, 5, 16, 8, 24, 8, 9, [9], 72, 20, True),  # position_ids as one start
+    (2, 2, 128, 128, 64, 512, 128, 70, [70, 33], 256, 96, False),  # DeepSeek-V3/R1's heads (N, D, R, C, Vd)
 ])
 def test_block_matches_float64(any_level: Path, b: int, s: int, n: int, d: int, r: int, c: int, vd: int, p: int,
                                lengths: list[int], hidden: int, q_lora: int, one_start: bool) -> None:
