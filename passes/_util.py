@@ -185,10 +185,14 @@ class CpuKernelPass(ir.passes.InPlacePass):
 
 
 def take_over(graph: ir.Graph, new: ir.Node, before: ir.Node, old: ir.Value, suffix: str) -> None:
-    """Insert `new` before `before`; its (float32) output takes `old`'s name, shape and readers (graph outputs
-    included), `old` is renamed `<name><suffix>` for the nodes the caller then removes."""
-    out = new.outputs[0]
+    """Insert `new` before `before`; its (float32) output takes `old`'s place (`replace_value`)."""
+    graph.insert_before(before, new)
+    replace_value(new.outputs[0], old, suffix)
+
+
+def replace_value(out: ir.Value, old: ir.Value, suffix: str) -> None:
+    """The float32 value `out` takes `old`'s name, shape and readers (graph outputs included); `old` is renamed
+    `<name><suffix>` for the nodes the caller then removes."""
     name, old.name = old.name, f"{old.name}{suffix}"
     out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, old.shape
-    graph.insert_before(before, new)
     old.replace_all_uses_with(out, replace_graph_outputs=True)

@@ -31,7 +31,7 @@ import logging
 
 import onnx_ir as ir
 
-from r1c.passes._util import ORT_DOMAIN, CpuKernelPass, const_ints
+from r1c.passes._util import ORT_DOMAIN, CpuKernelPass, const_ints, replace_value
 from r1c.plugins.cpu_moe import ATTENTION_SPEC, CPU_DOMAIN, LINEAR_SPEC, MLA_BLOCK_SPEC, PANEL
 
 logger = logging.getLogger(__name__)
@@ -96,19 +96,18 @@ class _Match:
             raise _Miss(f"{node.name}: allowzero")
         return node.inputs[0]
 
-    def rotary(self, value: ir.Value | None, heads: int, rope: int | None) -> tuple[ir.Value, tuple[ir.Value, ...]]:
-        """(input, (position_ids, cos_cache, sin_cache)) of a non-interleaved RotaryEmbedding over `heads` heads of
-        the whole rope dim (`rope`; None: not checked here) producing `value`."""
+    def rotary(self, value: ir.Value | None, heads: int) -> tuple[ir.Value, tuple[ir.Value, ...], int]:
+        """(input, (position_ids, cos_cache, sin_cache), rotary_embedding_dim (0: the whole head)) of a
+        non-interleaved RotaryEmbedding over `heads` heads producing `value`."""
         node = self.node(value, "RotaryEmbedding", ORT_DOMAIN)
         ins = list(node.inputs)
         attrs = {k: a.value for k, a in node.attributes.items()}
-        dim = attrs.get("rotary_embedding_dim", 0)
         if len(ins) != 4 or any(v is None for v in ins) or attrs.get("interleaved", 0) != 0 \
-                or attrs.get("num_heads", 0) not in (0, heads) or (rope is not None and dim not in (0, rope)) \
-                or attrs.get("is_packed_batching", 0) != 0 or attrs.get("scale", 1.0) != 1.0:
-            raise _Miss(f"{node.name}: not a plain non-interleaved rotary embedding over {heads} head(s) of {rope}")
+                or attrs.get("num_heads", 0) not in (0, heads) or attrs.get("is_packed_batching", 0) != 0 \
+                or attrs.get("scale", 1.0) != 1.0:
+            raise _Miss(f"{node.name}: not a plain non-interleaved rotary embedding over {heads} head(s)")
         assert ins[0] is not None
-        return ins[0], tuple(v for v in ins[1:] if v is not None)
+        return ins[0], tuple(v for v in ins[1:] if v is not None), int(attrs.get("rotary_embedding_dim", 0))
 
     def check_inside(self, outputs: set[ir.Value]) -> None:
         """Every value a matched node makes is read only by matched nodes, except `outputs`."""
@@ -148,11 +147,10 @@ def match(mla: ir.Node) -> tuple[list[ir.Value], dict[str, float], ir.Node, list
         raise _Miss(f"{mla.name}: the shapes of w_uk [N, D, C] and w_uv_t [N, C, Vd] are not known")
     heads, nope, latent = wuk
     scale = mla.attributes.get("scale")
-    # o_proj: the attention output's one reader
+    # o_proj: a Linear reading the attention's output (any other reader: check_inside below)
     readers = [use.node for use in mla.outputs[0].uses()]
-    if len(readers) != 1 or readers[0].op_type != LINEAR_SPEC.name or readers[0].domain != CPU_DOMAIN \
-            or mla.outputs[0].is_graph_output():
-        raise _Miss(f"{mla.name}: its output is not read by one Linear (o_proj)")
+    if not readers:
+        raise _Miss(f"{mla.name}: its output is not read by o_proj")
     o_node = readers[0]
     attn_out, o_w, o_n = m.linear(o_node.outputs[0])
     if attn_out is not mla.outputs[0]:
@@ -162,18 +160,19 @@ def match(mla: ir.Node) -> tuple[list[ir.Value], dict[str, float], ir.Node, list
     kv, _, end = m.slice_last(kv_c, 0)
     if end != latent:
         raise _Miss(f"{mla.name}: c_new is not the first {latent} columns of kv_a")
-    pe_in, rot = m.rotary(pe_new, 1, None)
+    pe_in, rot, pe_dim = m.rotary(pe_new, 1)
     kv_pe, _, end = m.slice_last(pe_in, latent)
     rope = end - latent
-    m.rotary(pe_new, 1, rope)
     if kv_pe is not kv or rope < 2 or rope % 2:
         raise _Miss(f"{mla.name}: c_new and pe_new are not slices of one kv_a projection")
     hidden, kv_a, kv_n = m.linear(kv)
     # q: q_nope = Slice(qr, 0, D), q_pe = RoPE(Reshape(Slice(qr, D, D + R), [0, 0, -1]))
     qr, _, end = m.slice_last(q_nope, 0)
-    qpe_flat, qrot = m.rotary(q_pe, heads, rope)
+    qpe_flat, qrot, q_dim = m.rotary(q_pe, heads)
     if end != nope or m.slice_last(m.reshape(qpe_flat, [0, 0, -1]), nope) != (qr, nope, nope + rope):
         raise _Miss(f"{mla.name}: q_nope and q_pe are not slices of one q_b projection")
+    if pe_dim not in (0, rope) or q_dim not in (0, rope):
+        raise _Miss(f"{mla.name}: a rotary embedding turns part of the {rope} rope dims")
     if qrot != rot:
         raise _Miss(f"{mla.name}: the two rotary embeddings read different positions or caches")
     q = m.reshape(qr, [0, 0, heads, nope + rope])
@@ -221,9 +220,7 @@ class FuseCpuMLABlockPass(CpuKernelPass):
                           name=f"{mla.name}.block")
             graph.insert_before(o_node, new)
             for out, old in zip(new.outputs, taken, strict=True):
-                name, old.name = old.name, f"{old.name}.unfused"
-                out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, old.shape
-                old.replace_all_uses_with(out, replace_graph_outputs=True)
+                replace_value(out, old, ".unfused")
             graph.remove(nodes, safe=True)
             count += 1
         if count:

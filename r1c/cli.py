@@ -20,7 +20,7 @@ import click
 
 from r1c.errors import ExportError, R1CError, RuntimeInputError
 from r1c.runtime.server.commands import WEIGHTS_MEMORY_OPTION, session_choices
-from r1c.targets import CPU_MOE_CHOICES, DEFAULT_RTX_COMPUTE_CAPABILITY
+from r1c.targets import CPU_MOE_CHOICES, DEFAULT_RTX_COMPUTE_CAPABILITY, WEIGHTS_MEMORY
 
 logger = logging.getLogger("r1c")
 
@@ -282,7 +282,7 @@ def _canonicalize(export_dir: Path, progress: bool = False) -> None:
                    "or int8 absorbed weights) on r1c's CPU kernels (compiled here with g++ against ONNX Runtime's "
                    "headers: scripts/fetch_ort_headers.sh), on ORT's own (MoE, MLAS, its attention nodes), or auto: "
                    "r1c's where they build. --cpu-moe is the older name.")
-@click.option("--weights-memory", type=click.Choice(["hugepages", "onnxruntime"]), default="hugepages",
+@click.option("--weights-memory", type=click.Choice(WEIGHTS_MEMORY), default=WEIGHTS_MEMORY[0],
               show_default=True,
               help="Where the weights of r1c's CPU kernels lie when the bundle is loaded (a bundle without those "
                    "kernels: no effect). hugepages: read into this process's own memory, advised for transparent "

@@ -28,6 +28,7 @@ from r1c import graph_io as gio
 from r1c.config import ModelConfig
 from r1c.errors import BundleError, R1CError
 from r1c.jsonfile import read_json_object
+from r1c.targets import WEIGHTS_MEMORY
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
@@ -148,8 +149,6 @@ def _check_types(raw: dict[str, Any]) -> None:
 
 
 SESSION_COUNTS = ("intra_op_num_threads", "inter_op_num_threads")  # ONNX Runtime thread counts (0: its default)
-# where r1c's CPU kernels' weights lie at load (r1c.runtime.kernel_weights): the session option weights_memory
-WEIGHTS_MEMORY = ("hugepages", "onnxruntime")
 
 
 def check_session(session: dict[str, Any], error_cls: type[R1CError], where: str) -> None:

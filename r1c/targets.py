@@ -6,3 +6,6 @@ DEFAULT_RTX_COMPUTE_CAPABILITY = "SM89"  # Ada (compute capability 8.9): the old
 # kernels ("r1c"), on ONNX Runtime's MoE and MLAS ("ort"), or the first where they build ("auto";
 # runtime/build.py resolve_cpu_moe)
 CPU_MOE_CHOICES = ("auto", "r1c", "ort")
+# the session option weights_memory (`r1c build / run / serve --weights-memory`): where the weights of r1c's CPU
+# kernels lie at load, read into the process's huge-page memory or mapped by ONNX Runtime (r1c.runtime.kernel_weights)
+WEIGHTS_MEMORY = ("hugepages", "onnxruntime")

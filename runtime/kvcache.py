@@ -163,7 +163,6 @@ class LatentCache:
         self.relayouts = 0  # how often rows were relaid (for tests and metrics)
         self.moves = 0
         self.journal: list[tuple[int, ...]] | None = None  # module docstring
-        self._views: dict[tuple[str, int, int, int], Any] = {}  # view()
         # True: the rows' lengths were set directly, without their latents (a timing measurement: `r1c
         # bench-serving`'s capacity bucket), so the contents mean nothing and a sharded engine's followers may copy
         # the lengths alone (`cache_replay`); False (default): such a cache is refused there
@@ -269,18 +268,10 @@ class LatentCache:
 
     # ---- what a step binds and writes -------------------------------------------------------------------
     def view(self, name: str, r0: int, r1: int) -> Any:
-        """[L, r1 - r0, ch, P] view of rows [r0, r1) of tensor `name` ("c" or "pe"); [layer] is contiguous. Views
-        are kept per (name, rows, bucket) (the arenas never move): a decode step's write takes two of them."""
-        key = (name, r0, r1, self.bucket)
-        v = self._views.get(key)
-        if v is None:
-            if len(self._views) >= 256:
-                self._views.clear()
-            ch = self.layout.channels[TENSORS.index(name)]
-            P = self.bucket
-            v = self._views[key] = self.arenas[name][:, r0 * ch * P:r1 * ch * P].reshape(self.layout.layers, r1 - r0,
-                                                                                          ch, P)
-        return v
+        """[L, r1 - r0, ch, P] view of rows [r0, r1) of tensor `name` ("c" or "pe"); [layer] is contiguous."""
+        ch = self.layout.channels[TENSORS.index(name)]
+        P = self.bucket
+        return self.arenas[name][:, r0 * ch * P:r1 * ch * P].reshape(self.layout.layers, r1 - r0, ch, P)
 
     def feeds(self, r0: int, r1: int) -> dict[str, Any]:
         """The graph's cache inputs for rows [r0, r1): `past_c.{l}` [n, C, P], `past_pe.{l}` [n, R, P] (views)."""

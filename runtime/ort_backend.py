@@ -41,7 +41,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # Where the weights of r1c's CPU kernels lie: "hugepages", read at load into this process's memory advised for
     # transparent huge pages (r1c.runtime.kernel_weights; a decode step up to 1.2x faster, README), or
     # "onnxruntime", mapped by ONNX Runtime from model.onnx.data like every other initializer (the page cache,
-    # shared between processes). r1c.manifest.WEIGHTS_MEMORY lists them.
+    # shared between processes). r1c.targets.WEIGHTS_MEMORY lists them.
     "weights_memory": "hugepages",
 }
 

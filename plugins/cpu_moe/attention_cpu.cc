@@ -400,12 +400,6 @@ struct AttnScratch {  // the calling thread's, kept across calls
 };
 thread_local AttnScratch attn_scratch;
 
-template <class T>
-void fit(std::vector<T>& v, size_t n) {
-  release_if_oversized(v, n);
-  v.resize(n);
-}
-
 // The three phases on raw buffers (shapes checked by the caller): `a`'s pointers and sizes, W_UK / W_UV as `W`
 // (`uk_scale` / `uv_scale`: int8 weights' column scales, N*C and N*Vd values; null for float weights)
 template <class W>

@@ -44,8 +44,7 @@ const float* const* token_rows(const float* x, int64_t T, int64_t K) {
     s.xs[0] = x;
     return s.xs.data();
   }
-  release_if_oversized(s.xpad, static_cast<size_t>(T * (K + kPad)));
-  s.xpad.resize(static_cast<size_t>(T * (K + kPad)));
+  fit(s.xpad, static_cast<size_t>(T * (K + kPad)));
   for (int64_t t = 0; t < T; ++t) {
     std::copy(x + t * K, x + (t + 1) * K, s.xpad.data() + t * (K + kPad));
     s.xs[t] = s.xpad.data() + t * (K + kPad);
@@ -72,7 +71,7 @@ struct LinearKernel {
       std::vector<int64_t> shape = input.Shape();
       const std::vector<int64_t> w = weight.Shape();
       if (shape.empty() || w.size() != 3 || w[2] != kPanel || w[1] != shape.back() || n_ < 1 ||
-          w[0] != (n_ + kPanel - 1) / kPanel)
+          w[0] != panels(n_))
         ORT_CXX_API_THROW("r1c.cpu::Linear: input [.., K], packed weight [ceil(n / 32), K, 32]", ORT_INVALID_ARGUMENT);
       const int64_t K = shape.back();
       const int64_t T = K > 0 ? input.NumberOfElement() / K : 0;
@@ -90,7 +89,7 @@ void linear_rows(OrtKernelContext* context, const float* w, int64_t K, int64_t n
   if (T == 0) return;
   const float* const* xs = token_rows(x, T, K);
   LinearJob job{w, y, T, K, n, xs};
-  Ort::KernelContext(context).ParallelFor(linear_block, static_cast<size_t>((n + kPanel - 1) / kPanel), 0, &job);
+  Ort::KernelContext(context).ParallelFor(linear_block, static_cast<size_t>(panels(n)), 0, &job);
 }
 
 void linear_rows_pair(OrtKernelContext* context, const float* x, int64_t T, int64_t K, const float* w_a, int64_t n_a,
@@ -100,8 +99,7 @@ void linear_rows_pair(OrtKernelContext* context, const float* x, int64_t T, int6
   struct Pair {
     LinearJob a, b;
     size_t split;
-  } pair{{w_a, y_a, T, K, n_a, xs}, {w_b, y_b, T, K, n_b, xs},
-         static_cast<size_t>((n_a + kPanel - 1) / kPanel)};
+  } pair{{w_a, y_a, T, K, n_a, xs}, {w_b, y_b, T, K, n_b, xs}, static_cast<size_t>(panels(n_a))};
   auto unit = [](void* data, size_t u) {
     Pair& p = *static_cast<Pair*>(data);
     if (u < p.split)
@@ -109,8 +107,7 @@ void linear_rows_pair(OrtKernelContext* context, const float* x, int64_t T, int6
     else
       linear_block(&p.b, u - p.split);
   };
-  Ort::KernelContext(context).ParallelFor(unit, pair.split + static_cast<size_t>((n_b + kPanel - 1) / kPanel), 0,
-                                          &pair);
+  Ort::KernelContext(context).ParallelFor(unit, pair.split + static_cast<size_t>(panels(n_b)), 0, &pair);
 }
 
 Ort::Custom::OrtLiteCustomOp* make_linear_op() {

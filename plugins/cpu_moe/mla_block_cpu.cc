@@ -28,13 +28,9 @@ namespace {
 
 struct BlockScratch {
   std::vector<float> xa, xkv, q, q_nope, q_pe, attn;
+  std::vector<int64_t> pos;  // each token's position (its cos/sin row)
 };
 thread_local BlockScratch block_scratch;
-
-void fit(std::vector<float>& v, int64_t n) {
-  release_if_oversized(v, static_cast<size_t>(n));
-  v.resize(static_cast<size_t>(n));
-}
 
 // y[0 .. n) = x * (1 / sqrt(mean(x^2) + eps)) * w, the mean in double
 void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* y) {
@@ -52,8 +48,6 @@ void rope(const float* x, const float* cos, const float* sin, int64_t half, floa
     y[i + half] = b * cos[i] + a * sin[i];
   }
 }
-
-int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 
 bool packed_as(const std::vector<int64_t>& s, int64_t k, int64_t n) {
   return s.size() == 3 && s[0] == panels(n) && s[1] == k && s[2] == kPanel;
@@ -108,34 +102,34 @@ struct BlockKernel {
       float* c_new = c_out.Allocate({B, S, C});
       float* pe_new = pe_out.Allocate({B, S, R});
       if (T == 0) return;
-      const int64_t* pos = position_ids.Data();
-      auto position = [&](int64_t t) {
-        const int64_t p = npos == 1 ? pos[0] + t % S : pos[t];
+      BlockScratch& s = block_scratch;
+      fit(s.pos, static_cast<size_t>(T));
+      const int64_t* given = position_ids.Data();
+      for (int64_t t = 0; t < T; ++t) {  // checked before any work
+        const int64_t p = s.pos[t] = npos == 1 ? given[0] + t % S : given[t];
         if (p < 0 || p >= max_pos)
           ORT_CXX_API_THROW("r1c.cpu::MLABlock: a position_ids value is outside the cos/sin caches",
                             ORT_INVALID_ARGUMENT);
-        return p;
-      };
-      BlockScratch& s = block_scratch;
-      fit(s.xa, T * QL);
-      fit(s.xkv, T * (C + R));
-      fit(s.q, T * N * (D + R));
-      fit(s.q_nope, T * N * D);
-      fit(s.q_pe, T * N * R);
-      fit(s.attn, T * N * Vd);
+      }
+      fit(s.xa, static_cast<size_t>(T * QL));
+      fit(s.xkv, static_cast<size_t>(T * (C + R)));
+      fit(s.q, static_cast<size_t>(T * N * (D + R)));
+      fit(s.q_nope, static_cast<size_t>(T * N * D));
+      fit(s.q_pe, static_cast<size_t>(T * N * R));
+      fit(s.attn, static_cast<size_t>(T * N * Vd));
       const float *x = hidden.Data(), *cosd = cos_cache.Data(), *sind = sin_cache.Data();
       linear_rows_pair(context, x, T, H, q_a.Data(), QL, s.xa.data(), kv_a.Data(), C + R, s.xkv.data());
       for (int64_t t = 0; t < T; ++t) {
         float* xa = s.xa.data() + t * QL;
         rmsnorm(xa, q_norm.Data(), QL, q_eps_, xa);
         const float* kv = s.xkv.data() + t * (C + R);
-        const int64_t p = position(t);
+        const int64_t p = s.pos[t];
         rmsnorm(kv, kv_norm.Data(), C, kv_eps_, c_new + t * C);
         rope(kv + C, cosd + p * half, sind + p * half, half, pe_new + t * R);
       }
       linear_rows(context, q_b.Data(), QL, N * (D + R), s.xa.data(), T, s.q.data());
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t p = position(t);
+        const int64_t p = s.pos[t];
         for (int64_t n = 0; n < N; ++n) {
           const float* qh = s.q.data() + (t * N + n) * (D + R);
           std::copy(qh, qh + D, s.q_nope.data() + (t * N + n) * D);

@@ -163,7 +163,7 @@ struct MoEKernel {
                         "[E, P2, I16, 32]", ORT_INVALID_ARGUMENT);
     const int64_t H = xshape.back();
     const int64_t T = H > 0 ? input.NumberOfElement() / H : 0;
-    const int64_t E = pshape[1], P1 = w1[1], I16 = P1 * kHalf, P2 = (H + kPanel - 1) / kPanel;
+    const int64_t E = pshape[1], P1 = w1[1], I16 = P1 * kHalf, P2 = panels(H);
     if (pshape[0] != T || w1[0] != E || w1[2] != H || w1[3] != kPanel || w2[0] != E || w2[1] != P2 ||
         w2[2] != I16 || w2[3] != kPanel)
       ORT_CXX_API_THROW("r1c.cpu::MoE: shapes disagree (input [T, H], router_probs [T, E], packed fc1 [E, P1, H, 32], "
@@ -212,10 +212,8 @@ struct MoEKernel {
     s.slot_weight.resize(A);
     s.xs.resize(A);
     s.hs.resize(A);
-    release_if_oversized(s.h, static_cast<size_t>(A * (I16 + kPad)));
-    release_if_oversized(s.xpad, static_cast<size_t>(T * (H + kPad)));
-    s.h.resize(static_cast<size_t>(A * (I16 + kPad)));
-    s.xpad.resize(static_cast<size_t>(T * (H + kPad)));
+    fit(s.h, static_cast<size_t>(A * (I16 + kPad)));
+    fit(s.xpad, static_cast<size_t>(T * (H + kPad)));
     for (int64_t t = 0; t < T; ++t) std::copy(x + t * H, x + (t + 1) * H, s.xpad.data() + t * (H + kPad));
     s.slot_of.resize(A);
     for (int64_t a = 0; a < A; ++a) {

@@ -154,6 +154,16 @@ void release_if_oversized(std::vector<T>& v, size_t needed) {
   if (v.capacity() * sizeof(T) > kKeepBytes && v.capacity() > 4 * needed) std::vector<T>().swap(v);
 }
 
+// v sized to n elements for this call (kept across calls, let go first when far larger: release_if_oversized)
+template <typename T>
+void fit(std::vector<T>& v, size_t n) {
+  release_if_oversized(v, n);
+  v.resize(n);
+}
+
+// panels of kPanel rows that n output rows (columns of a packed matrix) take
+inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+
 // What every kernel's Compute returns: `body` run as an Ort::Status (no exception leaves the library: ORT calls
 // it through C function pointers). `error`, a constructor's message (a bad attribute), is returned first; ORT's
 // exceptions keep their code; any other becomes ORT_FAIL named after `op`.

@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from r1c.targets import WEIGHTS_MEMORY
+
 SCHEDULER_OPTIONS = [
     click.option("--max-num-seqs", type=int, default=64, show_default=True, help="Sequences running at once."),
     click.option("--max-tokens-per-step", type=int, default=256, show_default=True,
@@ -82,7 +84,7 @@ SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client", "tokenizers", "jinja
 # `r1c serve` and `r1c run`: where this process keeps the weights of r1c's CPU kernels (a session option of the
 # ONNX Runtime backend, r1c.runtime.ort_backend; the bundle's own choice, `r1c build --weights-memory`, otherwise)
 WEIGHTS_MEMORY_OPTION = click.option(
-    "--weights-memory", type=click.Choice(["hugepages", "onnxruntime"]), default=None,
+    "--weights-memory", type=click.Choice(WEIGHTS_MEMORY), default=None,
     help="Where this process keeps the weights of r1c's CPU kernels (default: the bundle's, r1c build "
          "--weights-memory): hugepages (read into this process's memory in huge pages: the fastest decode) or "
          "onnxruntime (mapped from model.onnx.data: one copy in the page cache shared by every process that serves "
