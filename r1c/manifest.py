@@ -153,9 +153,10 @@ SESSION_COUNTS = ("intra_op_num_threads", "inter_op_num_threads")  # ONNX Runtim
 
 def check_session(session: dict[str, Any], error_cls: type[R1CError], where: str) -> None:
     """The one rule for ONNX Runtime session options: each of `SESSION_COUNTS` is an integer >= 0 (0: ONNX Runtime
-    picks, one thread per physical core), and weights_memory, when present, one of `WEIGHTS_MEMORY`. `r1c build`
-    checks what it will write, `read_manifest` what a (hand-edited) manifest holds, so that a bad value is refused
-    naming its field, not by ONNX Runtime blaming the model. Raises `error_cls` with "`where`.FIELD must be ...".
+    picks, one thread per physical core), weights_memory, when present, one of `WEIGHTS_MEMORY`, and native_decode
+    a bool. `r1c build` checks what it will write, `read_manifest` what a (hand-edited) manifest holds, so that a
+    bad value is refused naming its field, not by ONNX Runtime blaming the model. Raises `error_cls` with
+    "`where`.FIELD must be ...".
     """
     for name in SESSION_COUNTS:
         value = session.get(name, 0)
@@ -166,6 +167,9 @@ def check_session(session: dict[str, Any], error_cls: type[R1CError], where: str
     if memory not in WEIGHTS_MEMORY:
         raise error_cls(f"{where}.weights_memory must be one of {', '.join(WEIGHTS_MEMORY)}, got "
                         f"{json.dumps(memory, default=repr)[:60]}")
+    if not isinstance(session.get("native_decode", True), bool):
+        raise error_cls(f"{where}.native_decode must be true or false, got "
+                        f"{json.dumps(session['native_decode'], default=repr)[:60]}")
 
 
 def read_manifest(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Manifest:

@@ -132,21 +132,21 @@ def _drop_cached(f: BufferedReader, offset: int, length: int) -> None:
         pass
 
 
-def pin_kernel_weights(so: Any, model_path: Path) -> list[Any]:
+def pin_kernel_weights(so: Any, model_path: Path) -> dict[str, Any]:
     """Read the external weights only r1c's CPU kernels read (`kernel_weight_names`) into one huge-page arena and
-    give them to the `onnxruntime.SessionOptions` `so` by address (`add_initializer`). Returns their OrtValues,
-    which must outlive the session (each holds its numpy view, which holds the arena); [] when there are none.
-    Raises `BundleError` (module docstring)."""
+    give them to the `onnxruntime.SessionOptions` `so` by address (`add_initializer`). Returns their OrtValues by
+    initializer name, which must outlive the session (each holds its numpy view, which holds the arena); {} when
+    there are none. Raises `BundleError` (module docstring)."""
     import onnx
     import onnxruntime as ort
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    values = []
+    values = {}
     for name, p in load_external(model_path, graph, kernel_weight_names(graph)).items():
         value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(_typed(p.raw, p.elem_type).reshape(p.dims),
                                                                p.elem_type)
         so.add_initializer(name, value)
-        values.append(value)
+        values[name] = value
     return values
 
 

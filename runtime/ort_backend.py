@@ -23,6 +23,7 @@ import numpy as np
 from r1c.errors import BundleError
 from r1c.manifest import check_session
 from r1c.runtime.kernel_weights import pin_kernel_weights
+from r1c.runtime.native_decode import NativeDecoder, physical_cores
 from r1c.runtime.step import StepIO
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # "onnxruntime", mapped by ONNX Runtime from model.onnx.data like every other initializer (the page cache,
     # shared between processes). r1c.targets.WEIGHTS_MEMORY lists them.
     "weights_memory": "hugepages",
+    # Decode steps (one token a row) of a bundle whose graph r1c's native decoder computes exactly
+    # (r1c.runtime.native_decode: fp32 weights, r1c's CPU kernels, the MLA block fused) run as one call into r1c's
+    # kernel library instead of an ONNX Runtime run; False: every step through ONNX Runtime.
+    "native_decode": True,
 }
 
 
@@ -72,8 +77,10 @@ class OrtBackend:
     def __init__(self, model_path: Path, options: dict[str, Any], custom_ops: Sequence[Path] = ()) -> None:
         import onnxruntime as ort
 
-        where = {**DEFAULT_OPTIONS, **options}["weights_memory"]
-        check_session({"weights_memory": where}, BundleError, "bundle: session")  # a load-time override too
+        merged = {**DEFAULT_OPTIONS, **options}
+        where = merged["weights_memory"]
+        check_session({"weights_memory": where, "native_decode": merged["native_decode"]}, BundleError,
+                      "bundle: session")  # a load-time override too
         try:
             so = self._session_options(options)
             for library in custom_ops:  # r1c's CPU kernels (r1c/plugins/cpu_moe), when the bundle has them
@@ -81,13 +88,23 @@ class OrtBackend:
         except Exception as e:  # ORT raises its own exception types; report them as bundle errors
             raise _load_error(model_path, e) from None
         # the kernels' weights in a huge-page arena (a BundleError of its own when a weights file is bad)
-        self._weights: list[Any] = pin_kernel_weights(so, model_path) if custom_ops and where == "hugepages" else []
+        self._weights: dict[str, Any] = (pin_kernel_weights(so, model_path) if custom_ops and where == "hugepages"
+                                         else {})
+        self.native: NativeDecoder | None = None
+        if custom_ops and merged["native_decode"]:
+            threads = int(so.intra_op_num_threads) or physical_cores()
+            self.native = NativeDecoder.for_graph(custom_ops[0], model_path, self._weights, threads)
+        if self.native is not None:
+            # ONNX Runtime's workers spin for ~20-30 ms after each run (measured here: a 2-thread read after a run
+            # is ~30% slower for that long), which would take the cores from the native decode steps that follow
+            # a prefill; the native decoder's own workers spin between its steps instead
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise _load_error(model_path, e) from None
         # the arena's OrtValues live as long as the session, whoever keeps it (ORT reads them in place)
-        self.session._r1c_kernel_weights = self._weights
+        self.session._r1c_kernel_weights = list(self._weights.values())
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._local = threading.local()  # a scratch IOBinding per calling thread, for unkeyed StepIOs
 
@@ -97,7 +114,12 @@ class OrtBackend:
 
     def step(self, io: StepIO) -> None:
         """Run once with every input and output bound by address (see `r1c.runtime.step`); a keyed `StepIO` is
-        bound on its first step and its binding kept on it (`io.bound`) and reused after."""
+        bound on its first step and its binding kept on it (`io.bound`) and reused after. A decode step that the
+        native decoder computes (`self.native`) is its one call instead, its arguments kept on a keyed io."""
+        args = self._native_args(io)
+        if args is not None:
+            self.native.step(args, io.input_ids.ctypes.data, io.past_lengths.ctypes.data)  # type: ignore[union-attr]
+            return
         if io.key is None:  # every input and output bound again, into this thread's scratch binding
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
@@ -108,6 +130,31 @@ class OrtBackend:
         if bound is None or bound[0] is not self:
             bound = io.bound = (self, self._bind(self.session.io_binding(), io))
         self.session.run_with_iobinding(bound[1])
+
+    def _native_args(self, io: StepIO) -> tuple[Any, ...] | None:
+        """The native decoder's fixed arguments for `io` (kept on a keyed io), or None: no native decoder, or not
+        a step it runs."""
+        if self.native is None or io.input_ids.shape[1] != 1:
+            return None
+        bound = io.bound
+        if bound is not None and bound[0] is self.native:
+            return bound[1]  # type: ignore[no-any-return]
+        args = self.native.arguments(io)
+        if args is not None and io.key is not None:
+            io.bound = (self.native, args)
+        return args
+
+    def decode_in_place(self, io: StepIO, input_ids: np.ndarray, lengths: np.ndarray, n_new: Any) -> bool:
+        """A decode step that also stores its latents in the cache and advances `lengths` (the cache's int64
+        lengths of io's rows, a view), when the native decoder runs it: `input_ids` [n, 1] and `n_new` [n] (values
+        0 / 1) contiguous int64 arrays. Returns False, having done nothing, for any other step (the caller then
+        steps and writes as usual)."""
+        args = self._native_args(io)
+        if (args is None or not isinstance(n_new, np.ndarray) or n_new.dtype != np.int64 or
+                input_ids.dtype != np.int64 or not input_ids.flags.c_contiguous or not n_new.flags.c_contiguous):
+            return False
+        self.native.step(args, input_ids.ctypes.data, lengths.ctypes.data, n_new.ctypes.data)  # type: ignore[union-attr]
+        return True
 
     @staticmethod
     def _bind(binding: Any, io: StepIO) -> Any:

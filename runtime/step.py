@@ -27,8 +27,18 @@ address: ONNX Runtime `IOBinding.bind_input(..., buffer_ptr)`, TensorRT `set_ten
 given buffers; the arrays are numpy on the host or, for a device backend, whatever its `alloc` made (torch CUDA
 tensors), with `input_ids` / `past_lengths` always host numpy (a few bytes to upload). After the step, the runner
 writes only the new tokens' latents into the cache (`LatentCache.write`) and advances the rows' lengths, so a
-backend never touches the cache beyond reading it. The arenas' addresses never change (allocated once); a view's
-address and shape change only when rows are added/removed or the capacity bucket changes.
+backend never touches the cache beyond reading it — except through one optional method, for a decode step (one
+token a row) of a cache without a journal:
+
+        def decode_in_place(self, io, input_ids, lengths, n_new) -> bool
+
+which, when it returns True, has run the step on `input_ids` [n, 1] and the lengths view `lengths` [n] (the cache's
+own, int64) instead of io's ids and lengths, written the logits and new latents into io's buffers as `step` does,
+and also stored each row's latents in the cache at its length and advanced `lengths` by `n_new` ([n] values 0 / 1),
+as `LatentCache.write` would; False: it did nothing and the runner steps as above (OrtBackend's native decoder,
+r1c.runtime.native_decode: one C call for what is otherwise three copies, the run and the write).
+The arenas' addresses never change (allocated once); a view's address and shape change only when rows are
+added/removed or the capacity bucket changes.
 
 Bindings made once. Every buffer of a `StepIO` is allocated once by its `StepRunner` (the ids, lengths and logits
 index too: the runner copies each step's few values into them) or is a view into the cache's arenas (allocated once,
@@ -167,6 +177,7 @@ class StepRunner:
         self._arange = np.arange(max_tokens, dtype=np.int64)
         self._serial = next(_runner_serials)
         self._ios: dict[tuple[int, int, int, int, int], StepIO] = {}  # least recently used first
+        self._in_place = getattr(self.backend, "decode_in_place", None)
 
     def io(self, r0: int, n: int, s: int, k: int | None = None) -> StepIO:
         """The `StepIO` of rows [r0, r0 + n), S = s tokens each, logits at K = k positions per row (default S), at
@@ -217,6 +228,11 @@ class StepRunner:
         # negative index means "from the end" in ONNX and is not one every backend's gather takes)
         if s == 1 and n_new is not None:  # decode: every row's logits at its one position (no numpy call here)
             io = self.io(r0, n, 1, 1)
+            # a backend that stores the latents itself (OrtBackend's native decoder): one call, the cache's lengths
+            # advanced in place (not with a journal to keep: a sharded bundle's followers replay the writes)
+            if (self._in_place is not None and self.cache.journal is None and isinstance(input_ids, np.ndarray) and
+                    self._in_place(io, input_ids, self.cache.lengths[r0:r0 + n], n_new)):
+                return io.logits
             io.input_ids[...] = input_ids
             io.past_lengths[...] = self.cache.lengths[r0:r0 + n]
             if io.logits_index is not None:

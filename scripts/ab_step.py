@@ -36,10 +36,12 @@ import click
 import numpy as np
 
 
-def runner(bundle: Path, threads: int, rows: int, tokens: int, filled: int) -> tuple[Any, Any]:
+def runner(bundle: Path, threads: int, rows: int, tokens: int, filled: int, native: bool = True
+           ) -> tuple[Any, Any]:
     from r1c.runtime import load
 
-    engine = load(bundle, session_options={"intra_op_num_threads": threads} if threads else None)
+    options: dict[str, Any] = {"intra_op_num_threads": threads} if threads else {}
+    engine = load(bundle, session_options={**options, "native_decode": native})
     step = engine._runner(rows, filled + tokens, rows * tokens, 64)
     for _ in range(rows):
         step.cache.add_row()
@@ -57,15 +59,19 @@ def runner(bundle: Path, threads: int, rows: int, tokens: int, filled: int) -> t
 @click.option("--filled", default="64,512,2000", show_default=True, help="cached tokens per row, comma-separated")
 @click.option("--blocks", type=int, default=4, show_default=True, help="blocks of steps per bundle")
 @click.option("--steps", type=int, default=15, show_default=True, help="steps per block (3 untimed)")
+@click.option("--b-onnxruntime", is_flag=True,
+              help="B's decode steps through ONNX Runtime (native_decode off; A keeps the default): with BUNDLE_B "
+                   "the same bundle, the native decoder against ONNX Runtime's run of its graph")
 def main(bundle_a: Path, bundle_b: Path, threads: int, rows: int, tokens: int, filled: str, blocks: int,
-         steps: int) -> None:
+         steps: int, b_onnxruntime: bool) -> None:
     """Step time of BUNDLE_A and BUNDLE_B, interleaved in blocks, and their ratio A / B."""
     from r1c.runtime.bench.stats import median_ci
 
     if steps < 4 or blocks < 1:
         raise click.BadParameter("need at least 4 steps per block and 1 block")
     for length in (int(v) for v in filled.split(",")):
-        pairs = [runner(b, threads, rows, tokens, length) for b in (bundle_a, bundle_b)]
+        pairs = [runner(bundle_a, threads, rows, tokens, length),
+                 runner(bundle_b, threads, rows, tokens, length, native=not b_onnxruntime)]
         vocab = pairs[0][0].vocab_size
         ids = np.random.default_rng(0).integers(2, vocab, size=(rows, tokens))
         n_new = np.full(rows, tokens, np.int64)

@@ -100,7 +100,8 @@ def measure(bundle: Path, batch: int, threads: int, prompt_len: int, steps: int,
     from r1c.runtime.engine import Engine
 
     now = time.process_time if clock == "cpu" else time.perf_counter
-    engine = load(bundle, session_options={"intra_op_num_threads": threads})
+    # ONNX Runtime's step path (what this measures; the native decoder's steps bind nothing, r1c.runtime.native_decode)
+    engine = load(bundle, session_options={"intra_op_num_threads": threads, "native_decode": False})
     if not isinstance(engine, Engine) or not hasattr(engine.backend, "session"):
         raise click.ClickException(f"{bundle}: an r1c ONNX Runtime bundle is needed (not foreign, not sharded)")
     session = engine.backend.session

@@ -37,7 +37,9 @@ def main(bundle: Path, rows: int, tokens: int, filled: int, threads: int, steps:
     from r1c.runtime.build import custom_op_libraries
     from r1c.runtime.ort_backend import OrtBackend
 
-    options = {"intra_op_num_threads": threads} if threads else {}
+    # ONNX Runtime runs every step here (the native decoder's steps, r1c.runtime.native_decode, would bypass the
+    # profiler: scripts/step_parts.py times those)
+    options: dict[str, Any] = {"native_decode": False, **({"intra_op_num_threads": threads} if threads else {})}
     engine = load(bundle, session_options=options)
     m = engine.manifest
     if m.target != "onnxruntime" or "distributed" in m.target_options:

@@ -10,7 +10,8 @@ benchmark's floor):
   streaming     the nodes that stream weights (r1c.cpu Linear, MoE, MLABlock, MLA attention and its int8 form) alone
   +N identity   the same with N Identity nodes after each (`--pad`): what any node between two of them costs
   others        every other node alone (the small ops, warm: their inputs fed, nothing streamed between them)
-  step          the whole step
+  step          the whole step (the native decoder's where the bundle has one, r1c.runtime.native_decode)
+  step, ORT     the whole step through ONNX Runtime (native_decode off)
 
 Prints each part's median time and its share of the probe's (the floor for the step's bytes). The weights of every
 part lie where `load()` puts them (`r1c.runtime.kernel_weights`). Not a test: run it on a quiet machine. Measured
@@ -79,6 +80,7 @@ def main(bundle: Path, threads: int, filled: int, rounds: int, pad: str) -> None
     from r1c.runtime.ort_backend import OrtBackend
 
     engine = load(bundle, session_options={"intra_op_num_threads": threads})
+    ort_engine = load(bundle, session_options={"intra_op_num_threads": threads, "native_decode": False})
     m = engine.manifest
     if m.target != "onnxruntime" or "distributed" in m.target_options:
         raise click.UsageError("step_parts: a one-rank onnxruntime bundle")
@@ -86,16 +88,22 @@ def main(bundle: Path, threads: int, filled: int, rounds: int, pad: str) -> None
     libraries = custom_op_libraries(bundle, m.target_options, m.files)
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
-    runner = engine._runner(1, filled + 1, 1, 64)
-    runner.cache.add_row()
-    runner.cache.resize(filled + 1)
     ids, n_new = np.full((1, 1), 7), np.ones(1, np.int64)
 
-    def step() -> None:
-        runner.cache.lengths[:1] = filled
-        runner.step(ids, 0, n_new)
+    def stepper(e: Any) -> tuple[Any, Callable[[], None]]:
+        r = e._runner(1, filled + 1, 1, 64)
+        r.cache.add_row()
+        r.cache.resize(filled + 1)
 
-    step()
+        def step() -> None:
+            r.cache.lengths[:1] = filled
+            r.step(ids, 0, n_new)
+
+        return r, step
+
+    _, step = stepper(engine)
+    runner, ort_step = stepper(ort_engine)
+    ort_step()  # ONNX Runtime's run fills the io's inputs (the native decoder reads the cache's lengths in place)
     runner.cache.lengths[:1] = filled
     io = runner.io(0, 1, 1, 1)
     feeds = {k: np.ascontiguousarray(v) for k, v in io.feeds().items()}
@@ -120,7 +128,7 @@ def main(bundle: Path, threads: int, filled: int, rounds: int, pad: str) -> None
         del s
         streaming = [n for n in graph.node if n.op_type in STREAMING]
         others = [n for n in graph.node if n.op_type not in STREAMING]
-        parts: dict[str, Callable[[], Any]] = {"step": step}
+        parts: dict[str, Callable[[], Any]] = {"step": step, "step, ORT": ort_step}
         for name, nodes, n_pad in [("streaming", streaming, 0),
                                    *((f"+{p} identity", streaming, int(p)) for p in pad.split(",") if p),
                                    ("others", others, 0)]:
@@ -150,7 +158,7 @@ def main(bundle: Path, threads: int, filled: int, rounds: int, pad: str) -> None
         times: dict[str, list[float]] = {k: [] for k in parts}
         for _ in range(rounds):
             for name, fn in parts.items():
-                time.sleep(0.02)
+                time.sleep(0.05)  # ONNX Runtime's workers spin for ~20-30 ms after a run: let them stop
                 for _ in range(3):
                     fn()
                 t0 = time.perf_counter()

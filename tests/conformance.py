@@ -324,6 +324,24 @@ def transformers_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> li
     return out
 
 
+def decode_logits(engine: Any, prompts: list[list[int]], prefill: int) -> np.ndarray:
+    """Logits [B, S - prefill, V] of equal-length `prompts` [B, S] at positions prefill .. S-1, each computed by a
+    decode step (one token a row, the cache holding the tokens before it) after a prefill of the first `prefill`:
+    the runtime's decode path (the native decoder where the bundle has one), teacher-forced."""
+    ids = np.asarray(prompts, dtype=np.int64)
+    batch, total = ids.shape
+    runner = engine._runner(batch, total, batch * prefill, 16)
+    for _ in range(batch):
+        runner.cache.add_row()
+    runner.cache.resize(prefill)
+    runner.step(ids[:, :prefill], 0, np.full(batch, prefill, np.int64))
+    ones, out = np.ones(batch, np.int64), []
+    for t in range(prefill, total):
+        runner.cache.resize(t + 1)
+        out.append(np.array(runner.step(np.ascontiguousarray(ids[:, t:t + 1]), 0, ones)[:, 0]))
+    return np.stack(out, axis=1)
+
+
 def rel_err(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())

@@ -2,9 +2,13 @@
 bundle (checkpoint -> `r1c export` -> `r1c build --target onnxruntime` -> runtime) and r1c's PyTorch model equal
 transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM on the same weights, read from the same config.json.
 
-Tolerance: float32 logits within 1e-4 of the largest |logit| (max |ours - transformers| <= 1e-4 * max |theirs|);
-greedy tokens equal (6 decoded through the runtime's latent cache). Each case's mutations must move transformers'
-own logits by more than 10x that tolerance, so the inputs would show a wrong eps, rotation or routing rule.
+Tolerance: float32 logits within 1e-4 of the largest |logit| (max |ours - transformers| <= 1e-4 * max |theirs|),
+both of a whole-prompt forward and of decode steps (the last 4 positions, one token a step through the latent
+cache: the native decoder where the bundle's graph has one, r1c/runtime/native_decode.py, which every V3-form case
+with q_lora and without `norm_topk_prob: false` must have, but the FP8 one: an FP8 export built at fp32 keeps its
+MLA nodes unfused); greedy tokens equal (6 decoded through the cache).
+Each case's mutations must move transformers' own logits by more than 10x that tolerance, so the inputs would show
+a wrong eps, rotation or routing rule.
 Every ModelConfig field is varied by some case, refused with a named value, or listed as not changing the math.
 R1C_CONFORMANCE_REPORT=<file> appends one JSON line per case (the closing note's table).
 """
@@ -28,12 +32,14 @@ from r1c.config import YARN_KEYS, ModelConfig
 from r1c.errors import ConfigError
 from r1c.exporter.checkpoint import load_checkpoint, model_from_checkpoint
 from r1c.exporter.onnx_export import export_onnx
+from r1c.plugins.cpu_moe import library as cpu_library
 from r1c.runtime import load
 
 pytest.importorskip("transformers")
 
 PROMPTS = [[3, 17, 42, 99, 5, 250, 7, 64, 128, 11, 200, 31], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 255, 254]]
 NEW_TOKENS = 6
+DECODE_FROM = 8  # decode steps at positions 8 .. 11
 
 
 def _report(row: dict[str, Any]) -> None:
@@ -65,6 +71,8 @@ def test_bundle_equals_transformers(case: cf.Case, tmp_path: Path) -> None:
     engine = load(tmp_path / "bundle")
     bundle_logits = engine.forward(PROMPTS)
     bundle_tokens = engine.generate([PROMPTS[0]], max_new_tokens=NEW_TOKENS)[0]
+    step_logits = cf.decode_logits(engine, PROMPTS, DECODE_FROM)
+    native = getattr(engine.backend, "native", None) is not None
 
     hf = cf.transformers_model(config_json, reference)
     ids = torch.tensor(PROMPTS)
@@ -73,6 +81,7 @@ def test_bundle_equals_transformers(case: cf.Case, tmp_path: Path) -> None:
         torch_logits = model_from_checkpoint(ckpt)(ids)
     assert ref.std() > 0.1, "flat logits would hide differences"
     err_bundle, err_torch = cf.rel_err(bundle_logits, ref), cf.rel_err(torch_logits, ref)
+    err_steps = cf.rel_err(step_logits, ref[:, DECODE_FROM:])
     ref_tokens = cf.transformers_greedy(hf, PROMPTS[0], NEW_TOKENS)
 
     sensitivity = {}
@@ -84,9 +93,13 @@ def test_bundle_equals_transformers(case: cf.Case, tmp_path: Path) -> None:
         with torch.no_grad():
             sensitivity[label] = cf.rel_err(other(ids).logits, ref)
     _report({"case": case.name, "varies": sorted(cf.varied(case)), "bundle_rel_err": err_bundle,
-             "torch_rel_err": err_torch, "tokens_equal": list(bundle_tokens) == ref_tokens,
-             "mutations": sensitivity})
+             "decode_rel_err": err_steps, "native_decode": native, "torch_rel_err": err_torch,
+             "tokens_equal": list(bundle_tokens) == ref_tokens, "mutations": sensitivity})
     assert err_bundle <= cf.RTOL, f"bundle vs transformers: {err_bundle:.3g} > {cf.RTOL}"
+    assert err_steps <= cf.RTOL, f"decode steps vs transformers: {err_steps:.3g} > {cf.RTOL}"
+    if cpu_library.why_unavailable() is None:  # the bundle has r1c's kernels: the native decoder where it applies
+        assert native == (config.scoring_func == "sigmoid" and config.norm_topk_prob and
+                          config.q_lora_rank is not None and not case.fp8), native
     assert err_torch <= cf.RTOL, f"r1c's PyTorch model vs transformers: {err_torch:.3g} > {cf.RTOL}"
     assert list(bundle_tokens) == ref_tokens
     weak = {k: v for k, v in sensitivity.items() if v <= cf.SENSITIVITY}

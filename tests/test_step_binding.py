@@ -174,7 +174,8 @@ def test_keyed_bindings_give_the_logits_of_fresh_bindings(tmp_path_factory: pyte
     from r1c.runtime.ort_backend import OrtBackend
 
     bundle: Path = text_bundle(tmp_path_factory)
-    engine = load(bundle, session_options={"intra_op_num_threads": 1})
+    # ONNX Runtime's bindings (a native decode step binds nothing: tests/test_native_decode.py)
+    engine = load(bundle, session_options={"intra_op_num_threads": 1, "native_decode": False})
     binds: list[Any] = []
     alive: list[weakref.ref[Any]] = []  # the keyed bindings: each must die with its runner's StepIO
     real_bind = OrtBackend._bind

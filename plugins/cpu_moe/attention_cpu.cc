@@ -403,7 +403,7 @@ thread_local AttnScratch attn_scratch;
 // The three phases on raw buffers (shapes checked by the caller): `a`'s pointers and sizes, W_UK / W_UV as `W`
 // (`uk_scale` / `uv_scale`: int8 weights' column scales, N*C and N*Vd values; null for float weights)
 template <class W>
-void attention_core(OrtKernelContext* context, const AttentionArgs& a, const W* w_uk, const W* w_uv,
+void attention_core(const Parallel& par, const AttentionArgs& a, const W* w_uk, const W* w_uv,
                     const float* uk_scale, const float* uv_scale) {
   const int64_t B = a.B, S = a.S, N = a.N, C = a.C, R = a.R, P = a.P;
   if (B * S * N == 0) return;
@@ -428,10 +428,9 @@ void attention_core(OrtKernelContext* context, const AttentionArgs& a, const W* 
   AttnJob<W> job{a.q_nope, a.q_pe, cn, pn, a.past_c, a.past_pe, w_uk, w_uv, uk_scale, uv_scale, a.past_valid,
                  a.new_valid, a.scale, a.out, B, S, N, a.D, R, C, P, a.Vd, sb, nsb, chunk, past_chunks, chunks,
                  s.q.data(), s.kt.data(), s.part_ol.data(), s.part_m.data(), s.part_l.data()};
-  Ort::KernelContext ctx(context);
-  ctx.ParallelFor(query_unit<W>, static_cast<size_t>(N), 0, &job);
-  ctx.ParallelFor(chunk_unit<W>, static_cast<size_t>(units), 0, &job);
-  ctx.ParallelFor(output_unit<W>, static_cast<size_t>(N), 0, &job);
+  par.run(query_unit<W>, static_cast<size_t>(N), &job);
+  par.run(chunk_unit<W>, static_cast<size_t>(units), &job);
+  par.run(output_unit<W>, static_cast<size_t>(N), &job);
 }
 
 // One call of either kernel: shapes checked, scratch fitted, the three phases run. `uk_scale` / `uv_scale`
@@ -467,8 +466,8 @@ void run_attention(OrtKernelContext* context, float scale, const Ort::Custom::Te
                      make_mask(past_valid, B, S * N, P, "r1c.cpu::MLAAttention", "past_valid"),
                      make_mask(new_valid, B, S * N, S, "r1c.cpu::MLAAttention", "new_valid"),
                      scale, B, S, N, D, R, C, P, Vd, y};
-  attention_core<W>(context, args, w_uk.Data(), w_uv_t.Data(), uk_scale != nullptr ? uk_scale->Data() : nullptr,
-                    uv_scale != nullptr ? uv_scale->Data() : nullptr);
+  attention_core<W>(Parallel{context}, args, w_uk.Data(), w_uv_t.Data(),
+                    uk_scale != nullptr ? uk_scale->Data() : nullptr, uv_scale != nullptr ? uv_scale->Data() : nullptr);
 }
 
 struct ScaleAttr {  // the `scale` attribute, or the constructor's error (returned by Compute)
@@ -539,8 +538,8 @@ Mask make_mask(const Ort::Custom::Tensor<bool>& t, int64_t B, int64_t rows, int6
   return m;
 }
 
-void mla_attention(OrtKernelContext* context, const AttentionArgs& a) {
-  attention_core<float>(context, a, a.w_uk, a.w_uv_t, nullptr, nullptr);
+void mla_attention(const Parallel& par, const AttentionArgs& a) {
+  attention_core<float>(par, a, a.w_uk, a.w_uv_t, nullptr, nullptr);
 }
 
 Ort::Custom::OrtLiteCustomOp* make_attention_op() {

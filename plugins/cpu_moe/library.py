@@ -1,6 +1,7 @@
 """Build r1c's CPU kernel library (the `r1c.cpu` custom-op domain: `MoE` in moe_cpu.cc, `Linear` in linear_cpu.cc,
 both over panels.h, `MLAAttention` in attention_cpu.cc, `MLABlock` in mla_block_cpu.cc over kernels.h; register.cc
-the entry point) and pick the build a host can run.
+the entry point; and the native decode step, decode_cpu.cc over team.cc, called through ctypes by
+r1c/runtime/native_decode.py) and pick the build a host can run.
 
 A bundle carries the library compiled for two x86-64 micro-architecture levels (the psABI's levels, as GCC's
 `-march=x86-64-v3` / `-v4` name them): v4 (AVX-512 F/BW/CD/DQ/VL: 16-float registers) and v3 (AVX2 + FMA: 8).
@@ -30,7 +31,8 @@ from r1c.errors import BuildError, BundleError
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("moe_cpu.cc", "linear_cpu.cc", "attention_cpu.cc",
-                                                                  "mla_block_cpu.cc", "register.cc"))
+                                                                  "mla_block_cpu.cc", "team.cc", "decode_cpu.cc",
+                                                                  "register.cc"))
 # what the sources include from beside them
 LOCAL_HEADERS = tuple(Path(__file__).with_name(f) for f in ("panels.h", "kernels.h"))
 HEADERS = ("onnxruntime_cxx_api.h", "onnxruntime_c_api.h", "onnxruntime_lite_custom_op.h")  # what panels.h includes

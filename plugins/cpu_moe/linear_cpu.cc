@@ -1,6 +1,7 @@
 // r1c's CPU kernel library for ONNX Runtime: `r1c.cpu::Linear`, a float32 MatMul by a constant weight packed in
 // panels (spec.py `LINEAR_SPEC`, `pack_linear`; the pass passes/use_cpu_linear_kernel.py swaps it in). The same
-// outer-product tiles as the experts (panels.h): every panel one sequential stream, shared among ORT's threads.
+// outer-product tiles as the experts (panels.h): every panel one sequential stream, shared among ORT's threads
+// (or the native decode step's team: `linear_rows` takes either, panels.h `Parallel`).
 #include "kernels.h"
 
 namespace r1c_cpu {
@@ -77,22 +78,21 @@ struct LinearKernel {
       const int64_t T = K > 0 ? input.NumberOfElement() / K : 0;
       shape.back() = n_;
       float* y = output.Allocate(shape);
-      linear_rows(context, weight.Data(), K, n_, input.Data(), T, y);
+      linear_rows(Parallel{context}, weight.Data(), K, n_, input.Data(), T, y);
     });
   }
 };
 
 }  // namespace
 
-void linear_rows(OrtKernelContext* context, const float* w, int64_t K, int64_t n, const float* x, int64_t T,
-                 float* y) {
+void linear_rows(const Parallel& par, const float* w, int64_t K, int64_t n, const float* x, int64_t T, float* y) {
   if (T == 0) return;
   const float* const* xs = token_rows(x, T, K);
   LinearJob job{w, y, T, K, n, xs};
-  Ort::KernelContext(context).ParallelFor(linear_block, static_cast<size_t>(panels(n)), 0, &job);
+  par.run(linear_block, static_cast<size_t>(panels(n)), &job);
 }
 
-void linear_rows_pair(OrtKernelContext* context, const float* x, int64_t T, int64_t K, const float* w_a, int64_t n_a,
+void linear_rows_pair(const Parallel& par, const float* x, int64_t T, int64_t K, const float* w_a, int64_t n_a,
                       float* y_a, const float* w_b, int64_t n_b, float* y_b) {
   if (T == 0) return;
   const float* const* xs = token_rows(x, T, K);
@@ -107,7 +107,7 @@ void linear_rows_pair(OrtKernelContext* context, const float* x, int64_t T, int6
     else
       linear_block(&p.b, u - p.split);
   };
-  Ort::KernelContext(context).ParallelFor(unit, pair.split + static_cast<size_t>(panels(n_b)), 0, &pair);
+  par.run(unit, pair.split + static_cast<size_t>(panels(n_b)), &pair);
 }
 
 Ort::Custom::OrtLiteCustomOp* make_linear_op() {

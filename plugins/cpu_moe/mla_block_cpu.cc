@@ -28,17 +28,9 @@ namespace {
 
 struct BlockScratch {
   std::vector<float> xa, xkv, q, q_nope, q_pe, attn;
-  std::vector<int64_t> pos;  // each token's position (its cos/sin row)
 };
 thread_local BlockScratch block_scratch;
-
-// y[0 .. n) = x * (1 / sqrt(mean(x^2) + eps)) * w, the mean in double
-void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  double ss = 0.0;
-  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
-  const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
-}
+thread_local std::vector<int64_t> block_positions;  // the op's: each token's position (its cos/sin row)
 
 // y[0 .. 2 half) = x rotated by the cos / sin rows (non-interleaved halves)
 void rope(const float* x, const float* cos, const float* sin, int64_t half, float* y) {
@@ -102,51 +94,60 @@ struct BlockKernel {
       float* c_new = c_out.Allocate({B, S, C});
       float* pe_new = pe_out.Allocate({B, S, R});
       if (T == 0) return;
-      BlockScratch& s = block_scratch;
-      fit(s.pos, static_cast<size_t>(T));
+      std::vector<int64_t>& pos = block_positions;
+      fit(pos, static_cast<size_t>(T));
       const int64_t* given = position_ids.Data();
       for (int64_t t = 0; t < T; ++t) {  // checked before any work
-        const int64_t p = s.pos[t] = npos == 1 ? given[0] + t % S : given[t];
+        const int64_t p = pos[t] = npos == 1 ? given[0] + t % S : given[t];
         if (p < 0 || p >= max_pos)
           ORT_CXX_API_THROW("r1c.cpu::MLABlock: a position_ids value is outside the cos/sin caches",
                             ORT_INVALID_ARGUMENT);
       }
-      fit(s.xa, static_cast<size_t>(T * QL));
-      fit(s.xkv, static_cast<size_t>(T * (C + R)));
-      fit(s.q, static_cast<size_t>(T * N * (D + R)));
-      fit(s.q_nope, static_cast<size_t>(T * N * D));
-      fit(s.q_pe, static_cast<size_t>(T * N * R));
-      fit(s.attn, static_cast<size_t>(T * N * Vd));
-      const float *x = hidden.Data(), *cosd = cos_cache.Data(), *sind = sin_cache.Data();
-      linear_rows_pair(context, x, T, H, q_a.Data(), QL, s.xa.data(), kv_a.Data(), C + R, s.xkv.data());
-      for (int64_t t = 0; t < T; ++t) {
-        float* xa = s.xa.data() + t * QL;
-        rmsnorm(xa, q_norm.Data(), QL, q_eps_, xa);
-        const float* kv = s.xkv.data() + t * (C + R);
-        const int64_t p = s.pos[t];
-        rmsnorm(kv, kv_norm.Data(), C, kv_eps_, c_new + t * C);
-        rope(kv + C, cosd + p * half, sind + p * half, half, pe_new + t * R);
-      }
-      linear_rows(context, q_b.Data(), QL, N * (D + R), s.xa.data(), T, s.q.data());
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t p = s.pos[t];
-        for (int64_t n = 0; n < N; ++n) {
-          const float* qh = s.q.data() + (t * N + n) * (D + R);
-          std::copy(qh, qh + D, s.q_nope.data() + (t * N + n) * D);
-          rope(qh + D, cosd + p * half, sind + p * half, half, s.q_pe.data() + (t * N + n) * R);
-        }
-      }
-      AttentionArgs args{s.q_nope.data(), s.q_pe.data(), c_new, pe_new, past_c.Data(), past_pe.Data(), w_uk.Data(),
-                         w_uv_t.Data(), make_mask(past_valid, B, S * N, P, op, "past_valid"),
-                         make_mask(new_valid, B, S * N, S, op, "new_valid"), scale_, B, S, N, D, R, C, P, Vd,
-                         s.attn.data()};
-      mla_attention(context, args);
-      linear_rows(context, o.Data(), N * Vd, H, s.attn.data(), T, y);
+      BlockArgs args{hidden.Data(), q_a.Data(), q_norm.Data(), q_b.Data(), kv_a.Data(), kv_norm.Data(),
+                     cos_cache.Data(), sin_cache.Data(), past_c.Data(), past_pe.Data(), w_uk.Data(), w_uv_t.Data(),
+                     o.Data(), pos.data(), make_mask(past_valid, B, S * N, P, op, "past_valid"),
+                     make_mask(new_valid, B, S * N, S, op, "new_valid"), scale_, q_eps_, kv_eps_, B, S, H, QL, N,
+                     D, R, C, P, Vd, y, c_new, pe_new};
+      mla_block(Parallel{context}, args);
     });
   }
 };
 
 }  // namespace
+
+void mla_block(const Parallel& par, const BlockArgs& a) {
+  const int64_t T = a.B * a.S, H = a.H, QL = a.QL, N = a.N, D = a.D, R = a.R, C = a.C, half = R / 2;
+  if (T == 0) return;
+  BlockScratch& s = block_scratch;
+  fit(s.xa, static_cast<size_t>(T * QL));
+  fit(s.xkv, static_cast<size_t>(T * (C + R)));
+  fit(s.q, static_cast<size_t>(T * N * (D + R)));
+  fit(s.q_nope, static_cast<size_t>(T * N * D));
+  fit(s.q_pe, static_cast<size_t>(T * N * R));
+  fit(s.attn, static_cast<size_t>(T * N * a.Vd));
+  linear_rows_pair(par, a.x, T, H, a.q_a, QL, s.xa.data(), a.kv_a, C + R, s.xkv.data());
+  for (int64_t t = 0; t < T; ++t) {
+    float* xa = s.xa.data() + t * QL;
+    rmsnorm(xa, a.q_norm, QL, a.q_eps, xa);
+    const float* kv = s.xkv.data() + t * (C + R);
+    const int64_t p = a.pos[t];
+    rmsnorm(kv, a.kv_norm, C, a.kv_eps, a.c_new + t * C);
+    rope(kv + C, a.cos + p * half, a.sin + p * half, half, a.pe_new + t * R);
+  }
+  linear_rows(par, a.q_b, QL, N * (D + R), s.xa.data(), T, s.q.data());
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t p = a.pos[t];
+    for (int64_t n = 0; n < N; ++n) {
+      const float* qh = s.q.data() + (t * N + n) * (D + R);
+      std::copy(qh, qh + D, s.q_nope.data() + (t * N + n) * D);
+      rope(qh + D, a.cos + p * half, a.sin + p * half, half, s.q_pe.data() + (t * N + n) * R);
+    }
+  }
+  AttentionArgs args{s.q_nope.data(), s.q_pe.data(), a.c_new, a.pe_new, a.past_c, a.past_pe, a.w_uk, a.w_uv_t,
+                     a.past_valid, a.new_valid, a.scale, a.B, a.S, N, D, R, C, a.P, a.Vd, s.attn.data()};
+  mla_attention(par, args);
+  linear_rows(par, a.o, N * a.Vd, H, s.attn.data(), T, a.y);
+}
 
 Ort::Custom::OrtLiteCustomOp* make_mla_block_op() {
   return Ort::Custom::CreateLiteCustomOp<BlockKernel>("MLABlock", "CPUExecutionProvider");

@@ -6,7 +6,8 @@
 // differs is how the work is shared and read: ORT's kernel gives each thread a contiguous range of expert indices,
 // so the k experts a decoding token picks rarely split evenly, and its per-expert GEMM packs the weights on every
 // call. Here the weights are stored in panels of 32 rows (below), the panels of all selected experts are shared
-// among ORT's intra-op threads (KernelContext_ParallelFor), and each panel is read once, front to back, against
+// among ORT's intra-op threads (KernelContext_ParallelFor; r1c's own `Team` in the native decode step,
+// decode_cpu.cc, which calls `moe_experts` with its own routing), and each panel is read once, front to back, against
 // every token routed to that expert (outer-product register tiles: 32 rows x up to 12 tokens on AVX-512).
 // fc2 runs per output panel over all touched experts (summing into the output as it goes), or, for a step of at
 // most kFewSlots (token, expert) assignments (decode), per run of one expert's consecutive panels into a row per
@@ -33,7 +34,7 @@
 // No C++ exception leaves this library: ORT calls it through C function pointers. The kernel's constructor
 // keeps a bad attribute's message and Compute returns it, and Compute returns every error as an Ort::Status
 // (the lite API's KernelComputeV2), so a bad shape or a failed allocation is an ORT error, never a crash.
-#include "panels.h"
+#include "kernels.h"
 
 #include <numeric>
 
@@ -45,9 +46,6 @@ struct Scratch {
   std::vector<int64_t> count, offset, fill;  // [E], [E + 1], [E]
   std::vector<int64_t> slot_token;           // [A] token of each slot, slots grouped by expert
   std::vector<float> slot_weight;            // [A]
-  std::vector<int64_t> order;                // [E] top-k selection buffer
-  std::vector<int64_t> chosen;               // [A] expert of assignment t*k + i
-  std::vector<float> chosen_weight;          // [A]
   std::vector<float> h;                      // [A, I16 + kPad]
   std::vector<float> xpad;                   // [T, H + kPad] the input's rows, re-strided
   std::vector<const float*> xs;              // [A] activation row of each slot (fc1), h row of each slot (fc2)
@@ -58,6 +56,13 @@ struct Scratch {
 };
 
 thread_local Scratch scratch;
+
+struct RouteScratch {  // the op's selection from router_probs
+  std::vector<int64_t> order;   // [E] top-k selection buffer
+  std::vector<int64_t> chosen;  // [A] expert of assignment t*k + i
+  std::vector<float> weight;    // [A]
+};
+thread_local RouteScratch route_scratch;
 
 // Shapes in the packed layout: fc1 [E, P1, H, kPanel], fc2 [E, P2, I16, kPanel] (I16 = P1 * kHalf intermediates,
 // zero past I; P2 = ceil(H / kPanel) output panels, zero rows past H).
@@ -172,84 +177,93 @@ struct MoEKernel {
     float* y = output.Allocate(xshape);
     if (T == 0 || H == 0) return;
 
-    Scratch& s = scratch;
-    const int64_t K = k_, A = T * K;
+    const int64_t K = k_;
     const float* probs = router_probs.Data();
-    const float* x = input.Data();
-    s.count.assign(E, 0);
-    s.order.resize(E);
-    s.chosen.resize(A);
-    s.chosen_weight.resize(A);
+    std::vector<int64_t>& chosen = route_scratch.chosen;
+    std::vector<float>& weight = route_scratch.weight;
+    std::vector<int64_t>& order = route_scratch.order;
+    chosen.resize(T * K);
+    weight.resize(T * K);
+    order.resize(E);
     for (int64_t t = 0; t < T; ++t) {
       const float* p = probs + t * E;
-      std::iota(s.order.begin(), s.order.end(), 0);
+      std::iota(order.begin(), order.end(), 0);
       // A NaN score ranks below every number (a comparison with NaN would break the sort's ordering); with
       // normalize_routing_weights=0 it also makes the token's weights NaN (the softmax over all E includes it).
       // Ties: the higher expert index first, as ORT's MoE.
       const auto score = [p](int64_t e) { return std::isnan(p[e]) ? -INFINITY : p[e]; };
-      std::partial_sort(s.order.begin(), s.order.begin() + K, s.order.end(), [&score](int64_t a, int64_t b) {
+      std::partial_sort(order.begin(), order.begin() + K, order.end(), [&score](int64_t a, int64_t b) {
         const float sa = score(a), sb = score(b);
         return sa > sb || (sa == sb && a > b);
       });
-      const float top = p[s.order[0]];
+      const float top = p[order[0]];
       double sum = 0.0;
       if (normalize_) {
-        for (int64_t i = 0; i < K; ++i) sum += std::exp(static_cast<double>(p[s.order[i]]) - top);
+        for (int64_t i = 0; i < K; ++i) sum += std::exp(static_cast<double>(p[order[i]]) - top);
       } else {
         for (int64_t e = 0; e < E; ++e) sum += std::exp(static_cast<double>(p[e]) - top);
       }
       for (int64_t i = 0; i < K; ++i) {
-        const int64_t e = s.order[i];
-        s.chosen[t * K + i] = e;
-        s.chosen_weight[t * K + i] = static_cast<float>(std::exp(static_cast<double>(p[e]) - top) / sum);
-        ++s.count[e];
+        const int64_t e = order[i];
+        chosen[t * K + i] = e;
+        weight[t * K + i] = static_cast<float>(std::exp(static_cast<double>(p[e]) - top) / sum);
       }
     }
-    s.offset.assign(E + 1, 0);
-    for (int64_t e = 0; e < E; ++e) s.offset[e + 1] = s.offset[e] + s.count[e];
-    s.fill.assign(s.offset.begin(), s.offset.end() - 1);
-    s.slot_token.resize(A);
-    s.slot_weight.resize(A);
-    s.xs.resize(A);
-    s.hs.resize(A);
-    fit(s.h, static_cast<size_t>(A * (I16 + kPad)));
-    fit(s.xpad, static_cast<size_t>(T * (H + kPad)));
-    for (int64_t t = 0; t < T; ++t) std::copy(x + t * H, x + (t + 1) * H, s.xpad.data() + t * (H + kPad));
-    s.slot_of.resize(A);
-    for (int64_t a = 0; a < A; ++a) {
-      const int64_t slot = s.slot_of[a] = s.fill[s.chosen[a]]++;
-      s.slot_token[slot] = a / K;
-      s.slot_weight[slot] = s.chosen_weight[a];
-      s.xs[slot] = s.xpad.data() + (a / K) * (H + kPad);
-      s.hs[slot] = s.h.data() + slot * (I16 + kPad);
-    }
-    s.touched.clear();
-    for (int64_t e = 0; e < E; ++e)
-      if (s.count[e]) s.touched.push_back(e);
-    Job job{fc1.Data(), fc2.Data(), y, T, H, I16, P1, P2, &s};
-    Ort::KernelContext ctx(context);
-    ctx.ParallelFor(fc1_block, s.touched.size() * static_cast<size_t>(P1), 0, &job);
-    if (A > kFewSlots) {
-      ctx.ParallelFor(fc2_block, static_cast<size_t>(P2), 0, &job);
-      return;
-    }
-    const int64_t ldp = P2 * kPanel;
-    s.part.resize(static_cast<size_t>(A * ldp));
-    ctx.ParallelFor(fc2_slot_block, s.touched.size() * static_cast<size_t>((P2 + kFc2Run - 1) / kFc2Run), 0, &job);
-    for (int64_t t = 0; t < T; ++t) {  // each token's k slots summed in the order it chose its experts
-      float* yt = y + t * H;
-      const float* p0 = s.part.data() + s.slot_of[t * K] * ldp;
-      std::copy(p0, p0 + H, yt);
-      for (int64_t i = 1; i < K; ++i) {
-        const float* pi = s.part.data() + s.slot_of[t * K + i] * ldp;
-        for (int64_t n = 0; n < H; ++n) yt[n] += pi[n];
-      }
-    }
+    moe_experts(Parallel{context}, ExpertsArgs{input.Data(), chosen.data(), weight.data(), fc1.Data(), fc2.Data(),
+                                               T, H, E, P1, K, y});
   }
 };
 
 
 }  // namespace
+
+void moe_experts(const Parallel& par, const ExpertsArgs& a) {
+  Scratch& s = scratch;
+  const int64_t T = a.T, H = a.H, E = a.E, K = a.K, A = T * K, P1 = a.P1, I16 = P1 * kHalf, P2 = panels(H);
+  float* y = a.y;
+  if (T == 0 || H == 0) return;
+  s.count.assign(E, 0);
+  for (int64_t i = 0; i < A; ++i) ++s.count[a.chosen[i]];
+  s.offset.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) s.offset[e + 1] = s.offset[e] + s.count[e];
+  s.fill.assign(s.offset.begin(), s.offset.end() - 1);
+  s.slot_token.resize(A);
+  s.slot_weight.resize(A);
+  s.xs.resize(A);
+  s.hs.resize(A);
+  fit(s.h, static_cast<size_t>(A * (I16 + kPad)));
+  fit(s.xpad, static_cast<size_t>(T * (H + kPad)));
+  for (int64_t t = 0; t < T; ++t) std::copy(a.x + t * H, a.x + (t + 1) * H, s.xpad.data() + t * (H + kPad));
+  s.slot_of.resize(A);
+  for (int64_t i = 0; i < A; ++i) {
+    const int64_t slot = s.slot_of[i] = s.fill[a.chosen[i]]++;
+    s.slot_token[slot] = i / K;
+    s.slot_weight[slot] = a.weight[i];
+    s.xs[slot] = s.xpad.data() + (i / K) * (H + kPad);
+    s.hs[slot] = s.h.data() + slot * (I16 + kPad);
+  }
+  s.touched.clear();
+  for (int64_t e = 0; e < E; ++e)
+    if (s.count[e]) s.touched.push_back(e);
+  Job job{a.fc1, a.fc2, y, T, H, I16, P1, P2, &s};
+  par.run(fc1_block, s.touched.size() * static_cast<size_t>(P1), &job);
+  if (A > kFewSlots) {
+    par.run(fc2_block, static_cast<size_t>(P2), &job);
+    return;
+  }
+  const int64_t ldp = P2 * kPanel;
+  s.part.resize(static_cast<size_t>(A * ldp));
+  par.run(fc2_slot_block, s.touched.size() * static_cast<size_t>((P2 + kFc2Run - 1) / kFc2Run), &job);
+  for (int64_t t = 0; t < T; ++t) {  // each token's k slots summed in the order it chose its experts
+    float* yt = y + t * H;
+    const float* p0 = s.part.data() + s.slot_of[t * K] * ldp;
+    std::copy(p0, p0 + H, yt);
+    for (int64_t i = 1; i < K; ++i) {
+      const float* pi = s.part.data() + s.slot_of[t * K + i] * ldp;
+      for (int64_t n = 0; n < H; ++n) yt[n] += pi[n];
+    }
+  }
+}
 
 Ort::Custom::OrtLiteCustomOp* make_moe_op() {
   return Ort::Custom::CreateLiteCustomOp<MoEKernel>("MoE", "CPUExecutionProvider");

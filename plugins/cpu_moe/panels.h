@@ -9,7 +9,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -163,6 +167,61 @@ void fit(std::vector<T>& v, size_t n) {
 
 // panels of kPanel rows that n output rows (columns of a packed matrix) take
 inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+
+// r1c's own thread team (team.cc), for the native decode step (decode_cpu.cc), which runs outside ONNX Runtime's
+// executor: `threads` - 1 workers started once, each spinning on the team's generation counter for `kSpinUs`
+// after its last unit and then sleeping on a condition variable, so a parallel loop between two others costs a
+// store and a few cache-line transfers rather than a wake-up. One caller at a time (the decoder's lock).
+class Team {
+ public:
+  explicit Team(int threads);
+  ~Team();
+  Team(const Team&) = delete;
+  Team& operator=(const Team&) = delete;
+  int threads() const { return static_cast<int>(workers_.size()) + 1; }
+  // fn(data, u) for every u < n, the units claimed one at a time by the caller and the workers; returns when all
+  // have run
+  void run(void (*fn)(void*, size_t), size_t n, void* data);
+
+ private:
+  void work();
+  void drain();
+  std::vector<std::thread> workers_;
+  // each on its own cache line: the idle workers poll generation_ while the caller and the busy ones claim units
+  alignas(64) std::atomic<uint64_t> generation_{0};
+  alignas(64) std::atomic<size_t> next_{0};
+  alignas(64) std::atomic<int> busy_{0};
+  void (*fn_)(void*, size_t) = nullptr;
+  void* data_ = nullptr;
+  size_t n_ = 0;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  int sleeping_ = 0;
+  std::atomic<bool> stop_{false};
+  int forks_;  // the process's fork count when the team was made (team.cc: a forked child runs loops alone)
+};
+
+// Where a kernel's parallel loops run: ONNX Runtime's intra-op threads (inside a node: KernelContext_ParallelFor)
+// or r1c's `Team` (the native decode step). fn(data, u) for every u < n, then return.
+struct Parallel {
+  OrtKernelContext* context = nullptr;
+  Team* team = nullptr;
+  void run(void (*fn)(void*, size_t), size_t n, void* data) const {
+    if (team != nullptr)
+      team->run(fn, n, data);
+    else
+      Ort::KernelContext(context).ParallelFor(fn, n, 0, data);
+  }
+};
+
+// y[0 .. n) = x * (1 / sqrt(mean(x^2) + eps)) * w, the mean in double (ONNX SimplifiedLayerNormalization; times
+// the reciprocal, the form closest to ONNX Runtime 1.32's CPU kernel: within 2e-7). y may be x.
+inline void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
 
 // What every kernel's Compute returns: `body` run as an Ort::Status (no exception leaves the library: ORT calls
 // it through C function pointers). `error`, a constructor's message (a bad attribute), is returned first; ORT's

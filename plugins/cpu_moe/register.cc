@@ -1,6 +1,7 @@
 // r1c's CPU kernel library: the entry point ONNX Runtime calls (SessionOptions.register_custom_ops_library):
 // registers the `r1c.cpu` domain with `MoE` (moe_cpu.cc), `Linear` (linear_cpu.cc), `MLAAttention` and
-// `MLAAttentionInt8` (attention_cpu.cc), `MLABlock` (mla_block_cpu.cc).
+// `MLAAttentionInt8` (attention_cpu.cc), `MLABlock` (mla_block_cpu.cc). The library's other entry points are the
+// native decode step's C functions (decode_cpu.cc: r1c_decode_new / r1c_decode_step / r1c_decode_free).
 #include "panels.h"
 
 #include <memory>

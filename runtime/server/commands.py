@@ -91,13 +91,25 @@ WEIGHTS_MEMORY_OPTION = click.option(
          "the bundle).")
 
 
-def session_choices(threads: int | None, weights_memory: str | None) -> dict[str, Any] | None:
+# `r1c serve` and `r1c run`: decode steps through r1c's native decoder (the default, where the bundle's graph is one
+# it computes) or through ONNX Runtime (r1c.runtime.native_decode)
+NATIVE_DECODE_OPTION = click.option(
+    "--native-decode/--no-native-decode", default=True, show_default=True,
+    help="Run decode steps (one token a row) of an fp32 bundle built with r1c's CPU kernels as one call into "
+         "r1c's kernel library instead of an ONNX Runtime run (same logits within 1e-5; bundles it does not "
+         "compute always use ONNX Runtime).")
+
+
+def session_choices(threads: int | None, weights_memory: str | None, native_decode: bool = True
+                    ) -> dict[str, Any] | None:
     """The ONNX Runtime session options the command line asked for (None: the bundle's own)."""
     session: dict[str, Any] = {}
     if threads is not None:
         session["intra_op_num_threads"] = threads
     if weights_memory is not None:
         session["weights_memory"] = weights_memory
+    if not native_decode:
+        session["native_decode"] = False
     return session or None
 
 
@@ -109,9 +121,10 @@ def session_choices(threads: int | None, weights_memory: str | None) -> dict[str
 @click.option("--model-name", default=None, help="The model id clients send (default: the bundle's folder name).")
 @scheduler_options
 @WEIGHTS_MEMORY_OPTION
+@NATIVE_DECODE_OPTION
 def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_num_seqs: int, max_tokens_per_step: int,
               kv_cache_bytes: str | None, max_model_len: int | None, max_queue: int, prefill_pad_tokens: int,
-              threads: int | None, weights_memory: str | None) -> None:
+              threads: int | None, weights_memory: str | None, native_decode: bool) -> None:
     """Serve a bundle over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions (with a chat
     template), /v1/models, /health, /metrics (Prometheus). Requests are batched continuously; `stream: true`
     answers as server-sent events; a client that disconnects cancels its request.
@@ -139,7 +152,7 @@ def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_nu
     serving = None
     try:
         metrics = Metrics()
-        session = session_choices(threads, weights_memory)
+        session = session_choices(threads, weights_memory, native_decode)
         serving = ServingEngine.from_bundle(bundle, config, session_options=session, observers=[metrics])
         metrics.attach(serving.stats)
         name = model_name or bundle.resolve().name
