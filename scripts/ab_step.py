@@ -3,12 +3,12 @@
 
 Both bundles are loaded in one process and stepped through the runtime's own `StepRunner` on `--rows` rows whose
 cache holds `--filled` tokens before every step (contents unused: the time does not depend on them), in alternating
-blocks of `--steps` steps (the first 3 of each block untimed: a block's thread pool spins up, the other's goes idle,
-so two pools never compete for the cores). Prints the median step time of each and A / B (> 1: B is faster), and
-the median over block pairs of A's block median / the B block's next to it (the pairs alternate which runs first),
-with a 95% bootstrap interval (this VM's read bandwidth switches between two levels within seconds; a ratio of
-back-to-back blocks is what survives that). Not a test: run it on a quiet machine. Example: two revisions of r1c
-(or two build options) on one export,
+blocks of `--steps` steps, 50 ms apart (the first 3 of each block untimed: a block's thread pool spins up, the
+other's has gone idle, so two pools never compete for the cores). Prints the median step time of each and A / B
+(> 1: B is faster), and the median over block pairs of A's block median / the B block's next to it (the pairs
+alternate which runs first), with a 95% bootstrap interval (this VM's read bandwidth switches between two levels
+within seconds; a ratio of back-to-back blocks is what survives that). Not a test: run it on a quiet machine.
+Example: two revisions of r1c (or two build options) on one export,
 
     r1c build EXPORT -o before.bundle   (with the older revision checked out)
     r1c build EXPORT -o after.bundle    (with the newer one)
@@ -81,6 +81,7 @@ def main(bundle_a: Path, bundle_b: Path, threads: int, rows: int, tokens: int, f
             order = [0, 1] if blk % 2 == 0 else [1, 0]  # A first, then B first: an order effect cancels
             for k in order:
                 (_, step), out, per_block = pairs[k], times[k], blocks_ms[k]
+                time.sleep(0.05)  # the other's workers stop spinning first (ONNX Runtime's spin for ~20-30 ms)
                 block = []
                 for i in range(steps):
                     step.cache.lengths[:rows] = length
