@@ -361,7 +361,7 @@ def _parse_ids(text: str) -> list[int]:
 @WEIGHTS_MEMORY_OPTION
 @NATIVE_DECODE_OPTION
 def run(bundle: Path, input_ids: tuple[str, ...], max_new_tokens: int, eos_token_id: int | None,
-        logits_out: Path | None, as_json: bool, weights_memory: str | None, native_decode: bool) -> None:
+        logits_out: Path | None, as_json: bool, weights_memory: str | None, native_decode: bool | None) -> None:
     """Generate tokens greedily from a bundle; prints each prompt's new token ids, one labelled line per prompt."""
     import numpy as np
 

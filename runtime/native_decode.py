@@ -169,7 +169,8 @@ def read_plan(graph: Any) -> dict[str, Any]:
 
     g = _Graph(graph)
     blocks = [n for n in g.nodes if n.op_type == "MLABlock" and n.domain == CPU_DOMAIN]
-    _expect(bool(blocks), "no r1c.cpu::MLABlock (a bundle whose attention the MLA block pass did not fuse)")
+    _expect(bool(blocks), "no r1c.cpu::MLABlock: the native step runs fp32 bundles built with r1c's CPU kernels, "
+            "and int8/int4 bundles, an FP8 export built at fp32 and --cpu-kernels ort builds have none")
     first_norm = g.node(blocks[0].input[0], "SimplifiedLayerNormalization", "layer 0's input")
     embed = g.node(first_norm.input[0], "Gather", "the embedding")
     _expect(embed.input[1] == "input_ids" and not _attrs(embed).get("axis", 0), "the embedding reads input_ids rows")
@@ -393,10 +394,13 @@ class NativeDecoder:
             plan = read_plan(graph)
             wanted = {v for d in (plan["model"], *plan["layers"]) for v in d.values() if isinstance(v, str)}
             arrays = {t.name: _array(t, model_path.parent, arena) for t in graph.initializer if t.name in wanted}
-            return cls(library, plan, arrays, threads)
+            decoder = cls(library, plan, arrays, threads)
         except NotNative as e:
-            logger.info("native decode off for %s: %s", model_path.name, e)
+            logger.info("native decode off for %s: %s", model_path.parent.name, e)
             return None
+        logger.info("native decode on for %s: %d layers, %d thread(s)", model_path.parent.name, decoder.layers,
+                    threads)
+        return decoder
 
     def __del__(self) -> None:
         handle = getattr(self, "_handle", None)

@@ -140,7 +140,7 @@ def test_graphs_it_does_not_compute_keep_onnx_runtime(tiny: dict[str, Path], cap
     with caplog.at_level(logging.INFO, logger="r1c.runtime.native_decode"):
         engine = load(tiny["int8"])
     assert engine.backend.native is None
-    assert "native decode off for model.onnx: " in caplog.text
+    assert f"native decode off for {tiny['int8'].name}: no r1c.cpu::MLABlock: " in caplog.text
     assert load(tiny["fp32"], session_options={"native_decode": False}).backend.native is None
 
 
@@ -211,3 +211,13 @@ def test_physical_cores_is_a_positive_count() -> None:
     import os
 
     assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+
+
+def test_command_line_passes_only_the_choice_made() -> None:
+    """`r1c run` / `r1c serve`: --native-decode / --no-native-decode override the bundle's session option, and
+    neither leaves the bundle's own (a manifest may say false)."""
+    from r1c.runtime.server.commands import session_choices
+
+    assert session_choices(None, None, None) is None
+    assert session_choices(None, None, True) == {"native_decode": True}
+    assert session_choices(2, None, False) == {"intra_op_num_threads": 2, "native_decode": False}

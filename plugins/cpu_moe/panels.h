@@ -172,8 +172,9 @@ inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 // executor: `threads` - 1 workers started once, each spinning on the team's generation counter for `kSpinUs`
 // after its last unit and then sleeping on a condition variable, so a parallel loop between two others costs a
 // store and a few cache-line transfers rather than a wake-up. A loop's units are dealt in contiguous ranges, one
-// per thread, each thread taking its own from the front and, when done, the others' from the back (team.cc). One
-// caller at a time (the decoder's lock).
+// per thread, each thread taking its own from the front and, when done, the others' from the back; the caller
+// waits for units done, not for workers, so a worker the OS has not scheduled costs nothing (team.cc). One caller
+// at a time (the decoder's lock).
 class Team {
  public:
   explicit Team(int threads);
@@ -181,20 +182,20 @@ class Team {
   Team(const Team&) = delete;
   Team& operator=(const Team&) = delete;
   int threads() const { return static_cast<int>(workers_.size()) + 1; }
-  // fn(data, u) for every u < n (n < 2^32) on the caller and the workers; returns when all have run
+  // fn(data, u) for every u < n (n < 2^22) on the caller and the workers; returns when all have run
   void run(void (*fn)(void*, size_t), size_t n, void* data);
 
  private:
-  struct alignas(64) Range {  // units [begin, end) of one thread, packed (end << 32 | begin)
+  struct alignas(64) Range {  // units [begin, end) of one thread in loop `tag` (team.cc pack)
     std::atomic<uint64_t> units{0};
   };
   void work(int slot);
-  void drain(int slot);
+  size_t drain(int slot, uint64_t tag);
   std::vector<std::thread> workers_;
   std::vector<Range> ranges_;  // [threads]: slot 0 the caller's
   // each on its own cache line: the idle workers poll generation_ while the others take units
   alignas(64) std::atomic<uint64_t> generation_{0};
-  alignas(64) std::atomic<int> busy_{0};
+  alignas(64) std::atomic<size_t> done_{0};  // units of the current loop run to the end
   void (*fn_)(void*, size_t) = nullptr;
   void* data_ = nullptr;
   std::mutex mutex_;

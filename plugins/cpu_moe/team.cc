@@ -24,10 +24,20 @@ namespace {
 // gives its cores back within a few milliseconds.
 constexpr int64_t kSpinUs = 3000;
 
-inline void relax() {
+// Waits probe with `pause` for the first kPauseProbes (~50 us), then yield the core on each probe: when the machine
+// has fewer free cores than the team has threads (another process busy on one), the thread waited for may be
+// descheduled, and a waiter that only paused would hold its core for its whole time slice (measured: a tiny
+// generate call stalling up to 2.85 s with a CPU-bound process beside it).
+constexpr int kPauseProbes = 1024;
+
+inline void relax(int probe) {
+  if (probe < kPauseProbes) {
 #if defined(__x86_64__)
-  _mm_pause();
+    _mm_pause();
 #endif
+  } else {
+    std::this_thread::yield();
+  }
 }
 
 // Forks of this process so far, as seen by the child: a forked child has none of its parent's workers, so a team
@@ -44,16 +54,24 @@ int fork_count() {
 
 namespace {
 
-uint64_t pack(uint64_t begin, uint64_t end) { return end << 32 | begin; }
+// A range word: the loop's tag (its generation, 20 bits), then begin and end (22 bits each). A thread takes a
+// unit only from a word of the loop it is in, so a worker that wakes late, after its loop has ended and the next
+// has begun, takes nothing with the old loop's function.
+constexpr int kUnitBits = 22;
+constexpr uint64_t kUnitMask = (uint64_t{1} << kUnitBits) - 1, kTagMask = (uint64_t{1} << 20) - 1;
 
-// the next unit of `r` from its front (its owner) or its back (a thief); false when it has none
-bool take(std::atomic<uint64_t>& r, bool front, size_t& unit) {
-  uint64_t cur = r.load(std::memory_order_relaxed);
+uint64_t pack(uint64_t tag, uint64_t begin, uint64_t end) {
+  return (tag & kTagMask) << (2 * kUnitBits) | end << kUnitBits | begin;
+}
+
+// the next unit of `r` in loop `tag` from its front (its owner) or its back (a thief); false when it has none
+bool take(std::atomic<uint64_t>& r, uint64_t tag, bool front, size_t& unit) {
+  uint64_t cur = r.load(std::memory_order_acquire);
   for (;;) {
-    const uint64_t begin = cur & 0xffffffffu, end = cur >> 32;
-    if (begin >= end) return false;
-    const uint64_t next = front ? pack(begin + 1, end) : pack(begin, end - 1);
-    if (r.compare_exchange_weak(cur, next, std::memory_order_acq_rel, std::memory_order_relaxed)) {
+    const uint64_t begin = cur & kUnitMask, end = cur >> kUnitBits & kUnitMask;
+    if ((cur >> (2 * kUnitBits)) != (tag & kTagMask) || begin >= end) return false;
+    const uint64_t next = front ? pack(tag, begin + 1, end) : pack(tag, begin, end - 1);
+    if (r.compare_exchange_weak(cur, next, std::memory_order_acq_rel, std::memory_order_acquire)) {
       unit = static_cast<size_t>(front ? begin : end - 1);
       return true;
     }
@@ -80,35 +98,40 @@ Team::~Team() {
   for (std::thread& w : workers_) w.join();
 }
 
-void Team::drain(int slot) {
+// the units of loop `tag` this thread runs: its own range's, then the others' leftovers; returns how many
+size_t Team::drain(int slot, uint64_t tag) {
   const int T = threads();
-  size_t u = 0;
-  while (take(ranges_[slot].units, true, u)) fn_(data_, u);
-  for (int k = 1; k < T; ++k) {
-    std::atomic<uint64_t>& other = ranges_[(slot + k) % T].units;
-    while (take(other, false, u)) fn_(data_, u);
+  size_t u = 0, ran = 0;
+  for (int k = 0; k < T; ++k) {
+    std::atomic<uint64_t>& r = ranges_[(slot + k) % T].units;
+    while (take(r, tag, k == 0, u)) {
+      fn_(data_, u);
+      ++ran;
+    }
   }
+  return ran;
 }
 
 void Team::run(void (*fn)(void*, size_t), size_t n, void* data) {
-  if (workers_.empty() || n <= 1 || forks_ != forks.load(std::memory_order_relaxed)) {
+  if (workers_.empty() || n <= 1 || n > kUnitMask || forks_ != forks.load(std::memory_order_relaxed)) {
     for (size_t u = 0; u < n; ++u) fn(data, u);
     return;
   }
   fn_ = fn;
   data_ = data;
-  const uint64_t T = static_cast<uint64_t>(threads());
-  for (uint64_t t = 0; t < T; ++t)
-    ranges_[t].units.store(pack(n * t / T, n * (t + 1) / T), std::memory_order_relaxed);
-  busy_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  const uint64_t tag = generation_.load(std::memory_order_relaxed) + 1, T = static_cast<uint64_t>(threads());
+  for (uint64_t t = 0; t < T; ++t)  // release: a thread that takes a unit sees fn_ and data_
+    ranges_[t].units.store(pack(tag, n * t / T, n * (t + 1) / T), std::memory_order_release);
   {
     // under the lock: a worker about to sleep either sees the new generation in its wait predicate or is woken
     std::lock_guard<std::mutex> lock(mutex_);
-    generation_.fetch_add(1, std::memory_order_release);
+    generation_.store(tag, std::memory_order_release);
     if (sleeping_ > 0) wake_.notify_all();
   }
-  drain(0);
-  while (busy_.load(std::memory_order_acquire) != 0) relax();
+  size_t mine = drain(0, tag);
+  // every unit is taken once drain returns; wait for those still running on a worker (none when no worker woke)
+  for (int probe = 0; done_.load(std::memory_order_acquire) + mine != n; ++probe) relax(probe);
 }
 
 void Team::work(int slot) {
@@ -116,7 +139,7 @@ void Team::work(int slot) {
   for (;;) {
     auto start = std::chrono::steady_clock::now();
     for (int probe = 0; generation_.load(std::memory_order_acquire) == seen; ++probe) {
-      relax();
+      relax(probe);
       if ((probe & 255) == 255 &&
           std::chrono::steady_clock::now() - start > std::chrono::microseconds(kSpinUs)) {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -128,8 +151,8 @@ void Team::work(int slot) {
     }
     seen = generation_.load(std::memory_order_acquire);
     if (stop_.load(std::memory_order_relaxed)) return;
-    drain(slot);
-    busy_.fetch_sub(1, std::memory_order_acq_rel);
+    const size_t ran = drain(slot, seen);
+    if (ran > 0) done_.fetch_add(ran, std::memory_order_release);
   }
 }
 

@@ -130,7 +130,9 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
 
     engine = load(bundle, session_options=session)
     manifest = engine.manifest
-    systems = [System("r1c", engine, info={"bundle": str(bundle)}, required=True)]
+    # which path decoded (r1c.runtime.native_decode): a baseline recorded before it differs for that reason
+    native = getattr(getattr(engine, "backend", None), "native", None) is not None
+    systems = [System("r1c", engine, info={"bundle": str(bundle), "native_decode": native}, required=True)]
     if compare is not None:
         other = load(compare, session_options=session)
         if other.vocab_size != engine.vocab_size:

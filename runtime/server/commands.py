@@ -29,7 +29,8 @@ SCHEDULER_OPTIONS = [
                  help="Padding a prompt chunk may add to share a backend call with the rows before it (one call "
                       "reads the weights once; padding repeats each row's last real token)."),
     click.option("--threads", type=click.IntRange(min=0), default=None,
-                 help="ONNX Runtime intra-op threads (0: one per physical core; default: the bundle's)."),
+                 help="ONNX Runtime intra-op threads, and the native decode step's (0: one per physical core; "
+                      "default: the bundle's)."),
 ]
 
 
@@ -94,13 +95,14 @@ WEIGHTS_MEMORY_OPTION = click.option(
 # `r1c serve` and `r1c run`: decode steps through r1c's native decoder (the default, where the bundle's graph is one
 # it computes) or through ONNX Runtime (r1c.runtime.native_decode)
 NATIVE_DECODE_OPTION = click.option(
-    "--native-decode/--no-native-decode", default=True, show_default=True,
+    "--native-decode/--no-native-decode", default=None,
     help="Run decode steps (one token a row) of an fp32 bundle built with r1c's CPU kernels as one call into "
          "r1c's kernel library instead of an ONNX Runtime run (same logits within 1e-5; bundles it does not "
-         "compute always use ONNX Runtime).")
+         "compute always use ONNX Runtime). Default: the bundle's session option native_decode, on unless its "
+         "manifest says otherwise.")
 
 
-def session_choices(threads: int | None, weights_memory: str | None, native_decode: bool = True
+def session_choices(threads: int | None, weights_memory: str | None, native_decode: bool | None = None
                     ) -> dict[str, Any] | None:
     """The ONNX Runtime session options the command line asked for (None: the bundle's own)."""
     session: dict[str, Any] = {}
@@ -108,8 +110,8 @@ def session_choices(threads: int | None, weights_memory: str | None, native_deco
         session["intra_op_num_threads"] = threads
     if weights_memory is not None:
         session["weights_memory"] = weights_memory
-    if not native_decode:
-        session["native_decode"] = False
+    if native_decode is not None:
+        session["native_decode"] = native_decode
     return session or None
 
 
@@ -124,7 +126,7 @@ def session_choices(threads: int | None, weights_memory: str | None, native_deco
 @NATIVE_DECODE_OPTION
 def serve_cmd(bundle: Path, host: str, port: int, model_name: str | None, max_num_seqs: int, max_tokens_per_step: int,
               kv_cache_bytes: str | None, max_model_len: int | None, max_queue: int, prefill_pad_tokens: int,
-              threads: int | None, weights_memory: str | None, native_decode: bool) -> None:
+              threads: int | None, weights_memory: str | None, native_decode: bool | None) -> None:
     """Serve a bundle over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions (with a chat
     template), /v1/models, /health, /metrics (Prometheus). Requests are batched continuously; `stream: true`
     answers as server-sent events; a client that disconnects cancels its request.
