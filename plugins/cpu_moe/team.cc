@@ -6,10 +6,10 @@
 // a condition variable until the next loop. A loop's n units are dealt as contiguous ranges, thread t's
 // [t n / T, (t + 1) n / T), so that each thread streams one run of consecutive weight panels (dealt one at a time
 // from a shared counter, the two threads' panels interleave: a decode step of the issue-11 benchmark model, batch
-// 1, 2 threads, was 1.035x slower that way, interleaved blocks against this); a thread
-// whose range is done takes the others' remaining units from their ends (one compare-and-swap per unit on the
-// range's word, owner and thief alike), so an uneven loop still balances. The caller takes part and returns when
-// every worker is done.
+// 1, 2 threads, was 1.035x slower that way, interleaved blocks against this); a thread whose range is done takes
+// the others' remaining units from their ends (one compare-and-swap per unit on the range's word, owner and thief
+// alike), so an uneven loop still balances. The caller takes part and returns when every unit has run: a worker
+// the OS has not scheduled simply takes none (its range is drained by the others).
 #include "panels.h"
 
 #include <pthread.h>
@@ -49,10 +49,6 @@ int fork_count() {
   std::call_once(once, [] { pthread_atfork(nullptr, nullptr, [] { forks.fetch_add(1); }); });
   return forks.load(std::memory_order_relaxed);
 }
-
-}  // namespace
-
-namespace {
 
 // A range word: the loop's tag (its generation, 20 bits), then begin and end (22 bits each). A thread takes a
 // unit only from a word of the loop it is in, so a worker that wakes late, after its loop has ended and the next
