@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from r1c.errors import RuntimeInputError
+from r1c.plugins.cpu_moe.spec import CPU_DOMAIN, pack_linear
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ class _Graph:
         self.seen.add(id(n))
         return n
 
+    def users(self, value: str) -> list[Any]:
+        """The nodes reading `value` but for Shape nodes (which only read its shape, for a later Reshape)."""
+        return [n for n in self.readers.get(value, []) if n.op_type != "Shape"]
+
     def only_reader(self, value: str, op: str, why: str) -> Any:
         readers = self.readers.get(value, [])
         if len(readers) != 1 or readers[0].op_type != op or value in self.outputs:
@@ -119,8 +124,6 @@ _PREAMBLE = frozenset({"Shape", "Slice", "Squeeze", "Range", "Unsqueeze", "Add",
 
 def _swiglu(g: _Graph, h: str, first: Any, hidden: int, why: str) -> tuple[str, str, int, str]:
     """The dense SwiGLU MLP starting at `first` (the gate_up Linear reading h): (gate_up, down, I, output)."""
-    from r1c.plugins.cpu_moe.spec import CPU_DOMAIN
-
     _expect(first.op_type == "Linear" and first.domain == CPU_DOMAIN and first.input[0] == h,
             f"{why}: the MLP does not start with an r1c.cpu Linear")
     g.seen.add(id(first))
@@ -165,8 +168,6 @@ def read_plan(graph: Any) -> dict[str, Any]:
     """The native decoder's description of an ONNX `GraphProto` (the bundle's model.onnx, r1c's passes applied):
     {"model": {field: value or initializer name}, "layers": [{field: ...}], "pack": {name: ...}}. Raises
     NotNative with the reason for any graph it does not describe exactly (module docstring)."""
-    from r1c.plugins.cpu_moe.spec import CPU_DOMAIN
-
     g = _Graph(graph)
     blocks = [n for n in g.nodes if n.op_type == "MLABlock" and n.domain == CPU_DOMAIN]
     _expect(bool(blocks), "no r1c.cpu::MLABlock: the native step runs fp32 bundles built with r1c's CPU kernels, "
@@ -214,7 +215,7 @@ def read_plan(graph: Any) -> dict[str, Any]:
             cat = g.only_reader(unsq.output[0], "Concat", f"{why}'s {name}")
             _expect(cat.output[0] == name and list(cat.input).index(unsq.output[0]) == li, f"{why}: {name}'s order")
         attn = blk.output[0]
-        readers = [n for n in g.readers.get(attn, []) if n.op_type != "Shape"]
+        readers = g.users(attn)
         if len(readers) == 1 and readers[0].op_type == "GatherElements":  # the last layer: kept positions only
             kept = [_kept(g, v, f"{why}'s kept positions") for v in (residual, attn)]
             post = g.only_reader(kept[1], "SkipSimplifiedLayerNormalization", f"{why}'s residual")
@@ -224,7 +225,7 @@ def read_plan(graph: Any) -> dict[str, Any]:
             _expect(list(post.input[:2]) == [residual, attn], f"{why}: residual inputs")
         layer["post_norm"], layer["post_eps"] = _skip_norm(post, why)
         h, residual = post.output[0], post.output[3]
-        readers = [n for n in g.readers.get(h, []) if n.op_type != "Shape"]  # Shape: the MLP output's Reshape
+        readers = g.users(h)
         _expect(len(readers) == 1, f"{why}: the MLP input is read by {len(readers)} nodes")
         if readers[0].op_type == "Linear":
             layer["gate_up"], layer["down"], layer["inter"], mlp_out = _swiglu(g, h, readers[0], hidden, why)
@@ -251,7 +252,7 @@ def read_plan(graph: Any) -> dict[str, Any]:
 def _kept(g: _Graph, value: str, why: str) -> str:
     """The output of the GatherElements that keeps `value`'s [B, S, H] rows at logits_index (token axis 1, the
     index logits_index expanded over H): the identity in a decode step, whose one position is index 0."""
-    readers = [n for n in g.readers.get(value, []) if n.op_type != "Shape"]
+    readers = g.users(value)
     _expect(len(readers) == 1 and readers[0].op_type == "GatherElements" and _attrs(readers[0]).get("axis") == 1,
             f"{why}: {value!r} is not gathered along the token axis alone")
     gather = readers[0]
@@ -272,8 +273,6 @@ def _moe(g: _Graph, h: str, reshape: Any, hidden: int, layer: dict[str, Any], wh
             f"{why}: the MoE input's readers")
     gemm, moe = readers["Gemm"], readers["MoE"]
     g.seen.update((id(gemm), id(moe)))
-    from r1c.plugins.cpu_moe.spec import CPU_DOMAIN
-
     _expect(moe.domain == CPU_DOMAIN, f"{why}: the experts are ONNX Runtime's MoE, not r1c.cpu's")
     ga = _attrs(gemm)
     _expect(len(gemm.input) == 2 and ga.get("transB") == 1 and not ga.get("transA", 0) and
@@ -339,8 +338,6 @@ class NativeDecoder:
     """A native decoder over one session's weights (kept alive by `keep`); `step(io)` runs one decode step."""
 
     def __init__(self, library: Path, plan: dict[str, Any], arrays: dict[str, np.ndarray], threads: int) -> None:
-        from r1c.plugins.cpu_moe import pack_linear
-
         self._lib = ctypes.CDLL(str(library))
         if not hasattr(self._lib, "r1c_decode_new"):
             raise NotNative(f"{library.name} predates the native decoder (rebuild the bundle)")

@@ -77,6 +77,16 @@ struct Decoder {
     m.layer = nullptr;
   }
 
+  // x [B, H] += add; h = rmsnorm(x, norm, eps), row by row (SkipSimplifiedLayerNormalization)
+  void add_norm(int64_t B, const float* add, const float* norm, float eps) {
+    const int64_t H = m.hidden;
+    for (int64_t b = 0; b < B; ++b) {
+      float* xb = x.data() + b * H;
+      for (int64_t i = 0; i < H; ++i) xb[i] += add[b * H + i];
+      rmsnorm(xb, norm, H, eps, h.data() + b * H);
+    }
+  }
+
   // m_out [B, H] = SwiGLU MLP of h: down(silu(g) * u), [g | u] = h @ gate_up
   void swiglu(const Parallel& par, int64_t B, const float* gate_up, const float* down, int64_t I, float* out) {
     const int64_t H = m.hidden;
@@ -178,11 +188,7 @@ struct Decoder {
                      l.kv_eps, B, 1, H, m.q_lora, m.heads, m.nope, R, C, P, m.v_head, a.data(),
                      new_c + static_cast<int64_t>(li) * B * C, new_pe + static_cast<int64_t>(li) * B * R};
       mla_block(par, args);
-      for (int64_t b = 0; b < B; ++b) {
-        float* xb = x.data() + b * H;
-        for (int64_t i = 0; i < H; ++i) xb[i] += a[b * H + i];
-        rmsnorm(xb, l.post_norm, H, l.post_eps, h.data() + b * H);
-      }
+      add_norm(B, a.data(), l.post_norm, l.post_eps);
       if (l.router == nullptr) {
         swiglu(par, B, l.gate_up, l.down, l.inter, mlp.data());
       } else {
@@ -197,11 +203,7 @@ struct Decoder {
       const bool last = li + 1 == layers.size();
       const float* norm = last ? m.final_norm : layers[li + 1].in_norm;
       const float eps = last ? m.final_eps : layers[li + 1].in_eps;
-      for (int64_t b = 0; b < B; ++b) {
-        float* xb = x.data() + b * H;
-        for (int64_t i = 0; i < H; ++i) xb[i] += mlp[b * H + i];
-        rmsnorm(xb, norm, H, eps, h.data() + b * H);
-      }
+      add_norm(B, mlp.data(), norm, eps);
     }
     linear_rows(par, m.lm_head, H, m.vocab, h.data(), B, logits);
     for (int64_t b = 0; n_new != nullptr && b < B; ++b) {  // the rows' latents into the cache, lengths advanced
