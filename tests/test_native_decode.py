@@ -1,8 +1,9 @@
 """The native decode step (r1c/runtime/native_decode.py, r1c/plugins/cpu_moe/decode_cpu.cc) against ONNX Runtime's
 run of the same bundle graph: logits and new latents of decode steps equal (1e-5 of the largest value) for rows of
-different lengths, 1 to 3 threads, across a cache bucket change; the cache written and the lengths advanced as the
-runner's own write does; greedy generation token for token. Every graph the decoder does not compute exactly keeps
-ONNX Runtime (the reason logged), and bad ids or lengths are refused with nothing written.
+different lengths, 1 to 3 threads, across a cache bucket change, a batch of 20 rows (the experts' many-slot path);
+the cache written and the lengths advanced as the runner's own write does; greedy generation token for token. Every
+graph the decoder does not compute exactly keeps ONNX Runtime (the reason logged), and bad ids or lengths are refused
+with nothing written.
 
 The conformance matrix (tests/test_conformance.py) holds the decode steps of every family config equal to
 transformers; here the two paths of one bundle are held equal to each other.
@@ -88,6 +89,28 @@ def test_decode_steps_equal_onnx_runtime(tiny: dict[str, Path], threads: int) ->
         theirs = b.cache.feeds(0, 3)[name]
         for row, n in enumerate([21, 15, 26]):
             assert rel(view[row, :, :n], theirs[row, :, :n]) < TOL, (name, row)
+
+
+def test_a_wide_batch_equals_onnx_runtime(tiny: dict[str, Path]) -> None:
+    """20 rows: 80 (token, expert) slots, past the experts' few-slot path (64), so the shared expert's down
+    projection runs after the per-panel fc2 loop rather than inside it; two decode steps' logits equal ONNX
+    Runtime's."""
+    native = load(tiny["fp32"], session_options={"intra_op_num_threads": 2})
+    ort = load(tiny["fp32"], session_options={"intra_op_num_threads": 2, "native_decode": False})
+    assert native.backend.native is not None
+    assert native.config.num_experts_per_tok * 20 > 64
+    vocab = native.config.vocab_size
+    lengths = [3 + i % 7 for i in range(20)]
+    a, b = runner(native, 20, 16), runner(ort, 20, 16)
+    for r in (a, b):
+        prefill(r, np.random.default_rng(3), lengths, vocab)
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        tok = rng.integers(0, vocab, (20, 1))
+        for r in (a, b):
+            r.cache.resize(int(r.cache.lengths[:20].max()) + 1)
+        got, want = np.array(a.step(tok, 0, np.ones(20, np.int64))), np.array(b.step(tok, 0, np.ones(20, np.int64)))
+        assert got.shape == (20, 1, vocab) and rel(got, want) < TOL
 
 
 def test_generate_token_for_token(tiny: dict[str, Path]) -> None:

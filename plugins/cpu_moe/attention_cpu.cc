@@ -14,7 +14,10 @@
 // whatever the head count: (1) per head n, the queries of every row and token (W_UK[n] read once); (2) per (b,
 // block of tokens, chunk of 64-512 cache columns: `chunk_columns`), every head's scores, the chunk's max m, sum l
 // and latent sum ol; (3) per head n, the chunks combined with weights exp(m - max m), divided by the total, times
-// W_UV[n] (read once). The new tokens' columns come after, in chunks of up to 512.
+// W_UV[n] (read once). The new tokens' columns come after, in chunks of up to 512; in a decode step (one new token a
+// row) the new column is merged into each row's last cache chunk instead, and where the caller knows how far any
+// row's cache is filled (`extent`: the native decode step) only those columns are cut into chunks, as many as
+// give each of the team's threads one (decode_chunk_columns).
 // Scratch is the calling thread's and each worker's, kept across calls (released when far larger than needed).
 // `MLAAttentionInt8` (spec.py ATTENTION_INT8_SPEC) is the same function with W_UK and W_UV stored as int8 with one
 // float scale per head and output column (quantize_weights' per-column form): w_uk = w_uk_q * w_uk_scale[n, c],
@@ -115,6 +118,8 @@ struct AttnJob {
   float* out;
   int64_t B, S, N, D, R, C, P, Vd;
   int64_t sb, nsb, chunk, past_chunks, chunks;  // tokens per unit, token blocks, columns per cache chunk, chunks
+  int64_t extent;  // cache columns visited: [0, extent)
+  bool fold;       // one new token a row (S = 1), merged into the row's last cache chunk: no chunk of its own
   float *q, *kt, *part_ol, *part_m, *part_l;  // the caller's scratch (see Compute)
 };
 
@@ -122,6 +127,16 @@ constexpr int64_t kChunk = 512;  // at most, cache columns per unit
 // The cache's columns per unit: a multiple of 64 from 64 to kChunk, P / 8 rounded down, so that a row's cache of
 // 512 columns or more is at least 8 units (one decode row keeps every thread busy).
 inline int64_t chunk_columns(int64_t P) { return std::min(kChunk, std::max<int64_t>(64, P / (8 * 64) * 64)); }
+
+// A decode step's cache columns per unit (one new token a row, the thread count known: r1c's team): each row's
+// `extent` columns cut into k nearly equal chunks (a multiple of 16 columns, at most kChunk), k the fewest that give
+// every thread a unit. The phase is compute-bound (2 N (2 C + R) flops a cached column: ~18 us for 80 columns of
+// the issue-11 benchmark model, data in cache, on this project's Zen 4 VM), so 140 columns on 2 threads are 80 + 60,
+// not chunk_columns' 64 + 64 + 12 with one thread doing 128.
+inline int64_t decode_chunk_columns(int64_t extent, int64_t B, int threads) {
+  const int64_t k = std::max<int64_t>((threads + B - 1) / B, (extent + kChunk - 1) / kChunk);
+  return std::min(kChunk, std::max<int64_t>(16, ((extent + k - 1) / k + 15) / 16 * 16));
+}
 
 // o[c .. c + V kW) (+)= sum over k < K of a[k] * Bm[k, c .. c + V kW): V vectors of accumulators held over all k
 template <int V, class W>
@@ -287,7 +302,7 @@ void chunk_unit(void* data, size_t unit) {
   const int64_t s0 = sbi * j.sb, s1 = std::min(S, s0 + j.sb), rows = (s1 - s0) * N;
   const bool past = ch < j.past_chunks;
   const int64_t c0 = past ? ch * j.chunk : (ch - j.past_chunks) * kChunk;
-  const int64_t full = std::min(past ? j.chunk : kChunk, (past ? P : S) - c0);
+  const int64_t full = std::min(past ? j.chunk : kChunk, (past ? j.extent : S) - c0);
   int64_t width = full;
   {  // columns past the last one any row of the block sees are skipped (the future of a causal prefill), in whole
      // vectors where the chunk has them (the extra columns are masked like any invisible one)
@@ -354,6 +369,21 @@ void chunk_unit(void* data, size_t unit) {
   }
   // the cache chunk [C, width] as it lies: ol[r, c] = z[r, :] . chunk[c, :]
   gemm_nt(z.data(), width, src_c, ld, ol, C, rows, width, C);
+  if (!j.fold || ch != j.past_chunks - 1) return;
+  // the row's new token (S = 1: rows are its N heads) merged as one more column t: m' = max(m, z_t), the chunk's
+  // sums rescaled by exp(m - m'), plus exp(z_t - m') for l and exp(z_t - m') c_new for ol
+  const float* cn = j.c_new + b * C;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!j.new_valid.at(b, r, 0)) continue;
+    const float* qr = q0 + r * (C + R);
+    const float zt = dot(qr, cn, C) + dot(qr + C, j.pe_new + b * R, R);
+    const float mx = std::max(m[r], zt);
+    const float keep = m[r] == -INFINITY ? 0.f : std::exp(m[r] - mx), e = std::exp(zt - mx);
+    float* o = ol + r * C;
+    for (int64_t k = 0; k < C; ++k) o[k] = o[k] * keep + e * cn[k];
+    l[r] = l[r] * keep + e;
+    m[r] = mx;
+  }
 }
 
 thread_local std::vector<float> combined;
@@ -408,8 +438,12 @@ void attention_core(const Parallel& par, const AttentionArgs& a, const W* w_uk, 
   const int64_t B = a.B, S = a.S, N = a.N, C = a.C, R = a.R, P = a.P;
   if (B * S * N == 0) return;
   const int64_t sb = std::max<int64_t>(1, kBlockRows / N), nsb = (S + sb - 1) / sb;
-  const int64_t chunk = chunk_columns(P), past_chunks = (P + chunk - 1) / chunk;
-  const int64_t chunks = past_chunks + (S + kChunk - 1) / kChunk;
+  const int64_t extent = a.extent < 0 ? P : std::min(P, a.extent);
+  const int64_t chunk = S == 1 && par.threads() > 0 ? decode_chunk_columns(extent, B, par.threads())
+                                                    : chunk_columns(extent);
+  const int64_t past_chunks = (extent + chunk - 1) / chunk;
+  const bool fold = S == 1 && past_chunks > 0;
+  const int64_t chunks = past_chunks + (fold ? 0 : (S + kChunk - 1) / kChunk);
   AttnScratch& s = attn_scratch;
   fit(s.q, static_cast<size_t>(B * S * N * (C + R)));
   fit(s.kt, static_cast<size_t>(B * (C + R) * S));
@@ -427,7 +461,7 @@ void attention_core(const Parallel& par, const AttentionArgs& a, const W* w_uk, 
     }
   AttnJob<W> job{a.q_nope, a.q_pe, cn, pn, a.past_c, a.past_pe, w_uk, w_uv, uk_scale, uv_scale, a.past_valid,
                  a.new_valid, a.scale, a.out, B, S, N, a.D, R, C, P, a.Vd, sb, nsb, chunk, past_chunks, chunks,
-                 s.q.data(), s.kt.data(), s.part_ol.data(), s.part_m.data(), s.part_l.data()};
+                 extent, fold, s.q.data(), s.kt.data(), s.part_ol.data(), s.part_m.data(), s.part_l.data()};
   par.run(query_unit<W>, static_cast<size_t>(N), &job);
   par.run(chunk_unit<W>, static_cast<size_t>(units), &job);
   par.run(output_unit<W>, static_cast<size_t>(N), &job);

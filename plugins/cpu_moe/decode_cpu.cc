@@ -65,7 +65,7 @@ struct Decoder {
   std::vector<r1c_decode_layer> layers;
   Team team;
   std::mutex lock;  // one step at a time (the team and the scratch are the decoder's)
-  std::vector<float> x, h, a, mlp, shared, gu, act, z, cosv, sinv, weight;
+  std::vector<float> x, h, a, mlp, gu, act, z, cosv, sinv, weight;
   std::vector<int64_t> pos, chosen, order, groups;
   std::vector<float> group_score, s, c, top;  // the router's, per row
   std::vector<uint8_t> kept;
@@ -87,25 +87,38 @@ struct Decoder {
     }
   }
 
-  // m_out [B, H] = SwiGLU MLP of h: down(silu(g) * u), [g | u] = h @ gate_up
-  void swiglu(const Parallel& par, int64_t B, const float* gate_up, const float* down, int64_t I, float* out) {
-    const int64_t H = m.hidden;
-    fit(gu, static_cast<size_t>(B * 2 * I));
+  // act [B, I] = silu(g) * u of gu [B, 2I] = [g | u]
+  void activate(int64_t B, int64_t I) {
     fit(act, static_cast<size_t>(B * I));
-    linear_rows(par, gate_up, H, 2 * I, h.data(), B, gu.data());
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < I; ++i) {
         const float g = gu[b * 2 * I + i];
         act[b * I + i] = g / (1.f + std::exp(-g)) * gu[b * 2 * I + I + i];
       }
-    linear_rows(par, down, I, H, act.data(), B, out);
   }
 
-  // chosen / weight [B, K] of each row (the router described above) from h
+  // m_out [B, H] = SwiGLU MLP of h (a dense layer): down(silu(g) * u), [g | u] = h @ gate_up
+  void swiglu(const Parallel& par, int64_t B, const float* gate_up, const float* down, int64_t I, float* out) {
+    fit(gu, static_cast<size_t>(B * 2 * I));
+    linear_rows(par, gate_up, m.hidden, 2 * I, h.data(), B, gu.data());
+    activate(B, I);
+    linear_rows(par, down, I, m.hidden, act.data(), B, out);
+  }
+
+  // chosen / weight [B, K] of each row (the router described above) from h; with shared experts, their SwiGLU
+  // activations (`act`) too: their gate / up product in the router's loop (both read h; the router's few panels,
+  // E / 32: 2 of 128 KiB for the benchmark model, alone would be a loop of 2 units), their down projection in the
+  // experts' fc2 loop (moe_experts)
   void route(const Parallel& par, const r1c_decode_layer& l, int64_t B) {
     const int64_t E = l.experts, K = l.top_k, G = l.n_group, per = E / G;
     fit(z, static_cast<size_t>(B * E));
-    linear_rows(par, l.router, m.hidden, E, h.data(), B, z.data());
+    if (l.gate_up != nullptr) {
+      fit(gu, static_cast<size_t>(B * 2 * l.inter));
+      linear_rows_pair(par, h.data(), B, m.hidden, l.router, E, z.data(), l.gate_up, 2 * l.inter, gu.data());
+      activate(B, l.inter);
+    } else {
+      linear_rows(par, l.router, m.hidden, E, h.data(), B, z.data());
+    }
     chosen.resize(B * K);
     weight.resize(B * K);
     order.resize(E);
@@ -161,12 +174,13 @@ struct Decoder {
     fit(h, static_cast<size_t>(B * H));
     fit(a, static_cast<size_t>(B * H));
     fit(mlp, static_cast<size_t>(B * H));
-    fit(shared, static_cast<size_t>(B * H));
     fit(cosv, static_cast<size_t>(B * half));
     fit(sinv, static_cast<size_t>(B * half));
     fit(pos, static_cast<size_t>(B));
     past_valid.assign(static_cast<size_t>(B * P), 0);
+    int64_t extent = 0;  // the longest row's cached length: the attention visits no column past it
     for (int64_t b = 0; b < B; ++b) {
+      extent = std::max(extent, lengths[b]);
       std::copy(m.embed + ids[b] * H, m.embed + (ids[b] + 1) * H, x.data() + b * H);
       const float p = static_cast<float>(lengths[b]);
       for (int64_t i = 0; i < half; ++i) {
@@ -186,19 +200,17 @@ struct Decoder {
       BlockArgs args{h.data(), l.q_a, l.q_norm, l.q_b, l.kv_a, l.kv_norm, cosv.data(), sinv.data(), past_c[li],
                      past_pe[li], l.w_uk, l.w_uv_t, l.o, pos.data(), past_mask, new_mask, l.scale, l.q_eps,
                      l.kv_eps, B, 1, H, m.q_lora, m.heads, m.nope, R, C, P, m.v_head, a.data(),
-                     new_c + static_cast<int64_t>(li) * B * C, new_pe + static_cast<int64_t>(li) * B * R};
+                     new_c + static_cast<int64_t>(li) * B * C, new_pe + static_cast<int64_t>(li) * B * R, extent};
       mla_block(par, args);
       add_norm(B, a.data(), l.post_norm, l.post_eps);
       if (l.router == nullptr) {
         swiglu(par, B, l.gate_up, l.down, l.inter, mlp.data());
       } else {
         route(par, l, B);
+        const bool sh = l.gate_up != nullptr;
         moe_experts(par, ExpertsArgs{h.data(), chosen.data(), weight.data(), l.fc1, l.fc2, B, H, l.experts, l.p1,
-                                     l.top_k, mlp.data()});
-        if (l.gate_up != nullptr) {
-          swiglu(par, B, l.gate_up, l.down, l.inter, shared.data());
-          for (int64_t i = 0; i < B * H; ++i) mlp[i] += shared[i];
-        }
+                                     l.top_k, mlp.data(), sh ? l.down : nullptr, sh ? act.data() : nullptr,
+                                     sh ? l.inter : 0});
       }
       const bool last = li + 1 == layers.size();
       const float* norm = last ? m.final_norm : layers[li + 1].in_norm;

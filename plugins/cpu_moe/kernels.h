@@ -22,13 +22,16 @@ Mask make_mask(const Ort::Custom::Tensor<bool>& t, int64_t B, int64_t rows, int6
 
 // One layer's absorbed MLA attention over float32 W_UK / W_UV (attention_cpu.cc's formulas): q_nope [B, S, N, D],
 // q_pe [B, S, N, R] (rotated), c_new [B, S, C], pe_new [B, S, R], past_c [B, C, P], past_pe [B, R, P], w_uk
-// [N, D, C], w_uv_t [N, C, Vd] -> out [B, S, N*Vd]. Shapes are the caller's to check.
+// [N, D, C], w_uv_t [N, C, Vd] -> out [B, S, N*Vd]. Shapes are the caller's to check. `extent`: where the caller
+// knows it (the native decode step: the longest row's cached length), the columns [extent, P) are invisible to
+// every row and are not visited (-1: unknown, all P columns are looked at).
 struct AttentionArgs {
   const float *q_nope, *q_pe, *c_new, *pe_new, *past_c, *past_pe, *w_uk, *w_uv_t;
   Mask past_valid, new_valid;
   float scale;
   int64_t B, S, N, D, R, C, P, Vd;
   float* out;
+  int64_t extent = -1;
 };
 void mla_attention(const Parallel& par, const AttentionArgs& a);
 
@@ -52,12 +55,15 @@ struct BlockArgs {
   float scale, q_eps, kv_eps;
   int64_t B, S, H, QL, N, D, R, C, P, Vd;
   float *y, *c_new, *pe_new;
+  int64_t extent = -1;  // as AttentionArgs' (-1: unknown)
 };
 void mla_block(const Parallel& par, const BlockArgs& a);
 
 // The routed experts of T tokens (moe_cpu.cc's formulas) given each token's K experts and weights: chosen [T, K]
 // expert ids (distinct within a token, < E), weight [T, K]; x [T, H]; fc1 [E, P1, H, 32], fc2 [E, ceil(H / 32),
-// 16 P1, 32] packed (pack_fc1, pack_fc2) -> y [T, H] (written, not added to). Shapes are the caller's to check.
+// 16 P1, 32] packed (pack_fc1, pack_fc2) -> y [T, H] (written, not added to). Optionally a shared expert's down
+// projection added to y in the same loop as fc2: shared_down packed Is -> H (pack_linear), shared_h [T, Is] its
+// SwiGLU activations (the native decode step's shared experts). Shapes are the caller's to check.
 struct ExpertsArgs {
   const float* x;
   const int64_t* chosen;
@@ -65,6 +71,8 @@ struct ExpertsArgs {
   const float *fc1, *fc2;
   int64_t T, H, E, P1, K;
   float* y;
+  const float *shared_down = nullptr, *shared_h = nullptr;
+  int64_t shared_inter = 0;
 };
 void moe_experts(const Parallel& par, const ExpertsArgs& a);
 

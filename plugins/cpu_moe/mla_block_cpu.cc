@@ -144,7 +144,7 @@ void mla_block(const Parallel& par, const BlockArgs& a) {
     }
   }
   AttentionArgs args{s.q_nope.data(), s.q_pe.data(), a.c_new, a.pe_new, a.past_c, a.past_pe, a.w_uk, a.w_uv_t,
-                     a.past_valid, a.new_valid, a.scale, a.B, a.S, N, D, R, C, a.P, a.Vd, s.attn.data()};
+                     a.past_valid, a.new_valid, a.scale, a.B, a.S, N, D, R, C, a.P, a.Vd, s.attn.data(), a.extent};
   mla_attention(par, args);
   linear_rows(par, a.o, N * a.Vd, H, s.attn.data(), T, a.y);
 }

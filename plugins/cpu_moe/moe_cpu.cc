@@ -53,6 +53,8 @@ struct Scratch {
   std::vector<int64_t> touched;              // experts with at least one token
   std::vector<int64_t> slot_of;              // [A] slot of assignment t*k + i
   std::vector<float> part;                   // [A, P2 * 32] weighted fc2 output of each slot (the few-slot path)
+  std::vector<float> shared;                 // [T, P2 * 32] the shared expert's down projection (ExpertsArgs)
+  std::vector<const float*> shared_xs;       // [T] its activation rows
 };
 
 thread_local Scratch scratch;
@@ -72,6 +74,9 @@ struct Job {
   float* y;
   int64_t tokens, hidden, inter16, p1, p2;
   Scratch* s;
+  const float* shared_down;  // null: none; else packed Is -> H, run after the experts' units (fc2_slot_block)
+  int64_t shared_inter;
+  size_t expert_units;
 };
 
 // The few-slot fc2 path (a decode step: at most kFewSlots (token, expert) slots): work unit u is a run of up to
@@ -122,6 +127,17 @@ void fc2_slot_block(void* data, size_t u) {
   const Job& j = *static_cast<const Job*>(data);
   Scratch& s = *j.s;
   const int64_t runs = (j.p2 + kFc2Run - 1) / kFc2Run, ldp = j.p2 * kPanel;
+  if (u >= j.expert_units) {  // a run of the shared expert's down panels, every token, into its own rows
+    const int64_t b0 = static_cast<int64_t>(u - j.expert_units) * kFc2Run;
+    for (int64_t b = b0; b < std::min(j.p2, b0 + kFc2Run); ++b) {
+      const float* panel = j.shared_down + b * j.shared_inter * kPanel;
+      panel_times_tokens(panel, j.shared_inter, s.shared_xs.data(), static_cast<int>(j.tokens), [&](int t, const vf* acc) {
+        float* dst = s.shared.data() + t * ldp + b * kPanel;
+        for (int v = 0; v < kNV; ++v) store(dst + v * kW, acc[v]);
+      });
+    }
+    return;
+  }
   const int64_t e = s.touched[static_cast<int64_t>(u) / runs], b0 = static_cast<int64_t>(u) % runs * kFc2Run;
   const int64_t first = s.offset[e], cols = s.offset[e + 1] - first;
   for (int64_t b = b0; b < std::min(j.p2, b0 + kFc2Run); ++b) {
@@ -245,22 +261,36 @@ void moe_experts(const Parallel& par, const ExpertsArgs& a) {
   s.touched.clear();
   for (int64_t e = 0; e < E; ++e)
     if (s.count[e]) s.touched.push_back(e);
-  Job job{a.fc1, a.fc2, y, T, H, I16, P1, P2, &s};
+  const int64_t runs = (P2 + kFc2Run - 1) / kFc2Run, ldp = P2 * kPanel;
+  Job job{a.fc1, a.fc2, y, T, H, I16, P1, P2, &s, a.shared_down, a.shared_inter,
+          s.touched.size() * static_cast<size_t>(runs)};
+  if (a.shared_down != nullptr) {
+    fit(s.shared, static_cast<size_t>(T * ldp));
+    s.shared_xs.resize(T);
+    for (int64_t t = 0; t < T; ++t) s.shared_xs[t] = a.shared_h + t * a.shared_inter;
+  }
   par.run(fc1_block, s.touched.size() * static_cast<size_t>(P1), &job);
   if (A > kFewSlots) {
     par.run(fc2_block, static_cast<size_t>(P2), &job);
+    if (a.shared_down != nullptr) {
+      linear_rows(par, a.shared_down, a.shared_inter, H, a.shared_h, T, s.shared.data());
+      for (int64_t i = 0; i < T * H; ++i) y[i] += s.shared[i];
+    }
     return;
   }
-  const int64_t ldp = P2 * kPanel;
   s.part.resize(static_cast<size_t>(A * ldp));
-  par.run(fc2_slot_block, s.touched.size() * static_cast<size_t>((P2 + kFc2Run - 1) / kFc2Run), &job);
-  for (int64_t t = 0; t < T; ++t) {  // each token's k slots summed in the order it chose its experts
+  par.run(fc2_slot_block, job.expert_units + (a.shared_down != nullptr ? static_cast<size_t>(runs) : 0), &job);
+  for (int64_t t = 0; t < T; ++t) {  // each token's k slots summed in the order it chose its experts, then shared
     float* yt = y + t * H;
     const float* p0 = s.part.data() + s.slot_of[t * K] * ldp;
     std::copy(p0, p0 + H, yt);
     for (int64_t i = 1; i < K; ++i) {
       const float* pi = s.part.data() + s.slot_of[t * K + i] * ldp;
       for (int64_t n = 0; n < H; ++n) yt[n] += pi[n];
+    }
+    if (a.shared_down != nullptr) {
+      const float* sh = s.shared.data() + t * ldp;
+      for (int64_t n = 0; n < H; ++n) yt[n] += sh[n];
     }
   }
 }

@@ -210,6 +210,8 @@ class Team {
 struct Parallel {
   OrtKernelContext* context = nullptr;
   Team* team = nullptr;
+  // the threads a loop is shared among: the team's; 0 inside an ONNX Runtime node (its C API does not say)
+  int threads() const { return team != nullptr ? team->threads() : 0; }
   void run(void (*fn)(void*, size_t), size_t n, void* data) const {
     if (team != nullptr)
       team->run(fn, n, data);
