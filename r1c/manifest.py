@@ -14,6 +14,7 @@ A bundle built from a foreign model (`r1c optimize` output) has no r1c model con
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import platform
@@ -28,7 +29,7 @@ from r1c import graph_io as gio
 from r1c.config import ModelConfig
 from r1c.errors import BundleError, R1CError
 from r1c.jsonfile import read_json_object
-from r1c.targets import WEIGHTS_MEMORY
+from r1c.targets import SESSION_OPTIONS, WEIGHTS_MEMORY
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
@@ -152,12 +153,18 @@ SESSION_COUNTS = ("intra_op_num_threads", "inter_op_num_threads")  # ONNX Runtim
 
 
 def check_session(session: dict[str, Any], error_cls: type[R1CError], where: str) -> None:
-    """The one rule for ONNX Runtime session options: each of `SESSION_COUNTS` is an integer >= 0 (0: ONNX Runtime
-    picks, one thread per physical core), weights_memory, when present, one of `WEIGHTS_MEMORY`, and native_decode
-    a bool. `r1c build` checks what it will write, `read_manifest` what a (hand-edited) manifest holds, so that a
-    bad value is refused naming its field, not by ONNX Runtime blaming the model. Raises `error_cls` with
-    "`where`.FIELD must be ...".
+    """The one rule for ONNX Runtime session options: every name one of `r1c.targets.SESSION_OPTIONS` (a misspelt
+    option is refused, naming the closest), each of `SESSION_COUNTS` an integer >= 0 (0: ONNX Runtime picks, one
+    thread per physical core), weights_memory, when present, one of `WEIGHTS_MEMORY`, and native_decode a bool.
+    `r1c build` checks what it will write, `read_manifest` what a (hand-edited) manifest holds, `load` the options
+    it is given, so that a bad value is refused naming its field, not by ONNX Runtime blaming the model or by
+    being silently ignored. Raises `error_cls` with "`where`.FIELD must be ..." / "... is not a session option".
     """
+    for name in session:
+        if name not in SESSION_OPTIONS:
+            close = difflib.get_close_matches(str(name), SESSION_OPTIONS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; r1c reads {', '.join(SESSION_OPTIONS)}"
+            raise error_cls(f"{where}.{name} is not a session option r1c knows{hint}")
     for name in SESSION_COUNTS:
         value = session.get(name, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

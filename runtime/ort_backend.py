@@ -79,8 +79,7 @@ class OrtBackend:
 
         merged = {**DEFAULT_OPTIONS, **options}
         where = merged["weights_memory"]
-        check_session({"weights_memory": where, "native_decode": merged["native_decode"]}, BundleError,
-                      "bundle: session")  # a load-time override too
+        check_session(merged, BundleError, "bundle: session")  # a load-time override too
         try:
             so = self._session_options(options)
             for library in custom_ops:  # r1c's CPU kernels (r1c/plugins/cpu_moe), when the bundle has them

@@ -309,6 +309,10 @@ CASES = [
     Case("run-manifest-weights-memory-word", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
         "manifest.json", _session("weights_memory", "swap"))), "--input-ids", "1"],
          'target_options.session.weights_memory must be one of hugepages, onnxruntime, got "swap"'),
+    Case("run-manifest-session-misspelt", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
+        "manifest.json", _session("intra_op_thread", 2))), "--input-ids", "1"],
+         "target_options.session.intra_op_thread is not a session option r1c knows (did you mean "
+         "intra_op_num_threads?)"),
     Case("run-manifest-cpu-kernel-outside-kernels", lambda w: ["run", _copy(w.bundle, w, "b", _edit_json(
         "manifest.json", lambda d: d["target_options"].update(cpu_kernels={"x86-64-v3": "../model.onnx"}))),
         "--input-ids", "1"], "target_options.cpu_kernels must map x86-64 levels to library files under kernels/"),
@@ -496,6 +500,8 @@ def test_logits_out_writes_whole_file(shared: dict[str, Path], tmp_path: Path) -
     ({"inter_op_num_threads": 1.5}, "build: session.inter_op_num_threads must be an integer >= 0"),
     ({"intra_op_num_threads": True}, "build: session.intra_op_num_threads must be an integer >= 0"),
     ({"weights_memory": "disk"}, 'build: session.weights_memory must be one of hugepages, onnxruntime, got "disk"'),
+    ({"intra_op_threads": 2}, "build: session.intra_op_threads is not a session option r1c knows (did you mean "
+                              "intra_op_num_threads?)"),
 ])
 def test_build_bundle_refuses_bad_session(session: dict[str, object], message: str, shared: dict[str, Path],
                                           tmp_path: Path) -> None:
@@ -508,6 +514,33 @@ def test_build_bundle_refuses_bad_session(session: dict[str, object], message: s
         build_bundle(shared["export"], tmp_path / "out", session=session)
     assert message in str(e.value), e.value
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"native_decoder": False}, "bundle: session.native_decoder is not a session option r1c knows (did you mean "
+                                "native_decode?)"),
+    ({"colour": "blue"}, "bundle: session.colour is not a session option r1c knows; r1c reads "
+                         "graph_optimization_level, intra_op_num_threads, inter_op_num_threads"),
+    ({"intra_op_num_threads": -1}, "bundle: session.intra_op_num_threads must be an integer >= 0"),
+])
+def test_load_refuses_unknown_or_bad_session_options(options: dict[str, object], message: str,
+                                                     shared: dict[str, Path]) -> None:
+    """load()'s session_options go through the same rule as a manifest's: a misspelt option is refused, naming
+    the closest one r1c reads, rather than ignored."""
+    from r1c.errors import BundleError
+    from r1c.runtime import load
+
+    with pytest.raises(BundleError) as e:
+        load(shared["bundle"], session_options=options)
+    assert message in str(e.value), e.value
+
+
+def test_session_option_names_and_defaults_are_one_list() -> None:
+    """The names check_session accepts are exactly the ones the ONNX Runtime backend has defaults for."""
+    from r1c.runtime.ort_backend import DEFAULT_OPTIONS
+    from r1c.targets import SESSION_OPTIONS
+
+    assert sorted(DEFAULT_OPTIONS) == sorted(SESSION_OPTIONS)
 
 
 def main() -> None:
