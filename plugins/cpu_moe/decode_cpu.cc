@@ -12,15 +12,15 @@
 //   x = embed[id];  h = rmsnorm(x, in_norm_0)
 //   per layer l: a, c_new[l], pe_new[l] = mla_block(h; position p, cache rows [0, p))      (MLABlock)
 //                x = x + a;  h = rmsnorm(x, post_norm_l)                            (SkipSimplifiedLayerNormalization)
-//                m = down(silu(g) * u), [g | u] = h @ gate_up                       dense layer (Linear, QuickGelu, Mul)
-//                  | experts(h; top_k of sigmoid(h @ W_router) by group) + shared(h)          (MoEGroupRouter, MoE)
+//                m = down(silu(g) * u), [g | u] = h @ gate_up                 dense layer (Linear, QuickGelu, Mul)
+//                  | experts(h; top_k of sigmoid(h @ W_router) by group) + shared(h)    (MoEGroupRouter, MoE)
 //                x = x + m;  h = rmsnorm(x, in_norm_{l+1} or the final norm)
 //   logits = h @ lm_head
-// cos / sin at p: cos(p * inv_freq[i]) * rope_scale in float, as the graph's Mul, Cos and Mul. The router (ONNX Runtime's
-// MoEGroupRouter, then the MoE's softmax over the chosen log-scores): s = sigmoid(z), c = s + bias; a group's score
-// is the sum of its group_topk largest c; the topk_group best groups kept (ties: the lower group); the top_k largest
-// c among their experts (ties: the lower expert); weights s_e / sum of the chosen s (the routed scaling factor is
-// in fc2, as the bundle has it).
+// cos / sin at p: cos(p * inv_freq[i]) * rope_scale in float, as the graph's Mul, Cos and Mul. The router (ONNX
+// Runtime's MoEGroupRouter, then the MoE's softmax over the chosen log-scores): s = sigmoid(z), c = s + bias; a
+// group's score is the sum of its group_topk largest c; the topk_group best groups kept (ties: the lower group);
+// the top_k largest c among their experts (ties: the lower expert); weights s_e / sum of the chosen s (the routed
+// scaling factor is in fc2, as the bundle has it).
 // Legend: B rows, H hidden, V vocabulary, L layers, C kv_lora_rank, R rope dim, P cache capacity (columns), E
 // experts, K top_k, I an MLP's intermediate size.
 #include "kernels.h"

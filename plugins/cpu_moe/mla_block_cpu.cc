@@ -13,9 +13,10 @@
 //   attn   = MLAAttention(q_nope, rope(q_pe), c_new, pe_new, past_c, past_pe, past_valid, new_valid, w_uk, w_uv_t)
 //   output = attn @ W_o                                           output 0, [B, S, H]
 // rmsnorm(x, w, eps) = x / sqrt(mean(x^2) + eps) * w (ONNX SimplifiedLayerNormalization; the sum of squares in
-// double, then times the reciprocal: the form closest to ONNX Runtime 1.32's CPU kernel, within 2e-7); rope(x) with half = R/2, cos/sin rows at the token's position p (position_ids [B, S], or
-// one value: the first position, the others following): x[i] cos[p, i] - x[i + half] sin[p, i] and x[i + half]
-// cos[p, i] + x[i] sin[p, i] (com.microsoft.RotaryEmbedding, interleaved = 0). The four matrices are packed as
+// double, then times the reciprocal: the form closest to ONNX Runtime 1.32's CPU kernel, within 2e-7); rope(x)
+// with half = R/2, cos/sin rows at the token's position p (position_ids [B, S], or one value: the first position,
+// the others following): x[i] cos[p, i] - x[i + half] sin[p, i] and x[i + half] cos[p, i] + x[i] sin[p, i]
+// (com.microsoft.RotaryEmbedding, interleaved = 0). The four matrices are packed as
 // the Linear kernel's (spec.py pack_linear), their panels shared among ONNX Runtime's threads (q_a's and kv_a's in
 // one ParallelFor: both read the same input); the small steps (norms, rotations, the q split: ~1 us a token) run
 // on the calling thread, also in a prefill; scratch is the calling thread's, kept across calls.

@@ -131,7 +131,8 @@ void fc2_slot_block(void* data, size_t u) {
     const int64_t b0 = static_cast<int64_t>(u - j.expert_units) * kFc2Run;
     for (int64_t b = b0; b < std::min(j.p2, b0 + kFc2Run); ++b) {
       const float* panel = j.shared_down + b * j.shared_inter * kPanel;
-      panel_times_tokens(panel, j.shared_inter, s.shared_xs.data(), static_cast<int>(j.tokens), [&](int t, const vf* acc) {
+      const int tokens = static_cast<int>(j.tokens);
+      panel_times_tokens(panel, j.shared_inter, s.shared_xs.data(), tokens, [&](int t, const vf* acc) {
         float* dst = s.shared.data() + t * ldp + b * kPanel;
         for (int v = 0; v < kNV; ++v) store(dst + v * kW, acc[v]);
       });
