@@ -162,7 +162,7 @@ def check_session(session: dict[str, Any], error_cls: type[R1CError], where: str
     """
     for name in session:
         if name not in SESSION_OPTIONS:
-            close = difflib.get_close_matches(str(name), SESSION_OPTIONS, n=1)
+            close = difflib.get_close_matches(str(name).lower(), SESSION_OPTIONS, n=1)
             hint = f" (did you mean {close[0]}?)" if close else f"; r1c reads {', '.join(SESSION_OPTIONS)}"
             raise error_cls(f"{where}.{name} is not a session option r1c knows{hint}")
     for name in SESSION_COUNTS:

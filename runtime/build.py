@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -74,11 +75,12 @@ QUANTIZATION_FILE = "quantization.json"
 KERNELS_DIR = "kernels"
 
 
-def resolve_cpu_moe(cpu_moe: str, target: str, ranks: int) -> tuple[str, dict[str, Path]]:
+def resolve_cpu_moe(cpu_moe: str, target: str, ranks: int, progress: bool = False) -> tuple[str, dict[str, Path]]:
     """`--cpu-moe` for this build: ("r1c", the compiled libraries, level -> path in r1c's cache) or ("ort", {}).
     `auto` is r1c's CPU kernel where it builds (one-rank onnxruntime bundles; r1c/plugins/cpu_moe/library.py says
     what it needs: the libraries are compiled into its cache here), else ORT's MoE, and says why (a warning).
-    BuildError: `r1c` where the kernel cannot be built."""
+    BuildError: `r1c` where the kernel cannot be built. `progress`: say on stderr when a library is compiled (the
+    first build on a machine: about a minute)."""
     from r1c.plugins.cpu_moe.library import KernelLibraryError, compile_libraries
     from r1c.targets import CPU_MOE_CHOICES
 
@@ -92,7 +94,10 @@ def resolve_cpu_moe(cpu_moe: str, target: str, ranks: int) -> tuple[str, dict[st
         return "ort", {}
     try:
         # into r1c's cache, before any lowering: a failure is known before anything is written
-        return "r1c", compile_libraries()
+        def notice(message: str) -> None:
+            print(f"build: {message}", file=sys.stderr, flush=True)
+
+        return "r1c", compile_libraries(notice if progress else None)
     except KernelLibraryError as e:
         why = str(e).removeprefix("build: ")
         if cpu_moe == "r1c":
@@ -166,7 +171,7 @@ def build_bundle(export_dir: str | Path, out_dir: str | Path, *, target: str = "
     if precision != "auto" and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):
         raise BuildError(f"build: --precision {precision} is for a one-rank onnxruntime bundle (this one keeps the "
                          "export's weights)")
-    cpu_moe, cpu_kernels = resolve_cpu_moe(cpu_moe, target, tensor_parallel * expert_parallel)
+    cpu_moe, cpu_kernels = resolve_cpu_moe(cpu_moe, target, tensor_parallel * expert_parallel, progress)
     check_output_dir(out, BuildError, "build")
     config, graph_io, source = _read_export(src)
     if config is None and (target != "onnxruntime" or tensor_parallel * expert_parallel > 1):

@@ -20,7 +20,7 @@ import numpy as np
 
 from r1c.errors import BundleError, RuntimeInputError
 from r1c.graph_io import LOGITS_INDEX
-from r1c.manifest import Manifest, read_manifest
+from r1c.manifest import Manifest, check_session, read_manifest
 from r1c.runtime.kvcache import CacheLayout, LatentCache, budget_for, cache_dtype
 from r1c.runtime.step import StepRunner, backend_alloc, host_view, to_host
 
@@ -152,12 +152,15 @@ def _check_libraries(m: Manifest) -> None:
 
 def load(bundle_dir: str | Path, *, verify_hashes: bool = True, session_options: dict[str, Any] | None = None
          ) -> Engine | ForeignEngine:
-    """Open an engine bundle written by `r1c build`; raises `BundleError` on any mismatch.
+    """Open an engine bundle written by `r1c build`; raises `BundleError` on any mismatch, `RuntimeInputError` for
+    `session_options` that r1c does not read or that are out of range (`r1c.manifest.check_session`).
 
     A bundle of a foreign model (built from `r1c optimize` output) opens as a `ForeignEngine` (runtime/foreign.py)
     with the same `forward` / `generate`.
     """
     bundle = Path(bundle_dir)
+    if session_options:  # the caller's own, named as theirs (the bundle's are read_manifest's to check)
+        check_session(session_options, RuntimeInputError, "load: session_options")
     m = read_manifest(bundle, verify_hashes=verify_hashes)
     _check_libraries(m)
     backend: Any

@@ -64,7 +64,8 @@ def runner(bundle: Path, threads: int, rows: int, tokens: int, filled: int, nati
                    "the same bundle, the native decoder against ONNX Runtime's run of its graph")
 def main(bundle_a: Path, bundle_b: Path, threads: int, rows: int, tokens: int, filled: str, blocks: int,
          steps: int, b_onnxruntime: bool) -> None:
-    """Step time of BUNDLE_A and BUNDLE_B, interleaved in blocks, and their ratio A / B."""
+    """Step time of BUNDLE_A and BUNDLE_B, interleaved in blocks, and their ratio A / B (< 1: A is faster), with a
+    95% interval over block pairs. Not a test: run it on a quiet machine (the module's docstring says more)."""
     from r1c.runtime.bench.stats import median_ci
 
     if steps < 4 or blocks < 1:

@@ -3,21 +3,24 @@
 
 One decode step of an ONNX Runtime bundle (1 row, `--filled` cached tokens) is run once with every intermediate
 value kept; then models of chosen nodes are cut from the bundle's graph, their other inputs fed from those values,
-and timed in interleaved rounds (blocks of 20 runs, 3 untimed, 20 ms apart) beside the whole step (through
+and timed in interleaved rounds (blocks of 20 runs, 3 untimed, 50 ms apart) beside the whole step (through
 `r1c.runtime.load`) and a read probe of the step's weight bytes (`torch.sum` over huge-page memory, as the
 benchmark's floor):
 
+\b
   streaming     the nodes that stream weights (r1c.cpu Linear, MoE, MLABlock, MLA attention and its int8 form) alone
   +N identity   the same with N Identity nodes after each (`--pad`): what any node between two of them costs
   others        every other node alone (the small ops, warm: their inputs fed, nothing streamed between them)
   step          the whole step (the native decoder's where the bundle has one, r1c.runtime.native_decode)
   step, ORT     the whole step through ONNX Runtime (native_decode off)
 
+\b
 Prints each part's median time and its share of the probe's (the floor for the step's bytes), over all rounds and
 over the rounds whose probe read at this VM's faster level (the upper half of the range seen). The weights of every
 part lie where `load()` puts them (`r1c.runtime.kernel_weights`). Not a test: run it on a quiet machine. Measured
 with it: the README's paragraph on the floor and the closing note of issue 11.
 
+\b
     python scripts/step_parts.py BUNDLE [--threads 2] [--filled 140] [--rounds 12] [--pad 1,4,16]
 """
 

@@ -517,20 +517,22 @@ def test_build_bundle_refuses_bad_session(session: dict[str, object], message: s
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"native_decoder": False}, "bundle: session.native_decoder is not a session option r1c knows (did you mean "
-                                "native_decode?)"),
-    ({"colour": "blue"}, "bundle: session.colour is not a session option r1c knows; r1c reads "
+    ({"native_decoder": False}, "load: session_options.native_decoder is not a session option r1c knows (did you "
+                                "mean native_decode?)"),
+    ({"NATIVE_DECODE": False}, "load: session_options.NATIVE_DECODE is not a session option r1c knows (did you "
+                               "mean native_decode?)"),
+    ({"colour": "blue"}, "load: session_options.colour is not a session option r1c knows; r1c reads "
                          "graph_optimization_level, intra_op_num_threads, inter_op_num_threads"),
-    ({"intra_op_num_threads": -1}, "bundle: session.intra_op_num_threads must be an integer >= 0"),
+    ({"intra_op_num_threads": -1}, "load: session_options.intra_op_num_threads must be an integer >= 0"),
 ])
 def test_load_refuses_unknown_or_bad_session_options(options: dict[str, object], message: str,
                                                      shared: dict[str, Path]) -> None:
-    """load()'s session_options go through the same rule as a manifest's: a misspelt option is refused, naming
-    the closest one r1c reads, rather than ignored."""
-    from r1c.errors import BundleError
+    """load()'s session_options go through the same rule as a manifest's, named as the caller's: a misspelt
+    option is refused, naming the closest one r1c reads, rather than ignored."""
+    from r1c.errors import RuntimeInputError
     from r1c.runtime import load
 
-    with pytest.raises(BundleError) as e:
+    with pytest.raises(RuntimeInputError) as e:
         load(shared["bundle"], session_options=options)
     assert message in str(e.value), e.value
 

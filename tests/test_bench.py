@@ -117,6 +117,19 @@ def test_json_schema(report_json: dict[str, Any]) -> None:
                for r in roof)
 
 
+def test_native_decode_option_reaches_the_engine(bundle: Path, report_json: dict[str, Any], tmp_path: Path) -> None:
+    """`r1c bench --no-native-decode` times the bundle's decode steps through ONNX Runtime, and the report records
+    which path decoded (the default: the bundle's own, native where its kernels built)."""
+    from r1c.runtime import load
+
+    default = load(bundle).backend.native is not None
+    assert report_json["json"]["systems"][0]["info"]["native_decode"] is default
+    code, _, err = cli("bench", str(bundle), "--no-native-decode", "--batch", "1", "--prompt-len", "4",
+                       "--new-tokens", "2", "--repeat", "3", "--json", str(tmp_path / "off.json"), *FAST)
+    assert code == 0, err
+    assert json.loads((tmp_path / "off.json").read_text())["systems"][0]["info"]["native_decode"] is False
+
+
 def test_plot_writes_a_png(report_json: dict[str, Any]) -> None:
     data = report_json["png"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -327,6 +327,23 @@ def test_build_where_the_kernel_does_not_compile(kernel: Path, tmp_path: Path, m
     assert opts["cpu_moe"] == "ort" and "cpu_kernels" not in opts
 
 
+def test_a_compile_is_announced_and_a_cached_library_is_not(kernel: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile_libraries(notice)` (r1c build's progress) says when it runs the compiler (the first build on a
+    machine takes about a minute) and says nothing when the cache has the libraries."""
+    said: list[str] = []
+    cpu_library.compile_libraries(said.append)  # the kernel fixture compiled them: cached
+    assert said == []
+    include = cpu_library.find_headers()
+    assert include is not None  # the kernel fixture found them
+    monkeypatch.setenv("R1C_ORT_INCLUDE", str(include))  # (they are found in the cache, which changes here)
+    monkeypatch.setenv("R1C_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "false")  # the compiler runs (and fails at once)
+    with pytest.raises(cpu_library.KernelLibraryError):
+        cpu_library.compile_libraries(said.append)
+    assert len(said) == 1 and said[0].startswith("compiling r1c's CPU kernels for x86-64-v4 into "), said
+
+
 def test_kernel_ranks_a_nan_score_last(kernel: Path) -> None:
     """A NaN router score is never chosen (it ranks below every number: no undefined sort); the token's output is
     then the reference's with that score at -inf (normalize=1), and NaN where the softmax over all E takes it in."""

@@ -26,7 +26,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from r1c.errors import BundleError
+from r1c.errors import BundleError, RuntimeInputError
 from r1c.runtime import load
 from r1c.runtime.hugepages import HUGE_PAGE, huge_empty, thp_mode
 from r1c.runtime.kernel_weights import ALIGN, kernel_weight_names, load_external
@@ -128,7 +128,7 @@ def test_kernel_weights_in_huge_pages_give_the_same_logits(tiny_bundles: Any) ->
     assert not plain.backend._weights
     for a, b in zip(steps(pinned), steps(plain), strict=True):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(BundleError, match="weights_memory"):
+    with pytest.raises(RuntimeInputError, match=r"load: session_options\.weights_memory"):
         load(bundle, session_options={"weights_memory": "swap"})
 
 

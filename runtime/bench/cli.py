@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from r1c.errors import BenchError, RegressionError
+from r1c.runtime.server.commands import NATIVE_DECODE_OPTION, session_choices
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ Examples:
               help="wall: elapsed time; cpu: the process's CPU time (on a shared machine a 1-thread run's CPU time "
                    "leaves out the time other processes held its core; with more threads it counts their spinning).")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
-              help="ONNX Runtime intra-op threads (and torch threads for peers); default: the bundle's setting.")
+              help="ONNX Runtime intra-op threads and the native decode step's (and torch threads for peers); "
+                   "default: the bundle's setting.")
 @click.option("--compare", "compare", type=click.Path(path_type=Path), metavar="BUNDLE_B",
               help="Also time a second bundle, interleaved with the first; reports B / A ratios with CIs.")
 @click.option("--peer", "peers", multiple=True, type=click.Choice(["transformers", "stock-onnx"]),
@@ -98,10 +100,12 @@ Examples:
               help="Use this read bandwidth instead of measuring it (torch.sum over 1 GiB with --threads threads, "
                    "best of 5).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
+@NATIVE_DECODE_OPTION
 def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, warmup: int, repeat: int,
               budget: float, seed: int, clock: str, threads: int | None, compare: Path | None, peers: tuple[str, ...],
               peer_cache: Path | None, baseline: Path | None, max_regression: str, json_out: Path | None,
-              plot_out: Path | None, roofline: bool, bandwidth: float | None, progress: bool | None) -> None:
+              plot_out: Path | None, roofline: bool, bandwidth: float | None, progress: bool | None,
+              native_decode: bool | None) -> None:
     from r1c.manifest import read_manifest
     from r1c.runtime import load
     from r1c.runtime.bench.compare import gate, load_report
@@ -123,7 +127,7 @@ def bench_cmd(bundle: Path, batch_text: str, prompt_text: str, new_text: str, wa
         if path is not None:
             check_output_file(path, BenchError, option, create_parent=True)
     show = sys.stderr.isatty() if progress is None else progress
-    session = {"intra_op_num_threads": threads} if threads is not None else None
+    session = session_choices(threads, None, native_decode)  # for the bundle and --compare alike
 
     def say(msg: str) -> None:
         click.echo(f"r1c bench: {msg}", err=True)
