@@ -19,7 +19,12 @@ from typing import Any
 import click
 
 from r1c.errors import ExportError, R1CError, RuntimeInputError
-from r1c.runtime.server.commands import NATIVE_DECODE_OPTION, WEIGHTS_MEMORY_OPTION, session_choices
+from r1c.runtime.server.commands import (
+    NATIVE_DECODE_OPTION,
+    THREADS_OPTION,
+    WEIGHTS_MEMORY_OPTION,
+    session_choices,
+)
 from r1c.targets import CPU_MOE_CHOICES, DEFAULT_RTX_COMPUTE_CAPABILITY, WEIGHTS_MEMORY
 
 logger = logging.getLogger("r1c")
@@ -358,10 +363,12 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--logits-out", type=click.Path(path_type=Path),
               help="Save the first prompt's logits [S, V] (float32 .npy); written whole or not at all.")
 @click.option("--json", "as_json", is_flag=True, help="Print the prompts and new tokens as JSON (for scripts).")
+@THREADS_OPTION
 @WEIGHTS_MEMORY_OPTION
 @NATIVE_DECODE_OPTION
 def run(bundle: Path, input_ids: tuple[str, ...], max_new_tokens: int, eos_token_id: int | None,
-        logits_out: Path | None, as_json: bool, weights_memory: str | None, native_decode: bool | None) -> None:
+        logits_out: Path | None, as_json: bool, threads: int | None, weights_memory: str | None,
+        native_decode: bool | None) -> None:
     """Generate tokens greedily from a bundle; prints each prompt's new token ids, one labelled line per prompt."""
     import numpy as np
 
@@ -371,7 +378,7 @@ def run(bundle: Path, input_ids: tuple[str, ...], max_new_tokens: int, eos_token
     prompts = [_parse_ids(t) for t in input_ids]
     if logits_out is not None:
         check_output_file(logits_out, RuntimeInputError, "--logits-out")  # before the model runs
-    engine = load(bundle, session_options=session_choices(None, weights_memory, native_decode))
+    engine = load(bundle, session_options=session_choices(threads, weights_memory, native_decode))
     bad = next((i for p in prompts for i in p if i >= engine.vocab_size), None)
     if bad is not None:
         raise RuntimeInputError(f"--input-ids: token id {bad} is out of range [0, {engine.vocab_size}) (the "

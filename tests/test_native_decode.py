@@ -11,6 +11,7 @@ transformers; here the two paths of one bundle are held equal to each other.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,20 @@ def test_command_line_passes_only_the_choice_made() -> None:
     assert session_choices(None, None, None) is None
     assert session_choices(None, None, True) == {"native_decode": True}
     assert session_choices(2, None, False) == {"intra_op_num_threads": 2, "native_decode": False}
+
+
+def test_run_command_threads_and_path_give_the_same_tokens(tiny: dict[str, Path]) -> None:
+    """`r1c run --threads 1 --no-native-decode` (ONNX Runtime, one thread) and `--threads 1` (the native step on
+    one thread, as its log line says) print the tokens the default run (the bundle's threads) prints."""
+    from clitools import cli
+
+    args = ("run", tiny["fp32"], "--input-ids", "1 2 3", "--input-ids", "9 8", "--max-new-tokens", "6", "--json")
+    code, default, err = cli(*args)
+    assert code == 0, err
+    code, other, err = cli(*args, "--threads", "1", "--no-native-decode")
+    assert code == 0, err
+    assert json.loads(other) == json.loads(default)
+    code, one, err = cli("-v", *args, "--threads", "1")  # the native step, on the thread count asked for
+    assert code == 0 and json.loads(one) == json.loads(default), err
+    assert "1 thread(s)" in err, err
+

@@ -14,6 +14,12 @@ import click
 
 from r1c.targets import WEIGHTS_MEMORY
 
+# `r1c serve` and `r1c run`: the session's thread count (the session option intra_op_num_threads)
+THREADS_OPTION = click.option(
+    "--threads", type=click.IntRange(min=0), default=None,
+    help="ONNX Runtime intra-op threads, and the native decode step's (0: one per physical core; default: the "
+         "bundle's).")
+
 SCHEDULER_OPTIONS = [
     click.option("--max-num-seqs", type=int, default=64, show_default=True, help="Sequences running at once."),
     click.option("--max-tokens-per-step", type=int, default=256, show_default=True,
@@ -28,9 +34,7 @@ SCHEDULER_OPTIONS = [
     click.option("--prefill-pad-tokens", type=int, default=4, show_default=True,
                  help="Padding a prompt chunk may add to share a backend call with the rows before it (one call "
                       "reads the weights once; padding repeats each row's last real token)."),
-    click.option("--threads", type=click.IntRange(min=0), default=None,
-                 help="ONNX Runtime intra-op threads, and the native decode step's (0: one per physical core; "
-                      "default: the bundle's)."),
+    THREADS_OPTION,
 ]
 
 
