@@ -39,6 +39,11 @@ void mla_attention(const Parallel& par, const AttentionArgs& a);
 // kernel's panels shared among ONNX Runtime's threads
 void linear_rows(const Parallel& par, const float* w, int64_t K, int64_t n, const float* x, int64_t T, float* y);
 
+// Output panel b (columns 32b .. 32b + 31, within n) of y [T, n] = x @ W, W packed as linear_rows', for the T rows
+// xs[t] (K floats each): one unit of linear_rows' loop, for a loop that shares its units with other work (the
+// shared expert's down projection in moe_experts' fc2 loop)
+void linear_panel(const float* w, int64_t K, int64_t n, const float* const* xs, int64_t T, float* y, size_t b);
+
 // y_a [T, n_a] = x @ W_a and y_b [T, n_b] = x @ W_b (both packed, both K rows) in one ParallelFor: the panels of
 // both matrices shared among the threads (one fork and join, balanced over their sum)
 void linear_rows_pair(const Parallel& par, const float* x, int64_t T, int64_t K, const float* w_a, int64_t n_a,

@@ -92,6 +92,11 @@ void linear_rows(const Parallel& par, const float* w, int64_t K, int64_t n, cons
   par.run(linear_block, static_cast<size_t>(panels(n)), &job);
 }
 
+void linear_panel(const float* w, int64_t K, int64_t n, const float* const* xs, int64_t T, float* y, size_t b) {
+  LinearJob job{w, y, T, K, n, xs};
+  linear_block(&job, b);
+}
+
 void linear_rows_pair(const Parallel& par, const float* x, int64_t T, int64_t K, const float* w_a, int64_t n_a,
                       float* y_a, const float* w_b, int64_t n_b, float* y_b) {
   if (T == 0) return;

@@ -53,7 +53,7 @@ struct Scratch {
   std::vector<int64_t> touched;              // experts with at least one token
   std::vector<int64_t> slot_of;              // [A] slot of assignment t*k + i
   std::vector<float> part;                   // [A, P2 * 32] weighted fc2 output of each slot (the few-slot path)
-  std::vector<float> shared;                 // [T, P2 * 32] the shared expert's down projection (ExpertsArgs)
+  std::vector<float> shared;                 // [T, H] the shared expert's down projection (ExpertsArgs)
   std::vector<const float*> shared_xs;       // [T] its activation rows
 };
 
@@ -127,16 +127,11 @@ void fc2_slot_block(void* data, size_t u) {
   const Job& j = *static_cast<const Job*>(data);
   Scratch& s = *j.s;
   const int64_t runs = (j.p2 + kFc2Run - 1) / kFc2Run, ldp = j.p2 * kPanel;
-  if (u >= j.expert_units) {  // a run of the shared expert's down panels, every token, into its own rows
+  if (u >= j.expert_units) {  // a run of the shared expert's down panels (the Linear kernel's), every token
     const int64_t b0 = static_cast<int64_t>(u - j.expert_units) * kFc2Run;
-    for (int64_t b = b0; b < std::min(j.p2, b0 + kFc2Run); ++b) {
-      const float* panel = j.shared_down + b * j.shared_inter * kPanel;
-      const int tokens = static_cast<int>(j.tokens);
-      panel_times_tokens(panel, j.shared_inter, s.shared_xs.data(), tokens, [&](int t, const vf* acc) {
-        float* dst = s.shared.data() + t * ldp + b * kPanel;
-        for (int v = 0; v < kNV; ++v) store(dst + v * kW, acc[v]);
-      });
-    }
+    for (int64_t b = b0; b < std::min(j.p2, b0 + kFc2Run); ++b)
+      linear_panel(j.shared_down, j.shared_inter, j.hidden, s.shared_xs.data(), j.tokens, s.shared.data(),
+                   static_cast<size_t>(b));
     return;
   }
   const int64_t e = s.touched[static_cast<int64_t>(u) / runs], b0 = static_cast<int64_t>(u) % runs * kFc2Run;
@@ -266,7 +261,7 @@ void moe_experts(const Parallel& par, const ExpertsArgs& a) {
   Job job{a.fc1, a.fc2, y, T, H, I16, P1, P2, &s, a.shared_down, a.shared_inter,
           s.touched.size() * static_cast<size_t>(runs)};
   if (a.shared_down != nullptr) {
-    fit(s.shared, static_cast<size_t>(T * ldp));
+    fit(s.shared, static_cast<size_t>(T * H));
     s.shared_xs.resize(T);
     for (int64_t t = 0; t < T; ++t) s.shared_xs[t] = a.shared_h + t * a.shared_inter;
   }
@@ -290,7 +285,7 @@ void moe_experts(const Parallel& par, const ExpertsArgs& a) {
       for (int64_t n = 0; n < H; ++n) yt[n] += pi[n];
     }
     if (a.shared_down != nullptr) {
-      const float* sh = s.shared.data() + t * ldp;
+      const float* sh = s.shared.data() + t * H;
       for (int64_t n = 0; n < H; ++n) yt[n] += sh[n];
     }
   }
